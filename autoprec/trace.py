@@ -1,0 +1,285 @@
+"""Stage 1, trace: the model as a list of layers with their op kinds, shapes, FLOPs and hazards.
+
+Two views are combined. ``torch.export.export(strict=False)`` gives the FX graph of ATen ops, each
+with ``nn_module_stack`` (its module) and ``torch_fn`` (the torch call it came from): that names the
+functional ops in each module's own code and the hazardous ops inside each leaf. One eager forward
+under :class:`torch.utils.flop_counter.FlopCounterMode`, through the same region hooks that apply a
+policy, gives the keys exactly as they occur at run time, with FLOPs and activation sizes.
+Where FX cannot capture a module's own code (data-dependent control flow, ``.item()``), that code
+is *opaque*: a leaf becomes one layer run as a whole, a parent's functional ops are not split into
+layers of their own (they run in the precision that flows in, FP32 between layers), and the trace
+says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from .batch import call_model
+from .regions import Regions, hazard_of, inside, op_name, unit_modules
+
+__all__ = ["Layer", "Trace", "trace"]
+
+log = logging.getLogger("autoprec.trace")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer: a unit module (``kind="module"``) or a functional op (``kind="op"``)."""
+
+    key: str
+    kind: str
+    op: str                      # module class name, or the op's name
+    hazards: tuple[str, ...]     # hazard classes of the ops it runs
+    ops: tuple[str, ...]         # the ops it runs (torch-level names, FX view where available)
+    in_shapes: tuple[tuple[int, ...], ...]
+    out_shapes: tuple[tuple[int, ...], ...]
+    flops: int                   # forward matmul/conv/attention FLOPs per step, all calls (FlopCounterMode)
+    in_numel: int                # floating input elements per step
+    out_numel: int               # floating output elements per step
+    param_numel: int
+    calls: int
+    opaque: bool = False
+
+
+@dataclass(frozen=True)
+class Trace:
+    """The traced model: its layers in execution order, and what FX could not see."""
+
+    layers: tuple[Layer, ...]
+    units: tuple[str, ...]
+    opaque: dict[str, str]                # module path -> why FX could not capture its own code
+    tied: tuple[tuple[str, ...], ...]     # groups of layers sharing a parameter
+    fx_route: str                         # "torch.export" | "torch.export per module"
+    fx_nodes: int
+    fingerprint: str
+    signatures: dict[str, str] = field(default_factory=dict)
+
+    def layer(self, key: str) -> Layer:
+        """The layer with this key."""
+        for lay in self.layers:
+            if lay.key == key:
+                return lay
+        raise KeyError(key)
+
+
+def _shapes(tree: Any) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in pytree.tree_leaves(tree)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _numel(tree: Any) -> int:
+    return sum(t.numel() for t in pytree.tree_leaves(tree)
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+class _Recorder:
+    """Watcher that attributes FLOPs and sizes to each layer during one eager forward."""
+
+    def __init__(self, counter: FlopCounterMode) -> None:
+        self.counter = counter
+        self.order: list[str] = []
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._open: list[tuple[str, int, int]] = []
+
+    def enter(self, key: str, kind: str, inputs: tuple) -> None:
+        row = self.rows.get(key)
+        if row is None:
+            self.order.append(key)
+            row = self.rows[key] = {"kind": kind, "calls": 0, "flops": 0, "in": 0, "out": 0,
+                                    "in_shapes": _shapes(inputs), "out_shapes": ()}
+        row["calls"] += 1
+        row["in"] += _numel(inputs)
+        self._open.append((key, self.counter.get_total_flops()))
+
+    def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
+        _, f0 = self._open.pop()
+        row = self.rows[key]
+        row["flops"] += self.counter.get_total_flops() - f0
+        row["out"] += _numel(final)
+        row["out_shapes"] = _shapes(final)
+
+
+def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: set[str],
+            device_type: str) -> _Recorder:
+    # FlopCounterMode counts the matmul/conv/attention family only, which is what 16-bit speeds up
+    counter = FlopCounterMode(display=False)
+    recorder = _Recorder(counter)
+    regions = Regions(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder).install()
+    try:
+        with counter, torch.no_grad():
+            call_model(model, batch)
+    finally:
+        regions.remove()
+    return recorder
+
+
+def _export(mod: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    quiet = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo", "torch.export")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        ep = torch.export.export(mod, args, kwargs, strict=False)
+    finally:
+        for q, lv in zip(quiet, levels):
+            q.setLevel(lv)
+    return [n for n in ep.graph.nodes if n.op == "call_function"]
+
+
+def _export_nodes(model: nn.Module, batch: Any) -> list[Any]:
+    args, kwargs = ((), dict(batch)) if isinstance(batch, dict) else (
+        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
+    return _export(model, args, kwargs)
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _capture_inputs(model: nn.Module, batch: Any) -> dict[str, tuple[tuple, dict]]:
+    seen: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+    for path, mod in model.named_modules():
+        def hook(m, args, kwargs, path=path):
+            seen.setdefault(path, (args, kwargs))
+        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _export_per_module(model: nn.Module, batch: Any, first_error: str) -> tuple[list[tuple[str, Any]], dict[str, str]]:
+    """Export module by module; returns (nodes with their module prefix, opaque modules)."""
+    inputs = _capture_inputs(model, batch)
+    modules = dict(model.named_modules())
+    nodes: list[tuple[str, Any]] = []
+    opaque: dict[str, str] = {}
+
+    def capture(path: str, error: str | None) -> bool:
+        mod = modules[path]
+        if error is None and path not in inputs:  # a container (ModuleList) or unused: try its children
+            return all([capture(f"{path}.{n}" if path else n, None) for n, _ in mod.named_children()])
+        if error is None:
+            args, kwargs = inputs[path]
+            try:
+                found = _export(mod, tuple(args), dict(kwargs))
+            except Exception as exc:  # noqa: BLE001 - any capture failure makes the part opaque
+                error = _why(exc)
+            else:
+                nodes.extend((path, n) for n in found)
+                return True
+        children = [f"{path}.{n}" if path else n for n, _ in mod.named_children()]
+        if all([capture(c, None) for c in children]):
+            # every child captured: the failure lies in this module's own code, which stays opaque
+            opaque[path] = error
+        return False
+
+    capture("", first_error)
+    return nodes, opaque
+
+
+def _fx_ops(nodes: list[tuple[str, Any]], units: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """The torch-level ops FX saw, per unit module and per own-code module."""
+    per: dict[str, list[str]] = {}
+    unit_paths = sorted(units, key=len, reverse=True)
+    for prefix, node in nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        inner = list(stack.values())[-1][0] if stack else ""
+        path = ".".join(p for p in (prefix, inner) if p)
+        owner = next((u for u in unit_paths if path == u or inside(path, u)), path)
+        fn = node.meta.get("torch_fn")
+        name = fn[1].split(".")[-1] if fn else str(node.target).split(".")[1]
+        per.setdefault(owner, []).append(name)
+    return per
+
+
+def _signature(key: str, mod: nn.Module | None, row: dict[str, Any]) -> str:
+    if mod is None:
+        return f"op:{key.split('::')[-1]}"
+    params = ",".join(f"{n}{tuple(p.shape)}" for n, p in mod.named_parameters())
+    return f"{type(mod).__name__}[{params}]"
+
+
+def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
+    """Trace ``model`` on ``batch`` into layers (the model is run, never changed).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        >>> [l.key for l in trace(m, torch.ones(2, 8), device_type="cpu").layers]
+        ['0', '1']
+    """
+    opaque: dict[str, str] = {}
+    try:
+        nodes = [("", n) for n in _export_nodes(model, batch)]
+        route = "torch.export"
+    except Exception as exc:  # noqa: BLE001
+        first = _why(exc)
+        log.info("whole-model torch.export failed (%s); capturing module by module", first)
+        nodes, opaque = _export_per_module(model, batch, first)
+        route = "torch.export per module"
+    units = unit_modules(model)
+    fx = _fx_ops(nodes, units)
+    recorder = _record(model, batch, units, set(opaque), device_type)
+
+    modules = dict(model.named_modules())
+    layers = []
+    signatures = {}
+    for key in recorder.order:
+        row = recorder.rows[key]
+        if row["kind"] == "module":
+            mod = modules[key]
+            seen = fx.get(key, [])
+            ops = tuple(dict.fromkeys(seen)) if seen else (type(mod).__name__,)
+            names = {n[0] for n in (op_name(o) for o in seen) if n}
+            op = type(mod).__name__
+            param_numel = sum(p.numel() for p in mod.parameters())
+        else:
+            mod = None
+            op = key.split("::", 1)[1].rsplit("_", 1)[0] if _has_ordinal(key) else key.split("::", 1)[1]
+            ops = (op,)
+            names = {op}
+            param_numel = 0
+        hazards = tuple(sorted({h for h in (hazard_of(n) for n in names) if h}))
+        layers.append(Layer(key=key, kind=row["kind"], op=op, hazards=hazards, ops=ops,
+                            in_shapes=row["in_shapes"], out_shapes=row["out_shapes"], flops=int(row["flops"]),
+                            in_numel=row["in"], out_numel=row["out"],
+                            param_numel=param_numel, calls=row["calls"], opaque=key in opaque))
+        signatures[key] = _signature(key, mod, row)
+    tied = _tied_groups(model, units, {lay.key for lay in layers})
+    digest = hashlib.sha256("\n".join(f"{k}={v}" for k, v in signatures.items()).encode()).hexdigest()[:16]
+    log.info("traced %d layers (%d opaque) via %s", len(layers), len(opaque), route)
+    return Trace(layers=tuple(layers), units=tuple(units), opaque=opaque, tied=tied, fx_route=route,
+                 fx_nodes=len(nodes), fingerprint=digest, signatures=signatures)
+
+
+def _has_ordinal(key: str) -> bool:
+    tail = key.split("::", 1)[1]
+    head, _, num = tail.rpartition("_")
+    return bool(head) and num.isdigit()
+
+
+def _tied_groups(model: nn.Module, units: dict[str, nn.Module], used: set[str]) -> tuple[tuple[str, ...], ...]:
+    owners: dict[int, list[str]] = {}
+    for path, mod in units.items():
+        if path not in used:
+            continue
+        for p in mod.parameters():
+            owners.setdefault(id(p), [])
+            if path not in owners[id(p)]:
+                owners[id(p)].append(path)
+    groups = {tuple(sorted(v)) for v in owners.values() if len(v) > 1}
+    return tuple(sorted(groups))
