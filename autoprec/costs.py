@@ -1,9 +1,11 @@
 """The modelled step cost of a layer in each format, for one target device.
 
 A model, not a timing: it ranks assignments. Per layer and step, forward+backward is taken as
-three times the forward matmul/conv FLOPs at the format's throughput, plus the memory traffic of
-the casts a 16-bit region adds (floating inputs cast down, outputs cast back, weights cast down,
-each once forward and once backward). Throughputs are relative to FP32 on the same device.
+three times the forward cost: matmul/conv FLOPs at the format's throughput plus the memory
+traffic of its inputs, parameters and the elements its ops write (from the FX graph) at the
+format's width; a 16-bit region adds the traffic of its casts (floating inputs cast down and
+outputs cast back, forward and backward; weights cast down). Throughputs are relative to FP32 on
+the same device; traffic is counted in FP32-FLOP equivalents through ``flops_per_byte``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class DeviceProfile:
 
     name: str
     speed: dict[str, float]       # matmul throughput relative to FP32
+    width: dict[str, float]       # bytes per element moved by elementwise work
     flops_per_byte: float         # FP32 FLOPs that take as long as moving one byte
 
     def fast(self, precision: str) -> bool:
@@ -30,9 +33,12 @@ class DeviceProfile:
 
 PROFILES = {
     # this CPU class: BF16 1.5-2.3x FP32 (AVX-512 BF16), FP16 20-450x slower (no FP16 kernels)
-    "cpu": DeviceProfile("cpu", {"fp32": 1.0, "bf16": 2.0, "fp16": 0.02}, flops_per_byte=10.0),
+    # elementwise BF16 on a CPU converts to FP32 inside the kernels: no bandwidth gain is assumed
+    "cpu": DeviceProfile("cpu", {"fp32": 1.0, "bf16": 2.0, "fp16": 0.02}, {"fp32": 4.0, "bf16": 4.0, "fp16": 4.0},
+                         flops_per_byte=10.0),
     # tensor-core GPUs (A100/H100 class): FP16 and BF16 alike, ~8x FP32 without TF32
-    "cuda": DeviceProfile("cuda", {"fp32": 1.0, "bf16": 8.0, "fp16": 8.0}, flops_per_byte=20.0),
+    "cuda": DeviceProfile("cuda", {"fp32": 1.0, "bf16": 8.0, "fp16": 8.0}, {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0},
+                          flops_per_byte=20.0),
 }
 
 
@@ -41,12 +47,14 @@ def layer_cost(layer: Layer, precision: str, profile: DeviceProfile) -> float:
 
     Example:
         >>> from autoprec.trace import Layer
-        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 512),), ((8, 512),),
-        ...             flops=2 * 8 * 512 * 512, in_numel=4096, out_numel=4096, param_numel=262656, calls=1)
+        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((64, 512),), ((64, 512),),
+        ...             flops=2 * 64 * 512 * 512, in_numel=32768, out_numel=32768, work_numel=32768,
+        ...             param_numel=262656, calls=1)
         >>> layer_cost(lin, "bf16", PROFILES["cpu"]) < layer_cost(lin, "fp32", PROFILES["cpu"])
         True
     """
-    compute = 3.0 * layer.flops / profile.speed[precision]
+    traffic = profile.width[precision] * (layer.in_numel + layer.work_numel + layer.param_numel)
+    compute = 3.0 * (layer.flops / profile.speed[precision] + traffic * profile.flops_per_byte)
     if precision == "fp32":
         return compute
     # cast traffic: read 4 + write 2 bytes down, read 2 + write 4 bytes back, forward and backward

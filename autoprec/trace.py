@@ -45,6 +45,7 @@ class Layer:
     flops: int                   # forward matmul/conv/attention FLOPs per step, all calls (FlopCounterMode)
     in_numel: int                # floating input elements per step
     out_numel: int               # floating output elements per step
+    work_numel: int              # floating elements its ops write per step (FX graph; else out_numel)
     param_numel: int
     calls: int
     opaque: bool = False
@@ -192,9 +193,10 @@ def _export_per_module(model: nn.Module, batch: Any, first_error: str) -> tuple[
     return nodes, opaque
 
 
-def _fx_ops(nodes: list[tuple[str, Any]], units: dict[str, nn.Module]) -> dict[str, list[str]]:
-    """The torch-level ops FX saw, per unit module and per own-code module."""
+def _fx_ops(nodes: list[tuple[str, Any]], units: dict[str, nn.Module]) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """The torch-level ops FX saw, and the floating elements they write, per unit / own-code module."""
     per: dict[str, list[str]] = {}
+    numel: dict[str, int] = {}
     unit_paths = sorted(units, key=len, reverse=True)
     for prefix, node in nodes:
         stack = node.meta.get("nn_module_stack") or {}
@@ -204,7 +206,13 @@ def _fx_ops(nodes: list[tuple[str, Any]], units: dict[str, nn.Module]) -> dict[s
         fn = node.meta.get("torch_fn")
         name = fn[1].split(".")[-1] if fn else str(node.target).split(".")[1]
         per.setdefault(owner, []).append(name)
-    return per
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            try:
+                numel[owner] = numel.get(owner, 0) + int(val.numel())
+            except (TypeError, RuntimeError):  # a symbolic size: leave it out
+                pass
+    return per, numel
 
 
 def module_signatures(model: nn.Module) -> dict[str, str]:
@@ -236,7 +244,7 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
         nodes, opaque = _export_per_module(model, batch, first)
         route = "torch.export per module"
     units = unit_modules(model)
-    fx = _fx_ops(nodes, units)
+    fx, fx_numel = _fx_ops(nodes, units)
     recorder = _record(model, batch, units, set(opaque), device_type)
 
     modules = dict(model.named_modules())
@@ -257,9 +265,12 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
             names = {op}
             param_numel = 0
         hazards = tuple(sorted({h for h in (hazard_of(n) for n in names) if h}))
+        if op == "scaled_dot_product_attention" and row["flops"] == 0:
+            row["flops"] = _sdpa_flops(row["in_shapes"]) * row["calls"]  # CPU kernels are not in the registry
         layers.append(Layer(key=key, kind=row["kind"], op=op, hazards=hazards, ops=ops,
                             in_shapes=row["in_shapes"], out_shapes=row["out_shapes"], flops=int(row["flops"]),
                             in_numel=row["in"], out_numel=row["out"],
+                            work_numel=fx_numel.get(key, row["out"]) if row["kind"] == "module" else row["out"],
                             param_numel=param_numel, calls=row["calls"], opaque=key in opaque))
     tied = _tied_groups(model, units, {lay.key for lay in layers})
     signatures = module_signatures(model)
@@ -278,6 +289,16 @@ def fingerprint(signatures: dict[str, str], keys: list[str]) -> str:
     """
     text = "\n".join(f"{k}={v}" for k, v in sorted(signatures.items())) + "\n" + "\n".join(keys)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sdpa_flops(shapes: tuple[tuple[int, ...], ...]) -> int:
+    if len(shapes) < 3 or len(shapes[0]) < 2:
+        return 0
+    q, k, v = shapes[:3]
+    batch = 1
+    for d in q[:-2]:
+        batch *= d
+    return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def _has_ordinal(key: str) -> bool:

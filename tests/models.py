@@ -329,7 +329,7 @@ class Rotary(nn.Module):
 
 
 class RotaryModel(nn.Module):
-    def __init__(self, in_dim: int = 32, dim: int = 64, out_dim: int = 32, max_freq: float = 0.05,
+    def __init__(self, in_dim: int = 256, dim: int = 256, out_dim: int = 256, max_freq: float = 0.05,
                  min_freq: float = 0.005):
         super().__init__()
         self.proj = nn.Linear(in_dim, dim)
@@ -341,10 +341,10 @@ class RotaryModel(nn.Module):
 
 
 def rotary_model(seed: int = 0, seq_len: int = 2048, max_freq: float = 0.05, min_freq: float = 0.005,
-                 target_noise: float = 0.3) -> ModelSpec:
+                 target_noise: float = 1.0) -> ModelSpec:
     """Linear -> rotary embedding over ``seq_len`` positions -> Linear.
 
-    Batch: dict ``{"x": (1, seq_len, 32), "positions": arange(seq_len)}``.
+    Batch: dict ``{"x": (1, seq_len, 256), "positions": arange(seq_len)}``.
     Angles reach ``(seq_len - 1) * max_freq`` (~100 rad by default): BF16 ruins the
     rotation, FP16 stays close to FP32. Loss: MSE against a target equal to the FP32
     output plus ``target_noise`` * std noise (a model near convergence), so the loss and
@@ -352,7 +352,7 @@ def rotary_model(seed: int = 0, seq_len: int = 2048, max_freq: float = 0.05, min
     """
     with _seeded(seed):
         model = RotaryModel(max_freq=max_freq, min_freq=min_freq)
-        x = torch.randn(1, seq_len, 32)
+        x = torch.randn(1, seq_len, 256)
         positions = torch.arange(seq_len)
         with torch.no_grad():
             ref = model(x, positions)
@@ -375,7 +375,7 @@ class UnderflowModel(nn.Module):
     smallest FP16 subnormal (6e-8), so every FP16 activation gradient flushes to 0.
     """
 
-    def __init__(self, in_dim: int = 32, hidden: int = 64, out_dim: int = 8,
+    def __init__(self, in_dim: int = 256, hidden: int = 256, out_dim: int = 64,
                  loss_scale: float = UNDERFLOW_LOSS_SCALE):
         super().__init__()
         self.loss_scale = loss_scale
@@ -387,16 +387,16 @@ class UnderflowModel(nn.Module):
         return F.mse_loss(out.float(), target) * self.loss_scale
 
 
-def underflow_model(seed: int = 0, batch_size: int = 64) -> ModelSpec:
-    """Tiny MLP returning ``1e-12 * MSE`` (loss_fn is None). Batch: dict ``{"x", "target"}``.
+def underflow_model(seed: int = 0, batch_size: int = 256) -> ModelSpec:
+    """MLP returning ``1e-12 * MSE`` (loss_fn is None). Batch: dict ``{"x", "target"}``.
 
     Train it with :func:`underflow_optimizer`: FP32 learns, blanket FP16 autocast +
     ``torch.amp.GradScaler("cpu")`` defaults gets all-zero gradients and does not.
     """
     with _seeded(seed):
         model = UnderflowModel()
-        x = torch.randn(batch_size, 32)
-        w = torch.randn(32, 8) / math.sqrt(32)
+        x = torch.randn(batch_size, 256)
+        w = torch.randn(256, 64) / math.sqrt(256)
         target = torch.tanh(x @ w) * 2.0
     return model.train(), {"x": x, "target": target}, None
 
