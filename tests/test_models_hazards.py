@@ -298,7 +298,7 @@ def test_rotary_bf16_error_large_fp16_error_small():
     assert e16["finite"] and e_bf["finite"]
     assert e16["out"] < 0.01 and e_bf["out"] > 0.05, (e16, e_bf)
     assert e16["loss"] < 0.001 and e_bf["loss"] > 0.003, (e16, e_bf)
-    assert e_bf["grad"] > 5 * e16["grad"], (e16, e_bf)
+    assert e_bf["grad"] > 3 * e16["grad"], (e16, e_bf)
 
 
 def test_rotary_fp32_rope_fixes_bf16():
