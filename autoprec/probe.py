@@ -272,7 +272,7 @@ def suggest_scale(grad_absmax: float, headroom: float) -> float:
 
     Example:
         >>> suggest_scale(1e-3, 8.0)
-        4096.0
+        4194304.0
     """
     if grad_absmax <= 0 or not math.isfinite(grad_absmax):
         return 2.0 ** 16
