@@ -87,8 +87,14 @@ def resolve_target(target: str | torch.device | None, model_device: torch.device
         'cpu'
     """
     if target is None:
+        if model_device.type not in ("cpu", "cuda"):
+            raise FormatError(f"the model is on {model_device.type!r}; autoprec tunes for 'cpu' or 'cuda': "
+                              "move the model, or pass target='cpu' or target='cuda'")
         return model_device.type
-    kind = torch.device(target).type if not isinstance(target, torch.device) else target.type
+    try:
+        kind = target.type if isinstance(target, torch.device) else torch.device(target).type
+    except (RuntimeError, TypeError):
+        kind = None
     if kind not in ("cpu", "cuda"):
         raise OptionError(f"target device {target!r} is not supported: use 'cpu' or 'cuda'")
     return kind

@@ -1,0 +1,169 @@
+"""Applying a policy: regions, reversibility, autocast state, nesting, FP16 emulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoprec
+from autoprec import LayerEntry, Policy
+from autoprec.regions import Regions, op_name, unit_modules
+from autoprec.trace import module_signatures
+
+
+class Attn(nn.Module):
+    """q/k/v Linears feeding functional ops in the module's own code."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.q(x) @ self.k(x).transpose(-1, -2)
+        return torch.softmax(s, -1) @ self.v(x)
+
+
+class Boom(nn.Module):
+    """Raises inside its forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def _policy(model: nn.Module, assignment: dict[str, str]) -> Policy:
+    return Policy(layers={k: LayerEntry(p) for k, p in assignment.items()}, modules=module_signatures(model))
+
+
+def _hooks(model: nn.Module) -> list[int]:
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+
+
+def test_op_names_cover_methods_operators_and_in_place():
+    """Torch-level functions map to the tracked base names the policy keys use."""
+    assert op_name(torch.Tensor.index_add_) == ("index_add", True)
+    assert op_name(torch.Tensor.__matmul__) == ("matmul", False)
+    assert op_name(torch.nn.functional.softmax) == ("softmax", False)
+    assert op_name(torch.Tensor.view) is None
+
+
+def test_layer_dtypes_follow_policy_and_hand_back_input_dtype():
+    """Each region computes in its precision and hands back FP32, so functional ops see one dtype."""
+    torch.manual_seed(0)
+    model = Attn()
+    seen = {}
+    for name in ("q", "k", "v"):
+        getattr(model, name).register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o.dtype))
+    policy = _policy(model, {"q": "bf16", "k": "fp32", "v": "bf16", "::matmul": "bf16", "::softmax": "fp32"})
+    with policy.autocast(model):
+        out = model(torch.randn(2, 4, 16))
+    assert out.dtype == torch.float32
+    # the user's hook runs inside the region (registered first), so it sees the raw 16-bit output
+    assert seen == {"q": torch.bfloat16, "k": torch.float32, "v": torch.bfloat16}
+
+
+def test_remove_restores_hooks_exactly():
+    """apply() then remove() leaves no hook behind; remove() is idempotent."""
+    model = Attn()
+    before = _hooks(model)
+    handle = _policy(model, {"q": "bf16", "::softmax": "fp32"}).apply(model)
+    assert _hooks(model) != before
+    handle.remove()
+    handle.remove()
+    assert _hooks(model) == before
+
+
+@pytest.mark.parametrize("use_context", [True, False], ids=["context", "handle"])
+def test_autocast_state_clean_after_exception_inside_module(use_context):
+    """An exception inside a module leaves no autocast region or function mode open."""
+    model = nn.Sequential(nn.Linear(4, 4), Boom())
+    policy = _policy(model, {"0": "bf16", "1": "bf16"})
+    if use_context:
+        with pytest.raises(RuntimeError, match="boom"):
+            with policy.autocast(model):
+                model(torch.ones(1, 4))
+    else:
+        handle = policy.apply(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            model(torch.ones(1, 4))
+        handle.remove()
+    assert not torch.is_autocast_enabled("cpu")
+    assert torch._C._is_torch_function_mode_enabled() is False
+    # the model still runs normally afterwards
+    assert nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
+
+
+def test_policy_layers_override_outer_autocast():
+    """Inside a user's torch.autocast, FP32 layers stay FP32 and code outside layers follows the outer autocast."""
+    torch.manual_seed(0)
+    model = Attn()
+    policy = _policy(model, {"q": "fp32", "k": "fp32", "v": "fp32", "::matmul": "fp32", "::softmax": "fp32",
+                             "::matmul_1": "fp32"})
+    x = torch.randn(2, 4, 16)
+    ref = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blanket = model(x)
+        with policy.autocast(model):
+            tuned = model(x)
+        inner_state = torch.is_autocast_enabled("cpu")
+    assert blanket.dtype == torch.bfloat16
+    assert inner_state  # leaving the policy restored the outer autocast
+    torch.testing.assert_close(tuned.float(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_functional_op_in_region_writes_back():
+    """An in-place accumulation run in a region writes its result into the caller's tensor."""
+
+    class Agg(nn.Module):
+        def forward(self, x, index):
+            out = torch.zeros(3, x.shape[1])
+            out.index_add_(0, index, x)
+            return out
+
+    model = nn.Sequential()
+    agg = Agg()
+    x = torch.randn(6, 4)
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    ref = agg(x, index)
+    regions = Regions(agg, {"::index_add": "bf16"}, units=[], device_type="cpu").install()
+    try:
+        got = agg(x, index)
+    finally:
+        regions.remove()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(got, ref)  # it really ran in BF16
+    del model
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 16), (3, 64, 32)], ids=["small", "wide"])
+def test_fp16_emulation_matches_real_fp16_autocast(shape):
+    """Emulated FP16 (FP16 operands, FP32 accumulation) matches real CPU FP16 autocast on small cases."""
+    torch.manual_seed(0)
+    n, k, m = shape
+    lin = nn.Linear(k, m)
+    x = torch.randn(n, k, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        real = lin(x)
+    real.float().sum().backward()
+    real_grad = x.grad.clone()
+    x.grad = None
+    regions = Regions(lin, {"": "fp16"}, units=unit_modules(lin), device_type="cpu", emulate_fp16=True).install()
+    try:
+        emu = lin(x)
+    finally:
+        regions.remove()
+    emu.sum().backward()
+    assert real.dtype == torch.float16
+    assert emu.dtype == torch.float32  # handed back in the input's dtype
+    # identical up to one FP16 rounding of the result
+    torch.testing.assert_close(emu, real.float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(x.grad, real_grad, rtol=2e-3, atol=2e-3)
+
+
+def test_apply_rejects_a_device_it_cannot_run():
+    """A model on an unsupported device type is a FormatError, not a silent fallback."""
+    model = nn.Linear(2, 2).to("meta")
+    policy = Policy(layers={"": LayerEntry("bf16")})
+    with pytest.raises(autoprec.FormatError, match="meta"):
+        policy.apply(model)

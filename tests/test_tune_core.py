@@ -1,0 +1,110 @@
+"""tune() mechanics: pass counts, options, formats per target, resume, batches, back-off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoprec
+from tests.models import mlp, transformer_block
+
+
+def _deep_mlp(depth: int, width: int = 128, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("depth", [2, 4, 8], ids=["d2", "d4", "d8"])
+def test_probe_passes_grow_linearly_with_layers(depth):
+    """Probe passes = batches + candidate layers x formats: linear in depth."""
+    model = _deep_mlp(depth)
+    policy = autoprec.tune(model, torch.randn(256, 128), progress=False, verify_steps=0,
+                           dtypes=["fp16", "bf16"], target="cuda")
+    assert policy.stats["candidates"] == depth  # the Linears; Tanh has no FLOPs and no hazard
+    assert policy.stats["probe_passes"] == 1 + depth * 2
+    assert policy.stats["search_passes"] <= min(30, depth + 1)
+
+
+def test_cpu_target_never_picks_fp16_for_speed():
+    """On a CPU target FP16 has no fast kernels: allowed, measured, but never chosen."""
+    model, batch, loss_fn = mlp(batch_size=256)
+    policy = autoprec.tune(model, batch, loss_fn, dtypes=["fp16"], progress=False, verify_steps=0)
+    assert "fp16" not in policy.assignment.values()
+    assert policy.grad_scaler() is None
+
+
+def test_cuda_target_uses_fp16_and_tuned_scale():
+    """On a CUDA target FP16 and BF16 cost the same; the loss scale follows the measured gradients."""
+    model, batch, loss_fn = transformer_block(batch_size=8)
+    policy = autoprec.tune(model, batch, loss_fn, target="cuda", progress=False, verify_steps=5)
+    assert "fp16" in policy.assignment.values()
+    scaler = policy.grad_scaler("cpu")
+    assert scaler is not None
+    grad_max = policy.stats["fp32_grad_absmax"]
+    assert scaler.get_scale() * grad_max * 8 <= 65504 < scaler.get_scale() * grad_max * 16
+
+
+def test_options_out_of_range_fail_before_work():
+    """Bad options raise OptionError naming the value."""
+    model = _deep_mlp(1)
+    with pytest.raises(autoprec.OptionError, match="tolerance"):
+        autoprec.tune(model, torch.randn(4, 128), tolerance=-1, progress=False)
+    with pytest.raises(autoprec.OptionError, match="fp8"):
+        autoprec.tune(model, torch.randn(4, 128), dtypes=["fp8"], progress=False)
+    with pytest.raises(autoprec.OptionError, match="tpu"):
+        autoprec.tune(model, torch.randn(4, 128), target="tpu", progress=False)
+
+
+def test_storage_resumes_finished_trials(tmp_path):
+    """With an Optuna storage, a second run reuses the finished trials and reaches the same policy."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    model, batch, loss_fn = transformer_block(batch_size=8)
+    first = autoprec.tune(model, batch, loss_fn, storage=storage, progress=False, verify_steps=0, n_trials=6)
+    second = autoprec.tune(model, batch, loss_fn, storage=storage, progress=False, verify_steps=0, n_trials=6)
+    assert second.assignment == first.assignment
+    assert second.stats["search_passes"] == 0  # every trial was already measured
+    import optuna
+    studies = optuna.get_all_study_summaries(storage)
+    assert len(studies) == 1 and studies[0].n_trials == first.stats["trials"]
+
+
+def test_several_batches_count_for_ranges_and_verification():
+    """batches= adds batches: the probe runs each once, verification trains on all of them."""
+    model, batch, loss_fn = mlp(batch_size=128)
+    extra = [torch.randn_like(batch) for _ in range(2)]
+    policy = autoprec.tune(model, batch, loss_fn, batches=extra, progress=False, verify_steps=6)
+    assert policy.stats["probe_passes"] == 3 + policy.stats["candidates"]
+    assert policy.verification is not None and policy.verification.passed
+    with pytest.raises(autoprec.BatchError, match="iterable"):
+        autoprec.tune(model, batch, loss_fn, batches=batch, progress=False)
+
+
+def test_failing_verification_backs_off_to_fp32():
+    """A policy that fails verification is backed off, most sensitive layers first, and verified again."""
+    model, batch, loss_fn = mlp(batch_size=256)
+    policy = autoprec.tune(model, batch, loss_fn, verify_tolerance=1e-12, verify_steps=4, progress=False)
+    ver = policy.verification
+    assert ver.rounds > 1
+    backed = [k for k, e in policy.layers.items() if e.reason == "verification back-off"]
+    assert backed and all(policy.layers[k].precision == "fp32" for k in backed)
+    assert ver.passed == (ver.max_gap <= 1e-12)
+    assert "back" in ver.note or ver.rounds > 1
+
+
+def test_report_names_every_exclusion_with_evidence():
+    """The Markdown and JSON reports carry the formats, the verification and the excluded layers."""
+    model, batch, loss_fn = mlp(batch_size=256)
+    policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=4)
+    md = policy.report()
+    assert "matmul/conv FLOPs in 16-bit" in md and "## Verification" in md
+    for key in policy.layers:
+        assert f"`{key or '(root)'}`" in md
+    import json
+    data = json.loads(policy.report("json"))
+    assert data["low_precision_flop_fraction"] == pytest.approx(policy.low_precision_fraction())
+    with pytest.raises(autoprec.OptionError):
+        policy.report("pdf")
