@@ -39,6 +39,9 @@ class LayerEntry:
     op: str = ""
     hazards: tuple[str, ...] = ()
     flops: int = 0                 # forward matmul/conv FLOPs per step
+    out_absmax: float = 0.0        # FP32 reference: largest |output|, over all tuning batches
+    grad_absmax: float = 0.0       # FP32 reference: largest |gradient| reaching its output
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # format -> probe figures
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,12 @@ def _entry(data: Mapping[str, Any], key: str) -> LayerEntry:
     if prec not in PRECISIONS:
         raise PolicyError(f"layer {key!r}: precision {prec!r} is not one of {list(PRECISIONS)}")
     try:
-        return LayerEntry(**{**data, "hazards": tuple(data.get("hazards", ()))})
+        measured = data.get("measured", {})
+        if not isinstance(measured, Mapping) or not all(isinstance(v, Mapping) for v in measured.values()):
+            raise PolicyError(f"layer {key!r}: 'measured' must map a format to an object of figures")
+        return LayerEntry(**{**data, "hazards": tuple(data.get("hazards", ())),
+                             "measured": {str(f): {str(k): float(x) for k, x in v.items()}
+                                          for f, v in measured.items()}})
     except TypeError as exc:
         raise PolicyError(f"layer {key!r}: {exc}") from None
 

@@ -25,7 +25,7 @@ from .formats import info
 from .regions import Regions
 from .trace import Trace
 
-__all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "suggest_scale", "HIST_LO", "HIST_HI"]
+__all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
 
 log = logging.getLogger("autoprec.probe")
 
@@ -265,6 +265,33 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
                  grad_absmax=grad_absmax, param_grad_hist=tuple(param_hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
+
+
+def evidence(result: Probe, key: str) -> dict[str, dict[str, float]]:
+    """The probe's figures for one layer, per format: errors, non-finite values, underflow.
+
+    ``underflow`` is the fraction of the layer's nonzero FP32 outputs that flush to zero in the
+    format; ``grad_underflow`` the same for the gradients reaching its output, at the loss scale
+    the format runs with (the suggested scale for FP16, none for BF16).
+
+    Example:
+        >>> evidence(Probe(0.0, {}, {}, 1.0, 0.0, (), 0, ()), "fc")
+        {}
+    """
+    out: dict[str, dict[str, float]] = {}
+    rng = result.ranges.get(key)
+    for fmt in result.formats:
+        m = result.get(key, fmt)
+        if m is None:
+            continue
+        row = {"loss_err": m.loss_err, "grad_err": m.grad_err, "nonfinite": float(m.nonfinite)}
+        if rng is not None:
+            half_sub = info(fmt).subnormal / 2
+            scale = result.loss_scale if fmt == "fp16" else 1.0
+            row["underflow"] = round(rng.below(half_sub), 6)
+            row["grad_underflow"] = round(rng.below(half_sub, grads=True, scale=scale), 6)
+        out[fmt] = row
+    return out
 
 
 def suggest_scale(grad_absmax: float, headroom: float) -> float:

@@ -18,7 +18,7 @@ from .costs import PROFILES
 from .errors import BatchError, ModelError, OptionError
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings, Verification
-from .probe import Runner, errors, probe
+from .probe import Runner, errors, evidence, probe
 from .search import Tolerance, search
 from .trace import trace
 from .verify import OptimizerFactory, compare, default_optimizer, train_curve
@@ -241,8 +241,12 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     layers = {}
     for lay in tr.layers:
         d = decisions[lay.key]
+        rng = pr.ranges.get(lay.key)
         layers[lay.key] = LayerEntry(precision=d.precision, reason=d.reason, detail=d.detail, excluded=d.excluded,
-                                     kind=lay.kind, op=lay.op, hazards=lay.hazards, flops=lay.flops)
+                                     kind=lay.kind, op=lay.op, hazards=lay.hazards, flops=lay.flops,
+                                     out_absmax=rng.out_absmax if rng else 0.0,
+                                     grad_absmax=rng.grad_absmax if rng else 0.0,
+                                     measured=evidence(pr, lay.key))
     stats = {
         "tuning_seconds": round(time.perf_counter() - started, 3),
         "probe_passes": probe_passes,

@@ -108,3 +108,53 @@ def test_report_names_every_exclusion_with_evidence():
     assert data["low_precision_flop_fraction"] == pytest.approx(policy.low_precision_fraction())
     with pytest.raises(autoprec.OptionError):
         policy.report("pdf")
+
+
+class _DataDependent(nn.Module):
+    """A block whose own code branches on a tensor value (untraceable by torch.export)."""
+
+    def __init__(self, width: int = 128) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if h.mean().item() > -1e9:  # data-dependent: a Python branch on a value
+            h = torch.softmax(h, -1) * h.shape[-1]
+        return self.fc2(h)
+
+
+def test_untraceable_code_becomes_opaque_and_tuning_completes():
+    """Data-dependent control flow: FX fails on that module's own code, the report says so, tune finishes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 128), _DataDependent())
+    policy = autoprec.tune(model, torch.randn(256, 128), progress=False, verify_steps=3)
+    assert "1" in policy.opaque and "data-dependent" in policy.opaque["1"].lower()
+    assert policy.stats["fx_route"] == "torch.export per module"
+    assert {"0", "1.fc1", "1.fc2"} <= set(policy.layers)
+    assert not any(k.startswith("1::") for k in policy.layers)  # opaque own code is not split into ops
+    assert "Opaque to FX" in policy.report()
+
+
+class _Tied(nn.Module):
+    """Two Linears sharing one weight matrix (like a tied encoder/decoder)."""
+
+    def __init__(self, width: int = 256) -> None:
+        super().__init__()
+        self.enc = nn.Linear(width, width, bias=False)
+        self.dec = nn.Linear(width, width, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(self.enc(x) * 1e-3)
+
+
+def test_tied_weights_share_one_decision():
+    """Layers that share a parameter get one format: here the one both can use (enc's range rules out FP16)."""
+    torch.manual_seed(0)
+    model = _Tied()
+    policy = autoprec.tune(model, torch.randn(512, 256) * 5000, progress=False, verify_steps=0,
+                           dtypes=["fp16", "bf16"], target="cuda")
+    assert policy.layers["enc"].out_absmax * 8 > 65504  # no FP16 headroom for enc
+    assert policy.layers["dec"].measured["fp16"]["grad_err"] < policy.layers["dec"].measured["bf16"]["grad_err"]
+    assert policy.layers["enc"].precision == policy.layers["dec"].precision == "bf16"
