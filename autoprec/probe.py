@@ -51,7 +51,7 @@ class Ranges:
     grad_absmax: float
     out_hist: tuple[int, ...]
     grad_hist: tuple[int, ...]
-    nonfinite: int = 0
+    nonfinite: int = 0       # Inf/NaN the FP32 reference itself emits on the first batch (log(0) = -inf ...)
 
     def below(self, limit: float, grads: bool = False, scale: float = 1.0) -> float:
         """Fraction of nonzero values whose magnitude (times ``scale``) is below ``limit``."""
@@ -74,11 +74,6 @@ class Measurement:
     nonfinite: int           # Inf/NaN values in the layer's own output
     finite: bool             # loss and all gradients finite
     error: str | None = None  # the exception, when the layer cannot run in this format
-
-    @property
-    def ok(self) -> bool:
-        """Ran, and stayed finite."""
-        return self.error is None and self.finite and self.nonfinite == 0
 
 
 @dataclass(frozen=True)
@@ -220,7 +215,7 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
         >>> t = trace(m, x, device_type="cpu")
         >>> r = Runner(m, None, t, device_type="cpu", emulate_fp16=True, seed=0)
         >>> p = probe(r, [x], ["0", "2"], ["bf16"])
-        >>> p.get("0", "bf16").ok
+        >>> p.get("0", "bf16").finite
         True
     """
     watcher = _RangeWatcher()
@@ -237,10 +232,11 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
                 param_hist = [a + b for a, b in zip(param_hist, _hist(g))]
         if i == 0:
             ref_loss, ref_grads = loss, grads
+            ref_nonfinite = dict(watcher.nonfinite)  # what FP32 itself emits on the measured batch
     ranges = {k: Ranges(out_absmax=watcher.out[k][0], out_hist=tuple(watcher.out[k][1]),
                         grad_absmax=watcher.grad.get(k, [0.0])[0],
                         grad_hist=tuple(watcher.grad.get(k, [0, [0] * (HIST_HI - HIST_LO)])[1]),
-                        nonfinite=watcher.nonfinite.get(k, 0))
+                        nonfinite=ref_nonfinite.get(k, 0))
               for k in watcher.out}
     grad_absmax = max([r.grad_absmax for r in ranges.values()] +
                       [float(g.abs().max()) for g in ref_grads if g is not None and g.numel()] + [0.0])

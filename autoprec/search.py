@@ -101,8 +101,10 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
             continue
         if m.error is not None:
             failures.append((0, fmt, "cannot run", f"{fmt}: {m.error}"))
-        elif m.nonfinite or not m.finite:
+        elif m.nonfinite > (rng.nonfinite if rng else 0) or not m.finite:
             what = f"{m.nonfinite} non-finite outputs" if m.nonfinite else "non-finite loss/gradients"
+            if rng is not None and rng.nonfinite:
+                what += f" (FP32: {rng.nonfinite})"
             failures.append((1, fmt, "overflow", f"{fmt}: {what} (FP32 |out| max {rng.out_absmax:.4g})"
                              if rng else f"{fmt}: {what}"))
         elif rng is not None and rng.out_absmax * headroom > info(fmt).max:

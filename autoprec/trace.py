@@ -123,17 +123,37 @@ def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: s
     return recorder
 
 
+class _TensorsOut(nn.Module):
+    """Returns only the tensors of a module's output: export needs no cache objects it cannot flatten."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        return [t for t in pytree.tree_leaves(self.inner(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+
+
 def _export(mod: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
+    """Export ``mod`` and return its call nodes, with ``nn_module_stack`` paths relative to ``mod``."""
     quiet = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo", "torch.export")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.CRITICAL)
     try:
-        ep = torch.export.export(mod, args, kwargs, strict=False)
+        ep = torch.export.export(_TensorsOut(mod), args, kwargs, strict=False)
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)
-    return [n for n in ep.graph.nodes if n.op == "call_function"]
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        n.meta["nn_module_stack"] = {k: (_strip_inner(path), cls) for k, (path, cls) in stack.items()}
+    return nodes
+
+
+def _strip_inner(path: str) -> str:
+    return "" if path in ("", "inner") else path[len("inner."):] if path.startswith("inner.") else path
 
 
 def _export_nodes(model: nn.Module, batch: Any) -> list[Any]:
