@@ -70,6 +70,38 @@ class Verification:
     note: str = ""
 
 
+_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
+    "reason": (str,), "detail": (str,), "excluded": (bool,), "kind": (str,), "op": (str,), "hazards": (list, tuple),
+    "flops": (int,), "out_absmax": (int, float), "grad_absmax": (int, float), "measured": (dict,),
+}
+_SCALER_TYPES: dict[str, tuple[type, ...]] = {
+    "init_scale": (int, float), "growth_factor": (int, float), "backoff_factor": (int, float), "growth_interval": (int,),
+}
+
+
+def _is(value: Any, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in kinds:
+        return False  # JSON true/false is not a number here
+    return isinstance(value, kinds)
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    return " or ".join({"str": "a string", "bool": "true/false", "int": "an integer", "float": "a number",
+                        "list": "a list", "tuple": "a list", "dict": "an object"}[k.__name__] for k in kinds)
+
+
+def _scaler(data: Mapping[str, Any]) -> ScalerSettings:
+    unknown = set(data) - set(_SCALER_TYPES)
+    if unknown:
+        raise PolicyError(f"scaler: unknown fields {sorted(unknown)}; known: {sorted(_SCALER_TYPES)}")
+    for name, kinds in _SCALER_TYPES.items():
+        if name in data and not (_is(data[name], kinds) and data[name] > 0 and math.isfinite(data[name])):
+            raise PolicyError(f"scaler: {name} = {data[name]!r} must be a positive {_names(kinds)[2:]}")
+    if "backoff_factor" in data and not data["backoff_factor"] < 1:
+        raise PolicyError(f"scaler: backoff_factor = {data['backoff_factor']!r} must be below 1")
+    return ScalerSettings(**data)
+
+
 def _entry(data: Mapping[str, Any], key: str) -> LayerEntry:
     if not isinstance(data, Mapping):
         raise PolicyError(f"layer {key!r}: expected an object, got {type(data).__name__}")
@@ -80,6 +112,11 @@ def _entry(data: Mapping[str, Any], key: str) -> LayerEntry:
     prec = data.get("precision")
     if prec not in PRECISIONS:
         raise PolicyError(f"layer {key!r}: precision {prec!r} is not one of {list(PRECISIONS)}")
+    for name, kinds in _ENTRY_TYPES.items():
+        if name in data and not _is(data[name], kinds):
+            raise PolicyError(f"layer {key!r}: field {name!r} = {data[name]!r} is not {_names(kinds)}")
+    if not all(isinstance(h, str) for h in data.get("hazards", ())):
+        raise PolicyError(f"layer {key!r}: 'hazards' must be a list of strings")
     try:
         measured = data.get("measured", {})
         if not isinstance(measured, Mapping) or not all(isinstance(v, Mapping) for v in measured.values()):
@@ -200,7 +237,7 @@ class Policy:
                 modules={str(k): str(v) for k, v in _mapping(data, "modules").items()},
                 opaque={str(k): str(v) for k, v in _mapping(data, "opaque").items()},
                 formats=formats,
-                scaler=None if scaler is None else ScalerSettings(**_mapping(data, "scaler")),
+                scaler=None if scaler is None else _scaler(_mapping(data, "scaler")),
                 tolerance={str(k): float(v) for k, v in _mapping(data, "tolerance").items()},
                 fingerprint=str(data.get("fingerprint", "")),
                 verification=None if ver is None else Verification(**{
@@ -280,14 +317,18 @@ class Policy:
     def grad_scaler(self, device: str | None = None) -> torch.amp.GradScaler | None:
         """A ``torch.amp.GradScaler`` with the tuned settings, or None when no layer is FP16.
 
+        ``device`` defaults to the policy's target, or the CPU where that target has no device here.
+
         Example:
             >>> Policy(layers={"0": LayerEntry("bf16")}).grad_scaler() is None
             True
         """
         if self.scaler is None or "fp16" not in self.assignment.values():
             return None
+        if device is None:  # a CUDA policy tried out on a host without CUDA runs on the CPU
+            device = "cuda" if self.target == "cuda" and torch.cuda.is_available() else "cpu"
         s = self.scaler
-        return torch.amp.GradScaler(device or self.target, init_scale=s.init_scale, growth_factor=s.growth_factor,
+        return torch.amp.GradScaler(device, init_scale=s.init_scale, growth_factor=s.growth_factor,
                                     backoff_factor=s.backoff_factor, growth_interval=s.growth_interval)
 
     def report(self, format: str = "md") -> str:

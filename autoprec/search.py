@@ -87,11 +87,11 @@ def _fmt_err(m) -> str:
 
 
 def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, headroom: float,
-            key: str) -> tuple[list[str], Decision | None]:
-    """Formats ``key`` may use, or the decision that pins it to FP32."""
+            key: str) -> tuple[list[str], str, Decision | None]:
+    """Formats ``key`` may use and why the others were refused, or the decision pinning it to FP32."""
     layer = trace.layer(key)
     if key in probe.skipped:
-        return [], Decision(key, "fp32", "no gain", probe.skipped[key])
+        return [], "", Decision(key, "fp32", "no gain", probe.skipped[key])
     base = layer_cost(layer, "fp32", profile)
     ok, failures = [], []
     for fmt in probe.formats:
@@ -118,17 +118,16 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
             failures.append((9, fmt, "no gain", f"{fmt}: modelled cost not below FP32 on {profile.name}"))
         else:
             ok.append(fmt)
-    if ok:
-        return ok, None
-    if not failures:
-        return [], Decision(key, "fp32", "no gain", "no 16-bit format probed")
     failures.sort()
+    refused = "; ".join(f[3] for f in failures)
+    if ok:
+        return ok, refused, None
+    if not failures:
+        return [], "", Decision(key, "fp32", "no gain", "no 16-bit format probed")
     reason = failures[0][2]
-    detail = "; ".join(f[3] for f in failures)
     hazard = ", ".join(layer.hazards)
-    if hazard:
-        detail = f"[{hazard}] {detail}"
-    return [], Decision(key, "fp32", reason, detail, excluded=reason != "no gain")
+    detail = f"[{hazard}] {refused}" if hazard else refused
+    return [], refused, Decision(key, "fp32", reason, detail, excluded=reason != "no gain")
 
 
 def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfile, tolerance: Tolerance,
@@ -139,13 +138,12 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     ``measure(assignment)`` runs one forward+backward under an assignment and returns
     ``(loss_err, grad_err, finite)`` against FP32.
     """
-    import optuna
-
     decisions: dict[str, Decision] = {}
     best_fmt: dict[str, str] = {}
     usable: dict[str, list[str]] = {}
+    refused: dict[str, str] = {}
     for layer in trace.layers:
-        fmts, pinned = _usable(trace, probe, profile, tolerance, headroom, layer.key)
+        fmts, refused[layer.key], pinned = _usable(trace, probe, profile, tolerance, headroom, layer.key)
         if pinned is not None:
             decisions[layer.key] = pinned
             continue
@@ -193,41 +191,21 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
             greedy = i + 1
 
     n = len(units)
-    sampler = optuna.samplers.TPESampler(seed=seed)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=sampler, storage=storage,
-                                study_name=f"autoprec-{trace.fingerprint}-{'-'.join(probe.formats)}",
-                                load_if_exists=storage is not None)
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    for t in done:  # a resumed study: reuse what its finished trials measured
-        if "loss_err" in t.user_attrs:
-            cache[int(t.params["k"])] = (t.user_attrs["loss_err"], t.user_attrs["grad_err"], t.user_attrs["finite"])
-    if not done:
-        for guess in dict.fromkeys([greedy, n]):
-            study.enqueue_trial({"k": guess})
-    budget = max(0, min(n_trials, n + 1) - len(done))
-
-    def objective(trial: "optuna.Trial") -> float:
-        k = trial.suggest_int("k", 0, n)
-        loss_err, grad_err, finite = evaluate(k)
-        trial.set_user_attr("loss_err", loss_err)
-        trial.set_user_attr("grad_err", grad_err)
-        trial.set_user_attr("finite", finite)
-        cost = cost_of(assignment(k))
-        if progress is not None:
-            progress(len(study.trials), budget + len(done))
-        if finite and tolerance.within(loss_err, grad_err):
-            return cost
-        return total32 * (2.0 + min(tolerance.score(loss_err, grad_err), 1e6) if finite else 1e7)
-
-    if budget:
-        study.optimize(objective, n_trials=budget, gc_after_trial=False)
+    trials = _run_study(f"autoprec-{trace.fingerprint}-{'-'.join(probe.formats)}", n, greedy, evaluate, cache,
+                        lambda k: cost_of(assignment(k)), tolerance, total32, n_trials=n_trials, storage=storage,
+                        seed=seed, progress=progress)
     feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]
     k_best = min(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))[0] if feasible else 0
     loss_err, grad_err, _ = evaluate(k_best)
     for key in order:
         if key in {x for g in units[:k_best] for x in g}:
-            decisions[key] = Decision(key, best_fmt[key], "cast", _fmt_err(probe.get(key, best_fmt[key])))
+            detail = f"{best_fmt[key]}: {_fmt_err(probe.get(key, best_fmt[key]))}"
+            others = [f"{f}: {_fmt_err(probe.get(key, f))}" for f in usable[key] if f != best_fmt[key]]
+            if others:
+                detail += "; also within the bound: " + ", ".join(others)
+            if refused[key]:
+                detail += "; refused " + refused[key]
+            decisions[key] = Decision(key, best_fmt[key], "cast", detail)
         else:
             m = probe.get(key, best_fmt[key])
             decisions[key] = Decision(key, "fp32", "combined error",
@@ -236,10 +214,56 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     decisions = {lay.key: decisions[lay.key] for lay in trace.layers}
     history = tuple(sorted((k, cost_of(assignment(k)), v[0], v[1]) for k, v in cache.items()))
     log.info("search: %d open layers, %d trials, cast %d, loss err %.3g, grad err %.3g",
-             n, len(study.trials), k_best, loss_err, grad_err)
-    return SearchResult(decisions=decisions, order=order, k=k_best, trials=len(study.trials),
+             n, trials, k_best, loss_err, grad_err)
+    return SearchResult(decisions=decisions, order=order, k=k_best, trials=trials,
                         loss_err=loss_err, grad_err=grad_err, cost=cost_of(assignment(k_best)),
                         cost_fp32=total32, history=history)
+
+
+def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[float, float, bool]],
+               cache: dict[int, tuple[float, float, bool]], cost_of: Callable[[int], float], tolerance: Tolerance,
+               total32: float, *, n_trials: int, storage: str | None, seed: int,
+               progress: Callable[[int, int], None] | None) -> int:
+    """TPE over k in [0, n], seeded with the greedy guess; returns the number of trials in the study.
+
+    A study resumed from ``storage`` hands its finished trials' measurements to ``cache``. Optuna's
+    log level is the caller's again afterwards.
+    """
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                    storage=storage, study_name=name, load_if_exists=storage is not None)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        for t in done:  # a resumed study: reuse what its finished trials measured
+            if "loss_err" in t.user_attrs:
+                cache[int(t.params["k"])] = (t.user_attrs["loss_err"], t.user_attrs["grad_err"],
+                                             t.user_attrs["finite"])
+        if not done:
+            for guess in dict.fromkeys([greedy, n]):
+                study.enqueue_trial({"k": guess})
+        budget = max(0, min(n_trials, n + 1) - len(done))
+
+        def objective(trial: "optuna.Trial") -> float:
+            k = trial.suggest_int("k", 0, n)
+            loss_err, grad_err, finite = evaluate(k)
+            trial.set_user_attr("loss_err", loss_err)
+            trial.set_user_attr("grad_err", grad_err)
+            trial.set_user_attr("finite", finite)
+            if progress is not None:
+                progress(len(study.trials), budget + len(done))
+            if finite and tolerance.within(loss_err, grad_err):
+                return cost_of(k)
+            # infeasible: worse than any feasible assignment, and worse the further out of bounds
+            return total32 * (2.0 + min(tolerance.score(loss_err, grad_err), 1e6) if finite else 1e7)
+
+        if budget:
+            study.optimize(objective, n_trials=budget, gc_after_trial=False)
+        return len(study.trials)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _tie(trace: Trace, decisions: dict[str, Decision], usable: dict[str, list[str]],

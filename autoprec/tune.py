@@ -31,7 +31,7 @@ log = logging.getLogger("autoprec.tune")
 
 @contextmanager
 def _preserve_global_state() -> Iterator[None]:
-    """Restore every global RNG and the autocast/grad state, on every path."""
+    """Run tuning with grad on and autocast off; restore every global RNG, grad and autocast state."""
     cpu = torch.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     py = random.getstate()
@@ -42,9 +42,18 @@ def _preserve_global_state() -> Iterator[None]:
         np, npst = None, None
     grad = torch.is_grad_enabled()
     cache = torch.is_autocast_cache_enabled()
+    autocast = {d: torch.is_autocast_enabled(d) for d in ("cpu", "cuda")}
     try:
+        torch.set_grad_enabled(True)  # a caller's no_grad() must not reach the probe's backward passes
+        # nor a caller's autocast the FP32 reference: every region sets its own precision. The cache of
+        # cast weights goes too: inside a caller's autocast it would outlive our optimizer steps.
+        for d in autocast:
+            torch.set_autocast_enabled(d, False)
+        torch.set_autocast_cache_enabled(False)
         yield
     finally:
+        for d, on in autocast.items():
+            torch.set_autocast_enabled(d, on)
         torch.set_rng_state(cpu)
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import autoprec
-from tests.models import CNN, MLP, cnn, mlp, rmsnorm_model, transformer_block, underflow_model, underflow_optimizer
+from tests.models import CNN, MLP, mlp, rmsnorm_model, transformer_block, underflow_model, underflow_optimizer
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,13 +139,13 @@ def test_policy_fits_a_fresh_copy_of_its_model(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _text(name: str) -> str:
+def _text() -> str:
     return json.dumps(tuned("rmsnorm_cuda").to_dict(), indent=2, sort_keys=True)
 
 
 def _edit(fn):
     def make():
-        data = json.loads(_text("rmsnorm_cuda"))
+        data = json.loads(_text())
         fn(data)
         return json.dumps(data)
     return make
@@ -158,8 +158,8 @@ def _set_precision(name):
 
 
 BAD_FILES = {
-    "corrupt_json": lambda: _text("x").replace('"layers": {', '"layers": {{', 1),
-    "truncated": lambda: _text("x")[: len(_text("x")) // 2],
+    "corrupt_json": lambda: _text().replace('"layers": {', '"layers": {{', 1),
+    "truncated": lambda: _text()[: len(_text()) // 2],
     "empty": lambda: "",
     "not_an_object": lambda: "[1, 2, 3]",
     "schema_version_2": _edit(lambda d: d.__setitem__("schema_version", 2)),
@@ -202,3 +202,23 @@ def test_binary_file_raises_policy_error(tmp_path):
     torch.save({"w": torch.randn(4, 4)}, path)
     with pytest.raises(autoprec.PolicyError):
         autoprec.load(path)
+
+
+WRONG_TYPES = {
+    "flops_string": _edit(lambda d: d["layers"]["fc1"].__setitem__("flops", "many")),
+    "scaler_init_scale_string": _edit(lambda d: d["scaler"].__setitem__("init_scale", "big")),
+    "excluded_string": _edit(lambda d: d["layers"]["norm"].__setitem__("excluded", "yes")),
+    "hazards_string": _edit(lambda d: d["layers"]["norm"].__setitem__("hazards", "pow")),
+    "scaler_negative": _edit(lambda d: d["scaler"].__setitem__("init_scale", -1.0)),
+}
+
+
+@pytest.mark.parametrize("kind", list(WRONG_TYPES), ids=list(WRONG_TYPES))
+def test_wrongly_typed_value_raises_policy_error_at_load(kind, tmp_path):
+    """A field of the wrong type (a string where a number belongs) is refused by load with PolicyError."""
+    path = tmp_path / "bad.json"
+    path.write_text(WRONG_TYPES[kind](), encoding="utf-8")
+    with pytest.raises(autoprec.PolicyError):
+        policy = autoprec.load(path)
+        policy.low_precision_fraction()
+        policy.grad_scaler("cpu")

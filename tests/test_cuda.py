@@ -1,0 +1,32 @@
+"""CUDA behaviour (skipped without a GPU; CI has none)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autoprec
+from tests.models import rmsnorm_model, transformer_block
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_tune_on_cuda_uses_real_autocast_and_a_cuda_scaler():
+    """On a GPU the policy runs real FP16/BF16 autocast and hands out a CUDA GradScaler."""
+    model, batch, loss_fn = transformer_block(batch_size=8)
+    model, batch = model.cuda(), batch.cuda()
+    policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=5)
+    assert policy.target == "cuda" and policy.low_precision_fraction() >= 0.9
+    with policy.autocast(model):
+        loss = loss_fn(model(batch), batch)
+    assert torch.isfinite(loss)
+    scaler = policy.grad_scaler()
+    assert scaler is None or scaler.is_enabled()
+
+
+def test_rmsnorm_hazard_on_cuda_is_excluded_from_fp16():
+    """The hand-written RMSNorm overflows FP16 on the GPU too and is kept out of it."""
+    model, batch, loss_fn = rmsnorm_model(batch_size=256)
+    model, batch = model.cuda(), batch.cuda()
+    policy = autoprec.tune(model, batch, lambda o, b: loss_fn(o.cpu(), b.cpu()), progress=False, verify_steps=5)
+    assert policy.layers["norm"].precision != "fp16"
