@@ -13,7 +13,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -340,9 +340,6 @@ class Policy:
         """
         from .report import render
         return render(self, format)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
 
 
 def _some(items: list[str], n: int = 8) -> str:

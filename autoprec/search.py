@@ -86,6 +86,15 @@ def _fmt_err(m) -> str:
     return f"loss err {m.loss_err:.3g}, grad err {m.grad_err:.3g}"
 
 
+def _underflow(probe: Probe, rng, fmt: str) -> float:
+    """Largest fraction of a layer's nonzero outputs or gradients that flush to zero in ``fmt``."""
+    if rng is None:
+        return 0.0
+    half = info(fmt).subnormal / 2
+    scale = probe.loss_scale if fmt == "fp16" else 1.0
+    return max(rng.below(half), rng.below(half, grads=True, scale=scale))
+
+
 def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, headroom: float,
             key: str) -> tuple[list[str], str, Decision | None]:
     """Formats ``key`` may use and why the others were refused, or the decision pinning it to FP32."""
@@ -110,10 +119,14 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
         elif rng is not None and rng.out_absmax * headroom > info(fmt).max:
             failures.append((2, fmt, "range", f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
                                               f"{headroom:g} exceeds {info(fmt).max:.4g}"))
-        elif m.loss_err > tol.loss:
-            failures.append((3, fmt, "error at loss", f"{fmt}: {_fmt_err(m)} > bound {tol.loss:g}"))
-        elif m.grad_err > tol.grad:
-            failures.append((3, fmt, "error at gradients", f"{fmt}: {_fmt_err(m)} > bound {tol.grad:g}"))
+        elif m.loss_err > tol.loss or m.grad_err > tol.grad:
+            what = "error at loss" if m.loss_err > tol.loss else "error at gradients"
+            bound = tol.loss if m.loss_err > tol.loss else tol.grad
+            lost = _underflow(probe, rng, fmt)
+            if lost >= 0.01:  # the error comes with values flushed to zero: name the cause
+                what = "underflow"
+            note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
+            failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
         elif layer_cost(layer, fmt, profile) >= base:
             failures.append((9, fmt, "no gain", f"{fmt}: modelled cost not below FP32 on {profile.name}"))
         else:

@@ -158,3 +158,17 @@ def test_tied_weights_share_one_decision():
     assert policy.layers["enc"].out_absmax * 8 > 65504  # no FP16 headroom for enc
     assert policy.layers["dec"].measured["fp16"]["grad_err"] < policy.layers["dec"].measured["bf16"]["grad_err"]
     assert policy.layers["enc"].precision == policy.layers["dec"].precision == "bf16"
+
+
+def test_underflow_evidence_follows_the_loss_scale():
+    """The probe reports the share of FP16 gradients that flush to zero at the scale it would use."""
+    from tests.models import underflow_model
+    model, batch, _ = underflow_model()
+    tuned = autoprec.tune(model, batch, dtypes=["fp16"], target="cuda", progress=False, verify_steps=0)
+    unscaled = autoprec.tune(model, batch, dtypes=["fp16"], target="cuda", progress=False, verify_steps=0,
+                             headroom=1e30)  # leaves no room for any scale: 1.0
+    assert unscaled.stats["loss_scale_suggested"] == 1.0 < tuned.stats["loss_scale_suggested"]
+    assert unscaled.layers["fc2"].measured["fp16"]["grad_underflow"] == 1.0
+    assert unscaled.layers["fc2"].measured["fp16"]["grad_err"] == pytest.approx(1.0)
+    assert tuned.layers["fc2"].measured["fp16"]["grad_underflow"] < 0.01
+    assert tuned.layers["fc2"].precision == "fp16"
