@@ -243,7 +243,7 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     scale = suggest_scale(grad_absmax, headroom)
     measurements: dict[tuple[str, str], Measurement] = {}
     candidates = list(candidates)
-    for n, key in enumerate(candidates):
+    for key in candidates:
         if progress is not None:
             progress(key)
         for fmt in formats:

@@ -17,11 +17,11 @@ from .batch import LossFn, call_model, compute_loss, split_batches
 from .costs import PROFILES
 from .errors import BatchError, ModelError, OptionError
 from .formats import check_formats, resolve_target
-from .policy import LayerEntry, Policy, ScalerSettings, Verification
+from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
 from .search import Tolerance, search
 from .trace import trace
-from .verify import OptimizerFactory, compare, default_optimizer, train_curve
+from .verify import OptimizerFactory, default_optimizer, verify
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -200,50 +200,17 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
 
     decisions = dict(result.decisions)
     scale = pr.loss_scale
-    k = result.k
     verification = None
-    rounds = 0
     verify_passes = 0
     measured = (result.loss_err, result.grad_err)
-    note = ""
     if verify_steps > 0:
         bar.stage("verify", 2 * verify_steps)
-        fp32_losses, _, _ = train_curve(work, batches, loss_fn, steps=verify_steps, assignment=None, units=tr.units,
-                                        opaque=tr.opaque, device_type=device_type, emulate_fp16=emulate,
-                                        scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance)
-        verify_passes += verify_steps
-        while True:
-            rounds += 1
-            assignment = {key: d.precision for key, d in decisions.items()}
-            fp16 = "fp16" in assignment.values()
-            scaler = torch.amp.GradScaler(device_type, init_scale=scale) if fp16 else None
-            losses, skipped_steps, longest = train_curve(
-                work, batches, loss_fn, steps=verify_steps, assignment=assignment, units=tr.units, opaque=tr.opaque,
-                device_type=device_type, emulate_fp16=emulate, scaler=scaler, optimizer=optimizer, seed=seed,
-                on_step=bar.advance)
-            verify_passes += verify_steps
-            gap = compare(fp32_losses, losses)
-            passed = gap <= verify_tolerance and longest < 3
-            verification = Verification(passed=passed, steps=verify_steps, fp32_losses=tuple(fp32_losses),
-                                        policy_losses=tuple(losses), max_gap=gap, bound=verify_tolerance,
-                                        skipped_steps=skipped_steps, longest_skip_run=longest, rounds=rounds,
-                                        note=note)
-            if passed or k == 0:
-                break
-            # back off: the most sensitive quarter of the cast layers go to FP32
-            cast = [key for key in result.order if decisions[key].reason == "cast"]
-            drop = cast[-max(1, len(cast) // 4):]
-            for key in drop:
-                d = decisions[key]
-                decisions[key] = type(d)(key, "fp32", "verification back-off",
-                                         f"{d.detail}; moved to FP32 after verification round {rounds} "
-                                         f"(loss gap {gap:.3g}, longest skip run {longest})", excluded=True)
-            k = len(cast) - len(drop)
-            if longest >= 3 and fp16:
-                scale = max(1.0, scale / 16)
-            note = f"backed off {len(drop)} layer(s) after round {rounds}"
-            bar.stage("verify", verify_steps)
-        if rounds > 1:
+        checked = verify(work, batches, loss_fn, decisions, result.order, steps=verify_steps, bound=verify_tolerance,
+                         scale=scale, units=tr.units, opaque=tr.opaque, device_type=device_type, emulate_fp16=emulate,
+                         optimizer=optimizer, seed=seed, on_step=bar.advance)
+        decisions, verification, scale, verify_passes = (checked.decisions, checked.verification, checked.scale,
+                                                          checked.passes)
+        if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
 
     fp16_used = any(d.precision == "fp16" for d in decisions.values())
@@ -259,7 +226,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     stats = {
         "tuning_seconds": round(time.perf_counter() - started, 3),
         "probe_passes": probe_passes,
-        "search_passes": search_passes + (1 if rounds > 1 else 0),
+        "search_passes": search_passes + (1 if verification is not None and verification.rounds > 1 else 0),
         "verify_passes": verify_passes,
         "trials": result.trials,
         "candidates": len(candidates),

@@ -13,17 +13,21 @@ underflow to zero (and stall a parameter) show in the curve however small the lo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .batch import LossFn, call_model, compute_loss
+from .policy import Verification
 from .regions import Regions
+from .search import Decision
 
-__all__ = ["OptimizerFactory", "default_optimizer", "train_curve", "compare"]
+__all__ = ["OptimizerFactory", "VerifyResult", "default_optimizer", "train_curve", "compare", "verify"]
 
 log = logging.getLogger("autoprec.verify")
 
@@ -102,3 +106,60 @@ def compare(fp32: Sequence[float], policy: Sequence[float]) -> float:
         return math.inf
     base = max(abs(fp32[0]), 1e-12)
     return round(max(abs(a - b) for a, b in zip(fp32, policy)) / base, 12)
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The verified (possibly backed-off) decisions, the verdict, the loss scale and the passes used."""
+
+    decisions: dict[str, Decision]
+    verification: Verification
+    scale: float
+    passes: int
+
+
+def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, decisions: Mapping[str, Decision],
+           order: Sequence[str], *, steps: int, bound: float, scale: float, units: Iterable[str],
+           opaque: Iterable[str], device_type: str, emulate_fp16: bool, optimizer: OptimizerFactory, seed: int,
+           max_skip_run: int = 3, max_rounds: int = 8, on_step: Callable[[], None] | None = None) -> VerifyResult:
+    """Train FP32 and the policy side by side; back off until the policy passes.
+
+    A failing round moves the most sensitive quarter of the cast layers (the end of ``order``,
+    which the search sorted least sensitive first) to FP32, and divides the loss scale by 16 when
+    a run of skipped steps was the failure. With nothing left cast the policy is FP32 wherever it
+    matters, and that round ends the loop.
+    """
+    units, opaque = list(units), list(opaque)
+    decisions = dict(decisions)
+    run = dict(units=units, opaque=opaque, device_type=device_type, emulate_fp16=emulate_fp16,
+               optimizer=optimizer, seed=seed, on_step=on_step)
+    fp32, _, _ = train_curve(model, batches, loss_fn, steps=steps, assignment=None, scaler=None, **run)
+    passes = steps
+    note = ""
+    for rounds in range(1, max_rounds + 1):
+        assignment = {key: d.precision for key, d in decisions.items()}
+        fp16 = "fp16" in assignment.values()
+        scaler = torch.amp.GradScaler(device_type, init_scale=scale) if fp16 else None
+        losses, skipped, longest = train_curve(model, batches, loss_fn, steps=steps, assignment=assignment,
+                                               scaler=scaler, **run)
+        passes += steps
+        gap = compare(fp32, losses)
+        passed = gap <= bound and longest < max_skip_run
+        verdict = Verification(passed=passed, steps=steps, fp32_losses=tuple(fp32), policy_losses=tuple(losses),
+                               max_gap=gap, bound=bound, skipped_steps=skipped, longest_skip_run=longest,
+                               rounds=rounds, note=note)
+        cast = [key for key in order if decisions[key].reason == "cast"]
+        if passed or not cast:
+            break
+        drop = cast[-max(1, len(cast) // 4):]
+        for key in drop:
+            d = decisions[key]
+            decisions[key] = dataclasses.replace(
+                d, precision="fp32", reason="verification back-off", excluded=True,
+                detail=f"{d.detail}; moved to FP32 after verification round {rounds} "
+                       f"(loss gap {gap:.3g}, longest skip run {longest})")
+        if longest >= max_skip_run and fp16:
+            scale = max(1.0, scale / 16)
+        note = f"backed off {len(drop)} layer(s) after round {rounds}"
+        log.info("verification round %d failed (gap %.3g, skip run %d): %s", rounds, gap, longest, note)
+    return VerifyResult(decisions=decisions, verification=verdict, scale=scale, passes=passes)
