@@ -21,7 +21,9 @@ from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
 from .search import Tolerance, search
 from .trace import trace
-from .verify import OptimizerFactory, default_optimizer, verify
+from .loss_scale import search_scaler
+from .training import OptimizerFactory, default_optimizer, train_curve
+from .verify import verify
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -199,18 +201,30 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     search_passes = runner.passes - probe_passes
 
     decisions = dict(result.decisions)
-    scale = pr.loss_scale
+    fp32_curve = None
+    if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
+        bar.stage("reference run", verify_steps)
+        fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, assignment=None, units=tr.units,
+                                 opaque=tr.opaque, device_type=device_type, emulate_fp16=emulate, scaler=None,
+                                 optimizer=optimizer, seed=seed, on_step=bar.advance)
+    fp16_keys = [k for k, d in decisions.items() if d.precision == "fp16"]
+    scaler = scaler_choice = None
+    if fp16_keys:
+        scaler_choice = search_scaler(pr, fp16_keys, fp32_curve, seed=seed)
+        scaler = ScalerSettings(init_scale=scaler_choice.init_scale, growth_interval=scaler_choice.growth_interval,
+                                backoff_factor=scaler_choice.backoff_factor)
     verification = None
-    verify_passes = 0
+    verify_passes = verify_steps if fp32_curve is not None else 0
     measured = (result.loss_err, result.grad_err)
-    if verify_steps > 0:
-        bar.stage("verify", 2 * verify_steps)
-        checked = verify(work, batches, loss_fn, decisions, result.order, steps=verify_steps, bound=verify_tolerance,
-                         scale=scale, units=tr.units, opaque=tr.opaque, device_type=device_type, emulate_fp16=emulate,
-                         optimizer=optimizer, seed=seed, on_step=bar.advance)
-        decisions, verification, scale, verify_passes = (checked.decisions, checked.verification, checked.scale,
-                                                          checked.passes)
+    if fp32_curve is not None:
+        bar.stage("verify", verify_steps)
+        checked = verify(work, batches, loss_fn, decisions, result.order, fp32_curve, bound=verify_tolerance,
+                         scaler=scaler, units=tr.units, opaque=tr.opaque, device_type=device_type,
+                         emulate_fp16=emulate, optimizer=optimizer, seed=seed, on_step=bar.advance)
+        decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
+        verify_passes += checked.passes
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
+            scale = scaler.init_scale if scaler is not None else None
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
 
     fp16_used = any(d.precision == "fp16" for d in decisions.values())
@@ -236,10 +250,12 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "fx_route": tr.fx_route,
         "fx_nodes": tr.fx_nodes,
         "loss_scale_suggested": pr.loss_scale,
+        "scaler_trials": scaler_choice.trials if scaler_choice else 0,
+        "scaler_predicted_skip_rate": scaler_choice.skip_rate if scaler_choice else 0.0,
         "fp32_grad_absmax": pr.grad_absmax,
     }
     policy = Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
-                    formats=formats, scaler=ScalerSettings(init_scale=scale) if fp16_used else None,
+                    formats=formats, scaler=scaler if fp16_used else None,
                     tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
                     fingerprint=tr.fingerprint, verification=verification, stats=stats)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(layers),

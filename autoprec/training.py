@@ -1,0 +1,113 @@
+"""Short training runs on a private copy of a model: the FP32 reference trajectory and policy runs.
+
+Every run starts from a copy of the same weights, sees the same batches in the same order with
+the same RNG seed per step (dropout masks agree), and uses a fresh optimizer from the same
+factory. The default optimizer is Adam with ``eps=1e-30``: it is scale-invariant, so gradients
+that underflow to zero (and stall a parameter) show in the curve however small the loss is.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .batch import LossFn, call_model, compute_loss
+from .regions import Regions
+
+__all__ = ["Curve", "OptimizerFactory", "default_optimizer", "train_curve"]
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_optimizer(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam(lr=1e-3, eps=1e-30): scale-invariant, so underflowed (zero) gradients show.
+
+    Example:
+        >>> type(default_optimizer(torch.nn.Linear(2, 2).parameters())).__name__
+        'Adam'
+    """
+    return torch.optim.Adam(params, lr=1e-3, eps=1e-30)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One training run: the loss before each step's update, and the largest parameter gradient."""
+
+    losses: tuple[float, ...]
+    grad_absmax: tuple[float, ...]     # per step, unscaled (0 for a skipped step)
+    skipped: int = 0
+    longest_skip_run: int = 0
+
+
+def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, steps: int,
+                assignment: Mapping[str, str] | None, units: Iterable[str], opaque: Iterable[str],
+                device_type: str, emulate_fp16: bool, scaler: torch.amp.GradScaler | None,
+                optimizer: OptimizerFactory, seed: int, on_step: Callable[[], None] | None = None) -> Curve:
+    """Train a private copy of ``model`` for ``steps`` steps (``assignment=None``: plain FP32).
+
+    The run stops early at the first non-finite loss without a scaler.
+
+    Example:
+        >>> m = torch.nn.Linear(4, 1)
+        >>> c = train_curve(m, [torch.randn(8, 4)], None, steps=3, assignment=None, units=[""], opaque=[],
+        ...                 device_type="cpu", emulate_fp16=False, scaler=None, optimizer=default_optimizer, seed=0)
+        >>> len(c.losses), c.losses[2] < c.losses[0]
+        (3, True)
+    """
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer(params)
+    regions = None
+    if assignment:
+        regions = Regions(model, assignment, units=units, opaque=opaque, device_type=device_type,
+                          emulate_fp16=emulate_fp16).install()
+    losses: list[float] = []
+    gmax: list[float] = []
+    skipped = run = longest = 0
+    devices = [torch.cuda.current_device()] if device_type == "cuda" and torch.cuda.is_available() else []
+    try:
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            opt.zero_grad(set_to_none=True)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed + step)
+                loss = compute_loss(call_model(model, batch), batch, loss_fn)
+            losses.append(float(loss.detach()))
+            if scaler is not None:
+                before = scaler.get_scale()
+                scaler.scale(loss.float()).backward()
+                scaler.unscale_(opt)
+                gmax.append(_absmax(params))
+                scaler.step(opt)
+                scaler.update()
+                if scaler.get_scale() < before:
+                    skipped += 1
+                    run += 1
+                    longest = max(longest, run)
+                else:
+                    run = 0
+            else:
+                if not math.isfinite(losses[-1]):
+                    break
+                loss.float().backward()
+                gmax.append(_absmax(params))
+                opt.step()
+            if on_step is not None:
+                on_step()
+    finally:
+        if regions is not None:
+            regions.remove()
+    return Curve(tuple(losses), tuple(gmax), skipped, longest)
+
+
+def _absmax(params: Sequence[torch.Tensor]) -> float:
+    vals = [p.grad.detach().abs().max() for p in params if p.grad is not None and p.grad.numel()]
+    if not vals:
+        return 0.0
+    m = float(torch.stack(vals).max())
+    return m if math.isfinite(m) else 0.0

@@ -1,0 +1,68 @@
+"""The loss-scale search: GradScaler settings from measured gradient ranges and trajectories."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from autoprec.loss_scale import _loss_table, _trajectory, search_scaler, simulate
+from autoprec.probe import HIST_HI, HIST_LO, Probe, Ranges, suggest_scale
+from autoprec.training import Curve
+
+
+def _probe(center_log2: int, spread: int = 6) -> Probe:
+    """Gradients log-uniform over 2**(center - spread) .. 2**center."""
+    hist = [0] * (HIST_HI - HIST_LO)
+    for e in range(center_log2 - spread, center_log2 + 1):
+        hist[e - HIST_LO] = 100
+    gmax = 2.0 ** (center_log2 + 1)
+    r = Ranges(1.0, gmax, tuple(hist), tuple(hist))
+    return Probe(1.0, {"fc": r}, {}, suggest_scale(gmax, 8.0), gmax, (), 0, ("fp16",))
+
+
+def _curve(slope_log2_per_step: float, steps: int = 20, jitter: float = 0.2, seed: int = 0) -> Curve:
+    rng = np.random.default_rng(seed)
+    g = 2.0 ** (slope_log2_per_step * np.arange(steps) + jitter * rng.standard_normal(steps))
+    return Curve(tuple([1.0] * steps), tuple(float(x) for x in g))
+
+
+def _defaults_cost(probe: Probe, curve: Curve | None) -> float:
+    table, off = _loss_table(probe.ranges["fc"].grad_hist)
+    ceiling = math.log2(65504 / probe.grad_absmax)
+    traj = _trajectory(curve, 1000, 0, 8.0)
+    return simulate(traj, ceiling, table, off, init_log2=math.log2(probe.loss_scale), growth_interval=2000,
+                    backoff=0.5)[1]
+
+
+@pytest.mark.parametrize("slope", [-0.2, 0.0, 0.2], ids=["shrinking", "flat", "growing"])
+def test_choice_never_worse_than_torch_defaults(slope):
+    """The search is seeded with the range-based scale and torch's defaults, so it never predicts worse."""
+    probe, curve = _probe(-30), _curve(slope)
+    choice = search_scaler(probe, ["fc"], curve, n_trials=25)
+    assert choice.lost <= _defaults_cost(probe, curve) + 1e-12
+    assert choice.init_scale <= probe.loss_scale  # never less headroom than the probe's range allows
+
+
+def test_growing_gradients_start_lower_to_avoid_skips():
+    """When gradients grow during training, a start at the range ceiling would skip steps: the search starts lower."""
+    probe, curve = _probe(-30), _curve(0.4)
+    choice = search_scaler(probe, ["fc"], curve, n_trials=30)
+    assert _defaults_cost(probe, curve) > choice.lost
+    assert choice.init_scale < probe.loss_scale or choice.backoff_factor != 0.5
+
+
+def test_shrinking_gradients_grow_the_scale_sooner():
+    """When gradients shrink towards FP16's subnormals, the scaler grows more often than every 2000 steps."""
+    probe, curve = _probe(-38, spread=30), _curve(-0.3)
+    choice = search_scaler(probe, ["fc"], curve, n_trials=30)
+    assert choice.growth_interval < 2000
+    assert choice.lost < _defaults_cost(probe, curve)
+
+
+def test_simulation_skips_when_the_scale_overflows():
+    """A scale above the overflow ceiling skips steps and backs off until it fits."""
+    table, off = _loss_table([0] * (HIST_HI - HIST_LO))
+    skip, _ = simulate(np.zeros(100), 16.0, table, off, init_log2=20, growth_interval=1000, backoff=0.5)
+    assert skip == pytest.approx(5 / 100)  # 20 -> 19 -> 18 -> 17 -> 16 -> 15: five skipped steps
