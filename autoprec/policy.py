@@ -253,7 +253,7 @@ class Policy:
             raise PolicyError(f"invalid policy: {exc}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the policy as JSON (sorted keys, so that two policies diff cleanly).
+        """Write the policy as JSON: fields in a fixed order, layers in the model's order.
 
         Example:
             >>> import tempfile, os
@@ -261,7 +261,7 @@ class Policy:
             >>> f = os.path.join(tempfile.mkdtemp(), "p.json"); p.save(f); load(f) == p
             True
         """
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=True)
+        text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
         tmp = f"{os.fspath(path)}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")

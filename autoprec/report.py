@@ -1,4 +1,4 @@
-"""Stage 7, report: what the policy decided and the measurements behind it, as Markdown or JSON."""
+"""Stage 7, report: what the policy decided and the measurements behind it, as Markdown, JSON or HTML."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def _num(x: Any) -> str:
 
 
 def render(policy: "Policy", format: str = "md") -> str:
-    """The report as ``"md"`` (Markdown) or ``"json"``.
+    """The report as ``"md"`` (Markdown), ``"json"`` or ``"html"`` (one page with inline SVG charts).
 
     Example:
         >>> from autoprec.policy import Policy, LayerEntry
@@ -124,4 +124,7 @@ def render(policy: "Policy", format: str = "md") -> str:
         return _markdown(policy)
     if format == "json":
         return json.dumps(summary(policy), indent=2, sort_keys=True)
-    raise OptionError(f"report format {format!r} is not supported: use 'md' or 'json'")
+    if format == "html":
+        from .report_html import render_html
+        return render_html(policy)
+    raise OptionError(f"report format {format!r} is not supported: use 'md', 'json' or 'html'")

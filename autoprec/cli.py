@@ -1,0 +1,243 @@
+"""The ``autoprec`` command line: tune a model from a factory, print or render a report, diff policies.
+
+Exit codes (for scripts): 0 success (``diff``: the policies agree), 1 ``diff`` found differences,
+2 bad command line or factory, 3 autoprec refused the input (an :class:`AutoprecError`: bad batch,
+bad policy file, ...), 4 an unexpected error (a bug: re-run with ``--debug`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_REFUSED, EXIT_BUG = 0, 1, 2, 3, 4
+
+_EPILOG = """exit codes: 0 ok (diff: same), 1 diff: policies differ, 2 bad command line or factory,
+3 autoprec refused the input (message says what and how to fix), 4 unexpected error (use --debug)
+
+examples:
+  autoprec tune mypkg.models:make --out policy.json --dtypes bf16,fp16 --target cuda
+  autoprec report policy.json --format html --out report.html
+  autoprec diff old.json new.json"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _load_factory(spec: str) -> Any:
+    """``pkg.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    if ":" not in spec:
+        raise _UsageError(f"factory {spec!r} must look like 'pkg.module:function' or 'file.py:function'")
+    target, _, name = spec.rpartition(":")
+    if os.getcwd() not in sys.path:  # the factory may import the project it lives in
+        sys.path.insert(0, os.getcwd())
+    try:
+        if target.endswith(".py") or os.sep in target:
+            mod_spec = importlib.util.spec_from_file_location("_autoprec_factory", target)
+            if mod_spec is None or mod_spec.loader is None:
+                raise _UsageError(f"cannot load {target!r} as a Python file")
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except FileNotFoundError:
+        raise _UsageError(f"factory file {target!r} does not exist") from None
+    except ImportError as exc:
+        raise _UsageError(f"cannot import {target!r}: {exc}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise _UsageError(f"{target!r} has no callable {name!r}")
+    return factory
+
+
+def _unpack(made: Any) -> tuple[Any, Any, Any]:
+    if isinstance(made, dict) and "model" in made and "batch" in made:
+        return made["model"], made["batch"], made.get("loss_fn")
+    if isinstance(made, (tuple, list)) and len(made) in (2, 3):
+        return made[0], made[1], made[2] if len(made) == 3 else None
+    raise _UsageError("the factory must return (model, batch), (model, batch, loss_fn) or a dict with "
+                      f"'model' and 'batch' (and optionally 'loss_fn'); it returned {type(made).__name__}")
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import autoprec
+
+    model, batch, loss_fn = _unpack(_load_factory(args.factory)())
+    kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
+                                  grad_tolerance=args.grad_tolerance, verify_steps=args.verify_steps,
+                                  storage=args.storage, seed=args.seed, progress=not args.quiet)
+    if args.budget is not None:
+        kwargs["n_trials"] = args.budget
+    policy = autoprec.tune(model, batch, loss_fn, **kwargs)
+    policy.save(args.out)
+    ver = policy.verification
+    verdict = "not run" if ver is None else ("passed" if ver.passed else "FAILED")
+    excluded = policy.excluded()
+    print(f"wrote {args.out}: {len(policy.layers)} layers, {100 * policy.low_precision_fraction():.1f}% of "
+          f"matmul/conv FLOPs in 16-bit, {len(excluded)} excluded, verification {verdict}, "
+          f"{policy.stats.get('tuning_seconds', 0):.1f}s")
+    for key, e in excluded.items():
+        print(f"  excluded {key or '(root)'}: {e.reason}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import autoprec
+
+    policy = autoprec.load(args.policy)
+    if args.format == "png":
+        if not args.out:
+            raise _UsageError("--format png needs --out FILE.png")
+        from .report_html import save_png
+        save_png(policy, args.out)
+        print(f"wrote {args.out}")
+        return EXIT_OK
+    text = policy.report(args.format)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+def diff(a: Any, b: Any) -> dict[str, Any]:
+    """What differs between two policies: layers only in one, precision changes, scaler, target.
+
+    Example:
+        >>> from autoprec import Policy, LayerEntry
+        >>> diff(Policy(layers={"fc": LayerEntry("bf16")}), Policy(layers={"fc": LayerEntry("fp32")}))["changed"]
+        {'fc': ['bf16', 'fp32']}
+    """
+    la, lb = a.assignment, b.assignment
+    out: dict[str, Any] = {
+        "only_in_a": sorted(set(la) - set(lb)),
+        "only_in_b": sorted(set(lb) - set(la)),
+        "changed": {k: [la[k], lb[k]] for k in la if k in lb and la[k] != lb[k]},
+    }
+    if a.target != b.target:
+        out["target"] = [a.target, b.target]
+    sa = None if a.scaler is None else vars(a.scaler)
+    sb = None if b.scaler is None else vars(b.scaler)
+    if sa != sb:
+        out["scaler"] = [sa, sb]
+    fa, fb = a.low_precision_fraction(), b.low_precision_fraction()
+    if abs(fa - fb) > 1e-12:
+        out["low_precision_flop_fraction"] = [fa, fb]
+    return out
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    import autoprec
+
+    d = diff(autoprec.load(args.a), autoprec.load(args.b))
+    same = not any(d.values())
+    if args.format == "json":
+        print(json.dumps(d, indent=2, sort_keys=True))
+    elif same:
+        print(f"{args.a} and {args.b} assign the same precision to every layer")
+    else:
+        for k in d["only_in_a"]:
+            print(f"- {k or '(root)'}  (only in {args.a})")
+        for k in d["only_in_b"]:
+            print(f"+ {k or '(root)'}  (only in {args.b})")
+        for k, (pa, pb) in d["changed"].items():
+            print(f"~ {k or '(root)'}: {pa} -> {pb}")
+        for field in ("target", "scaler", "low_precision_flop_fraction"):
+            if field in d:
+                print(f"~ {field}: {d[field][0]} -> {d[field][1]}")
+    return EXIT_OK if same else EXIT_DIFFERENT
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autoprec", description="Measured, per-layer mixed precision for PyTorch.",
+                                epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="{tune,report,diff}")
+    sub.required = True
+
+    t = sub.add_parser("tune", help="tune a model and write its policy",
+                       description="Tune the model a factory builds. The factory (no arguments) returns "
+                                   "(model, batch), (model, batch, loss_fn) or a dict with those keys.")
+    t.add_argument("factory", help="pkg.module:function or path/to/file.py:function")
+    t.add_argument("--out", required=True, help="where to write the policy JSON")
+    t.add_argument("--dtypes", help="16-bit formats allowed, comma separated (bf16,fp16); default: what the "
+                                    "target runs fast")
+    t.add_argument("--target", choices=["cpu", "cuda"], help="device the policy is for (default: the model's)")
+    t.add_argument("--tolerance", type=float, default=0.01, help="relative error bound at the loss (0.01)")
+    t.add_argument("--grad-tolerance", type=float, default=0.05, help="relative L2 error bound of the gradients (0.05)")
+    t.add_argument("--budget", type=int, help="Optuna trials at most (30)")
+    t.add_argument("--verify-steps", type=int, default=20, help="training steps per verification run (20; 0 skips)")
+    t.add_argument("--storage", help="Optuna storage URL to resume or share the study (sqlite:///study.db)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    t.set_defaults(func=_cmd_tune)
+
+    r = sub.add_parser("report", help="print or render a policy's report")
+    r.add_argument("policy", help="a policy JSON written by 'autoprec tune' or Policy.save")
+    r.add_argument("--format", choices=["md", "json", "html", "png"], default="md")
+    r.add_argument("--out", help="write to this file instead of stdout (required for png)")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r.set_defaults(func=_cmd_report)
+
+    d = sub.add_parser("diff", help="compare two policies (exit 1 when they differ)")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--format", choices=["text", "json"], default="text")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    d.set_defaults(func=_cmd_diff)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code.
+
+    Example:
+        >>> main(["report", "/no/such/policy.json"])  # doctest: +SKIP
+        3
+    """
+    from .errors import AutoprecError
+
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="autoprec: %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except _UsageError as exc:
+        print(f"autoprec: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AutoprecError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"autoprec: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("autoprec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no stack trace unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"autoprec: unexpected {type(exc).__name__}: {exc} (a bug? re-run with --debug and report it)",
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+def main_exit() -> None:
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())

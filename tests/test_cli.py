@@ -1,0 +1,128 @@
+"""The command line, driven as a subprocess: tune, report, diff, exit codes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+FACTORY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+        return model, torch.randn(256, 128)
+
+    def make_wide():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128))
+        return model, torch.randn(256, 128), lambda out, batch: out.square().mean()
+
+    def broken():
+        return "not a model"
+''')
+
+
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "autoprec", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    (d / "factories.py").write_text(FACTORY)
+    res = _run("tune", "factories:make", "--out", "p.json", "--quiet", "--verify-steps", "3", cwd=d)
+    assert res.returncode == 0, res.stderr
+    assert "wrote p.json" in res.stdout and "16-bit" in res.stdout
+    return d
+
+
+def test_tune_writes_a_loadable_policy(workdir):
+    """`autoprec tune pkg.module:factory --out` writes a policy that autoprec.load reads."""
+    import autoprec
+    policy = autoprec.load(workdir / "p.json")
+    assert policy.verification is not None and policy.layers
+
+
+def test_tune_accepts_a_file_factory_and_dtypes(workdir):
+    """A path/to/file.py:factory spec, a 3-tuple factory, --dtypes and --target work."""
+    res = _run("tune", str(workdir / "factories.py") + ":make_wide", "--out", "q.json", "--quiet",
+               "--dtypes", "fp16,bf16", "--target", "cuda", "--verify-steps", "0", "--budget", "5", cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    data = json.loads((workdir / "q.json").read_text())
+    assert data["target"] == "cuda" and data["formats"] == ["fp16", "bf16"]
+
+
+@pytest.mark.parametrize("fmt,needle", [("md", "# autoprec policy report"), ("json", '"assignment"'),
+                                        ("html", "<svg")], ids=["md", "json", "html"])
+def test_report_formats(workdir, fmt, needle):
+    """`autoprec report` prints Markdown, JSON or a self-contained HTML page."""
+    res = _run("report", "p.json", "--format", fmt, cwd=workdir)
+    assert res.returncode == 0 and needle in res.stdout
+
+
+def test_report_to_file(workdir):
+    """--out writes the report to a file."""
+    res = _run("report", "p.json", "--format", "html", "--out", "r.html", cwd=workdir)
+    assert res.returncode == 0
+    assert (workdir / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_diff_exit_codes(workdir):
+    """diff exits 0 for the same policy and 1, listing the layers, for different ones."""
+    assert _run("diff", "p.json", "p.json", cwd=workdir).returncode == 0
+    data = json.loads((workdir / "p.json").read_text())
+    data["layers"]["0"]["precision"] = "fp32" if data["layers"]["0"]["precision"] != "fp32" else "bf16"
+    (workdir / "p2.json").write_text(json.dumps(data))
+    res = _run("diff", "p.json", "p2.json", cwd=workdir)
+    assert res.returncode == 1 and "~ 0:" in res.stdout
+    res = _run("diff", "p.json", "p2.json", "--format", "json", cwd=workdir)
+    assert res.returncode == 1 and "0" in json.loads(res.stdout)["changed"]
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (("tune", "nomodule:make", "--out", "x.json"), 2, "cannot import"),
+    (("tune", "factories:nothing", "--out", "x.json"), 2, "no callable"),
+    (("tune", "factories", "--out", "x.json"), 2, "pkg.module:function"),
+    (("tune", "factories:broken", "--out", "x.json"), 2, "must return"),
+    (("tune", "factories:make"), 2, "--out"),
+    (("tune", "factories:make", "--out", "x.json", "--tolerance", "-1", "--quiet"), 3, "tolerance"),
+    (("tune", "factories:make", "--out", "x.json", "--dtypes", "fp8", "--quiet"), 3, "fp8"),
+    (("report", "missing.json"), 3, "cannot read policy file"),
+    (("report", "p.json", "--format", "pdf"), 2, "invalid choice"),
+    (("bogus",), 2, "invalid choice"),
+], ids=["no-module", "no-callable", "no-colon", "bad-factory-result", "no-out", "bad-tolerance", "bad-dtype",
+        "missing-policy", "bad-format", "bad-command"])
+def test_bad_input_exit_codes_without_tracebacks(workdir, args, code, needle):
+    """Bad arguments get their documented exit code and a one-line message, no traceback."""
+    res = _run(*args, cwd=workdir)
+    assert res.returncode == code, (res.stdout, res.stderr)
+    assert needle in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_debug_shows_the_traceback(workdir):
+    """--debug shows the traceback of a refused input."""
+    res = _run("--debug", "report", "missing.json", cwd=workdir)
+    assert res.returncode == 3 and "Traceback" in res.stderr
+
+
+def test_help_lists_commands_and_exit_codes(workdir):
+    """--help exits 0 and documents the commands and exit codes."""
+    res = _run("--help", cwd=workdir)
+    assert res.returncode == 0 and "tune" in res.stdout and "exit codes" in res.stdout
+
+
+def test_report_png_renders(workdir):
+    """--format png draws the verification curves and the sensitivity chart (matplotlib extra)."""
+    pytest.importorskip("matplotlib")
+    res = _run("report", "p.json", "--format", "png", "--out", "chart.png", cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert (workdir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _run("report", "p.json", "--format", "png", cwd=workdir).returncode == 2  # needs --out
