@@ -128,14 +128,23 @@ def check_formats(dtypes: Iterable[str] | str | None, target: str, run_device: t
     else:
         if isinstance(dtypes, str):
             dtypes = [d for d in dtypes.split(",") if d.strip()]
+        elif isinstance(dtypes, torch.dtype):
+            dtypes = [dtypes]
+        if not isinstance(dtypes, Iterable):
+            raise OptionError(f"dtypes={dtypes!r} must name 16-bit formats, e.g. ['bf16'] or 'fp16,bf16'")
         formats = []
         for d in dtypes:
+            if not isinstance(d, (str, torch.dtype)):
+                raise OptionError(f"dtypes entry {d!r} is not a precision name: use 'fp16' or 'bf16'")
             name = from_dtype(d) if isinstance(d, torch.dtype) else _canonical(d)
             if name == "fp32":
                 continue  # FP32 is always allowed; dtypes names the 16-bit candidates
             if name not in formats:
                 formats.append(name)
     formats = tuple(formats)
+    if not formats:
+        raise OptionError(f"dtypes={dtypes!r} names no 16-bit format, so there is nothing to tune: name 'fp16' "
+                          "and/or 'bf16' (FP32 is always allowed), or leave dtypes out for the target's default")
     if target == "cuda" and "bf16" in formats and torch.cuda.is_available() and run_device.type == "cuda":
         if not torch.cuda.is_bf16_supported():
             raise FormatError("this CUDA device cannot run bf16: pass dtypes=['fp16']")

@@ -85,6 +85,19 @@ def _is(value: Any, kinds: tuple[type, ...]) -> bool:
     return isinstance(value, kinds)
 
 
+def _float(x: Any, field: str) -> float:
+    if not _is(x, (int, float)):
+        raise PolicyError(f"policy field {field!r} holds {x!r}, not a number")
+    return float(x)
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def _names(kinds: tuple[type, ...]) -> str:
     return " or ".join({"str": "a string", "bool": "true/false", "int": "an integer", "float": "a number",
                         "list": "a list", "tuple": "a list", "dict": "an object"}[k.__name__] for k in kinds)
@@ -95,7 +108,7 @@ def _scaler(data: Mapping[str, Any]) -> ScalerSettings:
     if unknown:
         raise PolicyError(f"scaler: unknown fields {sorted(unknown)}; known: {sorted(_SCALER_TYPES)}")
     for name, kinds in _SCALER_TYPES.items():
-        if name in data and not (_is(data[name], kinds) and data[name] > 0 and math.isfinite(data[name])):
+        if name in data and not (_is(data[name], kinds) and data[name] > 0 and _finite(data[name])):
             raise PolicyError(f"scaler: {name} = {data[name]!r} must be a positive {_names(kinds)[2:]}")
     if "backoff_factor" in data and not data["backoff_factor"] < 1:
         raise PolicyError(f"scaler: backoff_factor = {data['backoff_factor']!r} must be below 1")
@@ -121,10 +134,12 @@ def _entry(data: Mapping[str, Any], key: str) -> LayerEntry:
         measured = data.get("measured", {})
         if not isinstance(measured, Mapping) or not all(isinstance(v, Mapping) for v in measured.values()):
             raise PolicyError(f"layer {key!r}: 'measured' must map a format to an object of figures")
+        if not all(_is(x, (int, float)) for v in measured.values() for x in v.values()):
+            raise PolicyError(f"layer {key!r}: 'measured' figures must be numbers")
         return LayerEntry(**{**data, "hazards": tuple(data.get("hazards", ())),
                              "measured": {str(f): {str(k): float(x) for k, x in v.items()}
                                           for f, v in measured.items()}})
-    except TypeError as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise PolicyError(f"layer {key!r}: {exc}") from None
 
 
@@ -156,6 +171,15 @@ class Policy:
     verification: Verification | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if self.target not in ("cpu", "cuda"):
+            raise PolicyError(f"policy target {self.target!r} is not 'cpu' or 'cuda'")
+        if not isinstance(self.layers, dict) or not all(isinstance(e, LayerEntry) for e in self.layers.values()):
+            raise PolicyError("Policy.layers must map layer names to autoprec.LayerEntry")
+        bad = {k: e.precision for k, e in self.layers.items() if e.precision not in PRECISIONS}
+        if bad:
+            raise PolicyError(f"unknown precisions {bad}: use one of {list(PRECISIONS)}")
 
     # -- data ---------------------------------------------------------------------------------
     @property
@@ -212,7 +236,7 @@ class Policy:
         if not isinstance(data, Mapping):
             raise PolicyError(f"a policy is a JSON object, got {type(data).__name__}")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise PolicyError(f"unknown policy schema version {version!r}: this autoprec reads version "
                               f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
         known = {f.name for f in fields(cls)}
@@ -238,7 +262,7 @@ class Policy:
                 opaque={str(k): str(v) for k, v in _mapping(data, "opaque").items()},
                 formats=formats,
                 scaler=None if scaler is None else _scaler(_mapping(data, "scaler")),
-                tolerance={str(k): float(v) for k, v in _mapping(data, "tolerance").items()},
+                tolerance={str(k): _float(v, "tolerance") for k, v in _mapping(data, "tolerance").items()},
                 fingerprint=str(data.get("fingerprint", "")),
                 verification=None if ver is None else Verification(**{
                     **_mapping(data, "verification"),
@@ -249,7 +273,7 @@ class Policy:
             )
         except PolicyError:
             raise
-        except (TypeError, ValueError, AttributeError) as exc:
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise PolicyError(f"invalid policy: {exc}") from None
 
     def save(self, path: str | os.PathLike) -> None:
@@ -263,34 +287,45 @@ class Policy:
         """
         text = json.dumps(self.to_dict(), indent=2, allow_nan=True)
         tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise PolicyError(f"cannot write policy file {os.fspath(path)!r}: {exc.strerror or exc}") from None
 
     # -- checking a model ---------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
-        """Raise :class:`PolicyError` unless ``model`` has the leaf modules this policy was tuned on.
+        """Raise :class:`PolicyError` unless ``model`` has the modules this policy names and was tuned on.
 
         Example:
             >>> p = Policy(layers={}, modules={"0": "Linear[weight(4, 4),bias(4,)]"})
             >>> p.check(torch.nn.Sequential(torch.nn.Linear(4, 4)))
         """
-        if not self.modules:
-            return
-        have = module_signatures(model)
-        missing = sorted(set(self.modules) - set(have))
-        extra = sorted(set(have) - set(self.modules))
-        changed = sorted(k for k in set(have) & set(self.modules) if have[k] != self.modules[k])
-        if missing or extra or changed:
-            parts = []
+        if not isinstance(model, nn.Module):
+            raise PolicyError(f"a policy applies to a torch.nn.Module, got {type(model).__name__}")
+        names = {name for name, _ in model.named_modules()}
+        parts = []
+        unknown = sorted(k for k in self.layers if k.split("::", 1)[0] not in names)
+        if unknown:
+            parts.append(f"layers naming modules the model does not have: {_some(unknown)}")
+        if self.modules:
+            have = module_signatures(model)
+            missing = sorted(set(self.modules) - set(have))
+            extra = sorted(set(have) - set(self.modules))
+            changed = sorted(k for k in set(have) & set(self.modules) if have[k] != self.modules[k])
             if missing:
                 parts.append(f"missing from the model: {_some(missing)}")
             if extra:
                 parts.append(f"not in the policy: {_some(extra)}")
             if changed:
                 parts.append("changed: " + _some([f"{k} ({self.modules[k]} -> {have[k]})" for k in changed]))
-            raise PolicyError("this policy was tuned on a different model (" + "; ".join(parts) +
-                              "): tune this model with autoprec.tune, or load the policy made for it")
+        if parts:
+            raise PolicyError("this policy does not fit this model (" + "; ".join(parts) + "): tune this model "
+                              "with autoprec.tune, or load the policy made for it; keys are the model's "
+                              "qualified module names (module.path, or module.path::op)")
 
     # -- runtime (stage 5) and report (stage 7) -------------------------------------------------
     def autocast(self, model: nn.Module):
@@ -376,6 +411,8 @@ def load(path: str | os.PathLike) -> Policy:
         >>> load(f).layers["fc"].precision
         'fp16'
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise PolicyError(f"load takes a file path, got {type(path).__name__}")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -388,4 +425,7 @@ def load(path: str | os.PathLike) -> Policy:
     except json.JSONDecodeError as exc:
         raise PolicyError(f"policy file {os.fspath(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}): "
                           "it may be truncated or corrupt; re-run autoprec.tune") from None
+    except (ValueError, RecursionError) as exc:  # an integer of thousands of digits, absurd nesting
+        raise PolicyError(f"policy file {os.fspath(path)!r} is not a policy ({type(exc).__name__}): "
+                          "it may be corrupt; re-run autoprec.tune") from None
     return Policy.from_dict(data)

@@ -88,14 +88,14 @@ def _markdown(policy: "Policy") -> str:
     if s["excluded"]:
         lines += ["| layer | op | hazard | reason | evidence |", "| --- | --- | --- | --- | --- |"]
         for k, e in s["excluded"].items():
-            lines.append(f"| `{k}` | {e['op']} | {', '.join(e['hazards']) or '-'} | {e['reason']} | "
+            lines.append(f"| `{k or '(root)'}` | {e['op']} | {', '.join(e['hazards']) or '-'} | {e['reason']} | "
                          f"{e['detail'].replace('|', '/')} |")
     else:
         lines.append("none")
     if s["opaque"]:
         lines += ["", "## Opaque to FX", "",
                   "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]
-        lines += [f"- `{k}`: {v}" for k, v in s["opaque"].items()]
+        lines += [f"- `{k or '(root)'}`: {v}" for k, v in s["opaque"].items()]
     lines += ["", "## Formats", "", "| layer | op | format | FLOPs | note |", "| --- | --- | --- | ---: | --- |"]
     for k, e in policy.layers.items():
         note = "" if e.reason == "cast" else e.reason

@@ -144,7 +144,8 @@ def render_html(policy: "Policy") -> str:
     formats = [[k or "(root)", e.op, e.precision, f"{e.flops:,}", "" if e.reason == "cast" else e.reason]
                for k, e in policy.layers.items()]
     curves = _svg_curves(ver.fp32_losses, ver.policy_losses) if ver is not None else "<p>not verified</p>"
-    opaque = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>" for k, v in s["opaque"].items())
+    opaque = "".join(f"<li><code>{html.escape(k or '(root)')}</code>: {html.escape(v)}</li>"
+                     for k, v in s["opaque"].items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>autoprec policy report</title>
 <style>

@@ -18,6 +18,7 @@ layers, where raw per-layer categorical TPE reached 39-75% after 300.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -204,7 +205,15 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
             greedy = i + 1
 
     n = len(units)
-    trials = _run_study(f"autoprec-{trace.fingerprint}-{'-'.join(probe.formats)}", n, greedy, evaluate, cache,
+    # a stored study is reused only for the same model, batch and loss (their FP32 loss and gradients),
+    # open layers, formats, bound and seed: anything else would hand back measurements of another problem
+    h = hashlib.sha256(repr((probe.ref_loss, [(k, best_fmt[k]) for k in order], probe.formats, tolerance,
+                             seed)).encode())
+    for g in probe.reference[1] if probe.reference else ():  # the FP32 gradients pin model, batch and loss
+        if g is not None:
+            h.update(g.detach().cpu().contiguous().numpy().tobytes())
+    digest = h.hexdigest()[:12]
+    trials = _run_study(f"autoprec-{trace.fingerprint}-{digest}", n, greedy, evaluate, cache,
                         lambda k: cost_of(assignment(k)), tolerance, total32, n_trials=n_trials, storage=storage,
                         seed=seed, progress=progress)
     feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]

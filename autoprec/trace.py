@@ -13,7 +13,9 @@ says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,11 +142,15 @@ def _export(mod: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.CRITICAL)
+    chatter = io.StringIO()  # export prints partial graphs to stderr when it fails: keep them for DEBUG
     try:
-        ep = torch.export.export(_TensorsOut(mod), args, kwargs, strict=False)
+        with contextlib.redirect_stderr(chatter):
+            ep = torch.export.export(_TensorsOut(mod), args, kwargs, strict=False)
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)
+        if chatter.getvalue():
+            log.debug("torch.export output:\n%s", chatter.getvalue())
     nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
     for n in nodes:
         stack = n.meta.get("nn_module_stack") or {}

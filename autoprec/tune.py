@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import random
 import time
 from contextlib import contextmanager
@@ -13,9 +12,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
-from .batch import LossFn, call_model, compute_loss, split_batches
+from .batch import LossFn, split_batches
+from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .costs import PROFILES
-from .errors import BatchError, ModelError, OptionError
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
@@ -66,49 +65,6 @@ def _preserve_global_state() -> Iterator[None]:
         torch.set_autocast_cache_enabled(cache)
 
 
-def _check_options(tolerance: float, grad_tolerance: float, verify_tolerance: float, verify_steps: int,
-                   n_trials: int, headroom: float) -> None:
-    for name, value in (("tolerance", tolerance), ("grad_tolerance", grad_tolerance),
-                        ("verify_tolerance", verify_tolerance), ("headroom", headroom)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise OptionError(f"{name}={value!r} must be a positive number")
-    if headroom < 1:
-        raise OptionError(f"headroom={headroom!r} must be at least 1 (1 = fit the observed maximum exactly)")
-    for name, value in (("verify_steps", verify_steps), ("n_trials", n_trials)):
-        if not isinstance(value, int) or value < 0:
-            raise OptionError(f"{name}={value!r} must be a non-negative integer")
-
-
-def _check_model(model: Any) -> torch.device:
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"tune needs a torch.nn.Module, got {type(model).__name__}")
-    floating = [p for p in model.parameters() if p.is_floating_point()]
-    if not floating:
-        raise ModelError(f"{type(model).__name__} has no floating-point parameters: there is nothing to tune")
-    if any(p.dtype != torch.float32 for p in floating):
-        raise ModelError("tune expects an FP32 model (autoprec decides where 16-bit runs); "
-                         f"found parameters of {sorted({str(p.dtype) for p in floating})}: call model.float() first")
-    devices = {p.device for p in floating}
-    if len(devices) > 1:
-        raise ModelError(f"the model's parameters lie on several devices {sorted(map(str, devices))}: "
-                         "tune a model on one device")
-    return devices.pop()
-
-
-def _check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> None:
-    try:
-        with torch.no_grad():
-            out = call_model(model, batch)
-    except Exception as exc:  # noqa: BLE001 - any failure here is the batch's
-        raise BatchError(f"the model cannot take batch {index} ({type(exc).__name__}: {str(exc)[:200]}); "
-                         "pass what the model takes: a tensor, a tuple of positional arguments, "
-                         "or a dict of keyword arguments") from exc
-    loss = compute_loss(out, batch, loss_fn)
-    if not bool(torch.isfinite(loss)):
-        raise ModelError(f"the FP32 loss on batch {index} is {float(loss)}: autoprec cannot tune a model "
-                         "that is broken in FP32; fix the model or the batch first")
-
-
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
          dtypes: Iterable[str] | str | None = None, target: str | None = None, tolerance: float = 0.01,
          grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
@@ -146,17 +102,21 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         >>> policy.layers["0"].precision
         'bf16'
     """
-    _check_options(tolerance, grad_tolerance, verify_tolerance, verify_steps, n_trials, headroom)
-    device = _check_model(model)
+    check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
+                  verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
+                  optimizer=optimizer)
+    device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
+    check_batches(batches)
+    check_storage(storage)
     tol = Tolerance(loss=float(tolerance), grad=float(grad_tolerance))
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
         work = copy.deepcopy(model)
         for i, b in enumerate(all_batches):
-            _check_batch(work, b, loss_fn, i)
+            check_batch(work, b, loss_fn, i)
         with Progress(progress) as bar:
             return _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
                          verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,

@@ -1,0 +1,133 @@
+"""Up-front checks of what a caller hands to ``tune``: each failure is a typed error naming the fix.
+
+Everything here runs before any long work: at most one forward (with its loss) per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .batch import LossFn, call_model, compute_loss
+from .errors import AutoprecError, BatchError, ModelError, OptionError
+
+__all__ = ["check_options", "check_model", "check_batch", "check_batches", "check_storage"]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
+                  headroom: Any, seed: Any, progress: Any, optimizer: Any) -> None:
+    """Raise :class:`OptionError` for an option of the wrong kind or out of range.
+
+    Example:
+        >>> check_options(tolerance=0.01, grad_tolerance=0.05, verify_tolerance=0.05, verify_steps=20,
+        ...               n_trials=30, headroom=8.0, seed=0, progress=True, optimizer=None)
+    """
+    for name, value in (("tolerance", tolerance), ("grad_tolerance", grad_tolerance),
+                        ("verify_tolerance", verify_tolerance), ("headroom", headroom)):
+        if not _number(value) or not math.isfinite(value) or value <= 0:
+            raise OptionError(f"{name}={value!r} must be a positive number")
+    if headroom < 1:
+        raise OptionError(f"headroom={headroom!r} must be at least 1 (1 = fit the observed maximum exactly)")
+    if not isinstance(verify_steps, int) or isinstance(verify_steps, bool) or verify_steps < 0:
+        raise OptionError(f"verify_steps={verify_steps!r} must be a non-negative integer (0 skips verification)")
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise OptionError(f"n_trials={n_trials!r} must be a positive integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise OptionError(f"seed={seed!r} must be a non-negative integer")
+    if not isinstance(progress, bool):
+        raise OptionError(f"progress={progress!r} must be True or False")
+    if optimizer is not None and not callable(optimizer):
+        raise OptionError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, "
+                          "e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)")
+
+
+def check_storage(storage: Any) -> None:
+    """Open an Optuna storage URL now, so a bad one fails before the probe, not after it.
+
+    Example:
+        >>> check_storage(None)
+    """
+    if storage is None:
+        return
+    if not isinstance(storage, str):
+        raise OptionError(f"storage={storage!r} must be an Optuna storage URL such as 'sqlite:///study.db'")
+    import optuna
+
+    try:
+        optuna.storages.get_storage(storage)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds for a bad URL
+        raise OptionError(f"storage={storage!r} cannot be opened ({type(exc).__name__}: {str(exc)[:160]}); "
+                          "use an Optuna storage URL such as 'sqlite:///study.db' in an existing folder") from None
+
+
+def check_model(model: Any) -> torch.device:
+    """The device of an FP32 model with trainable floating parameters, or :class:`ModelError`.
+
+    Example:
+        >>> check_model(torch.nn.Linear(2, 2)).type
+        'cpu'
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"tune needs a torch.nn.Module, got {type(model).__name__}")
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if not floating:
+        raise ModelError(f"{type(model).__name__} has no floating-point parameters: there is nothing to tune; "
+                         "pass the module whose weights are trained")
+    if not any(p.requires_grad for p in floating):
+        raise ModelError(f"every floating parameter of {type(model).__name__} has requires_grad=False: autoprec "
+                         "measures training (gradients); unfreeze the parameters you train")
+    if any(p.dtype != torch.float32 for p in floating):
+        raise ModelError("tune expects an FP32 model (autoprec decides where 16-bit runs); "
+                         f"found parameters of {sorted({str(p.dtype) for p in floating})}: call model.float() first")
+    devices = {p.device for p in floating}
+    if len(devices) > 1:
+        raise ModelError(f"the model's parameters lie on several devices {sorted(map(str, devices))}: "
+                         "tune a model on one device")
+    return devices.pop()
+
+
+def check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> None:
+    """One FP32 forward and loss: the batch fits, the loss is a finite scalar that depends on the model.
+
+    Example:
+        >>> check_batch(torch.nn.Linear(2, 1), torch.ones(3, 2), None, 0)
+    """
+    try:
+        out = call_model(model, batch)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the batch's
+        raise BatchError(f"the model cannot take batch {index} ({type(exc).__name__}: {str(exc)[:200]}); "
+                         "pass what the model takes: a tensor, a tuple of positional arguments, "
+                         "or a dict of keyword arguments") from exc
+    try:
+        loss = compute_loss(out, batch, loss_fn)
+    except AutoprecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a loss_fn that fails is the caller's to fix
+        raise BatchError(f"loss_fn failed on batch {index} ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                         "called as loss_fn(output, batch) and must return a scalar tensor") from exc
+    if not bool(torch.isfinite(loss)):
+        raise ModelError(f"the FP32 loss on batch {index} is {float(loss.detach())}: autoprec cannot tune a model "
+                         "that is broken in FP32; fix the model or the batch first")
+    if not loss.requires_grad:
+        raise BatchError(f"the loss on batch {index} does not depend on the model's trainable parameters "
+                         "(it has no grad_fn): compute it from the model's output, without .detach() or .item()")
+
+
+def check_batches(batches: Iterable[Any] | None) -> None:
+    """``batches=`` must be an iterable of batches.
+
+    Example:
+        >>> check_batches([torch.ones(1)])
+    """
+    if batches is None:
+        return
+    if isinstance(batches, (torch.Tensor, dict, str, bytes)) or not isinstance(batches, Iterable):
+        raise BatchError(f"batches={batches!r:.40} takes an iterable of batches (a list), "
+                         f"not a {type(batches).__name__}")
