@@ -28,14 +28,13 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
+from _measure import Sample, Variant, forward_loss, grads_of, policy_variant, rel
 from torch import nn
 
 import autoprec
-
-from _measure import Sample, Variant, forward_loss, grads_of, policy_variant, rel
 
 __all__ = ["BisectionResult", "bisect", "leaf_modules", "policy_for"]
 

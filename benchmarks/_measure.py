@@ -12,16 +12,21 @@ import copy
 import math
 import statistics
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from autoprec.batch import call_model
 
@@ -120,7 +125,7 @@ class FP64Mode(TorchFunctionMode):
     together with ``torch.set_default_dtype(torch.float64)`` so new tensors are FP64 too.
     """
 
-    _TO64 = {torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16}
+    _TO64 = frozenset({torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -239,48 +244,110 @@ def _bf16_exact(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.to(torch.bfloat16).to(t.dtype), t))
 
 
+#: ops whose trailing floating arguments are saved forward results (``out``, ``logsumexp``), not
+#: operands the emulation rounds: only their first four (grad_out, q, k, v) are checked
+_SAVED_RESULTS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                  torch.ops.aten._scaled_dot_product_flash_attention_backward,
+                  torch.ops.aten._scaled_dot_product_efficient_attention_backward}
+
+
+def _storage(t: Any) -> int | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+_TO_COPY = torch.ops.aten._to_copy.default
+
+
 class PrecisionFlopCounter(TorchDispatchMode):
     """Counts matmul/conv/attention FLOPs by the precision each executed aten op ran in.
 
-    The precision is read from the op's floating inputs: FP16 or BF16 if any is. An FP32 op whose
-    two main operands hold only FP16-representable values, and not both only BF16-representable
-    values, is counted as **emulated FP16**: that is how autoprec runs FP16 matmuls/convs on a CPU
-    (operands rounded to FP16, FP32 kernel). Random FP32 weights and activations are essentially
-    never FP16-exact, so real FP32 ops are not miscounted; values that came out of a BF16 layer
-    are BF16-exact and so are not mistaken for FP16.
+    The FLOPs of an op come from ``torch.utils.flop_counter``'s formulas (plus the CPU flash
+    attention kernels), its precision from the dtypes of its floating inputs: FP16 or BF16 if any
+    input is.
+
+    **Emulated FP16.** On a CPU autoprec runs an FP16 layer's matmul/conv as an FP32 kernel on
+    operands rounded to FP16 just before the call (``x.to(float16).to(float32)`` for each operand,
+    as tensor cores see them). Those ops are counted as FP16, recognised from the op stream:
+
+    * forward: every floating operand is (a view of) its own FP16->FP32 copy made in the run of
+      casts and view ops directly before the op, and holds only FP16-representable values;
+    * backward: at least one operand is a tensor that a forward emulated op consumed (autograd saved
+      it), the others are FP16->FP32 copies (the gradient coming back through the cast), and all
+      hold only FP16-representable values.
+
+    An FP32 op on activations that FP16 layers produced (an attention kept in FP32 between FP16
+    projections) fails both tests: its operands were cast back to FP32 when the FP16 region ended,
+    not re-rounded right before it, and they were never operands of an emulated op.
     """
 
     def __init__(self, detect_emulation: bool = True) -> None:
         super().__init__()
         self.detect_emulation = detect_emulation
         self.flops: dict[str, int] = {"fp32": 0, "fp16": 0, "fp16-emulated": 0, "bf16": 0}
+        self._block: set[int] = set()        # FP16->FP32 copies since the last compute op
+        self._upcasts: set[int] = set()      # every FP16->FP32 copy of the pass
+        self._emulated_in: set[int] = set()  # operands of ops counted as emulated FP16
+        # the storages behind those keys stay referenced for the pass, so that a freed storage's
+        # address cannot be reused by an unrelated tensor and match by accident
+        self._keep: list[Any] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if func is _TO_COPY:
+            src = args[0] if args else None
+            if (isinstance(src, torch.Tensor) and src.dtype == torch.float16
+                    and kwargs.get("dtype") == torch.float32):
+                key = _storage(out)
+                self._block.add(key)
+                self._upcasts.add(key)
+                self._keep.append(out.untyped_storage())
+            return out
+        if getattr(func, "is_view", False) or func._overloadpacket is torch.ops.aten.detach:
+            return out
         formula = FLOP_FORMULAS.get(func._overloadpacket)
         if formula is not None:
             n = int(formula(*args, **kwargs, out_val=out))
-            self.flops[self._classify(args, kwargs)] += n
+            self.flops[self._classify(func, args, kwargs)] += n
+        self._block = set()
         return out
 
-    def _classify(self, args: tuple, kwargs: dict) -> str:
+    def _classify(self, func: Any, args: tuple, kwargs: dict) -> str:
         floats = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         dtypes = {t.dtype for t in floats}
         if torch.float16 in dtypes:
             return "fp16"
         if torch.bfloat16 in dtypes:
             return "bf16"
-        if self.detect_emulation:
-            main = [t for t in floats if t.dim() >= 2][:2]
-            if len(main) == 2 and all(_fp16_exact(t) for t in main) and not all(_bf16_exact(t) for t in main):
-                return "fp16-emulated"
+        if not self.detect_emulation:
+            return "fp32"
+        operands = floats[:4] if func._overloadpacket in _SAVED_RESULTS else floats
+        keys = [_storage(t) for t in operands]
+        if not operands or None in keys:
+            return "fp32"
+        forward = all(k in self._block for k in keys) and len(set(keys)) == len(keys)
+        backward = (any(k in self._emulated_in for k in keys)
+                    and all(k in self._emulated_in or k in self._upcasts for k in keys))
+        if (forward or backward) and all(_fp16_exact(t) for t in operands):
+            if forward:
+                self._emulated_in.update(keys)
+                self._keep.extend(t.untyped_storage() for t in operands)
+            return "fp16-emulated"
         return "fp32"
+
+    def __exit__(self, *exc: object) -> Any:
+        self._keep.clear()
+        return super().__exit__(*exc)
 
     def fractions(self) -> dict[str, float]:
         total = sum(self.flops.values())
         if not total:
-            return {"fp16": 0.0, "bf16": 0.0, "low": 0.0, "total_flops": 0}
+            return {"fp16": 0.0, "bf16": 0.0, "low": 0.0, "emulated": 0.0, "total_flops": 0}
         fp16 = self.flops["fp16"] + self.flops["fp16-emulated"]
         return {"fp16": fp16 / total, "bf16": self.flops["bf16"] / total,
                 "low": (fp16 + self.flops["bf16"]) / total, "emulated": self.flops["fp16-emulated"] / total,

@@ -44,7 +44,7 @@ class _seeded:
     def __init__(self, seed: int) -> None:
         self.seed, self._ctx = seed, None
 
-    def __enter__(self) -> "_seeded":
+    def __enter__(self) -> _seeded:
         self._ctx = torch.random.fork_rng(devices=[])
         self._ctx.__enter__()
         torch.manual_seed(self.seed)
@@ -84,11 +84,13 @@ def _split(samples: list[Sample], heldout: int) -> tuple[Sample, list[Sample], l
 def _hf(name: str, size: str, heldout: int, train: int) -> Spec:
     import transformers as tf
 
-    small = size == "quick"
-    d = 32 if small else 64
-    layers = 1 if small else 2
-    vocab = 128 if small else 256
-    batch, seq = (2, 16) if small else (4, 32)
+    small, large = size == "quick", size == "large"
+    d = 32 if small else 256 if large else 64
+    layers = 1 if small else 4 if large else 2
+    vocab = 128 if small else 1024 if large else 256
+    batch, seq = (2, 16) if small else (8, 128) if large else (4, 32)
+    px = 32 if small else 64
+    widths = [64, 128, 256, 512] if large else [16, 32, 64, 128]
     n = 1 + heldout + train
     with _seeded(0):
         if name == "gpt2":
@@ -114,18 +116,18 @@ def _hf(name: str, size: str, heldout: int, train: int) -> Spec:
             samples = _lm_samples(n, vocab, batch, seq, 4)
         elif name == "resnet":
             model = tf.ResNetForImageClassification(tf.ResNetConfig(
-                embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10))
-            samples = _image_samples(n, batch, 32 if small else 64, 10, 5)
+                embedding_size=widths[0], hidden_sizes=widths, depths=[1, 1, 1, 1], num_labels=10))
+            samples = _image_samples(n, batch, px, 10, 5)
         elif name == "convnext":
             model = tf.ConvNextForImageClassification(tf.ConvNextConfig(
-                hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10))
-            samples = _image_samples(n, batch, 32 if small else 64, 10, 6)
+                hidden_sizes=widths, depths=[1, 1, 1, 1], num_labels=10))
+            samples = _image_samples(n, batch, px, 10, 6)
         elif name == "vit":
             model = tf.ViTForImageClassification(tf.ViTConfig(
-                image_size=32, patch_size=8 if small else 4, hidden_size=d, num_hidden_layers=layers,
+                image_size=px if large else 32, patch_size=8 if small else 4, hidden_size=d, num_hidden_layers=layers,
                 num_attention_heads=4, intermediate_size=4 * d, num_labels=10, hidden_dropout_prob=0.0,
                 attention_probs_dropout_prob=0.0))
-            samples = _image_samples(n, batch, 32, 10, 7)
+            samples = _image_samples(n, batch, px if large else 32, 10, 7)
         else:  # pragma: no cover
             raise KeyError(name)
     group = "vision" if name in ("resnet", "convnext", "vit") else "transformers"
@@ -180,6 +182,13 @@ def _pyg(name: str, size: str, heldout: int, train: int) -> Spec:
 # the hazard models of tests/models.py: weights of seed 0, data of other seeds for held-out/train
 # ---------------------------------------------------------------------------------------------
 
+def _mse_to(target: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
+    def loss_fn(out: torch.Tensor, batch: Any) -> torch.Tensor:
+        return F.mse_loss(out.float(), target)
+
+    return loss_fn
+
+
 def _hazard(name: str, size: str, heldout: int, train: int) -> Spec:
     from tests import models as TM
 
@@ -194,7 +203,7 @@ def _hazard(name: str, size: str, heldout: int, train: int) -> Spec:
             with _seeded(1000 + s), torch.no_grad():
                 ref = model(**b)
                 target = ref + ref.std() * torch.randn_like(ref)
-            lf = (lambda t: (lambda out, batch: F.mse_loss(out.float(), t)))(target)
+            lf = _mse_to(target)
         samples.append((b, lf))
     opt = TM.underflow_optimizer if name == "underflow_model" else (lambda p: torch.optim.Adam(p, lr=1e-3))
     t, h, tr = _split(samples, heldout)
@@ -215,7 +224,11 @@ GROUPS = {
 
 
 def build(name: str, size: str = "default", heldout: int = 2, train: int = 4) -> Spec:
-    """Build one benchmark model by name (see ``ALL_MODELS``); ``size`` is ``"default"`` or ``"quick"``."""
+    """Build one benchmark model by name (see ``ALL_MODELS``).
+
+    ``size``: ``"default"``, ``"quick"`` (smaller), or ``"large"`` (transformers models only: width 256,
+    4 layers, 8 x 128 tokens or 64-px images; for CPU speed, where BF16 pays off).
+    """
     if name in HF_MODELS:
         return _hf(name, size, heldout, train)
     if name in GNN_MODELS:

@@ -13,7 +13,7 @@ For each model, in one process:
 Measured: fidelity on held-out batches against an FP64 copy of the model (loss relative error,
 gradient relative L2 error, NaN/Inf), the share of matmul/conv/attention FLOPs that ran in 16-bit
 (from the dtypes of the executed aten ops; autoprec's emulated FP16 on a CPU is recognised from
-FP16-exact operands), a short training run from identical weights and data (final-loss gap to
+the op stream: operands freshly rounded through FP16, see ``_measure.PrecisionFlopCounter``), a short training run from identical weights and data (final-loss gap to
 FP32, NaN/Inf, skipped steps), step time relative to FP32 (FP32, amp-bf16 and autoprec-cpu only:
 FP16 has no fast CPU kernels), and the tuning cost of the bisection and of autoprec.
 
@@ -39,12 +39,21 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import autoprec  # noqa: E402
+import _zoo
+from _bisection import bisect
+from _measure import (
+    amp_variant,
+    fidelity,
+    fp32_variant,
+    measure_flops,
+    median,
+    policy_variant,
+    reference64,
+    step_times,
+    train,
+)
 
-import _zoo  # noqa: E402
-from _bisection import bisect  # noqa: E402
-from _measure import (amp_variant, fidelity, fp32_variant, measure_flops, median, policy_variant,  # noqa: E402
-                      reference64, step_times, train)
+import autoprec
 
 VARIANTS = ("fp32", "amp-fp16", "amp-bf16", "bisect-fp16", "autoprec-gpu", "autoprec-cpu")
 TIMED = ("fp32", "amp-bf16", "autoprec-cpu")
@@ -91,6 +100,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                            "params": sum(p.numel() for p in spec.model.parameters()), "variants": {}, "tuning": {},
                            "errors": {}}
     variants = {"fp32": fp32_variant(), "amp-fp16": amp_variant("fp16"), "amp-bf16": amp_variant("bf16")}
+    clock = time.perf_counter()
+    stages: dict[str, float] = {}
+    res["stage_seconds"] = stages
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stages[stage] = round(stages.get(stage, 0.0) + now - clock, 2)
+        clock = now
 
     # -- tuning: bisection baseline and autoprec, both on the tuning sample only
     try:
@@ -113,6 +131,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             res["errors"][vname] = f"{type(exc).__name__}: {str(exc)[:300]}"
             traceback.print_exc()
 
+    lap("tuning")
     # -- fidelity against FP64 on held-out samples, measured 16-bit FLOPs, training
     refs = [reference64(spec.model, s) for s in spec.heldout]
     fp32_final = None
@@ -127,8 +146,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             row["grad_err"] = max(f.grad_err for f in fids)
             row["nonfinite"] = any(f.nonfinite for f in fids)
             row["scale_backoffs"] = max(f.backoffs for f in fids)
+            lap("fidelity")
             row["flops"] = measure_flops(spec.model, spec.heldout[0], v)
+            lap("flops")
             run = train(spec.model, spec.train, v, args.steps, spec.optimizer)
+            lap("training")
             if vname == "fp32":
                 fp32_final = run.final
             row["train"] = {"final": run.final, "skipped": run.skipped, "nonfinite_steps": run.nonfinite_steps,
@@ -147,6 +169,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         times = step_times(spec.model, spec.train, timed, rounds=args.rounds)
         base = median(times["fp32"])
         res["timing"] = {n: {"median_s": median(t), "ratio": median(t) / base, "n": len(t)} for n, t in times.items()}
+        lap("timing")
     return res
 
 
@@ -166,7 +189,7 @@ def _fid(row: dict[str, Any], key: str) -> str:
     if not row or key not in row:
         return "-"
     cell = _e(row[key])
-    return f"**NaN/Inf**" if row.get("nonfinite") and not math.isfinite(row[key]) else cell
+    return "**NaN/Inf**" if row.get("nonfinite") and not math.isfinite(row[key]) else cell
 
 
 def _flops(row: dict[str, Any]) -> str:
@@ -222,15 +245,15 @@ def tables(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out.append("")
 
     out += ["### Tuning cost (wall seconds on this machine / forward+backward passes / Optuna trials)", "",
-            "| model | bisect-fp16: s / validations | autoprec-gpu: s / passes / trials | "
-            "autoprec-cpu: s / passes / trials | autoprec-gpu verified |",
+            ("| model | bisect-fp16: s / validations | autoprec-gpu: s / passes / trials | "
+             "autoprec-cpu: s / passes / trials | autoprec-gpu verified |"),
             "| --- | ---: | ---: | ---: | :---: |"]
     for r in results:
         tu = r["tuning"]
         b = tu.get("bisect-fp16")
         bc = f"{b['seconds']:.1f} / {b['validations']}" if b else "error"
 
-        def ap(key: str) -> str:
+        def ap(key: str, tu: dict[str, Any] = tu) -> str:
             a = tu.get(key)
             return f"{a['seconds']:.1f} / {a['passes']} / {a['trials']}" if a else "error"
 
@@ -255,6 +278,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--train-batches", type=int, default=4, help="batches the training runs cycle through")
     p.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/compare.json)")
     p.add_argument("--save-policies", default=None, help="folder to save the tuned policies in")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads outside the timing (default 1, for repeatable tuning times on a shared machine)")
     p.add_argument("--from-json", nargs="+", default=None, help="print the tables of saved result files and exit")
     args = p.parse_args(argv)
     if args.from_json:
@@ -270,13 +295,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.rounds = args.rounds if args.rounds is not None else (5 if args.quick else 20)
     logging.getLogger("autoprec").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
     try:
         import transformers
         transformers.logging.set_verbosity_error()
     except ImportError:
         pass
     names = _zoo.expand(args.models)
-    meta = {**machine(), "steps": args.steps, "rounds": args.rounds, "heldout": args.heldout,
+    meta = {**machine(), "threads": args.threads, "steps": args.steps, "rounds": args.rounds, "heldout": args.heldout,
             "size": "quick" if args.quick else "default", "models": names}
     out_path = args.out or os.path.join(HERE, "results", "compare.json")
     results = []

@@ -6,9 +6,15 @@ the residual add) for depths 4 -> 64 and prints, per depth, the layers, the forw
 ``y = c * depth^k`` by least squares in log-log space and prints the exponent ``k`` for passes and
 for wall time.
 
-Passes are what autoprec's algorithm controls: the probe runs each candidate layer alone in each
-format, so passes should grow linearly (k ~ 1). Each pass runs the whole model, whose cost also
-grows linearly with depth, so wall time is expected to grow as passes x time per pass (k ~ 2).
+Passes are what autoprec's algorithm controls: the probe runs an FP32 reference and then each
+candidate layer alone in each format (about one pass per layer here), the search at most
+``n_trials`` (30) passes, verification a fixed ``2 x verify_steps``; so passes grow linearly with
+depth, with a constant offset. Each pass runs the whole model, whose cost also grows linearly with
+depth, so wall time grows as passes x time per pass: towards k ~ 2 once the per-pass cost is no
+longer dominated by fixed overhead.
+
+Runs on one thread by default (``--threads``), so that other load on a shared machine does not
+turn OpenMP's waiting into the measurement.
 
 Run:  python benchmarks/scaling.py [--quick] [--depths 4 8 16 32 64] [--target cpu|cuda]
 """
@@ -30,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import autoprec  # noqa: E402
+import autoprec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,6 +66,17 @@ def make(depth: int, dim: int, batch: int, seed: int = 0) -> tuple[nn.Module, to
     return model, x, loss_fn
 
 
+def plain_pass_seconds(model: nn.Module, x: torch.Tensor, loss_fn: Any, n: int = 5) -> float:
+    """Median time of one plain FP32 forward+backward (no autoprec), for comparison with ms/pass."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        loss_fn(model(x), x).backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return sorted(times)[n // 2]
+
+
 def fit_exponent(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of log(y) against log(x)."""
     lx = [math.log(x) for x in xs]
@@ -69,11 +86,22 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float:
     return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / den if den else math.nan
 
 
+def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = slope * x + intercept``; returns (slope, intercept)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((a - mx) ** 2 for a in xs)
+    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / den if den else math.nan
+    return slope, my - slope * mx
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=None, help="block counts (default 4 8 16 32 64)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine, 2 threads under other load "
+                        "made single runs 10-80x slower)")
     p.add_argument("--target", default="cpu", choices=["cpu", "cuda"],
                    help="policy target (cuda: FP16+BF16 candidates, FP16 emulated on this CPU)")
     p.add_argument("--verify-steps", type=int, default=20)
@@ -82,10 +110,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     depths = args.depths or ([2, 4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
     logging.getLogger("autoprec").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+
+    # one throwaway run first: imports and first-call costs (torch.export, Optuna) are not depth's
+    warm_model, warm_x, warm_loss = make(1, args.dim, args.batch)
+    autoprec.tune(warm_model, warm_x, warm_loss, target=args.target, verify_steps=2, progress=False)
 
     rows = []
-    print(f"| blocks | layers | passes (probe+search+verify) | trials | seconds | ms/pass | 16-bit FLOPs |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| blocks | layers | passes (probe+search+verify) | trials | seconds | ms/pass | "
+          "plain FP32 fwd+bwd ms | 16-bit FLOPs |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for depth in depths:
         model, x, loss_fn = make(depth, args.dim, args.batch)
         t0 = time.perf_counter()
@@ -97,21 +131,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "search_passes": st["search_passes"], "verify_passes": st["verify_passes"], "trials": st["trials"],
                "seconds": secs, "ms_per_pass": 1e3 * secs / max(passes, 1),
                "low_fraction": policy.low_precision_fraction()}
+        row["plain_ms"] = 1e3 * plain_pass_seconds(model, x, loss_fn)
         rows.append(row)
         print(f"| {depth} | {row['layers']} | {passes} ({st['probe_passes']}+{st['search_passes']}+"
               f"{st['verify_passes']}) | {st['trials']} | {secs:.1f} | {row['ms_per_pass']:.1f} | "
-              f"{100 * row['low_fraction']:.0f}% |", flush=True)
+              f"{row['plain_ms']:.1f} | {100 * row['low_fraction']:.0f}% |", flush=True)
     xs = [r["blocks"] for r in rows]
     k_passes = fit_exponent(xs, [r["passes"] for r in rows])
     k_probe = fit_exponent(xs, [r["probe_passes"] for r in rows])
     k_time = fit_exponent(xs, [r["seconds"] for r in rows])
     k_pass_time = fit_exponent(xs, [r["ms_per_pass"] for r in rows])
+    tail = rows[-3:] if len(rows) >= 4 else rows
+    k_tail = {key: fit_exponent([r["blocks"] for r in tail], [r[key] for r in tail])
+              for key in ("passes", "probe_passes", "seconds", "ms_per_pass")}
+    slope, icept = linear_fit([r["layers"] for r in rows], [r["passes"] for r in rows])
     print()
-    print(f"fitted exponent (y ~ blocks^k): passes k = {k_passes:.2f}, probe passes k = {k_probe:.2f}, "
+    print(f"fitted exponent (y ~ blocks^k), all depths: passes k = {k_passes:.2f}, probe passes k = {k_probe:.2f}, "
           f"wall time k = {k_time:.2f}, time per pass k = {k_pass_time:.2f}")
-    result = {"target": args.target, "dim": args.dim, "batch": args.batch, "verify_steps": args.verify_steps,
+    print(f"fitted exponent, largest {len(tail)} depths: passes k = {k_tail['passes']:.2f}, probe passes "
+          f"k = {k_tail['probe_passes']:.2f}, wall time k = {k_tail['seconds']:.2f}, "
+          f"time per pass k = {k_tail['ms_per_pass']:.2f}")
+    print(f"passes ~ {icept:.0f} + {slope:.2f} x layers")
+    result = {"target": args.target, "threads": args.threads, "dim": args.dim, "batch": args.batch, "verify_steps": args.verify_steps,
               "rows": rows, "exponents": {"passes": k_passes, "probe_passes": k_probe, "seconds": k_time,
                                           "ms_per_pass": k_pass_time},
+              "exponents_largest": k_tail, "passes_linear_fit": {"per_layer": slope, "intercept": icept},
               "torch": torch.__version__, "cores": os.cpu_count()}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

@@ -49,9 +49,9 @@ class GNN(nn.Module):
 
 
 def hub_graph(nodes: int, hubs: int, fan_in: int, random_edges: int, dim: int, seed: int = 0):
-    """Random node features in [0, 1) and a graph whose first ``hubs`` nodes each receive ``fan_in`` edges."""
+    """Random node features in [0, 8) and a graph whose first ``hubs`` nodes each receive ``fan_in`` edges."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(nodes, dim, generator=g)
+    x = 8 * torch.rand(nodes, dim, generator=g)
     hub_dst = torch.arange(hubs).repeat_interleave(fan_in)
     hub_src = torch.randint(hubs, nodes, (hubs * fan_in,), generator=g)
     src = torch.cat([hub_src, torch.randint(0, nodes, (random_edges,), generator=g)])
@@ -62,7 +62,7 @@ def hub_graph(nodes: int, hubs: int, fan_in: int, random_edges: int, dim: int, s
 
 def main(small: bool = False) -> autoprec.Policy:
     torch.manual_seed(0)
-    nodes, fan_in, dim = (500, 40_000, 32) if small else (4000, 100_000, 64)
+    nodes, fan_in, dim = (500, 20_000, 32) if small else (2000, 25_000, 64)
     x, edge_index, labels = hub_graph(nodes, hubs=4, fan_in=fan_in, random_edges=4 * nodes, dim=dim)
     model = GNN(dim, 64 if small else 128, 4)
 

@@ -53,8 +53,8 @@ def main(small: bool = False, policy_path: str | None = None) -> list[float]:
     # --- a training script starts here -------------------------------------------------------
     policy = autoprec.load(policy_path)
     scaler = policy.grad_scaler()  # torch.amp.GradScaler with the tuned settings, or None (no FP16 layer)
-    print(f"policy: {100 * policy.low_precision_fraction():.0f}% of matmul FLOPs in 16-bit, "
-          f"GradScaler {'init_scale %g' % scaler.get_scale() if scaler else 'not needed'}")
+    setting = f"init_scale {scaler.get_scale():g}" if scaler is not None else "not needed"
+    print(f"policy: {100 * policy.low_precision_fraction():.0f}% of matmul FLOPs in 16-bit, GradScaler {setting}")
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
