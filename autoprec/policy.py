@@ -352,17 +352,18 @@ class Policy:
     def grad_scaler(self, device: str | None = None) -> torch.amp.GradScaler | None:
         """A ``torch.amp.GradScaler`` with the tuned settings, or None when no layer is FP16.
 
+        A policy with FP16 layers but no tuned settings (written by hand) gets torch's defaults.
         ``device`` defaults to the policy's target, or the CPU where that target has no device here.
 
         Example:
             >>> Policy(layers={"0": LayerEntry("bf16")}).grad_scaler() is None
             True
         """
-        if self.scaler is None or "fp16" not in self.assignment.values():
+        if "fp16" not in self.assignment.values():
             return None
         if device is None:  # a CUDA policy tried out on a host without CUDA runs on the CPU
             device = "cuda" if self.target == "cuda" and torch.cuda.is_available() else "cpu"
-        s = self.scaler
+        s = self.scaler or ScalerSettings()  # a hand-written FP16 policy still needs loss scaling
         return torch.amp.GradScaler(device, init_scale=s.init_scale, growth_factor=s.growth_factor,
                                     backoff_factor=s.backoff_factor, growth_interval=s.growth_interval)
 

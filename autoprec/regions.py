@@ -223,9 +223,14 @@ class Regions:
         self._handles: list[Any] = []
         self._mode: _OpMode | None = None
         self._root_depth = 0
-        needs_ops = watcher is not None or any("::" in k for k in self.assignment) or (
+        self._needs_ops = watcher is not None or any("::" in k for k in self.assignment) or (
             emulate_fp16 and "fp16" in self.assignment.values())
-        self._needs_ops = needs_ops
+        # the function mode costs Python time on every torch call: it is entered only where it can
+        # change something (a 16-bit op entry, FP16 emulation, a watcher) or under a caller's autocast,
+        # whose casts the policy's FP32 op entries must undo
+        self._mode_always = watcher is not None or any(
+            "::" in k and p != "fp32" for k, p in self.assignment.items()) or (
+            emulate_fp16 and "fp16" in self.assignment.values())
 
     # -- installing ---------------------------------------------------------------------------
     def install(self) -> "Regions":
@@ -265,7 +270,8 @@ class Regions:
     # -- module regions -----------------------------------------------------------------------
     def _pre(self, path: str, unit: bool) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self._needs_ops and not self._state.stack:
+            if self._needs_ops and not self._state.stack and (
+                    self._mode_always or torch.is_autocast_enabled(self.device_type)):
                 self._mode = _OpMode(self)
                 self._mode.__enter__()
             precision = self.assignment.get(path) if unit else None

@@ -167,3 +167,24 @@ def test_apply_rejects_a_device_it_cannot_run():
     policy = Policy(layers={"": LayerEntry("bf16")})
     with pytest.raises(autoprec.FormatError, match="meta"):
         policy.apply(model)
+
+
+def test_fp32_op_entries_skip_the_function_mode_unless_an_outer_autocast_runs():
+    """FP32 op entries cost no per-call Python work in plain FP32, but still hold under a caller's autocast."""
+    torch.manual_seed(0)
+    model = Attn()
+    policy = _policy(model, {"q": "bf16", "::matmul": "fp32", "::softmax": "fp32", "::matmul_1": "fp32"})
+    seen = []
+    model.v.register_forward_hook(lambda m, a, o: seen.append(torch._C._is_torch_function_mode_enabled()))
+    with policy.autocast(model):
+        model(torch.randn(2, 4, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(2, 4, 16))
+    assert seen == [False, True]
+
+
+def test_hand_written_fp16_policy_still_gets_a_grad_scaler():
+    """A policy with FP16 layers but no tuned scaler settings gets torch's default GradScaler, never None."""
+    scaler = Policy(layers={"0": LayerEntry("fp16")}).grad_scaler()
+    assert scaler is not None and scaler.get_scale() == 2.0 ** 16
+    assert Policy(layers={"0": LayerEntry("bf16")}).grad_scaler() is None

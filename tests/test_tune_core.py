@@ -172,3 +172,15 @@ def test_underflow_evidence_follows_the_loss_scale():
     assert unscaled.layers["fc2"].measured["fp16"]["grad_err"] == pytest.approx(1.0)
     assert tuned.layers["fc2"].measured["fp16"]["grad_underflow"] < 0.01
     assert tuned.layers["fc2"].precision == "fp16"
+
+
+def test_cpu_cost_model_keeps_attention_kernels_in_fp32():
+    """On this CPU, SDPA is slower in BF16 than in FP32 (measured): the CPU profile says so, CUDA's does not."""
+    from autoprec.costs import PROFILES, layer_cost
+    from autoprec.trace import Layer
+
+    sdpa = Layer("attn::scaled_dot_product_attention", "op", "scaled_dot_product_attention", (), ("sdpa",),
+                 ((8, 4, 128, 64),) * 3, ((8, 4, 128, 64),), flops=4 * 8 * 4 * 128 * 128 * 64,
+                 in_numel=3 * 262144, out_numel=262144, work_numel=262144, param_numel=0, calls=1)
+    assert layer_cost(sdpa, "bf16", PROFILES["cpu"]) > layer_cost(sdpa, "fp32", PROFILES["cpu"])
+    assert layer_cost(sdpa, "bf16", PROFILES["cuda"]) < layer_cost(sdpa, "fp32", PROFILES["cuda"])
