@@ -137,6 +137,12 @@ def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
         tree)
 
 
+def _has_low(tree: Any) -> bool:
+    """Whether any floating tensor in ``tree`` is 16-bit."""
+    return any(isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+               for t in pytree.tree_leaves(tree))
+
+
 def _round16(tree: Any) -> Any:
     """Round floating tensors to FP16 values but keep them FP32 (emulated tensor-core operands)."""
     return pytree.tree_map(
@@ -159,6 +165,8 @@ class _Frame:
 class _State(threading.local):
     def __init__(self) -> None:
         self.stack: list[_Frame] = []
+        self.root: str | None = None   # the module whose forward is running (the first hooked one)
+        self.active = False            # whether this forward tracks ops (see ``Regions._pre``)
 
 
 class _OpMode(TorchFunctionMode):
@@ -222,7 +230,6 @@ class Regions:
         self._state = _State()
         self._handles: list[Any] = []
         self._mode: _OpMode | None = None
-        self._root_depth = 0
         self._needs_ops = watcher is not None or any("::" in k for k in self.assignment) or (
             emulate_fp16 and "fp16" in self.assignment.values())
         # the function mode costs Python time on every torch call: it is entered only where it can
@@ -260,6 +267,7 @@ class Regions:
             frame = stack.pop()
             if frame.ctx is not None:
                 frame.ctx.__exit__(None, None, None)
+        self._state.root = None
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
@@ -270,11 +278,19 @@ class Regions:
     # -- module regions -----------------------------------------------------------------------
     def _pre(self, path: str, unit: bool) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict):
-            if self._needs_ops and not self._state.stack and (
-                    self._mode_always or torch.is_autocast_enabled(self.device_type)):
-                self._mode = _OpMode(self)
-                self._mode.__enter__()
+            state = self._state
+            if state.root is None:
+                # a forward begins: it tracks ops (function mode, a frame per module) only where that can
+                # change something: a 16-bit op entry, FP16 emulation, a watcher, or a caller's autocast,
+                # whose casts the policy's FP32 entries must undo
+                state.root = path
+                state.active = self._mode_always or torch.is_autocast_enabled(self.device_type)
+                if self._needs_ops and state.active:
+                    self._mode = _OpMode(self)
+                    self._mode.__enter__()
             precision = self.assignment.get(path) if unit else None
+            if not state.active and (precision is None or (precision == "fp32" and not _has_low((args, kwargs)))):
+                return None  # nothing to cast, no autocast to undo, no op to count: no region
             frame = _Frame(path, unit, path in self.opaque, precision,
                            emulate=precision == "fp16" and self.emulate_fp16)
             if self.watcher is not None and unit:
@@ -284,26 +300,29 @@ class Regions:
                 frame.ctx = self._autocast(precision, frame.emulate)
                 frame.ctx.__enter__()
                 args, kwargs = _cast((args, kwargs), to_dtype(precision))
-            self._state.stack.append(frame)
+            state.stack.append(frame)
             return args, kwargs
         return hook
 
     def _post(self, path: str, unit: bool) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any):
-            stack = self._state.stack
-            if not stack or stack[-1].path != path:
-                return None  # the pre-hook never ran for this call (an exception before it)
-            frame = stack.pop()
+            state = self._state
+            stack = state.stack
+            final = output
             try:
-                if frame.ctx is not None:
-                    frame.ctx.__exit__(None, None, None)
-                final = _cast(output, frame.back) if frame.back is not None else output
-                if self.watcher is not None and unit and output is not None:
-                    self.watcher.exit(path, "module", output, final)
+                if stack and stack[-1].path == path:  # else the pre-hook made no region (or never ran)
+                    frame = stack.pop()
+                    if frame.ctx is not None:
+                        frame.ctx.__exit__(None, None, None)
+                    final = _cast(output, frame.back) if frame.back is not None else output
+                    if self.watcher is not None and unit and output is not None:
+                        self.watcher.exit(path, "module", output, final)
             finally:
-                if not stack and self._mode is not None:
-                    mode, self._mode = self._mode, None
-                    mode.__exit__(None, None, None)
+                if state.root == path and not stack:
+                    state.root = None
+                    if self._mode is not None:
+                        mode, self._mode = self._mode, None
+                        mode.__exit__(None, None, None)
             return final if final is not output else None
         return hook
 

@@ -188,3 +188,25 @@ def test_hand_written_fp16_policy_still_gets_a_grad_scaler():
     scaler = Policy(layers={"0": LayerEntry("fp16")}).grad_scaler()
     assert scaler is not None and scaler.get_scale() == 2.0 ** 16
     assert Policy(layers={"0": LayerEntry("bf16")}).grad_scaler() is None
+
+
+def test_fp32_regions_act_only_where_they_change_something():
+    """In a plain FP32 forward an FP32 entry opens no region; it still lifts 16-bit inputs and undoes autocast."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    policy = _policy(model, {"0": "fp32", "2": "fp32"})
+    depth, dtypes = [], []
+
+    def seen(module: nn.Module, args: tuple) -> None:
+        depth.append(len(handle._regions._state.stack))
+        dtypes.append(args[0].dtype)
+
+    with policy.autocast(model) as handle:
+        model[2].register_forward_pre_hook(seen)  # added now, it runs after the region's own pre-hook
+        assert model(torch.randn(2, 8)).dtype == torch.float32
+        # a 16-bit input (the caller's own cast) is lifted to FP32 and handed back in its dtype
+        assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(torch.randn(2, 8)).dtype == torch.float32
+    assert depth == [0, 1, 1]
+    assert dtypes == [torch.float32, torch.float32, torch.float32]
