@@ -98,7 +98,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
-        >>> policy = autoprec.tune(model, torch.randn(128, 64), progress=False, verify_steps=5)
+        >>> policy = autoprec.tune(model, torch.randn(2048, 64), progress=False, verify_steps=5)
         >>> policy.layers["0"].precision
         'bf16'
     """

@@ -11,6 +11,10 @@ import torch
 import autoprec
 from tests.models import cnn, mlp, transformer_block, unscaled_attention
 
+# these models are too small for BF16 to pay on a CPU (the CPU target keeps them FP32, "no gain"); tuned
+# for a GPU target, their layers go to BF16, so that tune really installs and runs 16-bit regions
+GPU_BF16 = {"target": "cuda", "dtypes": ["bf16"]}
+
 
 # ---------------------------------------------------------------------------
 # the caller's model, with state a careless tuner would disturb
@@ -189,11 +193,11 @@ def test_tune_leaves_model_and_globals_unchanged(name, failure):
     _seed_globals()
     before = snapshot(model)
     if expected is None:
-        policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3, **kwargs)
+        policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3, **GPU_BF16, **kwargs)
         assert policy.low_precision_fraction() > 0
     else:
         with pytest.raises(expected):
-            autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3, **kwargs)
+            autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3, **GPU_BF16, **kwargs)
     assert_same(before, snapshot(model))
 
 
@@ -226,12 +230,12 @@ def test_tune_under_no_grad_works_and_restores_grad_mode():
     """Tuning under ``torch.no_grad()`` works and leaves grad mode off, as the caller set it."""
     model, batch, loss_fn = mlp()
     with torch.no_grad():
-        policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3)
+        policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3, **GPU_BF16)
         assert not torch.is_grad_enabled()
     assert policy.low_precision_fraction() > 0
 
 
-CALLER_AUTOCAST = {"mlp-bf16": (mlp, torch.bfloat16, {}),
+CALLER_AUTOCAST = {"mlp-bf16": (mlp, torch.bfloat16, GPU_BF16),
                    "unscaled_attention-fp16": (unscaled_attention, torch.float16,
                                                {"dtypes": ["fp16", "bf16"], "target": "cuda"})}
 

@@ -184,3 +184,33 @@ def test_cpu_cost_model_keeps_attention_kernels_in_fp32():
                  in_numel=3 * 262144, out_numel=262144, work_numel=262144, param_numel=0, calls=1)
     assert layer_cost(sdpa, "bf16", PROFILES["cpu"]) > layer_cost(sdpa, "fp32", PROFILES["cpu"])
     assert layer_cost(sdpa, "bf16", PROFILES["cuda"]) < layer_cost(sdpa, "fp32", PROFILES["cuda"])
+
+
+def _linear_layer(width: int, rows: int):
+    from autoprec.trace import Layer
+
+    return Layer("fc", "module", "Linear", (), ("linear",), ((rows, width),), ((rows, width),),
+                 flops=2 * rows * width * width, in_numel=rows * width, out_numel=rows * width,
+                 work_numel=rows * width, param_numel=width * width + width, calls=1)
+
+
+@pytest.mark.parametrize("width, rows, faster", [(16, 32, False), (64, 128, False), (128, 1024, True),
+                                                 (256, 1024, True)])
+def test_cpu_cost_model_follows_measured_linear_steps(width, rows, faster):
+    """The CPU profile predicts what was measured here (one thread, forward+backward of one Linear):
+    a BF16 region is slower than FP32 for a Linear(16, 16) on 32 rows (272 vs 69 us) and a Linear(64, 64)
+    on 128 rows (294 vs 113 us), faster at 1024 rows for widths 128 (878 vs 1319 us) and 256 (2684 vs 4823)."""
+    from autoprec.costs import PROFILES, layer_cost
+
+    lin = _linear_layer(width, rows)
+    assert (layer_cost(lin, "bf16", PROFILES["cpu"]) < layer_cost(lin, "fp32", PROFILES["cpu"])) is faster
+
+
+def test_cpu_target_keeps_layers_too_small_to_gain_in_fp32():
+    """A CPU-target policy casts the wide layer and keeps the small one in FP32 with the reason "no gain"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4))
+    policy = autoprec.tune(model, torch.randn(1024, 256), progress=False, verify_steps=0)
+    assert policy.layers["0"].precision == "bf16"
+    assert policy.layers["2"].precision == "fp32" and policy.layers["2"].reason == "no gain"
+    assert policy.excluded() == {}  # "no gain" is not a numerical exclusion
