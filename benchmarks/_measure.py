@@ -57,14 +57,14 @@ def fp32_variant() -> Variant:
     return Variant("fp32")
 
 
-def amp_variant(dtype: str) -> Variant:
-    """Blanket ``torch.autocast`` on the CPU; FP16 trains with a default ``GradScaler``."""
+def amp_variant(dtype: str, device: str = "cpu") -> Variant:
+    """Blanket ``torch.autocast`` on ``device``; FP16 trains with a default ``GradScaler``."""
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    return Variant(f"amp-{dtype}", context=lambda model: torch.autocast("cpu", dtype=torch_dtype),
-                   scaler=(lambda: torch.amp.GradScaler("cpu")) if dtype == "fp16" else (lambda: None))
+    return Variant(f"amp-{dtype}", context=lambda model: torch.autocast(device, dtype=torch_dtype),
+                   scaler=(lambda: torch.amp.GradScaler(device)) if dtype == "fp16" else (lambda: None))
 
 
-def policy_variant(name: str, policy: Any, default_scaler: bool = False) -> Variant:
+def policy_variant(name: str, policy: Any, default_scaler: bool = False, device: str = "cpu") -> Variant:
     """A policy applied with its public API: ``policy.autocast`` / ``policy.apply`` and ``grad_scaler``.
 
     ``default_scaler``: use a default ``GradScaler`` where the policy has FP16 layers but no tuned
@@ -73,9 +73,9 @@ def policy_variant(name: str, policy: Any, default_scaler: bool = False) -> Vari
     has_fp16 = "fp16" in policy.assignment.values()
 
     def scaler() -> Optional[torch.amp.GradScaler]:
-        s = policy.grad_scaler("cpu")
+        s = policy.grad_scaler(device)
         if s is None and has_fp16 and default_scaler:
-            s = torch.amp.GradScaler("cpu")
+            s = torch.amp.GradScaler(device)
         return s
 
     return Variant(name, context=policy.autocast, scaler=scaler, install=policy.apply)
@@ -431,9 +431,12 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
                optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> dict[str, list[float]]:
     """Seconds per training step (forward, backward, optimizer step) for each variant.
 
-    One thread, variants interleaved (the order rotates every round) so that load on the machine
-    hits them alike; each variant trains its own copy with its precision installed once.
+    One CPU thread, variants interleaved (the order rotates every round) so that load on the machine
+    hits them alike; each variant trains its own copy with its precision installed once. A model on
+    a GPU is synchronised before and after each step, so a step's time is its GPU time.
     """
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     optimizer = optimizer or (lambda p: torch.optim.Adam(p, lr=1e-4))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -446,6 +449,7 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
 
     def one(v: Variant, m: nn.Module, opt: torch.optim.Optimizer, scaler: Any, handle: Any, i: int) -> float:
         batch, loss_fn = samples[i % len(samples)]
+        sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with (nullcontext() if handle is not None else v.context(m)):
@@ -457,6 +461,7 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
         else:
             loss.float().backward()
             opt.step()
+        sync()
         return time.perf_counter() - t0
 
     try:
