@@ -24,6 +24,7 @@ Run:  python benchmarks/compare.py [--quick] [--models gpt2 hazards ...] [--out 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -93,6 +94,16 @@ def _tune(spec: _zoo.Spec, target: str) -> tuple[Any, dict[str, Any]]:
     }
 
 
+def perturbed(model: torch.nn.Module, rel: float, seed: int = 1) -> torch.nn.Module:
+    """A copy of ``model`` with every weight scaled by ``1 + rel * N(0, 1)``: FP32 training's own noise floor."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1 + rel * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return m
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     size = "quick" if args.quick else "default"
     spec = _zoo.build(name, size, heldout=args.heldout, train=args.train_batches)
@@ -153,6 +164,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             lap("training")
             if vname == "fp32":
                 fp32_final = run.final
+                noise = train(perturbed(spec.model, 1e-6), spec.train, v, args.steps, spec.optimizer)
+                res["train_noise_gap"] = abs(noise.final - fp32_final) / max(abs(fp32_final), 1e-30)
             row["train"] = {"final": run.final, "skipped": run.skipped, "nonfinite_steps": run.nonfinite_steps,
                             "steps_run": len(run.losses), "first": run.losses[0] if run.losses else math.nan,
                             "gap": (abs(run.final - fp32_final) / max(abs(fp32_final), 1e-30)
@@ -232,7 +245,15 @@ def tables(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     table("Matmul/conv/attention FLOPs that ran in 16-bit (measured from executed ops; h = FP16, b = BF16)",
           _flops)
     steps = meta.get("steps")
-    table(f"Training, {steps} steps: final-loss gap to FP32 (skipped steps, NaN steps)", _train)
+    out.extend([f"### Training, {steps} steps: final-loss gap to FP32 (skipped steps, NaN steps)", "",
+                "`noise`: the gap of FP32 itself started from weights perturbed by 1e-6 (relative): "
+                "gaps near it are training noise, not precision.", "",
+                "| model | noise | " + " | ".join(VARIANTS[1:]) + " |", "| --- |" + " ---: |" * len(VARIANTS)])
+    for r in results:
+        nz = r.get("train_noise_gap")
+        out.append(f"| {r['model']} | {'-' if nz is None else f'{100 * nz:.2g}%'} | "
+                   + " | ".join(_train(r["variants"].get(v, {})) for v in VARIANTS[1:]) + " |")
+    out.append("")
 
     out += ["### CPU step time relative to FP32 (1 thread, interleaved, median; < 1 is faster)", "",
             "| model | params | FP32 ms/step | amp-bf16 | autoprec-cpu |", "| --- | ---: | ---: | ---: | ---: |"]
