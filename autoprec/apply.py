@@ -72,7 +72,7 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
     if device not in ("cpu", "cuda"):
         raise FormatError(f"autoprec runs policies on 'cpu' and 'cuda' devices, not {device!r}")
     regions = Regions(model, assignment, units=unit_modules(model), opaque=policy.opaque, device_type=device,
-                      emulate_fp16=device == "cpu")
+                      emulate_fp16=device == "cpu", handoff=policy.handoff)
     return Handle(regions.install())
 
 

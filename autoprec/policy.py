@@ -164,6 +164,7 @@ class Policy:
     target: str = "cpu"
     modules: dict[str, str] = field(default_factory=dict)       # leaf module path -> signature
     opaque: dict[str, str] = field(default_factory=dict)        # module -> why FX could not capture it
+    handoff: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer -> the layers, all, it feeds
     formats: tuple[str, ...] = ()
     scaler: ScalerSettings | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
@@ -260,6 +261,7 @@ class Policy:
                 target=target,
                 modules={str(k): str(v) for k, v in _mapping(data, "modules").items()},
                 opaque={str(k): str(v) for k, v in _mapping(data, "opaque").items()},
+                handoff={str(k): _names(v, f"handoff[{k!r}]") for k, v in _mapping(data, "handoff").items()},
                 formats=formats,
                 scaler=None if scaler is None else _scaler(_mapping(data, "scaler")),
                 tolerance={str(k): _float(v, "tolerance") for k, v in _mapping(data, "tolerance").items()},
@@ -380,6 +382,12 @@ class Policy:
 
 def _some(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise PolicyError(f"policy field {what} must be a list of layer names, got {value!r}")
+    return tuple(value)
 
 
 def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:

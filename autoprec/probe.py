@@ -166,7 +166,8 @@ class Runner:
             watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Loss (detached) and parameter gradients (unscaled) of one pass."""
         regions = Regions(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
-                          device_type=self.device_type, emulate_fp16=self.emulate_fp16, watcher=watcher)
+                          device_type=self.device_type, emulate_fp16=self.emulate_fp16, watcher=watcher,
+                          handoff=self.trace.handoff)
         for p in self.params:
             p.grad = None
         devices = [torch.cuda.current_device()] if self.device_type == "cuda" and torch.cuda.is_available() else []

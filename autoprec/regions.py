@@ -10,7 +10,12 @@ A region with precision ``p``:
 * enters ``torch.autocast`` for ``p`` (disabled for ``"fp32"``) and casts the layer's floating
   inputs to ``p``, so every op inside runs in ``p``, not only the ones on autocast's list;
 * hands its floating outputs back in the dtype its first floating input arrived in, so the code
-  between layers (residual adds, SDPA fed by separate q/k/v Linears) always sees one dtype;
+  between layers (residual adds, SDPA fed by separate q/k/v Linears) always sees one dtype; except
+  where the trace saw the output flow only into other layers of the assignment (``handoff``): each
+  of those casts its inputs on entry anyway, so the 16-bit output goes to them as it is, which
+  saves a cast up and a cast down with bit-identical forward values (autocast's own behaviour).
+  Only with grad mode on: a custom ``autograd.Function``'s forward runs with it off, and its
+  hand-written backward expects the dtypes its forward saw;
 * restores the autocast state on every path, exceptions included (post-hooks use
   ``always_call=True``).
 
@@ -115,7 +120,12 @@ def inside(path: str, outer: str) -> bool:
 
 
 class Watcher(Protocol):
-    """Observes layers as they run (the probe records ranges, the trace records FLOPs)."""
+    """Observes layers as they run (the probe records ranges, the trace records FLOPs).
+
+    A watcher may also define ``call(func, args, kwargs, out)``, told of every torch call in code
+    that is no layer (own code between layers, opaque code), and ``finish(output)``, told of what
+    the outermost module returns: the trace follows where each layer's output goes with them.
+    """
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None: ...
 
@@ -165,6 +175,7 @@ class _Frame:
 class _State(threading.local):
     def __init__(self) -> None:
         self.stack: list[_Frame] = []
+        self.handed: dict[str, torch.dtype | None] = {}  # kept layer -> the dtype it would have handed back
         self.root: str | None = None   # the module whose forward is running (the first hooked one)
         self.active = False            # whether this forward tracks ops (see ``Regions._pre``)
 
@@ -182,14 +193,22 @@ class _OpMode(TorchFunctionMode):
         if not stack:
             return func(*args, **kwargs)
         named = op_name(func)
-        if named is None:
-            return func(*args, **kwargs)
-        base, in_place = named
         top = stack[-1]
+        flow = self.regions._flow
+        if named is None:
+            out = func(*args, **kwargs)
+            if flow is not None and not top.unit:
+                flow(func, args, kwargs, out)
+            return out
+        base, in_place = named
         if top.unit or top.opaque:
             if top.emulate and base in MATMUL_OPS:
-                return _emulated(func, args, kwargs)
-            return func(*args, **kwargs)
+                out = _emulated(func, args, kwargs)
+            else:
+                out = func(*args, **kwargs)
+            if flow is not None and not top.unit:
+                flow(func, args, kwargs, out)
+            return out
         n = top.counts.get(base, 0)
         top.counts[base] = n + 1
         key = f"{top.path}::{base}" + (f"_{n}" if n else "")
@@ -207,7 +226,9 @@ class Regions:
 
     ``assignment`` maps layer keys to ``"fp32"|"fp16"|"bf16"``; layers it leaves out run as they
     would without autoprec. ``units`` are the module paths run as one piece; the functional ops in
-    the own code of ``opaque`` modules are not split into layers.
+    the own code of ``opaque`` modules are not split into layers. ``handoff`` maps a layer to the
+    layers its output flows into when that is all it flows into (the trace finds it); a 16-bit
+    layer whose consumers all have a precision here hands them its output uncast.
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -219,7 +240,7 @@ class Regions:
 
     def __init__(self, model: nn.Module, assignment: Mapping[str, str], *, units: Iterable[str],
                  device_type: str, opaque: Iterable[str] = (), emulate_fp16: bool = False,
-                 watcher: Watcher | None = None) -> None:
+                 watcher: Watcher | None = None, handoff: Mapping[str, Iterable[str]] | None = None) -> None:
         self.model = model
         self.assignment = dict(assignment)
         self.units = set(units)
@@ -227,6 +248,16 @@ class Regions:
         self.device_type = device_type
         self.emulate_fp16 = emulate_fp16
         self.watcher = watcher
+        self._flow = getattr(watcher, "call", None)
+        self._finish = getattr(watcher, "finish", None)
+        handoff = {k: tuple(v) for k, v in (handoff or {}).items()}
+        self.keep = frozenset(k for k, consumers in handoff.items() if self.assignment.get(k) in ("fp16", "bf16")
+                              and consumers and all(c in self.assignment for c in consumers))
+        # a consumer of a kept layer hands its own output back in the dtype the kept layer would have
+        self._fed_by: dict[str, list[str]] = {}
+        for k in sorted(self.keep):
+            for c in handoff[k]:
+                self._fed_by.setdefault(c, []).append(k)
         self._state = _State()
         self._handles: list[Any] = []
         self._mode: _OpMode | None = None
@@ -235,9 +266,11 @@ class Regions:
         # the function mode costs Python time on every torch call: it is entered only where it can
         # change something (a 16-bit op entry, FP16 emulation, a watcher) or under a caller's autocast,
         # whose casts the policy's FP32 op entries must undo
+        # ... or where a 16-bit output is handed to an op entry, which must cast it even in FP32
         self._mode_always = watcher is not None or any(
             "::" in k and p != "fp32" for k, p in self.assignment.items()) or (
-            emulate_fp16 and "fp16" in self.assignment.values())
+            emulate_fp16 and "fp16" in self.assignment.values()) or any(
+            "::" in c for k in self.keep for c in handoff[k])
 
     # -- installing ---------------------------------------------------------------------------
     def install(self) -> "Regions":
@@ -246,7 +279,8 @@ class Regions:
             if self._inside_unit(path):
                 continue
             unit = path in self.units
-            if not self._needs_ops and not (unit and path in self.assignment):
+            # with handoffs, the root's hooks make one forward one span (the record of what was handed)
+            if not self._needs_ops and not (unit and path in self.assignment) and not (path == "" and self.keep):
                 continue
             self._handles.append(mod.register_forward_pre_hook(self._pre(path, unit), with_kwargs=True))
             self._handles.append(mod.register_forward_hook(self._post(path, unit), with_kwargs=True,
@@ -284,6 +318,7 @@ class Regions:
                 # change something: a 16-bit op entry, FP16 emulation, a watcher, or a caller's autocast,
                 # whose casts the policy's FP32 entries must undo
                 state.root = path
+                state.handed.clear()
                 state.active = self._mode_always or torch.is_autocast_enabled(self.device_type)
                 if self._needs_ops and state.active:
                     self._mode = _OpMode(self)
@@ -296,7 +331,7 @@ class Regions:
             if self.watcher is not None and unit:
                 self.watcher.enter(path, "module", (args, kwargs))
             if precision is not None:
-                frame.back = _first_float_dtype((args, kwargs))
+                frame.back = self._back(path, (args, kwargs))
                 frame.ctx = self._autocast(precision, frame.emulate)
                 frame.ctx.__enter__()
                 args, kwargs = _cast((args, kwargs), to_dtype(precision))
@@ -314,17 +349,32 @@ class Regions:
                     frame = stack.pop()
                     if frame.ctx is not None:
                         frame.ctx.__exit__(None, None, None)
-                    final = _cast(output, frame.back) if frame.back is not None else output
+                    if path in self.keep and torch.is_grad_enabled():
+                        state.handed[path] = frame.back
+                    elif frame.back is not None:
+                        final = _cast(output, frame.back)
                     if self.watcher is not None and unit and output is not None:
                         self.watcher.exit(path, "module", output, final)
             finally:
                 if state.root == path and not stack:
                     state.root = None
+                    if self._finish is not None:
+                        self._finish(final)
                     if self._mode is not None:
                         mode, self._mode = self._mode, None
                         mode.__exit__(None, None, None)
             return final if final is not output else None
         return hook
+
+    def _back(self, key: str, inputs: Any) -> torch.dtype | None:
+        """The dtype a region hands its output back in: its input's, or, fed by a kept layer, that layer's."""
+        first = _first_float_dtype(inputs)
+        if first in (torch.float16, torch.bfloat16):
+            handed = self._state.handed
+            for producer in self._fed_by.get(key, ()):
+                if producer in handed:
+                    return handed[producer]
+        return first
 
     def _autocast(self, precision: str, emulate: bool):
         if precision == "fp32" or emulate:
@@ -346,7 +396,7 @@ class Regions:
             if watcher is not None:
                 watcher.exit(key, "op", out, out)
             return out
-        back = _first_float_dtype((args, kwargs))
+        back = self._back(key, (args, kwargs))
         emulate = precision == "fp16" and self.emulate_fp16
         dtype = to_dtype(precision)
         with self._autocast(precision, emulate):
@@ -360,7 +410,11 @@ class Regions:
             args[0].copy_(raw)
             final = args[0]
         else:
-            final = _cast(raw, back)
+            if key in self.keep and torch.is_grad_enabled():
+                self._state.handed[key] = back
+                final = raw
+            else:
+                final = _cast(raw, back)
         if watcher is not None:
             watcher.exit(key, "op", raw, final)
         return final

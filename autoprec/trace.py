@@ -65,6 +65,7 @@ class Trace:
     fx_nodes: int
     fingerprint: str
     signatures: dict[str, str] = field(default_factory=dict)   # leaf module path -> class and shapes
+    handoff: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer -> the layers, all, its output feeds
 
     def layer(self, key: str) -> Layer:
         """The layer with this key."""
@@ -84,14 +85,72 @@ def _numel(tree: Any) -> int:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+#: Calls that only look at a tensor, or return a view of it: they pass a layer's output on unchanged.
+_META = frozenset({"size", "dim", "numel", "nelement", "stride", "storage_offset", "is_floating_point",
+                   "is_complex", "is_contiguous", "element_size", "data_ptr", "get_device", "__len__", "shape",
+                   "dtype", "device", "ndim", "requires_grad", "is_cuda", "is_cpu", "layout", "is_leaf",
+                   "grad_fn", "is_sparse", "is_quantized", "is_meta", "is_nested", "names", "register_hook",
+                   "retain_grad"})
+_VIEWS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "permute", "contiguous", "unsqueeze",
+                    "squeeze", "flatten", "unflatten", "expand", "expand_as", "split", "split_with_sizes", "chunk",
+                    "unbind", "narrow", "select", "__getitem__", "t", "movedim", "moveaxis", "swapaxes",
+                    "swapdims", "T", "mT", "detach"})
+
+
+def _call_name(func: Any) -> str:
+    name = getattr(func, "__name__", "")
+    if name in ("__get__", "__set__"):  # a Tensor property: torch.Tensor.shape.__get__ -> "shape"
+        parts = (torch.overrides.resolve_name(func) or "").split(".")
+        return parts[-2] if len(parts) >= 2 else name
+    return name
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
 class _Recorder:
-    """Watcher that attributes FLOPs and sizes to each layer during one eager forward."""
+    """Watcher that attributes FLOPs and sizes to each layer during one eager forward, and follows
+    where each layer's output goes: into other layers only (through views), or anywhere else."""
 
     def __init__(self, counter: FlopCounterMode) -> None:
         self.counter = counter
         self.order: list[str] = []
         self.rows: dict[str, dict[str, Any]] = {}
         self._open: list[tuple[str, int, int]] = []
+        self._src: dict[int, frozenset[str]] = {}   # id(tensor) -> the layers it is an output (view) of
+        self._alive: list[torch.Tensor] = []        # keeps those ids unique during the pass
+        self.feeds: dict[str, set[str]] = {}
+        self.escapes: set[str] = set()
+
+    def _sources(self, tree: Any) -> frozenset[str]:
+        found: frozenset[str] = frozenset()
+        for t in _tensors(tree):
+            found |= self._src.get(id(t), frozenset())
+        return found
+
+    def _mark(self, tree: Any, sources: frozenset[str]) -> None:
+        for t in _tensors(tree):
+            if t.is_floating_point():
+                self._src[id(t)] = self._src.get(id(t), frozenset()) | sources
+                self._alive.append(t)
+
+    def call(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        sources = self._sources((args, kwargs))
+        if not sources:
+            return
+        name = _call_name(func)
+        if name in _VIEWS:
+            self._mark(out, sources)
+        elif name not in _META:
+            self.escapes |= sources
+
+    def finish(self, output: Any) -> None:
+        self.escapes |= self._sources(output)
+
+    def handoff(self) -> dict[str, tuple[str, ...]]:
+        """Layers whose output flows only into other layers, and those layers."""
+        return {k: tuple(sorted(v)) for k, v in self.feeds.items() if v and k not in self.escapes}
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
         row = self.rows.get(key)
@@ -101,6 +160,13 @@ class _Recorder:
                                     "in_shapes": _shapes(inputs), "out_shapes": ()}
         row["calls"] += 1
         row["in"] += _numel(inputs)
+        sources = self._sources(inputs)
+        if not torch.is_grad_enabled():
+            # inside a custom autograd.Function's forward (the pass runs with grad on): its backward
+            # expects the dtypes its forward saw, so nothing is handed in or out uncast here
+            self.escapes |= sources | {key}
+        for src in sources:
+            self.feeds.setdefault(src, set()).add(key)
         self._open.append((key, self.counter.get_total_flops()))
 
     def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
@@ -109,6 +175,7 @@ class _Recorder:
         row["flops"] += self.counter.get_total_flops() - f0
         row["out"] += _numel(final)
         row["out_shapes"] = _shapes(final)
+        self._mark(final, frozenset((key,)))
 
 
 def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: set[str],
@@ -118,7 +185,8 @@ def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: s
     recorder = _Recorder(counter)
     regions = Regions(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder).install()
     try:
-        with counter, torch.no_grad():
+        # grad on (nothing is run backward): layers entered with it off are inside a custom Function
+        with counter, torch.enable_grad():
             call_model(model, batch)
     finally:
         regions.remove()
@@ -303,7 +371,7 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
     digest = fingerprint(signatures, [lay.key for lay in layers])
     log.info("traced %d layers (%d opaque) via %s", len(layers), len(opaque), route)
     return Trace(layers=tuple(layers), units=tuple(units), opaque=opaque, tied=tied, fx_route=route,
-                 fx_nodes=len(nodes), fingerprint=digest, signatures=signatures)
+                 fx_nodes=len(nodes), fingerprint=digest, signatures=signatures, handoff=recorder.handoff())
 
 
 def fingerprint(signatures: dict[str, str], keys: list[str]) -> str:

@@ -47,7 +47,8 @@ class Curve:
 def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, steps: int,
                 assignment: Mapping[str, str] | None, units: Iterable[str], opaque: Iterable[str],
                 device_type: str, emulate_fp16: bool, scaler: torch.amp.GradScaler | None,
-                optimizer: OptimizerFactory, seed: int, on_step: Callable[[], None] | None = None) -> Curve:
+                optimizer: OptimizerFactory, seed: int, on_step: Callable[[], None] | None = None,
+                handoff: Mapping[str, Sequence[str]] | None = None) -> Curve:
     """Train a private copy of ``model`` for ``steps`` steps (``assignment=None``: plain FP32).
 
     The run stops early at the first non-finite loss without a scaler.
@@ -65,7 +66,7 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
     regions = None
     if assignment:
         regions = Regions(model, assignment, units=units, opaque=opaque, device_type=device_type,
-                          emulate_fp16=emulate_fp16).install()
+                          emulate_fp16=emulate_fp16, handoff=handoff).install()
     losses: list[float] = []
     gmax: list[float] = []
     skipped = run = longest = 0

@@ -180,7 +180,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         bar.stage("verify", verify_steps)
         checked = verify(work, batches, loss_fn, decisions, result.order, fp32_curve, bound=verify_tolerance,
                          scaler=scaler, units=tr.units, opaque=tr.opaque, device_type=device_type,
-                         emulate_fp16=emulate, optimizer=optimizer, seed=seed, on_step=bar.advance)
+                         emulate_fp16=emulate, optimizer=optimizer, seed=seed, on_step=bar.advance,
+                         handoff=tr.handoff)
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
         verify_passes += checked.passes
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
@@ -215,7 +216,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "fp32_grad_absmax": pr.grad_absmax,
     }
     policy = Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
-                    formats=formats, scaler=scaler if fp16_used else None,
+                    handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
                     tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
                     fingerprint=tr.fingerprint, verification=verification, stats=stats)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(layers),

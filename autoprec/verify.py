@@ -56,7 +56,8 @@ class VerifyResult:
 def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, decisions: Mapping[str, Decision],
            order: Sequence[str], fp32: Curve, *, bound: float, scaler: ScalerSettings | None, units: Iterable[str],
            opaque: Iterable[str], device_type: str, emulate_fp16: bool, optimizer: OptimizerFactory, seed: int,
-           max_skip_run: int = 3, max_rounds: int = 8, on_step: Callable[[], None] | None = None) -> VerifyResult:
+           max_skip_run: int = 3, max_rounds: int = 8, on_step: Callable[[], None] | None = None,
+           handoff: Mapping[str, Sequence[str]] | None = None) -> VerifyResult:
     """Train the policy as ``fp32`` was trained and compare the curves; back off until it passes.
 
     A failing round moves the most sensitive quarter of the cast layers (the end of ``order``,
@@ -75,7 +76,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         amp = torch.amp.GradScaler(device_type, **dataclasses.asdict(scaler)) if fp16 else None
         curve = train_curve(model, batches, loss_fn, steps=steps, assignment=assignment, units=units, opaque=opaque,
                             device_type=device_type, emulate_fp16=emulate_fp16, scaler=amp, optimizer=optimizer,
-                            seed=seed, on_step=on_step)
+                            seed=seed, on_step=on_step, handoff=handoff)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         passed = gap <= bound and curve.longest_skip_run < max_skip_run

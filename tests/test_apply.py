@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprec
 from autoprec import LayerEntry, Policy
@@ -210,3 +211,88 @@ def test_fp32_regions_act_only_where_they_change_something():
             assert model(torch.randn(2, 8)).dtype == torch.float32
     assert depth == [0, 1, 1]
     assert dtypes == [torch.float32, torch.float32, torch.float32]
+
+
+class Flow(nn.Module):
+    """a -> views -> b; c -> relu (own code, no layer) -> d; a's and d's outputs also leave the model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.a(x).view(2, 4, 8).transpose(0, 1).reshape(-1, 8))
+        return self.d(torch.relu(self.c(y)))
+
+
+def test_trace_hands_off_only_outputs_that_flow_into_layers():
+    """The trace follows each layer's output through views into layers; other code or the model output stops it."""
+    from autoprec.trace import trace
+
+    torch.manual_seed(0)
+    tr = trace(Flow(), torch.randn(8, 8), device_type="cpu")
+    assert tr.handoff == {"a": ("b",), "b": ("c",)}
+
+
+class _Casts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype:
+            self.n += 1
+        return out
+
+
+def test_handoff_saves_casts_with_identical_forward_values():
+    """A 16-bit output handed straight to the next layers saves casts; the loss is bit-identical, gradients
+    agree to BF16 rounding (a tensor feeding several layers sums their gradients in its own dtype)."""
+    import dataclasses
+
+    from tests.models import transformer_block
+
+    from autoprec.trace import trace
+
+    model, batch, loss_fn = transformer_block()
+    handoff = trace(model, batch, device_type="cpu").handoff
+    assert handoff["attn.q"] == ("attn::scaled_dot_product_attention",)
+    policy = _policy(model, {"ln1": "fp32", "attn.q": "bf16", "attn.k": "bf16", "attn.v": "bf16",
+                             "attn::scaled_dot_product_attention": "bf16", "attn.out": "bf16", "ln2": "fp32",
+                             "mlp.fc1": "bf16", "mlp.fc2": "bf16"})
+    policy = dataclasses.replace(policy, handoff=handoff)
+    results = {}
+    for name, p in (("handoff", policy), ("plain", dataclasses.replace(policy, handoff={}))):
+        model.zero_grad()
+        with p.autocast(model), _Casts() as casts:
+            out = model(batch)
+            loss = loss_fn(out, batch)
+            loss.backward()
+        results[name] = (out.dtype, loss.detach(), [q.grad.clone() for q in model.parameters()], casts.n)
+    (dt_h, loss_h, grads_h, n_h), (dt_p, loss_p, grads_p, n_p) = results["handoff"], results["plain"]
+    assert dt_h == dt_p == torch.float32
+    assert torch.equal(loss_h, loss_p)
+    for gh, gp in zip(grads_h, grads_p):
+        torch.testing.assert_close(gh, gp, rtol=2e-2, atol=1e-4)
+    assert n_h < n_p
+    with torch.no_grad(), policy.autocast(model), _Casts() as casts:  # inference: no handoff
+        model(batch)
+    with torch.no_grad(), dataclasses.replace(policy, handoff={}).autocast(model), _Casts() as plain:
+        model(batch)
+    assert casts.n == plain.n
+
+
+def test_fp32_layer_fed_a_16bit_output_still_hands_back_fp32():
+    """A layer kept in FP32 that receives a handed-off BF16 tensor computes in FP32 and gives FP32 onwards."""
+    torch.manual_seed(0)
+    model = Flow()
+    policy = Policy(layers={"a": LayerEntry("bf16"), "b": LayerEntry("fp32"), "c": LayerEntry("bf16"),
+                            "d": LayerEntry("bf16")}, modules=module_signatures(model), handoff={"a": ("b",)})
+    seen = {}
+    with policy.autocast(model):  # hooks added now run after the regions' own
+        model.b.register_forward_pre_hook(lambda m, a: seen.__setitem__("b in", a[0].dtype))
+        model.b.register_forward_hook(lambda m, a, o: seen.__setitem__("b out", o.dtype))
+        model.a.register_forward_hook(lambda m, a, o: seen.__setitem__("a out", o.dtype))
+        assert model(torch.randn(8, 8, requires_grad=True)).dtype == torch.float32
+    assert seen == {"a out": torch.bfloat16, "b in": torch.float32, "b out": torch.float32}

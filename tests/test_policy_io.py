@@ -49,6 +49,7 @@ def test_save_load_round_trip_is_exact(name, tmp_path):
     assert loaded.verification == policy.verification
     assert loaded.scaler == policy.scaler
     assert loaded.stats == policy.stats
+    assert loaded.handoff == policy.handoff
     second = tmp_path / "b.autoprec.json"
     loaded.save(second)
     assert second.read_text(encoding="utf-8") == first.read_text(encoding="utf-8")
@@ -210,6 +211,8 @@ WRONG_TYPES = {
     "excluded_string": _edit(lambda d: d["layers"]["norm"].__setitem__("excluded", "yes")),
     "hazards_string": _edit(lambda d: d["layers"]["norm"].__setitem__("hazards", "pow")),
     "scaler_negative": _edit(lambda d: d["scaler"].__setitem__("init_scale", -1.0)),
+    "handoff_string": _edit(lambda d: d.__setitem__("handoff", {"fc1": "fc2"})),
+    "handoff_list": _edit(lambda d: d.__setitem__("handoff", ["fc1"])),
 }
 
 
