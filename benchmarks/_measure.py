@@ -423,6 +423,45 @@ def train(model: nn.Module, samples: list[Sample], variant: Variant, steps: int,
     return TrainRun(losses, skipped, nonfinite, final)
 
 
+class _CastCounter(TorchDispatchMode):
+    """Bytes read and written by dtype casts between floating formats (``aten._to_copy``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor):
+            src = args[0]
+            if src.is_floating_point() and out.is_floating_point() and out.dtype != src.dtype:
+                self.count += 1
+                self.bytes += src.numel() * (src.element_size() + out.element_size())
+        return out
+
+
+def cast_traffic(model: nn.Module, sample: Sample, variant: Variant) -> tuple[int, int]:
+    """(casts, bytes they move) in one forward+backward of ``variant`` on a copy of ``model``.
+
+    Casts are memory-bound kernels: on a GPU their bytes are what a per-layer policy can cost over
+    blanket autocast. The count is the same on any device.
+    """
+    m = copy.deepcopy(model)
+    handle = variant.install(m) if variant.install is not None else None
+    counter = _CastCounter()
+    try:
+        batch, loss_fn = sample
+        with counter:
+            with (nullcontext() if handle is not None else variant.context(m)):
+                loss = loss_of(call_model(m, batch), batch, loss_fn)
+            loss.float().backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return counter.count, counter.bytes
+
+
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _zoo
 from _measure import (
     amp_variant,
+    cast_traffic,
     fidelity,
     fp32_variant,
     measure_flops,
@@ -54,7 +55,8 @@ def run(name: str, rounds: int) -> dict[str, Any]:
     for v in variants:
         f = fidelity(spec.model, spec.heldout[0], v, ref)
         row["variants"][v.name] = {"loss_err": f.loss_err, "grad_err": f.grad_err, "nonfinite": f.nonfinite,
-                                   "flops": measure_flops(spec.model, spec.heldout[0], v)}
+                                   "flops": measure_flops(spec.model, spec.heldout[0], v),
+                                   "cast_mib": cast_traffic(spec.model, spec.train[0], v)[1] / 2**20}
     times = step_times(spec.model, spec.train, variants, rounds=rounds)
     base = median(times["fp32"])
     for n, t in times.items():
@@ -65,8 +67,9 @@ def run(name: str, rounds: int) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     out = [("| model | params | FP32 ms/step | amp-bf16: time x / BF16 FLOPs / grad err | "
-            "autoprec-cpu: time x / BF16 FLOPs / grad err | FP32 grad err | tune s |"),
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "autoprec-cpu: time x / BF16 FLOPs / grad err | FP32 grad err | cast MiB/step: amp-bf16 / autoprec | "
+            "tune s |"),
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         v = r["variants"]
 
@@ -75,7 +78,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             return f"{x['ratio']:.2f} / {100 * x['flops']['bf16']:.0f}% / {x['grad_err']:.1e}"
 
         out.append(f"| {r['model']} | {r['params']:,} | {1e3 * v['fp32']['median_s']:.0f} | {cell('amp-bf16')} | "
-                   f"{cell('autoprec-cpu')} | {v['fp32']['grad_err']:.1e} | {r['tune_seconds']:.0f} |")
+                   f"{cell('autoprec-cpu')} | {v['fp32']['grad_err']:.1e} | "
+                   f"{v['amp-bf16']['cast_mib']:.0f} / {v['autoprec-cpu']['cast_mib']:.0f} | {r['tune_seconds']:.0f} |")
     return "\n".join(out)
 
 

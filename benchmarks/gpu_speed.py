@@ -10,7 +10,8 @@ transformers configs (nothing downloaded):
 For each: tune a policy on the GPU (``autoprec.tune(model, batch)``, target = the model's device),
 then time full training steps (forward, backward, GradScaler where FP16 is used, AdamW) of the four
 variants, each on its own copy, interleaved (order rotated every round), synchronised around each
-step, medians; plus each variant's peak memory and the GradScaler's skipped steps. FP32 runs with
+step, medians; plus each variant's peak memory and the bytes its dtype casts move per step (the
+memory-bound work a per-layer policy can add over blanket autocast; the same on any device). FP32 runs with
 torch's defaults, which are reported: matmuls without TF32, cuDNN convolutions with TF32.
 
 Run:  python benchmarks/gpu_speed.py [--models gpt2 resnet50] [--rounds 20]
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 from torch.utils import _pytree as pytree
 
-from _measure import amp_variant, fp32_variant, median, policy_variant, step_times
+from _measure import amp_variant, cast_traffic, fp32_variant, median, policy_variant, step_times
 from compare import machine
 
 import autoprec
@@ -57,7 +58,8 @@ def build(name: str, size: str, device: str, n_batches: int = 3) -> tuple[torch.
             model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab,
                                                      n_positions=seq, resid_pdrop=0.0, embd_pdrop=0.0,
                                                      attn_pdrop=0.0, bos_token_id=vocab - 1,
-                                                     eos_token_id=vocab - 1, loss_type="ForCausalLM"))
+                                                     eos_token_id=vocab - 1, loss_type="ForCausalLM",
+                                                     use_cache=False))  # a training run keeps no KV cache
             batches = []
             for _ in range(n_batches):
                 ids = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -124,6 +126,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "batch": {k: list(v.shape) for k, v in batches[0].items()},
         "timing": {n: {"median_s": median(t), "ratio": median(t) / base, "n": len(t)} for n, t in times.items()},
         "peak_mib": {n: peak_memory(model, batches[0], v) for n, v in variants.items()},
+        "cast_mib": {n: cast_traffic(model, samples[0], v)[1] / 2**20 for n, v in variants.items()},
         "policy": {"tune_s": round(tune_s, 1), "low_fraction": round(policy.low_precision_fraction(), 4),
                    "counts": counts, "excluded": sorted(policy.excluded()),
                    "scaler": None if policy.scaler is None else policy.scaler.init_scale,
@@ -142,15 +145,15 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [f"device: {meta['device']}; TF32 matmul {meta['tf32_matmul']}, cuDNN TF32 {meta['tf32_cudnn']}", "",
            "| model | params | FP32 ms/step | amp-bf16 | amp-fp16 | autoprec | policy / best autocast | "
-           "FP32 / policy | target met | 16-bit FLOPs (policy) | tune s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: |"]
+           "FP32 / policy | target met | 16-bit FLOPs (policy) | cast MiB/step: autocast bf16 / policy | tune s |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: |"]
     for r in rows:
         tm = r["timing"]
         out.append(f"| {r['model']} | {r['params']:,} | {1e3 * tm['fp32']['median_s']:.1f} | "
                    f"{tm['amp-bf16']['ratio']:.2f} | {tm['amp-fp16']['ratio']:.2f} | {tm['autoprec']['ratio']:.2f} | "
                    f"{r['policy_vs_autocast']:.3f} | {r['speedup_vs_fp32']:.2f}x | "
                    f"{'yes' if r['meets_target'] else 'no'} | {100 * r['policy']['low_fraction']:.0f}% | "
-                   f"{r['policy']['tune_s']} |")
+                   f"{r['cast_mib']['amp-bf16']:.0f} / {r['cast_mib']['autoprec']:.0f} | {r['policy']['tune_s']} |")
     if any(v is not None for r in rows for v in r["peak_mib"].values()):
         out += ["", "| model | " + " | ".join(f"{v} peak MiB" for v in VARIANTS) + " |",
                 "| --- |" + " ---: |" * len(VARIANTS)]
