@@ -214,3 +214,20 @@ def test_cpu_target_keeps_layers_too_small_to_gain_in_fp32():
     assert policy.layers["0"].precision == "bf16"
     assert policy.layers["2"].precision == "fp32" and policy.layers["2"].reason == "no gain"
     assert policy.excluded() == {}  # "no gain" is not a numerical exclusion
+
+
+def test_cpu_cost_model_gives_accumulations_no_bfloat16_gain():
+    """Measured here: scatter_add/index_add gain nothing in BF16 on this CPU, so an accumulation stays FP32
+    ("no gain"), while a norm of the same size, which does run faster in BF16, may be cast."""
+    from autoprec.costs import PROFILES, layer_cost
+    from autoprec.trace import Layer
+
+    def layer(op: str, hazard: str) -> Layer:
+        return Layer("m", "module", op, (hazard,), (op,), ((20000, 16),), ((600, 16),), flops=0,
+                     in_numel=20000 * 16, out_numel=600 * 16, work_numel=20000 * 16, param_numel=0, calls=1)
+
+    cpu = PROFILES["cpu"]
+    scatter = layer("SumAggregation", "accumulation")
+    assert layer_cost(scatter, "bf16", cpu) > layer_cost(scatter, "fp32", cpu)
+    norm = layer("LayerNorm", "variance/norm")
+    assert layer_cost(norm, "bf16", cpu) < layer_cost(norm, "fp32", cpu)
