@@ -129,7 +129,8 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
             note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
             failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
         elif layer_cost(layer, fmt, profile) >= base:
-            failures.append((9, fmt, "no gain", f"{fmt}: modelled cost not below FP32 on {profile.name}"))
+            ratio = layer_cost(layer, fmt, profile) / base if base > 0 else float("inf")
+            failures.append((9, fmt, "no gain", f"{fmt}: modelled step cost {ratio:.3g}x FP32 on {profile.name}"))
         else:
             ok.append(fmt)
     failures.sort()
