@@ -57,8 +57,11 @@ PROFILES = {
 }
 
 
-def layer_cost(layer: Layer, precision: str, profile: DeviceProfile) -> float:
+def layer_cost(layer: Layer, precision: str, profile: DeviceProfile, *, casts: bool = True) -> float:
     """Modelled cost of one training step of ``layer`` in ``precision`` (in FP32-FLOP units).
+
+    ``casts=False``: without the cast traffic, for a layer whose inputs arrive in its format and
+    whose output goes on uncast (see ``Regions`` handoff).
 
     Example:
         >>> from autoprec.trace import Layer
@@ -77,4 +80,5 @@ def layer_cost(layer: Layer, precision: str, profile: DeviceProfile) -> float:
         return compute
     # cast traffic: read 4 + write 2 bytes down, read 2 + write 4 bytes back, forward and backward
     cast_bytes = 2 * 6 * (layer.in_numel + layer.out_numel) + 6 * layer.param_numel
-    return compute + profile.cast_share * cast_bytes * profile.flops_per_byte + layer.calls * profile.call_cost
+    cast_cost = profile.cast_share * cast_bytes * profile.flops_per_byte if casts else 0.0
+    return compute + cast_cost + layer.calls * profile.call_cost

@@ -231,3 +231,19 @@ def test_cpu_cost_model_gives_accumulations_no_bfloat16_gain():
     assert layer_cost(scatter, "bf16", cpu) > layer_cost(scatter, "fp32", cpu)
     norm = layer("LayerNorm", "variance/norm")
     assert layer_cost(norm, "bf16", cpu) < layer_cost(norm, "fp32", cpu)
+
+
+def test_activation_between_16bit_layers_follows_their_format():
+    """A layer with no matmul work and no hazard, fed only by 16-bit layers, runs in their format ("follows"),
+    as it would under autocast; the measured error of the policy includes it, and the model's output is FP32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 512), nn.ReLU(), nn.Dropout(0.0), nn.Linear(512, 128), nn.Tanh())
+    x = torch.randn(256, 128)
+    policy = autoprec.tune(model, x, target="cuda", dtypes=["bf16"], progress=False, verify_steps=3)
+    # Dropout(0.0) returns its input tensor: ReLU's output reaches the second Linear directly too
+    assert policy.handoff == {"0": ("1",), "1": ("2", "3"), "2": ("3",), "3": ("4",)}
+    assert [policy.layers[k].precision for k in "01234"] == ["bf16"] * 5
+    assert [policy.layers[k].detail.startswith("follows") for k in "01234"] == [False, True, True, False, True]
+    with policy.autocast(model):
+        assert model(x).dtype == torch.float32  # the last follower hands back what its producer would have
+    assert policy.verification.passed
