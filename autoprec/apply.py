@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import FormatError
+from .formats import cuda_bf16_native
 from .policy import Policy
 from .regions import Regions, unit_modules
 
@@ -66,7 +67,7 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
     policy.check(model)
     device = _device_type(model)
     assignment = policy.assignment
-    if device == "cuda" and "bf16" in assignment.values() and not torch.cuda.is_bf16_supported():
+    if device == "cuda" and "bf16" in assignment.values() and not cuda_bf16_native():
         raise FormatError("this CUDA device cannot run bf16, which the policy assigns: "
                           "tune again with dtypes=['fp16']")
     if device not in ("cpu", "cuda"):

@@ -10,9 +10,26 @@ from torch.utils import _pytree as pytree
 
 from .errors import BatchError
 
-__all__ = ["LossFn", "call_model", "compute_loss", "split_batches", "surrogate_loss", "batch_to"]
+__all__ = ["LossFn", "call_model", "compute_loss", "split_batches", "surrogate_loss", "batch_to", "seed_rng"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def seed_rng(seed: int, device_type: str) -> None:
+    """Seed the generators a pass on ``device_type`` draws from (dropout masks), and no other.
+
+    Callers fork those generators first (``torch.random.fork_rng``). For a CPU model the CUDA
+    generators are left alone: ``torch.manual_seed`` would queue a CUDA re-seed that replaces the
+    caller's own pending one.
+
+    Example:
+        >>> seed_rng(0, "cpu"); a = torch.rand(1); seed_rng(0, "cpu"); bool(torch.rand(1) == a)
+        True
+    """
+    if device_type == "cuda":
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -44,8 +61,9 @@ def surrogate_loss(output: Any) -> torch.Tensor:
     total = None
     for t in pytree.tree_leaves(output):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
-            gen = torch.Generator().manual_seed(0x5EED + t.numel())
-            target = torch.randn(t.shape, generator=gen).to(t.device)
+            # drawn where the output lives (a CUDA output: no host-side draw and copy on every pass)
+            gen = torch.Generator(device=t.device).manual_seed(0x5EED + t.numel())
+            target = torch.randn(t.shape, generator=gen, device=t.device)
             term = 0.5 * (t.float() - target).square().mean()
             total = term if total is None else total + term
     if total is None:

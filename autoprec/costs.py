@@ -30,6 +30,7 @@ class DeviceProfile:
     call_cost: float = 0.0        # fixed cost of one call of a 16-bit region, forward+backward, in FP32 FLOPs
     cast_share: float = 1.0       # the share of the modelled cast traffic that shows in step time
     hazard_width: dict[str, dict[str, float]] = field(default_factory=dict)  # per hazard class: exceptions to width
+    fp32_ops: frozenset[str] = frozenset()  # ops this device's autocast runs in FP32 inside any region
 
     def fast(self, precision: str) -> bool:
         """Whether ``precision`` runs matmuls faster than FP32 here."""
@@ -52,8 +53,17 @@ PROFILES = {
                          hazard_width={"accumulation": {"bf16": 4.0}}),
     # tensor-core GPUs (A100/H100 class): FP16 and BF16 alike, ~8x FP32 without TF32. No call cost: it
     # has not been measured on a GPU (none was available), and launches overlap GPU work there
+    # CUDA autocast computes its FP32-list ops in FP32 whatever the region's format (the region's
+    # casts then only cost): a layer that runs one gains no bandwidth in 16-bit
     "cuda": DeviceProfile("cuda", {"fp32": 1.0, "bf16": 8.0, "fp16": 8.0}, {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0},
-                          flops_per_byte=20.0),
+                          flops_per_byte=20.0, fp32_ops=frozenset({
+                              "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
+                              "reciprocal", "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "group_norm",
+                              "rms_norm", "norm", "cosine_similarity", "logsumexp", "cdist", "dist", "renorm",
+                              "softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum", "cross_entropy",
+                              "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div",
+                              "poisson_nll_loss", "binary_cross_entropy_with_logits", "cosine_embedding_loss",
+                              "margin_ranking_loss", "triplet_margin_loss", "soft_margin_loss"})),
 }
 
 
@@ -74,6 +84,8 @@ def layer_cost(layer: Layer, precision: str, profile: DeviceProfile, *, casts: b
     speed = profile.op_speed.get(layer.op, profile.speed).get(precision, profile.speed[precision])
     width = max([profile.width[precision]] + [profile.hazard_width[h][precision] for h in layer.hazards
                                                if precision in profile.hazard_width.get(h, {})])
+    if precision != "fp32" and profile.fp32_ops.intersection(layer.ops):
+        width = profile.width["fp32"]
     traffic = width * (layer.in_numel + layer.work_numel + layer.param_numel)
     compute = 3.0 * (layer.flops / speed + traffic * profile.flops_per_byte)
     if precision == "fp32":

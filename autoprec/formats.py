@@ -100,6 +100,21 @@ def resolve_target(target: str | torch.device | None, model_device: torch.device
     return kind
 
 
+def cuda_bf16_native() -> bool:
+    """Whether the current CUDA device runs BF16 in hardware (Ampere and later), not emulated.
+
+    Example:
+        >>> isinstance(cuda_bf16_native(), bool)
+        True
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch without the argument: it did not count emulation then
+        return bool(torch.cuda.is_bf16_supported())
+
+
 def default_formats(target: str) -> tuple[str, ...]:
     """The 16-bit formats a target runs fast: BF16 on CPU, FP16 (and BF16 where supported) on CUDA.
 
@@ -108,7 +123,7 @@ def default_formats(target: str) -> tuple[str, ...]:
         ('bf16',)
     """
     if target == "cuda":
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        if torch.cuda.is_available() and not cuda_bf16_native():
             return ("fp16",)
         return ("fp16", "bf16")
     return ("bf16",)
@@ -146,6 +161,6 @@ def check_formats(dtypes: Iterable[str] | str | None, target: str, run_device: t
         raise OptionError(f"dtypes={dtypes!r} names no 16-bit format, so there is nothing to tune: name 'fp16' "
                           "and/or 'bf16' (FP32 is always allowed), or leave dtypes out for the target's default")
     if target == "cuda" and "bf16" in formats and torch.cuda.is_available() and run_device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            raise FormatError("this CUDA device cannot run bf16: pass dtypes=['fp16']")
+        if not cuda_bf16_native():
+            raise FormatError("this CUDA device cannot run bf16 (no native BF16 before Ampere): pass dtypes=['fp16']")
     return formats

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .batch import LossFn, call_model, compute_loss
+from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError
 from .formats import info
 from .regions import Regions
@@ -175,7 +175,7 @@ class Runner:
         regions.install()
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
+                seed_rng(self.seed, self.device_type)
                 loss = compute_loss(call_model(self.model, batch), batch, self.loss_fn)
                 (loss.float() * scale).backward()
         finally:

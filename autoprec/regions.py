@@ -8,7 +8,9 @@ accumulation, a softmax, a matmul between leaves, ...) keyed ``"module.path::op"
 A region with precision ``p``:
 
 * enters ``torch.autocast`` for ``p`` (disabled for ``"fp32"``) and casts the layer's floating
-  inputs to ``p``, so every op inside runs in ``p``, not only the ones on autocast's list;
+  inputs to ``p``, so the ops inside run in ``p``, not only the ones on autocast's list; except,
+  on CUDA, the ops CUDA autocast always runs in FP32 (norms, softmax, pow/exp/log, sums, losses):
+  those compute in FP32 inside a 16-bit region too (the CUDA cost model gives them no gain);
 * hands its floating outputs back in the dtype its first floating input arrived in, so the code
   between layers (residual adds, SDPA fed by separate q/k/v Linears) always sees one dtype; except
   where the trace saw the output flow only into other layers of the assignment (``handoff``): each

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .batch import LossFn, call_model, compute_loss
+from .batch import LossFn, call_model, compute_loss, seed_rng
 from .regions import Regions
 
 __all__ = ["Curve", "OptimizerFactory", "default_optimizer", "train_curve"]
@@ -76,7 +76,7 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
             batch = batches[step % len(batches)]
             opt.zero_grad(set_to_none=True)
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed + step)
+                seed_rng(seed + step, device_type)
                 loss = compute_loss(call_model(model, batch), batch, loss_fn)
             losses.append(float(loss.detach()))
             if scaler is not None:

@@ -151,7 +151,7 @@ def grads_of(model: nn.Module, scale: float = 1.0) -> torch.Tensor:
     parts = []
     for p in model.parameters():
         g = p.grad
-        parts.append(torch.zeros(p.numel(), dtype=torch.float64) if g is None
+        parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device) if g is None
                      else g.detach().double().flatten() / scale)
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 

@@ -78,23 +78,27 @@ def build(name: str, size: str, device: str, n_batches: int = 3) -> tuple[torch.
 
 
 def peak_memory(model: torch.nn.Module, batch: Any, variant: Any) -> float | None:
-    """Peak GPU memory (MiB) of one training step of ``variant`` on a fresh copy, or None on a CPU."""
+    """GPU memory (MiB) one training step of ``variant`` (forward, backward, AdamW step, on a fresh copy)
+    adds at its peak over what was allocated before it (the copy's weights included), or None on a CPU."""
     if not next(model.parameters()).is_cuda:
         return None
     m = copy.deepcopy(model)
     handle = variant.install(m) if variant.install is not None else None
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     try:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
         with (variant.context(m) if handle is None else _null()):
             loss = m(**batch).loss
         loss.float().backward()
+        opt.step()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     finally:
         if handle is not None:
             handle.remove()
-        del m
+        del m, opt
         torch.cuda.empty_cache()
 
 

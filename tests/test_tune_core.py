@@ -247,3 +247,20 @@ def test_activation_between_16bit_layers_follows_their_format():
     with policy.autocast(model):
         assert model(x).dtype == torch.float32  # the last follower hands back what its producer would have
     assert policy.verification.passed
+
+
+def test_cuda_cost_model_gives_autocast_fp32_ops_no_gain():
+    """CUDA autocast runs layer_norm/softmax/pow in FP32 inside any region: such a layer gains nothing in 16-bit
+    on a CUDA target, while the same layer may on the CPU (where it really runs in BF16, measured faster)."""
+    from autoprec.costs import PROFILES, layer_cost
+    from autoprec.trace import Layer
+
+    ln = Layer("ln", "module", "LayerNorm", ("variance/norm",), ("layer_norm",), ((4096, 256),), ((4096, 256),),
+               flops=0, in_numel=4096 * 256, out_numel=4096 * 256, work_numel=4096 * 256, param_numel=512, calls=1)
+    relu = Layer("act", "module", "ReLU", (), ("relu",), ((4096, 256),), ((4096, 256),), flops=0,
+                 in_numel=4096 * 256, out_numel=4096 * 256, work_numel=4096 * 256, param_numel=0, calls=1)
+    cuda = PROFILES["cuda"]
+    assert layer_cost(ln, "bf16", cuda) > layer_cost(ln, "fp32", cuda)
+    assert layer_cost(ln, "bf16", cuda, casts=False) >= layer_cost(ln, "fp32", cuda)
+    assert layer_cost(relu, "bf16", cuda, casts=False) < layer_cost(relu, "fp32", cuda)
+    assert layer_cost(ln, "bf16", PROFILES["cpu"]) < layer_cost(ln, "fp32", PROFILES["cpu"])
