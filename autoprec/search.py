@@ -189,7 +189,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
     order = tuple(k for g in units for k in g)
 
-    follow = _followers(trace, slower, profile)
+    follow, followers = _followers(trace, slower, profile)
 
     def assignment(k: int) -> dict[str, str]:
         chosen = {key: best_fmt[key] for g in units[:k] for key in g}
@@ -197,7 +197,9 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
                        **{key: "fp32" for g in units[k:] for key in g}})
 
     def cost_of(a: Mapping[str, str]) -> float:
-        return sum(layer_cost(trace.layer(key), p, profile) for key, p in a.items())
+        # a follower in 16-bit gets its inputs handed over and hands its output on: no casts of its own
+        return sum(layer_cost(trace.layer(key), p, profile, casts=not (key in followers and p != "fp32"))
+                   for key, p in a.items())
 
     total32 = sum(cost32.values())
     cache: dict[int, tuple[float, float, bool]] = {}
@@ -332,7 +334,7 @@ def _producers(trace: Trace, key: str) -> list[str]:
 
 
 def _followers(trace: Trace, slower: Mapping[str, list[str]],
-               profile: DeviceProfile) -> Callable[[dict[str, str]], dict[str, str]]:
+               profile: DeviceProfile) -> tuple[Callable[[dict[str, str]], dict[str, str]], frozenset[str]]:
     """The rule that gives a follower layer the 16-bit format all its producers share.
 
     Followers: layers with no matmul work and no hazard (``slower``: activations, dropout, max
@@ -361,7 +363,7 @@ def _followers(trace: Trace, slower: Mapping[str, list[str]],
                 out[key] = next(iter(formats))
         return out
 
-    return apply
+    return apply, frozenset(key for key, _, _ in candidates)
 
 
 def _groups(trace: Trace, open_keys: Sequence[str]) -> list[list[str]]:
