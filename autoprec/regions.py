@@ -198,21 +198,16 @@ class _OpMode(TorchFunctionMode):
             return func(*args, **kwargs)
         named = op_name(func)
         top = stack[-1]
-        flow = self.regions._flow
-        if named is None:
-            out = func(*args, **kwargs)
-            if flow is not None and not top.unit:
-                flow(func, args, kwargs, out)
-            return out
-        base, in_place = named
-        if top.unit or top.opaque:
-            if top.emulate and base in MATMUL_OPS:
+        if named is None or top.unit or top.opaque:  # no layer of its own
+            if named is not None and top.emulate and named[0] in MATMUL_OPS:
                 out = _emulated(func, args, kwargs)
             else:
                 out = func(*args, **kwargs)
-            if flow is not None and not top.unit:
+            flow = self.regions._flow
+            if flow is not None and not top.unit:  # code between layers: where outputs go
                 flow(func, args, kwargs, out)
             return out
+        base, in_place = named
         n = top.counts.get(base, 0)
         top.counts[base] = n + 1
         key = f"{top.path}::{base}" + (f"_{n}" if n else "")

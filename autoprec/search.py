@@ -161,13 +161,10 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     best_fmt: dict[str, str] = {}
     usable: dict[str, list[str]] = {}
     refused: dict[str, str] = {}
-    slower: dict[str, list[str]] = {}  # layers with no matmul work and no hazard: may follow
     for layer in trace.layers:
         fmts, refused[layer.key], pinned = _usable(trace, probe, profile, tolerance, headroom, layer.key)
         if pinned is not None:
             decisions[layer.key] = pinned
-            if layer.key in probe.skipped:
-                slower[layer.key] = list(probe.formats)
             continue
         usable[layer.key] = fmts
         best_fmt[layer.key] = min(fmts, key=lambda f: (round(layer_cost(layer, f, profile), 6),
@@ -189,7 +186,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
     order = tuple(k for g in units for k in g)
 
-    follow, followers = _followers(trace, slower, profile)
+    follow, followers = _followers(trace, probe, profile)
 
     def assignment(k: int) -> dict[str, str]:
         chosen = {key: best_fmt[key] for g in units[:k] for key in g}
@@ -333,13 +330,14 @@ def _producers(trace: Trace, key: str) -> list[str]:
     return [p for p, consumers in trace.handoff.items() if key in consumers]
 
 
-def _followers(trace: Trace, slower: Mapping[str, list[str]],
+def _followers(trace: Trace, probe: Probe,
                profile: DeviceProfile) -> tuple[Callable[[dict[str, str]], dict[str, str]], frozenset[str]]:
     """The rule that gives a follower layer the 16-bit format all its producers share.
 
-    Followers: layers with no matmul work and no hazard (``slower``: activations, dropout, max
-    pooling; never probed alone, their 16-bit error is in each trial's measured total) that some
-    layer hands its output to, and that the cost model finds cheaper in that format without casts.
+    Followers: layers with no matmul work and no hazard (the probe's ``skipped``: activations,
+    dropout, max pooling; never probed alone, their 16-bit error is in each trial's measured total)
+    that some layer hands its output to, and that the cost model finds cheaper in that format
+    without casts.
     A probed layer refused only on cost never follows: it carries its own rounding error, which
     the search's order does not account for. Chains of followers (activation -> dropout) are
     resolved in execution order.
@@ -348,9 +346,9 @@ def _followers(trace: Trace, slower: Mapping[str, list[str]],
     for lay in trace.layers:
         key = lay.key
         producers = _producers(trace, key)
-        if key not in slower or not producers:
+        if key not in probe.skipped or not producers:
             continue
-        fmts = [f for f in slower[key]
+        fmts = [f for f in probe.formats
                 if layer_cost(lay, f, profile, casts=False) < layer_cost(lay, "fp32", profile)]
         if fmts:
             candidates.append((key, producers, fmts))

@@ -32,13 +32,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from contextlib import nullcontext
+
 import torch
-from torch.utils import _pytree as pytree
 
 from _measure import amp_variant, cast_traffic, fp32_variant, median, policy_variant, step_times
 from compare import machine
 
 import autoprec
+from autoprec.batch import batch_to
 
 MODELS = ("gpt2", "resnet50")
 VARIANTS = ("fp32", "amp-bf16", "amp-fp16", "autoprec")
@@ -73,8 +75,7 @@ def build(name: str, size: str, device: str, n_batches: int = 3) -> tuple[torch.
                         "labels": torch.randint(0, labels, (batch,), generator=g)} for _ in range(n_batches)]
         else:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    to = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-    return model.float().train().to(device), [pytree.tree_map(to, b) for b in batches]
+    return model.float().train().to(device), [batch_to(b, torch.device(device)) for b in batches]
 
 
 def peak_memory(model: torch.nn.Module, batch: Any, variant: Any) -> float | None:
@@ -89,7 +90,7 @@ def peak_memory(model: torch.nn.Module, batch: Any, variant: Any) -> float | Non
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        with (variant.context(m) if handle is None else _null()):
+        with (variant.context(m) if handle is None else nullcontext()):
             loss = m(**batch).loss
         loss.float().backward()
         opt.step()
@@ -100,14 +101,6 @@ def peak_memory(model: torch.nn.Module, batch: Any, variant: Any) -> float | Non
             handle.remove()
         del m, opt
         torch.cuda.empty_cache()
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:

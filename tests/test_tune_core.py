@@ -222,14 +222,15 @@ def test_cpu_cost_model_gives_accumulations_no_bfloat16_gain():
     from autoprec.costs import PROFILES, layer_cost
     from autoprec.trace import Layer
 
-    def layer(op: str, hazard: str) -> Layer:
-        return Layer("m", "module", op, (hazard,), (op,), ((20000, 16),), ((600, 16),), flops=0,
+    def layer(op: str, hazard: str, ops: tuple[str, ...]) -> Layer:
+        return Layer("m", "module", op, (hazard,), ops, ((20000, 16),), ((600, 16),), flops=0,
                      in_numel=20000 * 16, out_numel=600 * 16, work_numel=20000 * 16, param_numel=0, calls=1)
 
     cpu = PROFILES["cpu"]
-    scatter = layer("SumAggregation", "accumulation")
+    # the ops torch_geometric's SumAggregation runs, as the trace records them
+    scatter = layer("SumAggregation", "accumulation", ("view", "expand_as", "new_zeros", "scatter_add_"))
     assert layer_cost(scatter, "bf16", cpu) > layer_cost(scatter, "fp32", cpu)
-    norm = layer("LayerNorm", "variance/norm")
+    norm = layer("LayerNorm", "variance/norm", ("layer_norm",))
     assert layer_cost(norm, "bf16", cpu) < layer_cost(norm, "fp32", cpu)
 
 
