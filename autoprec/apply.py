@@ -1,9 +1,15 @@
-"""Stage 5, apply: run a policy on a model, as a context or an installed handle.
+"""Stage 5, apply: run a policy on a model, installed once or as a context.
 
-Each layer of the policy becomes a precision region (see :mod:`autoprec.regions`): a unit module
-through forward hooks, a functional op in a module's own code through a ``TorchFunctionMode``
-active only while the model runs. Leaving the context or calling ``handle.remove()`` restores the
-model exactly (no hook, no mode, no autocast state left behind), also after an exception.
+Each layer of the policy becomes a precision region (see :mod:`autoprec.runtime`): a unit module's
+class is swapped for a subclass whose ``forward`` runs in the region; a functional op in a module's
+own code gets its region from a ``TorchFunctionMode`` that module enters for its own call. Removing
+the policy (``handle.remove()``, or leaving the context) restores every class, also after an
+exception. ``torch.compile`` traces the regions with no graph break and recompiles when a policy
+is applied or removed; activation checkpointing recomputes in the same precision as the forward
+ran (install the policy for the whole training loop: backward must run while it is installed).
+
+The model may be wrapped (``torch.compile``, DDP, FSDP1/FSDP2, activation-checkpoint wrappers):
+policy keys are matched against the canonical names (see :mod:`autoprec.modules`).
 
 Inside a caller's own ``torch.autocast``, the policy's layers run in the policy's precision (its
 FP32 decisions are explicit, not left to either autocast op list); code outside those layers
@@ -12,19 +18,27 @@ follows the caller's autocast.
 A policy with FP16 layers applied to a model on a CPU runs them emulated (FP16-rounded operands,
 FP32 accumulation, FP16-rounded results), as GPU tensor cores compute; the CPU has no fast FP16
 kernels.
+
+Installing is O(modules) the first time a policy meets a model; after that the plan is cached
+(per model, per policy), so entering and leaving ``policy.autocast(model)`` every step costs a
+class swap per patched module.
 """
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
+import torch
 from torch import nn
 
-from .errors import FormatError
+from .errors import FormatError, PolicyError
 from .formats import cuda_bf16_native
+from .modules import canonical_modules, unit_modules
 from .policy import Policy
-from .regions import Regions, unit_modules
+from .runtime import Runtime
 
 __all__ = ["Handle", "apply", "autocast"]
 
@@ -32,14 +46,14 @@ __all__ = ["Handle", "apply", "autocast"]
 class Handle:
     """An installed policy; ``remove()`` takes it off the model (idempotent)."""
 
-    def __init__(self, regions: Regions) -> None:
-        self._regions: Regions | None = regions
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime: Runtime | None = runtime
 
     def remove(self) -> None:
-        """Remove every hook the policy installed."""
-        if self._regions is not None:
-            self._regions.remove()
-            self._regions = None
+        """Take the policy off the model: every swapped class back to its own."""
+        if self._runtime is not None:
+            self._runtime.remove()
+            self._runtime = None
 
     def __enter__(self) -> "Handle":
         return self
@@ -48,42 +62,88 @@ class Handle:
         self.remove()
 
 
+@dataclass(eq=False)
+class _Cached:
+    policy: Policy
+    device: str
+    plan: list
+    links: list[tuple[Any, str, nn.Module]]
+
+
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _Cached]" = weakref.WeakKeyDictionary()
+
+
 def _device_type(model: nn.Module) -> str:
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.parameters():
+        return t.device.type
+    for t in model.buffers():
         return t.device.type
     return "cpu"
 
 
+def _still_in_place(cached: _Cached) -> bool:
+    return all(holder is None or holder._modules.get(name) is child for holder, name, child in cached.links)
+
+
+def _plan(policy: Policy, model: nn.Module, device: str) -> list:
+    cached = _PLANS.get(model)
+    if cached is not None and cached.policy is policy and cached.device == device and _still_in_place(cached):
+        return cached.plan
+    policy.check(model)
+    links: dict[str, tuple[Any, str, nn.Module]] = {}
+    modules = canonical_modules(model, links)
+    units = unit_modules(model)
+    runtime = Runtime(model, policy.assignment, units=units, opaque=policy.opaque, device_type=device,
+                      emulate_fp16=device == "cpu", handoff=policy.handoff, modules=modules)
+    plan = runtime.plan()
+    paths = [spec.path for _, spec in plan]
+    _PLANS[model] = _Cached(policy, device, plan, [links[p] for p in paths])
+    return plan
+
+
 def apply(policy: Policy, model: nn.Module) -> Handle:
-    """Install ``policy`` on ``model``; returns a :class:`Handle`.
+    """Install ``policy`` on ``model`` until ``handle.remove()``; returns a :class:`Handle`.
+
+    This is the way to train: install once before the loop, so that backward (and the
+    recomputation of activation checkpointing) runs while the policy is installed.
 
     Example:
         >>> import torch, autoprec
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> p = autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")})
-        >>> h = apply(p, m); _ = m(torch.ones(1, 4)); h.remove()
+        >>> h = apply(p, m)
+        >>> m(torch.ones(1, 4)).dtype, type(m[0]).__name__
+        (torch.float32, 'Linear')
+        >>> h.remove()
     """
-    policy.check(model)
+    if not isinstance(policy, Policy):
+        raise PolicyError(f"apply takes an autoprec.Policy, got {type(policy).__name__}: "
+                          "use autoprec.load('policy.json') or autoprec.tune(...)")
+    if not isinstance(model, nn.Module):
+        raise PolicyError(f"a policy applies to a torch.nn.Module, got {type(model).__name__}")
     device = _device_type(model)
-    assignment = policy.assignment
-    if device == "cuda" and "bf16" in assignment.values() and not cuda_bf16_native():
-        raise FormatError("this CUDA device cannot run bf16, which the policy assigns: "
-                          "tune again with dtypes=['fp16']")
     if device not in ("cpu", "cuda"):
-        raise FormatError(f"autoprec runs policies on 'cpu' and 'cuda' devices, not {device!r}")
-    regions = Regions(model, assignment, units=unit_modules(model), opaque=policy.opaque, device_type=device,
-                      emulate_fp16=device == "cpu", handoff=policy.handoff)
-    return Handle(regions.install())
+        raise FormatError(f"autoprec runs policies on 'cpu' and 'cuda' devices, not {device!r}: "
+                          "move the model to one of them first")
+    if device == "cuda" and "bf16" in policy.assignment.values() and not cuda_bf16_native():
+        raise FormatError(f"this CUDA device ({torch.cuda.get_device_name()}) cannot run bf16, which the policy "
+                          "assigns: tune again with dtypes=['fp16']")
+    plan = _plan(policy, model, device)
+    runtime = Runtime(model, {}, units=(), device_type=device, modules={})
+    return Handle(runtime.install(plan))
 
 
 @contextmanager
 def autocast(policy: Policy, model: nn.Module) -> Iterator[Handle]:
-    """Context manager form of :func:`apply`.
+    """Context manager form of :func:`apply`: the policy runs inside the block only.
+
+    Backward run after the block runs without the policy; with activation checkpointing its
+    recomputation would too, so train with :func:`apply` (or run backward inside the block).
 
     Example:
         >>> import torch, autoprec
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
-        >>> with autocast(autoprec.Policy(layers={"0": autoprec.LayerEntry("fp32")}), m):
+        >>> with autocast(autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")}), m):
         ...     m(torch.ones(1, 4)).dtype
         torch.float32
     """

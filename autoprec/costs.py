@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .regions import HAZARD_OPS
+from .ops import HAZARD_OPS
 from .trace import Layer
 
 __all__ = ["DeviceProfile", "PROFILES", "layer_cost"]
@@ -73,7 +73,7 @@ def layer_cost(layer: Layer, precision: str, profile: DeviceProfile, *, casts: b
     """Modelled cost of one training step of ``layer`` in ``precision`` (in FP32-FLOP units).
 
     ``casts=False``: without the cast traffic, for a layer whose inputs arrive in its format and
-    whose output goes on uncast (see ``Regions`` handoff).
+    whose output goes on uncast (see the runtime's handoff).
 
     Example:
         >>> from autoprec.trace import Layer

@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import PolicyError
 from .formats import PRECISIONS
+from .modules import canonical_modules, unit_modules
 from .trace import module_signatures
 
 __all__ = ["SCHEMA_VERSION", "LayerEntry", "ScalerSettings", "Verification", "Policy", "load"]
@@ -308,11 +309,16 @@ class Policy:
         """
         if not isinstance(model, nn.Module):
             raise PolicyError(f"a policy applies to a torch.nn.Module, got {type(model).__name__}")
-        names = {name for name, _ in model.named_modules()}
+        modules = canonical_modules(model)
         parts = []
-        unknown = sorted(k for k in self.layers if k.split("::", 1)[0] not in names)
+        unknown = sorted(k for k in self.layers if k.split("::", 1)[0] not in modules)
         if unknown:
             parts.append(f"layers naming modules the model does not have: {_some(unknown)}")
+        leaves = unit_modules(model)
+        inner = sorted(k for k in self.layers if "::" not in k and k in modules and k not in leaves)
+        if inner:
+            parts.append(f"module entries that name modules with children (a module entry names a leaf; "
+                         f"an op in a module's own code is 'module.path::op'): {_some(inner)}")
         if self.modules:
             have = module_signatures(model)
             missing = sorted(set(self.modules) - set(have))

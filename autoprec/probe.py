@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError
 from .formats import info
-from .regions import Regions
+from .runtime import Runtime
 from .trace import Trace
 
 __all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
@@ -165,21 +165,21 @@ class Runner:
     def run(self, batch: Any, assignment: dict[str, str], *, scale: float = 1.0,
             watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Loss (detached) and parameter gradients (unscaled) of one pass."""
-        regions = Regions(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
+        runtime = Runtime(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
                           device_type=self.device_type, emulate_fp16=self.emulate_fp16, watcher=watcher,
                           handoff=self.trace.handoff)
         for p in self.params:
             p.grad = None
         devices = [torch.cuda.current_device()] if self.device_type == "cuda" and torch.cuda.is_available() else []
         self.passes += 1
-        regions.install()
+        runtime.install()
         try:
             with torch.random.fork_rng(devices=devices):
                 seed_rng(self.seed, self.device_type)
                 loss = compute_loss(call_model(self.model, batch), batch, self.loss_fn)
                 (loss.float() * scale).backward()
         finally:
-            regions.remove()
+            runtime.remove()
         grads = [None if p.grad is None else p.grad.detach().float() / scale for p in self.params]
         for p in self.params:
             p.grad = None

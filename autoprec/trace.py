@@ -26,7 +26,9 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .batch import call_model
-from .regions import Regions, hazard_of, inside, op_name, unit_modules
+from .modules import canonical_modules, class_name, inside, unit_modules
+from .ops import hazard_of, op_name
+from .runtime import Runtime
 
 __all__ = ["Layer", "Trace", "trace", "module_signatures", "fingerprint"]
 
@@ -183,13 +185,13 @@ def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: s
     # FlopCounterMode counts the matmul/conv/attention family only, which is what 16-bit speeds up
     counter = FlopCounterMode(display=False)
     recorder = _Recorder(counter)
-    regions = Regions(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder).install()
+    runtime = Runtime(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder).install()
     try:
         # grad on (nothing is run backward): layers entered with it off are inside a custom Function
         with counter, torch.enable_grad():
             call_model(model, batch)
     finally:
-        regions.remove()
+        runtime.remove()
     return recorder
 
 
@@ -316,7 +318,7 @@ def module_signatures(model: nn.Module) -> dict[str, str]:
         >>> module_signatures(torch.nn.Sequential(torch.nn.Linear(2, 3)))
         {'0': 'Linear[weight(3, 2),bias(3,)]'}
     """
-    return {path: f"{type(mod).__name__}[" + ",".join(f"{n}{tuple(p.shape)}" for n, p in mod.named_parameters())
+    return {path: f"{class_name(mod)}[" + ",".join(f"{n}{tuple(p.shape)}" for n, p in mod.named_parameters())
             + "]" for path, mod in unit_modules(model).items()}
 
 
@@ -341,16 +343,16 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
     fx, fx_numel = _fx_ops(nodes, units)
     recorder = _record(model, batch, units, set(opaque), device_type)
 
-    modules = dict(model.named_modules())
+    modules = canonical_modules(model)
     layers = []
     for key in recorder.order:
         row = recorder.rows[key]
         if row["kind"] == "module":
             mod = modules[key]
             seen = fx.get(key, [])
-            ops = tuple(dict.fromkeys(seen)) if seen else (type(mod).__name__,)
+            ops = tuple(dict.fromkeys(seen)) if seen else (class_name(mod),)
             names = {n[0] for n in (op_name(o) for o in seen) if n}
-            op = type(mod).__name__
+            op = class_name(mod)
             param_numel = sum(p.numel() for p in mod.parameters())
         else:
             mod = None

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .batch import LossFn, call_model, compute_loss, seed_rng
-from .regions import Regions
+from .runtime import Runtime
 
 __all__ = ["Curve", "OptimizerFactory", "default_optimizer", "train_curve"]
 
@@ -65,7 +65,7 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
     opt = optimizer(params)
     regions = None
     if assignment:
-        regions = Regions(model, assignment, units=units, opaque=opaque, device_type=device_type,
+        regions = Runtime(model, assignment, units=units, opaque=opaque, device_type=device_type,
                           emulate_fp16=emulate_fp16, handoff=handoff).install()
     losses: list[float] = []
     gmax: list[float] = []

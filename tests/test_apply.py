@@ -9,7 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.regions import Regions, op_name, unit_modules
+from autoprec.modules import unit_modules
+from autoprec.ops import op_name
+from autoprec.runtime import Runtime
 from autoprec.trace import module_signatures
 
 
@@ -40,6 +42,18 @@ def _hooks(model: nn.Module) -> list[int]:
     return [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
 
 
+class _Casts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype:
+            self.n += 1
+        return out
+
+
 def test_op_names_cover_methods_operators_and_in_place():
     """Torch-level functions map to the tracked base names the policy keys use."""
     assert op_name(torch.Tensor.index_add_) == ("index_add", True)
@@ -49,29 +63,36 @@ def test_op_names_cover_methods_operators_and_in_place():
 
 
 def test_layer_dtypes_follow_policy_and_hand_back_input_dtype():
-    """Each region computes in its precision and hands back FP32, so functional ops see one dtype."""
+    """Each region computes in its precision and hands back FP32, so functional ops and hooks see one dtype."""
     torch.manual_seed(0)
     model = Attn()
     seen = {}
     for name in ("q", "k", "v"):
-        getattr(model, name).register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o.dtype))
+        getattr(model, name).register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o))
     policy = _policy(model, {"q": "bf16", "k": "fp32", "v": "bf16", "::matmul": "bf16", "::softmax": "fp32"})
+    x = torch.randn(2, 4, 16)
     with policy.autocast(model):
-        out = model(torch.randn(2, 4, 16))
+        out = model(x)
     assert out.dtype == torch.float32
-    # the user's hook runs inside the region (registered first), so it sees the raw 16-bit output
-    assert seen == {"q": torch.bfloat16, "k": torch.float32, "v": torch.bfloat16}
+    # the region runs inside the module's forward: its hooks see the output handed back in FP32
+    assert {k: v.dtype for k, v in seen.items()} == dict.fromkeys("qkv", torch.float32)
+    with torch.no_grad():
+        q16 = nn.functional.linear(x.bfloat16(), model.q.weight.bfloat16(), model.q.bias.bfloat16())
+        assert torch.equal(seen["q"], q16.float())
+        assert torch.equal(seen["k"], model.k(x))
 
 
-def test_remove_restores_hooks_exactly():
-    """apply() then remove() leaves no hook behind; remove() is idempotent."""
+def test_remove_restores_classes_exactly():
+    """apply() swaps the classes of the layers it runs; remove() restores them and is idempotent."""
     model = Attn()
-    before = _hooks(model)
+    before = [type(m) for m in model.modules()]
     handle = _policy(model, {"q": "bf16", "::softmax": "fp32"}).apply(model)
-    assert _hooks(model) != before
+    assert type(model.q) is not nn.Linear and isinstance(model.q, nn.Linear)
+    assert type(model.q).__name__ == "Linear"
     handle.remove()
     handle.remove()
-    assert _hooks(model) == before
+    assert [type(m) for m in model.modules()] == before
+    assert not any("_autoprec_spec" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.parametrize("use_context", [True, False], ids=["context", "handle"])
@@ -126,7 +147,7 @@ def test_in_place_functional_op_in_region_writes_back():
     x = torch.randn(6, 4)
     index = torch.tensor([0, 0, 1, 1, 2, 2])
     ref = agg(x, index)
-    regions = Regions(agg, {"::index_add": "bf16"}, units=[], device_type="cpu").install()
+    regions = Runtime(agg, {"::index_add": "bf16"}, units=[], device_type="cpu").install()
     try:
         got = agg(x, index)
     finally:
@@ -149,7 +170,7 @@ def test_fp16_emulation_matches_real_fp16_autocast(shape):
     real.float().sum().backward()
     real_grad = x.grad.clone()
     x.grad = None
-    regions = Regions(lin, {"": "fp16"}, units=unit_modules(lin), device_type="cpu", emulate_fp16=True).install()
+    regions = Runtime(lin, {"": "fp16"}, units=unit_modules(lin), device_type="cpu", emulate_fp16=True).install()
     try:
         emu = lin(x)
     finally:
@@ -192,25 +213,25 @@ def test_hand_written_fp16_policy_still_gets_a_grad_scaler():
 
 
 def test_fp32_regions_act_only_where_they_change_something():
-    """In a plain FP32 forward an FP32 entry opens no region; it still lifts 16-bit inputs and undoes autocast."""
+    """In a plain FP32 forward an FP32 entry casts nothing; it still lifts 16-bit inputs and undoes autocast."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     policy = _policy(model, {"0": "fp32", "2": "fp32"})
-    depth, dtypes = [], []
-
-    def seen(module: nn.Module, args: tuple) -> None:
-        depth.append(len(handle._regions._state.stack))
-        dtypes.append(args[0].dtype)
-
-    with policy.autocast(model) as handle:
-        model[2].register_forward_pre_hook(seen)  # added now, it runs after the region's own pre-hook
-        assert model(torch.randn(2, 8)).dtype == torch.float32
+    x = torch.randn(2, 8)
+    with policy.autocast(model):
+        with _Casts() as casts:
+            assert model(x).dtype == torch.float32
+        assert casts.n == 0
         # a 16-bit input (the caller's own cast) is lifted to FP32 and handed back in its dtype
-        assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        low = x.bfloat16()
+        out = model(low)
+        assert out.dtype == torch.bfloat16
+        with torch.no_grad():
+            h = torch.relu(nn.functional.linear(low.float(), model[0].weight, model[0].bias).bfloat16())
+            assert torch.equal(out, nn.functional.linear(h.float(), model[2].weight, model[2].bias).bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert model(torch.randn(2, 8)).dtype == torch.float32
-    assert depth == [0, 1, 1]
-    assert dtypes == [torch.float32, torch.float32, torch.float32]
+            assert model(x).dtype == torch.float32
+            assert torch.equal(model(x), model[2](model[1](model[0](x))))
 
 
 class Flow(nn.Module):
@@ -232,18 +253,6 @@ def test_trace_hands_off_only_outputs_that_flow_into_layers():
     torch.manual_seed(0)
     tr = trace(Flow(), torch.randn(8, 8), device_type="cpu")
     assert tr.handoff == {"a": ("b",), "b": ("c",)}
-
-
-class _Casts(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten._to_copy.default and out.dtype != args[0].dtype:
-            self.n += 1
-        return out
 
 
 def test_handoff_saves_casts_with_identical_forward_values():
@@ -290,9 +299,12 @@ def test_fp32_layer_fed_a_16bit_output_still_hands_back_fp32():
     policy = Policy(layers={"a": LayerEntry("bf16"), "b": LayerEntry("fp32"), "c": LayerEntry("bf16"),
                             "d": LayerEntry("bf16")}, modules=module_signatures(model), handoff={"a": ("b",)})
     seen = {}
-    with policy.autocast(model):  # hooks added now run after the regions' own
-        model.b.register_forward_pre_hook(lambda m, a: seen.__setitem__("b in", a[0].dtype))
-        model.b.register_forward_hook(lambda m, a, o: seen.__setitem__("b out", o.dtype))
-        model.a.register_forward_hook(lambda m, a, o: seen.__setitem__("a out", o.dtype))
+    model.b.register_forward_pre_hook(lambda m, a: seen.__setitem__("b in", a[0]))
+    model.b.register_forward_hook(lambda m, a, o: seen.__setitem__("b out", o))
+    model.a.register_forward_hook(lambda m, a, o: seen.__setitem__("a out", o.dtype))
+    with policy.autocast(model):
         assert model(torch.randn(8, 8, requires_grad=True)).dtype == torch.float32
-    assert seen == {"a out": torch.bfloat16, "b in": torch.float32, "b out": torch.float32}
+    assert seen["a out"] == torch.bfloat16 and seen["b in"].dtype == torch.bfloat16
+    assert seen["b out"].dtype == torch.float32
+    with torch.no_grad():  # b computed in FP32 from the handed BF16 values
+        assert torch.equal(seen["b out"], model.b(seen["b in"].float()))

@@ -8,6 +8,7 @@ from torch import nn
 
 import autoprec
 from tests.models import transformer_block
+from tests.observe import record_precision
 
 
 def _hooks(model: nn.Module) -> int:
@@ -23,9 +24,7 @@ def test_lightning_trainer_runs_the_policy(target):
     net, batch, loss_fn = transformer_block(batch_size=8)
     policy = autoprec.tune(net, batch, loss_fn, target=target, progress=False, verify_steps=3)
     assert ("fp16" in policy.assignment.values()) == (target == "cuda")
-    seen: list[torch.dtype] = []
-    fc1 = net.mlp.fc1
-    fc1.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    seen = record_precision(net.mlp.fc1)
 
     class Lit(L.LightningModule):
         def __init__(self) -> None:
@@ -45,8 +44,8 @@ def test_lightning_trainer_runs_the_policy(target):
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Lit(), loader)
     assert trainer.global_step == 3
-    expected = torch.float16 if policy.layers["mlp.fc1"].precision == "fp16" else torch.bfloat16
-    assert seen and set(seen) == {expected}  # the layer ran in the policy's precision
+    assert seen and set(seen) == {policy.layers["mlp.fc1"].precision}  # the layer ran in the policy's precision
+    assert not autoprec.runtime.installed(net.mlp.fc1)  # taken off at teardown
     if plugin.scaler is not None:
         assert plugin.scaler.get_scale() <= policy.scaler.init_scale
     assert all(torch.isfinite(p).all() for p in net.parameters())
@@ -67,13 +66,13 @@ def test_hf_trainer_runs_the_policy(tmp_path):
     data = [{"input_ids": ids[i], "labels": ids[i]} for i in range(8)]
     args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                                report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no")
-    seen: list[torch.dtype] = []
-    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    seen = record_precision(model.transformer.h[0].mlp.c_fc)
     before = _hooks(model)
     callback = AutoprecCallback(policy)
     trainer = T.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     result = trainer.train()
     assert trainer.state.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     precision = policy.layers["transformer.h.0.mlp.c_fc"].precision
-    assert seen and set(seen) == {autoprec.formats.to_dtype(precision)}
-    assert _hooks(model) == before  # the policy's hooks are gone again
+    assert seen and set(seen) == {precision}
+    assert _hooks(model) == before
+    assert not any(autoprec.runtime.installed(m) for m in model.modules())  # the policy is off again

@@ -7,8 +7,9 @@ Example (needs ``pip install lightning``)::
     trainer.fit(lit_module)
 
 The policy may be tuned on the LightningModule itself or on the network it holds (``self.model``):
-the plugin applies it to the first module that fits. Each training/validation/predict step runs
-inside the policy's per-layer regions; with FP16 layers the tuned GradScaler scales the loss and
+the plugin installs it on the first module that fits when the Trainer sets up, for the whole run
+(so backward, and the recomputation of activation checkpointing, run in the policy's precision), and
+takes it off at teardown; with FP16 layers the tuned GradScaler scales the loss and
 skips non-finite steps, exactly as Lightning's ``"16-mixed"`` does with its default scaler.
 """
 
@@ -52,19 +53,29 @@ class AutoprecPrecision(MixedPrecision):
         super().__init__("16-mixed" if scaler is not None else "bf16-mixed", device, scaler)
         self.policy = policy
         self._module: nn.Module | None = None
+        self._handle: Any = None
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        """Find the part of the LightningModule the policy fits (its parameters stay FP32)."""
+        """Install the policy on the part of the LightningModule it fits (its parameters stay FP32)."""
+        if self._handle is not None:
+            self._handle.remove()
         self._module = fitting_module(self.policy, module)
+        self._handle = self.policy.apply(self._module)
         return module
 
     @contextmanager
     def forward_context(self) -> Iterator[None]:
-        """Per-layer regions instead of one blanket autocast."""
+        """The installed per-layer regions instead of one blanket autocast."""
         if self._module is None:
             raise OptionError("AutoprecPrecision has no module yet: pass it to a Trainer via plugins=[...]")
-        with self.policy.autocast(self._module):
-            yield
+        yield
+
+    def teardown(self) -> None:
+        """Take the policy off the module again."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        super().teardown()
 
     def autocast_context_manager(self) -> Any:  # Lightning calls this for blanket autocast; never here
         raise OptionError("AutoprecPrecision applies per-layer regions, not blanket autocast")

@@ -1,0 +1,74 @@
+"""The op vocabulary: which torch calls are layers of their own, and which are numerical hazards.
+
+Shared by the trace (which names layers), the cost model (which prices them) and the runtime (which
+gives functional ops in a module's own code their precision).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["HAZARD_OPS", "MATMUL_OPS", "hazard_of", "op_name"]
+
+#: The matmul/conv family: autocast casts these, and they carry almost all FLOPs.
+MATMUL_OPS = frozenset({
+    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "bilinear",
+    "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+    "scaled_dot_product_attention",
+})
+
+#: Known numerical hazards, by op, and the class the report names for them.
+HAZARD_OPS: dict[str, str] = {
+    **{op: "accumulation" for op in ("index_add", "scatter_add", "scatter_reduce", "index_reduce",
+                                       "index_put", "embedding_bag", "segment_reduce", "bincount")},
+    **{op: "softmax" for op in ("softmax", "log_softmax", "logsumexp")},
+    **{op: "variance/norm" for op in ("layer_norm", "group_norm", "batch_norm", "rms_norm", "instance_norm",
+                                       "var", "std", "var_mean", "std_mean", "norm", "normalize")},
+    **{op: "exp/log/pow" for op in ("exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "pow",
+                                     "rsqrt", "sqrt", "reciprocal")},
+    **{op: "long reduction" for op in ("sum", "mean", "cumsum", "prod", "cumprod", "nansum", "avg_pool1d",
+                                        "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                                        "adaptive_avg_pool3d")},
+    **{op: "position/trig" for op in ("sin", "cos", "tan", "sinc")},
+    **{op: "loss" for op in ("cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
+                             "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
+                             "kl_div", "ctc_loss", "poisson_nll_loss", "gaussian_nll_loss",
+                             "cosine_embedding_loss", "margin_ranking_loss", "triplet_margin_loss")},
+}
+
+_TRACKED = MATMUL_OPS | frozenset(HAZARD_OPS)
+
+
+def op_name(func: Any) -> tuple[str, bool] | None:
+    """``(base name, in_place)`` of a torch function (or its name), or None for an untracked one.
+
+    Example:
+        >>> op_name(torch.Tensor.index_add_)
+        ('index_add', True)
+    """
+    name = func if isinstance(func, str) else getattr(func, "__name__", None)
+    if not isinstance(name, str):
+        return None
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+        if name in ("rmatmul", "rpow"):
+            name = name[1:]
+        elif name in ("imatmul", "ipow"):
+            return (name[1:], True) if name[1:] in _TRACKED else None
+    in_place = name.endswith("_")
+    base = name.rstrip("_")
+    if base not in _TRACKED:
+        return None
+    return base, in_place
+
+
+def hazard_of(op: str) -> str | None:
+    """The hazard class of an op name, or None.
+
+    Example:
+        >>> hazard_of("scatter_add")
+        'accumulation'
+    """
+    return HAZARD_OPS.get(op)

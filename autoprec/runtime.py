@@ -1,0 +1,488 @@
+"""Per-layer precision at run time: the one runtime that trace, probe, verify and apply share.
+
+A *layer* is either a **unit module** (a leaf, run as one piece) keyed by its canonical path, or a
+**functional op** called in a non-unit module's own ``forward`` (an accumulation, a softmax, a
+matmul between leaves, ...) keyed ``"module.path::op"`` with ``_1``, ``_2`` ... for later calls of
+the same op in that forward (the root's path is ``""``).
+
+How it runs: each module that has something to do gets its class swapped for a cached subclass
+(the way torchao and FSDP2 change a module) whose ``forward`` runs the original one inside a
+``with torch.autocast(...)`` block, and the per-module settings live on the instance as plain
+frozen data. ``torch.compile`` traces all of it with no graph break, guards on the class and the
+settings (so applying another policy, or removing it, recompiles), and activation checkpointing
+recomputes through the same ``forward``, so recomputation runs in the precision the forward ran.
+No state lives on the runtime between calls: what one forward needs (the op counts in a module's
+own code) lives in a ``TorchFunctionMode`` made for that call on torch's per-thread mode stack, so
+threads running one model never share it.
+
+A region with precision ``p``:
+
+* enters ``torch.autocast`` for ``p`` (disabled for ``"fp32"``) and casts the layer's floating
+  inputs to ``p``, so the ops inside run in ``p``, not only the ones on autocast's list (on CUDA,
+  autocast's own FP32 list still lifts norms, softmax, pow/exp/log, sums and losses);
+* hands its floating outputs back in the dtype its first floating input arrived in, so the code
+  between layers always sees one dtype; except where the trace saw the output flow only into other
+  layers of the assignment (``handoff``): each of those casts its inputs on entry anyway, so the
+  16-bit output goes to them as it is (autocast's own behaviour, bit-identical forward values), and
+  they hand back the model's own floating dtype. Only with grad mode on: a custom
+  ``autograd.Function``'s forward runs with it off, and its hand-written backward expects the
+  dtypes its forward saw;
+* an FP32 region does nothing (not even a cast) unless a caller's autocast is on or a 16-bit
+  tensor reaches it: an FP32 layer costs one Python call per step in eager mode, none compiled.
+
+FP16 on a CPU has no fast kernels; with ``emulate_fp16`` the matmul/conv family is emulated the way
+GPU tensor cores run it: operands rounded to FP16, products accumulated in FP32, the result rounded
+to FP16.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .errors import PolicyError
+from .formats import to_dtype
+from .modules import canonical_modules, inside
+from .ops import MATMUL_OPS, op_name
+
+__all__ = ["Runtime", "Watcher", "installed"]
+
+_LOW = (torch.float16, torch.bfloat16)
+_SPEC = "_autoprec_spec"
+
+
+class Watcher(Protocol):
+    """Observes layers as they run (the probe records ranges, the trace records FLOPs).
+
+    A watcher may also define ``call(func, args, kwargs, out)``, told of every torch call in code
+    that is no layer (own code between layers, opaque code), and ``finish(output)``, told of what
+    the root module returns: the trace follows where each layer's output goes with them.
+    """
+
+    def enter(self, key: str, kind: str, inputs: tuple) -> None: ...
+
+    def exit(self, key: str, kind: str, raw: Any, final: Any) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class _Spec:
+    """What one module's ``forward`` does besides its own work (plain data, set per instance)."""
+
+    path: str
+    device_type: str
+    precision: str | None = None       # a unit's region, or None
+    unit: bool = False
+    emulate: bool = False              # FP16 matmuls emulated inside (CPU)
+    keep: bool = False                 # hands a 16-bit output on uncast (handoff)
+    fed: bool = False                  # fed by a kept layer: hands back ``handback`` for 16-bit input
+    handback: torch.dtype = torch.float32
+    boundary: bool = False             # called from a parent whose own code is tracked: hide its ops
+    own: bool = False                  # its own code's functional ops are tracked
+    own_always: bool = False           # ... even without a caller's autocast
+    opaque: bool = False               # own code tracked for a watcher only, never split into layers
+    entries: Mapping[str, str] | None = None      # op key -> precision (own code)
+    op_keep: frozenset = frozenset()
+    op_fed: frozenset = frozenset()
+    emulate_fp16: bool = False
+    root: bool = False
+    watcher: Any = None
+
+
+# -- tensors ----------------------------------------------------------------------------------
+def _first_float_dtype(tree: Any) -> torch.dtype | None:
+    for t in pytree.tree_leaves(tree):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return tree
+    return pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t,
+        tree)
+
+
+def _has_low(args: tuple, kwargs: dict) -> bool:
+    """Whether any floating tensor among the arguments is 16-bit (top level first: the common case)."""
+    nested = False
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.dtype in _LOW:
+                return True
+        elif isinstance(a, (list, tuple, dict)):
+            nested = True
+    return nested and any(isinstance(t, torch.Tensor) and t.dtype in _LOW
+                          for t in pytree.tree_leaves((args, kwargs)))
+
+
+def _round16(tree: Any) -> Any:
+    """Round floating tensors to FP16 values but keep them FP32 (emulated tensor-core operands)."""
+    return pytree.tree_map(
+        lambda t: t.to(torch.float16).to(torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        tree)
+
+
+def _emulated(func: Callable, args: tuple, kwargs: dict) -> Any:
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        out = func(*_round16(args), **_round16(kwargs))
+    return _cast(out, torch.float16)
+
+
+def _autocast(device_type: str, precision: str, emulate: bool) -> torch.autocast:
+    if precision == "fp32" or emulate:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=to_dtype(precision))
+
+
+# -- function modes ---------------------------------------------------------------------------
+class _Emulate(TorchFunctionMode):
+    """Inside an FP16 unit on a CPU: the matmul/conv family runs emulated."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        named = _named(func)
+        if named is not None and named[0] in MATMUL_OPS:
+            return _emulated(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class _OwnCode(TorchFunctionMode):
+    """One call of a module's ``forward``: gives the functional ops in its own code their regions.
+
+    Calls made inside its child modules pass through (each child raises ``depth`` while it runs).
+    """
+
+    def __init__(self, spec: _Spec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.depth = 0
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth:
+            return func(*args, **kwargs)
+        spec = self.spec
+        named = _named(func)
+        if named is None or spec.opaque:  # no layer of its own
+            out = func(*args, **kwargs)
+            flow = getattr(spec.watcher, "call", None)
+            if flow is not None:  # code between layers: where outputs go
+                flow(func, args, kwargs, out)
+            return out
+        base, in_place = named
+        n = self.counts.get(base, 0)
+        self.counts[base] = n + 1
+        key = f"{spec.path}::{base}" + (f"_{n}" if n else "")
+        return _run_op(spec, key, func, args, kwargs, in_place, base)
+
+
+def _run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
+    """Code that Dynamo meets as a frame of its own only after a graph break in the model's own code
+    (a data-dependent op) runs as it is there, instead of being compiled again and counting the same
+    break once more; inlined into a traced forward it is traced as usual. ``recursive``: what it
+    calls runs as it is too (a mode's handler calls torch ops only); else what it calls (the
+    model's own ``forward``) is compiled as usual."""
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # pragma: no cover - older torch: such a break is counted more than once
+        return
+    inner = FrameAction.SKIP if recursive else FrameAction.DEFAULT
+    for code in codes:
+        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, inner))
+
+
+_run_eagerly_after_a_break([_Emulate.__torch_function__.__code__, _OwnCode.__torch_function__.__code__],
+                           recursive=True)
+
+
+@torch.compiler.assume_constant_result
+def _named(func: Any) -> tuple[str, bool] | None:
+    """:func:`op_name`, read by torch.compile as the constant it is for one function."""
+    return op_name(func)
+
+
+def _owner() -> _OwnCode | None:
+    """The innermost own-code mode on this thread's mode stack."""
+    for i in range(torch._C._len_torch_function_stack() - 1, -1, -1):
+        mode = torch._C._get_function_stack_at(i)
+        if isinstance(mode, _OwnCode):
+            return mode
+    return None
+
+
+def _back(spec_fed: bool, handback: torch.dtype, inputs: Any) -> torch.dtype | None:
+    first = _first_float_dtype(inputs)
+    if spec_fed and first in _LOW:
+        return handback
+    return first
+
+
+def _run_op(spec: _Spec, key: str, func: Callable, args: tuple, kwargs: dict, in_place: bool, base: str) -> Any:
+    precision = spec.entries.get(key) if spec.entries else None
+    watcher = spec.watcher
+    if watcher is not None:
+        watcher.enter(key, "op", (args, kwargs))
+    if precision is None:
+        out = func(*args, **kwargs)
+        if watcher is not None:
+            watcher.exit(key, "op", out, out)
+        return out
+    back = _back(key in spec.op_fed, spec.handback, (args, kwargs))
+    emulate = precision == "fp16" and spec.emulate_fp16
+    with _autocast(spec.device_type, precision, emulate):
+        cargs, ckwargs = _cast((args, kwargs), to_dtype(precision))
+        raw = _emulated(func, cargs, ckwargs) if emulate and base in MATMUL_OPS else func(*cargs, **ckwargs)
+    if in_place and isinstance(args[0], torch.Tensor) and raw is not args[0]:
+        # the op ran on a cast copy of `self`: write the result back into the caller's tensor
+        args[0].copy_(raw)
+        final = args[0]
+    elif key in spec.op_keep and torch.is_grad_enabled():
+        final = raw
+    else:
+        final = _cast(raw, back)
+    if watcher is not None:
+        watcher.exit(key, "op", raw, final)
+    return final
+
+
+# -- one module's forward ---------------------------------------------------------------------
+def _call(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if spec.boundary:
+        owner = _owner()
+        if owner is not None:
+            owner.depth += 1
+            try:
+                return _body(spec, forward, module, args, kwargs)
+            finally:
+                owner.depth -= 1
+    return _body(spec, forward, module, args, kwargs)
+
+
+def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if spec.unit:
+        out = _unit(spec, forward, module, args, kwargs)
+    elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type)):
+        with _OwnCode(spec):
+            out = forward(module, *args, **kwargs)
+    else:
+        out = forward(module, *args, **kwargs)
+    if spec.root and spec.watcher is not None and hasattr(spec.watcher, "finish"):
+        spec.watcher.finish(out)
+    return out
+
+
+def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    precision, watcher = spec.precision, spec.watcher
+    if watcher is not None:
+        watcher.enter(spec.path, "module", (args, kwargs))
+    if precision is None or (precision == "fp32" and not torch.is_autocast_enabled(spec.device_type)
+                             and not _has_low(args, kwargs)):
+        out = forward(module, *args, **kwargs)  # nothing to cast, no autocast to undo
+        if watcher is not None and out is not None:
+            watcher.exit(spec.path, "module", out, out)
+        return out
+    back = _back(spec.fed, spec.handback, (args, kwargs))
+    with _autocast(spec.device_type, precision, spec.emulate):
+        args, kwargs = _cast((args, kwargs), to_dtype(precision))
+        if spec.emulate:
+            with _Emulate():
+                out = forward(module, *args, **kwargs)
+        else:
+            out = forward(module, *args, **kwargs)
+    final = out if spec.keep and torch.is_grad_enabled() else _cast(out, back)
+    if watcher is not None and out is not None:
+        watcher.exit(spec.path, "module", out, final)
+    return final
+
+
+def _forward(spec: _Spec | None, base_forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    if spec is None:
+        return base_forward(module, *args, **kwargs)
+    return _call(spec, base_forward, module, args, kwargs)
+
+
+def _forward_of(base_forward: Callable) -> Callable:
+    def forward(self, *args, **kwargs):
+        return _forward(self.__dict__.get(_SPEC), base_forward, self, args, kwargs)
+    return forward
+
+
+_run_eagerly_after_a_break([_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__,
+                            _body.__code__, _unit.__code__], recursive=False)
+
+# -- the swapped classes ----------------------------------------------------------------------
+_CLASSES: dict[type, type] = {}
+
+
+def _reduce_ex(self: nn.Module, protocol: int) -> Any:
+    """Pickle and deep-copy as the class the module was written as, without the policy."""
+    fn, args, state, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    args = tuple(_base_of(a) if isinstance(a, type) else a for a in args)
+    if isinstance(state, dict) and _SPEC in state:
+        state = {k: v for k, v in state.items() if k != _SPEC}
+    return (fn, args, state, *rest)
+
+
+def _base_of(cls: type) -> type:
+    return cls.__dict__.get("_autoprec_base", cls)
+
+
+def _swapped(base: type) -> type:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (base,), {"forward": _forward_of(base.forward), "_autoprec_base": base,
+                                             "__reduce_ex__": _reduce_ex, "__module__": base.__module__,
+                                             "__qualname__": base.__qualname__})
+        _CLASSES[base] = cls
+    return cls
+
+
+def _ours(module: nn.Module) -> bool:
+    return any("_autoprec_base" in c.__dict__ for c in type(module).__mro__)
+
+
+def installed(module: nn.Module) -> bool:
+    """Whether a policy (or a tuning pass) runs on ``module`` now.
+
+    Example:
+        >>> installed(nn.Linear(2, 2))
+        False
+    """
+    return _SPEC in module.__dict__
+
+
+def _patch(module: nn.Module, spec: _Spec) -> None:
+    if "forward" in module.__dict__:  # an instance-level forward (accelerate, hand patches) wins over a class
+        inner = module.__dict__["forward"]
+        module.__dict__["_autoprec_forward"] = inner
+        module.__dict__["forward"] = functools.partial(_call, spec, lambda _m, *a, **k: inner(*a, **k), module)
+        module.__dict__[_SPEC] = spec
+        return
+    if not _ours(module):
+        module.__class__ = _swapped(type(module))
+    module.__dict__[_SPEC] = spec
+
+
+def _unpatch(module: nn.Module) -> None:
+    module.__dict__.pop(_SPEC, None)
+    if "_autoprec_forward" in module.__dict__:
+        module.__dict__["forward"] = module.__dict__.pop("_autoprec_forward")
+        return
+    base = type(module).__dict__.get("_autoprec_base")
+    if base is not None:
+        module.__class__ = base
+    # else a class swapped on top of ours (fully_shard after apply): the forward stays ours and,
+    # with no settings on the instance, runs the module's own forward unchanged
+
+
+# -- installing -------------------------------------------------------------------------------
+class Runtime:
+    """Installs per-layer precision on a model; ``remove()`` takes every trace of it away again.
+
+    ``assignment`` maps layer keys to ``"fp32"|"fp16"|"bf16"``; layers it leaves out run as they
+    would without autoprec. ``units`` are the module paths run as one piece; the functional ops in
+    the own code of ``opaque`` modules are not split into layers. ``handoff`` maps a layer to the
+    layers its output flows into when that is all it flows into (the trace finds it); a 16-bit
+    layer whose consumers all have a precision here hands them its output uncast. ``modules`` is
+    the model's ``{canonical path: module}`` when the caller has it already.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> r = Runtime(m, {"0": "bf16"}, units=["0", "1"], device_type="cpu").install()
+        >>> m(torch.ones(2, 4)).dtype
+        torch.float32
+        >>> r.remove()
+    """
+
+    def __init__(self, model: nn.Module, assignment: Mapping[str, str], *, units: Iterable[str],
+                 device_type: str, opaque: Iterable[str] = (), emulate_fp16: bool = False,
+                 watcher: Watcher | None = None, handoff: Mapping[str, Iterable[str]] | None = None,
+                 modules: Mapping[str, nn.Module] | None = None) -> None:
+        self.model = model
+        self.assignment = dict(assignment)
+        self.units = frozenset(units)
+        self.opaque = frozenset(opaque)
+        self.device_type = device_type
+        self.emulate_fp16 = emulate_fp16
+        self.watcher = watcher
+        handoff = {k: tuple(v) for k, v in (handoff or {}).items()}
+        self.keep = frozenset(k for k, consumers in handoff.items() if self.assignment.get(k) in ("fp16", "bf16")
+                              and consumers and all(c in self.assignment for c in consumers))
+        self.fed = frozenset(c for k in self.keep for c in handoff[k])
+        self._modules = dict(modules) if modules is not None else canonical_modules(model)
+        self._patched: list[nn.Module] = []
+
+    def plan(self) -> list[tuple[nn.Module, _Spec]]:
+        """The modules to patch and what each does; O(modules)."""
+        mods = self._modules
+        handback = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        # op entries by owning module
+        entries: dict[str, dict[str, str]] = {}
+        for key, precision in self.assignment.items():
+            owner, sep, _ = key.partition("::")
+            if sep:
+                entries.setdefault(owner, {})[key] = precision
+        watching = self.watcher is not None
+        # a unit's descendants run inside it; nothing of theirs is patched
+        skip: set[str] = set()
+        for path in sorted(mods, key=len):
+            if path in skip:
+                continue
+            if path in self.units:
+                skip.update(p for p in mods if inside(p, path))
+        own = {path for path in mods if path not in self.units and path not in skip
+               and (path in entries or watching)}
+        out = []
+        for path, mod in mods.items():
+            if path in skip:
+                continue
+            parent = path.rpartition(".")[0] if "." in path else ("" if path else None)
+            boundary = parent is not None and parent in own
+            unit = path in self.units and (path in self.assignment or watching)
+            mine = entries.get(path, {})
+            tracked = path in own
+            if not (boundary or unit or tracked or (watching and path == "")):
+                continue
+            precision = self.assignment.get(path) if path in self.units else None
+            spec = _Spec(
+                path=path, device_type=self.device_type, precision=precision, unit=unit,
+                emulate=precision == "fp16" and self.emulate_fp16, keep=path in self.keep, fed=path in self.fed,
+                handback=handback, boundary=boundary, own=tracked,
+                own_always=watching or any(p != "fp32" for p in mine.values()) or any(k in self.fed for k in mine),
+                opaque=path in self.opaque, entries=mine or None,
+                op_keep=frozenset(k for k in mine if k in self.keep), op_fed=frozenset(k for k in mine if k in self.fed),
+                emulate_fp16=self.emulate_fp16, root=path == "", watcher=self.watcher)
+            out.append((mod, spec))
+        return out
+
+    def install(self, plan: list[tuple[nn.Module, _Spec]] | None = None) -> "Runtime":
+        """Patch the modules (``plan`` from :meth:`plan`, computed when not given); returns self."""
+        plan = self.plan() if plan is None else plan
+        busy = [spec.path for mod, spec in plan if installed(mod)]
+        if busy:
+            raise PolicyError(f"a policy already runs on this model (module {busy[0]!r}): remove it "
+                              "(handle.remove(), or leave its `with policy.autocast(model)` block) before "
+                              "applying another")
+        try:
+            for mod, spec in plan:
+                _patch(mod, spec)
+                self._patched.append(mod)
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Take the policy off every module it patched (idempotent)."""
+        while self._patched:
+            _unpatch(self._patched.pop())
