@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from .apply import Handle
+from .distributed import fsdp_plan
 from .errors import AutoprecError, BatchError, FormatError, ModelError, OptionError, PolicyError
 from .policy import LayerEntry, Policy, ScalerSettings, Verification, load
 from .tune import tune
@@ -28,6 +29,7 @@ __all__ = [
     "PolicyError",
     "ScalerSettings",
     "Verification",
+    "fsdp_plan",
     "load",
     "tune",
 ]

@@ -256,6 +256,17 @@ def _run_op(spec: _Spec, key: str, func: Callable, args: tuple, kwargs: dict, in
 
 
 # -- one module's forward ---------------------------------------------------------------------
+def _check_fp32_params(path: str, module: nn.Module) -> None:
+    for name, p in module._parameters.items():
+        if p is not None and p.dtype in _LOW:
+            raise PolicyError(
+                f"layer {path!r} is FP32 in the policy, but its parameter {name!r} is {p.dtype} here (FSDP2's "
+                "MixedPrecisionPolicy(param_dtype=...) gathers it in 16 bits, or the model was cast): give each "
+                "layer of autoprec.fsdp_plan(policy, model) its own fully_shard unit with "
+                "MixedPrecisionPolicy(param_dtype=torch.float32) before sharding the modules around it, or "
+                "keep the parameters FP32")
+
+
 def _call(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec.boundary:
         owner = _owner()
@@ -291,6 +302,8 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
         if watcher is not None and out is not None:
             watcher.exit(spec.path, "module", out, out)
         return out
+    if precision == "fp32":
+        _check_fp32_params(spec.path, module)
     back = _back(spec.fed, spec.handback, (args, kwargs))
     with _autocast(spec.device_type, precision, spec.emulate):
         args, kwargs = _cast((args, kwargs), to_dtype(precision))
