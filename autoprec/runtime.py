@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import PolicyError
 from .formats import to_dtype
-from .modules import canonical_modules, inside
+from .modules import canonical_modules
 from .ops import MATMUL_OPS, op_name
 
 __all__ = ["Runtime", "Watcher", "installed"]
@@ -77,6 +77,7 @@ class _Spec:
     path: str
     device_type: str
     precision: str | None = None       # a unit's region, or None
+    dtype: torch.dtype | None = None   # its torch dtype
     unit: bool = False
     emulate: bool = False              # FP16 matmuls emulated inside (CPU)
     keep: bool = False                 # hands a 16-bit output on uncast (handoff)
@@ -95,6 +96,9 @@ class _Spec:
 
 
 # -- tensors ----------------------------------------------------------------------------------
+_CONTAINERS = (list, tuple, dict)
+
+
 def _first_float_dtype(tree: Any) -> torch.dtype | None:
     for t in pytree.tree_leaves(tree):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
@@ -102,12 +106,36 @@ def _first_float_dtype(tree: Any) -> torch.dtype | None:
     return None
 
 
+def _first_float_dtype_in(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The first floating dtype among the arguments (plain tensors first-class; containers via pytree)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                return a.dtype
+        elif isinstance(a, _CONTAINERS):
+            found = _first_float_dtype(a)
+            if found is not None:
+                return found
+    return None
+
+
 def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None:
         return tree
+    if isinstance(tree, torch.Tensor):  # the common case, without pytree's per-call cost
+        return tree.to(dtype) if tree.is_floating_point() and tree.dtype != dtype else tree
     return pytree.tree_map(
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t,
         tree)
+
+
+def _cast_args(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Cast the floating tensors among the arguments to ``dtype``."""
+    args = tuple(a if not isinstance(a, (torch.Tensor, *_CONTAINERS)) else _cast(a, dtype) for a in args)
+    if kwargs:
+        kwargs = {k: v if not isinstance(v, (torch.Tensor, *_CONTAINERS)) else _cast(v, dtype)
+                  for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _has_low(args: tuple, kwargs: dict) -> bool:
@@ -220,8 +248,8 @@ def _owner() -> _OwnCode | None:
     return None
 
 
-def _back(spec_fed: bool, handback: torch.dtype, inputs: Any) -> torch.dtype | None:
-    first = _first_float_dtype(inputs)
+def _back(spec_fed: bool, handback: torch.dtype, args: tuple, kwargs: dict) -> torch.dtype | None:
+    first = _first_float_dtype_in(args, kwargs)
     if spec_fed and first in _LOW:
         return handback
     return first
@@ -237,10 +265,10 @@ def _run_op(spec: _Spec, key: str, func: Callable, args: tuple, kwargs: dict, in
         if watcher is not None:
             watcher.exit(key, "op", out, out)
         return out
-    back = _back(key in spec.op_fed, spec.handback, (args, kwargs))
+    back = _back(key in spec.op_fed, spec.handback, args, kwargs)
     emulate = precision == "fp16" and spec.emulate_fp16
     with _autocast(spec.device_type, precision, emulate):
-        cargs, ckwargs = _cast((args, kwargs), to_dtype(precision))
+        cargs, ckwargs = _cast_args(args, kwargs, to_dtype(precision))
         raw = _emulated(func, cargs, ckwargs) if emulate and base in MATMUL_OPS else func(*cargs, **ckwargs)
     if in_place and isinstance(args[0], torch.Tensor) and raw is not args[0]:
         # the op ran on a cast copy of `self`: write the result back into the caller's tensor
@@ -304,9 +332,9 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
         return out
     if precision == "fp32":
         _check_fp32_params(spec.path, module)
-    back = _back(spec.fed, spec.handback, (args, kwargs))
+    back = _back(spec.fed, spec.handback, args, kwargs)
     with _autocast(spec.device_type, precision, spec.emulate):
-        args, kwargs = _cast((args, kwargs), to_dtype(precision))
+        args, kwargs = _cast_args(args, kwargs, spec.dtype)
         if spec.emulate:
             with _Emulate():
                 out = forward(module, *args, **kwargs)
@@ -334,7 +362,8 @@ _run_eagerly_after_a_break([_forward_of(nn.Module.forward).__code__, _forward.__
                             _body.__code__, _unit.__code__], recursive=False)
 
 # -- the swapped classes ----------------------------------------------------------------------
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type, type] = {}   # class -> its swapped subclass
+_SWAPPED: set[type] = set()        # the swapped subclasses
 
 
 def _reduce_ex(self: nn.Module, protocol: int) -> Any:
@@ -357,6 +386,7 @@ def _swapped(base: type) -> type:
                                              "__reduce_ex__": _reduce_ex, "__module__": base.__module__,
                                              "__qualname__": base.__qualname__})
         _CLASSES[base] = cls
+        _SWAPPED.add(cls)
     return cls
 
 
@@ -375,15 +405,21 @@ def installed(module: nn.Module) -> bool:
 
 
 def _patch(module: nn.Module, spec: _Spec) -> None:
-    if "forward" in module.__dict__:  # an instance-level forward (accelerate, hand patches) wins over a class
-        inner = module.__dict__["forward"]
-        module.__dict__["_autoprec_forward"] = inner
-        module.__dict__["forward"] = functools.partial(_call, spec, lambda _m, *a, **k: inner(*a, **k), module)
-        module.__dict__[_SPEC] = spec
+    state = module.__dict__
+    if _SPEC in state:
+        raise PolicyError(f"a policy already runs on this model (module {spec.path!r}): remove it "
+                          "(handle.remove(), or leave its `with policy.autocast(model)` block) before "
+                          "applying another")
+    if "forward" in state:  # an instance-level forward (accelerate, hand patches) wins over a class
+        inner = state["forward"]
+        state["_autoprec_forward"] = inner
+        state["forward"] = functools.partial(_call, spec, lambda _m, *a, **k: inner(*a, **k), module)
+        state[_SPEC] = spec
         return
-    if not _ours(module):
-        module.__class__ = _swapped(type(module))
-    module.__dict__[_SPEC] = spec
+    cls = type(module)
+    if cls not in _SWAPPED and not _ours(module):
+        object.__setattr__(module, "__class__", _swapped(cls))  # nn.Module.__setattr__ is slow
+    state[_SPEC] = spec
 
 
 def _unpatch(module: nn.Module) -> None:
@@ -393,12 +429,22 @@ def _unpatch(module: nn.Module) -> None:
         return
     base = type(module).__dict__.get("_autoprec_base")
     if base is not None:
-        module.__class__ = base
+        object.__setattr__(module, "__class__", base)
     # else a class swapped on top of ours (fully_shard after apply): the forward stays ours and,
     # with no settings on the instance, runs the module's own forward unchanged
 
 
 # -- installing -------------------------------------------------------------------------------
+def _ancestors(path: str) -> Iterator[str]:
+    """The proper ancestors of a module path, the root ``""`` included."""
+    if not path:
+        return
+    yield ""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        yield ".".join(parts[:i])
+
+
 class Runtime:
     """Installs per-layer precision on a model; ``remove()`` takes every trace of it away again.
 
@@ -446,13 +492,8 @@ class Runtime:
             if sep:
                 entries.setdefault(owner, {})[key] = precision
         watching = self.watcher is not None
-        # a unit's descendants run inside it; nothing of theirs is patched
-        skip: set[str] = set()
-        for path in sorted(mods, key=len):
-            if path in skip:
-                continue
-            if path in self.units:
-                skip.update(p for p in mods if inside(p, path))
+        # a unit's descendants run inside it; nothing of theirs is patched (O(modules x depth))
+        skip = {path for path in mods if any(a in self.units for a in _ancestors(path))}
         own = {path for path in mods if path not in self.units and path not in skip
                and (path in entries or watching)}
         out = []
@@ -469,6 +510,7 @@ class Runtime:
             precision = self.assignment.get(path) if path in self.units else None
             spec = _Spec(
                 path=path, device_type=self.device_type, precision=precision, unit=unit,
+                dtype=None if precision is None else to_dtype(precision),
                 emulate=precision == "fp16" and self.emulate_fp16, keep=path in self.keep, fed=path in self.fed,
                 handback=handback, boundary=boundary, own=tracked,
                 own_always=watching or any(p != "fp32" for p in mine.values()) or any(k in self.fed for k in mine),
@@ -481,11 +523,6 @@ class Runtime:
     def install(self, plan: list[tuple[nn.Module, _Spec]] | None = None) -> "Runtime":
         """Patch the modules (``plan`` from :meth:`plan`, computed when not given); returns self."""
         plan = self.plan() if plan is None else plan
-        busy = [spec.path for mod, spec in plan if installed(mod)]
-        if busy:
-            raise PolicyError(f"a policy already runs on this model (module {busy[0]!r}): remove it "
-                              "(handle.remove(), or leave its `with policy.autocast(model)` block) before "
-                              "applying another")
         try:
             for mod, spec in plan:
                 _patch(mod, spec)
