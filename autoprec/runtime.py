@@ -37,7 +37,6 @@ to FP16.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -366,13 +365,17 @@ _CLASSES: dict[type, type] = {}   # class -> its swapped subclass
 _SWAPPED: set[type] = set()        # the swapped subclasses
 
 
+def _new(cls: type) -> Any:
+    """Rebuild a pickled module as the class it was written as (see ``_reduce_ex``)."""
+    return cls.__new__(cls)
+
+
 def _reduce_ex(self: nn.Module, protocol: int) -> Any:
     """Pickle and deep-copy as the class the module was written as, without the policy."""
-    fn, args, state, *rest = object.__reduce_ex__(self, max(protocol, 2))
-    args = tuple(_base_of(a) if isinstance(a, type) else a for a in args)
+    _, _, state, *rest = object.__reduce_ex__(self, max(protocol, 2))
     if isinstance(state, dict) and _SPEC in state:
         state = {k: v for k, v in state.items() if k != _SPEC}
-    return (fn, args, state, *rest)
+    return (_new, (_base_of(type(self)),), state, *rest)
 
 
 def _base_of(cls: type) -> type:
@@ -404,6 +407,12 @@ def installed(module: nn.Module) -> bool:
     return _SPEC in module.__dict__
 
 
+def _instance_forward(spec: _Spec, inner: Callable, module: nn.Module) -> Callable:
+    def forward(*args, **kwargs):
+        return _call(spec, lambda _module, *a, **k: inner(*a, **k), module, args, kwargs)
+    return forward
+
+
 def _patch(module: nn.Module, spec: _Spec) -> None:
     state = module.__dict__
     if _SPEC in state:
@@ -413,7 +422,7 @@ def _patch(module: nn.Module, spec: _Spec) -> None:
     if "forward" in state:  # an instance-level forward (accelerate, hand patches) wins over a class
         inner = state["forward"]
         state["_autoprec_forward"] = inner
-        state["forward"] = functools.partial(_call, spec, lambda _m, *a, **k: inner(*a, **k), module)
+        state["forward"] = _instance_forward(spec, inner, module)
         state[_SPEC] = spec
         return
     cls = type(module)

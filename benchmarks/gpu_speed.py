@@ -1,21 +1,27 @@
-"""GPU training-step speed at production sizes: FP32, blanket BF16, blanket FP16 + GradScaler, autoprec.
+"""GPU training-step speed at production sizes: FP32, blanket BF16, blanket FP16 + GradScaler, autoprec; eager and compiled.
 
 The issue's GPU question: on models where blanket autocast is safe, is the tuned policy within 5%
-of autocast's step time, and at least 1.5x faster than FP32? Two models, random weights from
+of autocast's step time, and at least 1.5x faster than FP32? And does that still hold under
+``torch.compile``, which fuses the casts a per-layer policy adds? Two models, random weights from
 transformers configs (nothing downloaded):
 
 * ``gpt2``: GPT-2 small (12 layers, width 768, 12 heads, vocab 50257), 8 x 1024 tokens, LM loss;
 * ``resnet50``: ResNet-50 (bottleneck blocks [3, 4, 6, 3], widths 256..2048), 64 x 224 px, 1000 classes.
 
 For each: tune a policy on the GPU (``autoprec.tune(model, batch)``, target = the model's device),
-then time full training steps (forward, backward, GradScaler where FP16 is used, AdamW) of the four
-variants, each on its own copy, interleaved (order rotated every round), synchronised around each
-step, medians; plus each variant's peak memory and the bytes its dtype casts move per step (the
-memory-bound work a per-layer policy can add over blanket autocast; the same on any device). FP32 runs with
-torch's defaults, which are reported: matmuls without TF32, cuDNN convolutions with TF32.
+then time full training steps (forward, backward, GradScaler where FP16 is used, AdamW) of eight
+variants, each on its own copy: the four above eager, and the same four compiled
+(``torch.compile(copy)``, default Inductor backend, ``--backend`` to change it; the policy installed
+with ``policy.apply(copy)`` before compiling). Each variant warms up until a step compiles nothing
+new (compile time reported apart, not in the step time); then the variants run interleaved (order
+rotated every round), synchronised around each step, medians. Also each variant's peak memory in
+a steady-state step and the bytes its dtype casts move per step in eager mode (the memory-bound
+work a per-layer policy can add over blanket autocast; the same on any device; compiled code
+fuses many of them). FP32 runs with torch's defaults, which are reported: matmuls without TF32,
+cuDNN convolutions with TF32.
 
 Run:  python benchmarks/gpu_speed.py [--models gpt2 resnet50] [--rounds 20]
-      python benchmarks/gpu_speed.py --device cpu --size tiny     # the same code path, tiny, on a CPU
+      python benchmarks/gpu_speed.py --device cpu --size tiny --backend aot_eager  # the same code path, tiny, on a CPU
 """
 
 from __future__ import annotations
@@ -36,14 +42,16 @@ from contextlib import nullcontext
 
 import torch
 
-from _measure import amp_variant, cast_traffic, fp32_variant, median, policy_variant, step_times
+from _measure import amp_variant, cast_traffic, fp32_variant, median, policy_variant
 from compare import machine
+from compile_speed import compile_seconds, make_runner, time_steps
 
 import autoprec
 from autoprec.batch import batch_to
 
 MODELS = ("gpt2", "resnet50")
-VARIANTS = ("fp32", "amp-bf16", "amp-fp16", "autoprec")
+EAGER = ("fp32", "amp-bf16", "amp-fp16", "autoprec")
+VARIANTS = EAGER + tuple(f"{v}-compiled" for v in EAGER)
 
 
 def build(name: str, size: str, device: str, n_batches: int = 3) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
@@ -78,34 +86,10 @@ def build(name: str, size: str, device: str, n_batches: int = 3) -> tuple[torch.
     return model.float().train().to(device), [batch_to(b, torch.device(device)) for b in batches]
 
 
-def peak_memory(model: torch.nn.Module, batch: Any, variant: Any) -> float | None:
-    """GPU memory (MiB) one training step of ``variant`` (forward, backward, AdamW step, on a fresh copy)
-    adds at its peak over what was allocated before it (the copy's weights included), or None on a CPU."""
-    if not next(model.parameters()).is_cuda:
-        return None
-    m = copy.deepcopy(model)
-    handle = variant.install(m) if variant.install is not None else None
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    try:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        with (variant.context(m) if handle is None else nullcontext()):
-            loss = m(**batch).loss
-        loss.float().backward()
-        opt.step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    finally:
-        if handle is not None:
-            handle.remove()
-        del m, opt
-        torch.cuda.empty_cache()
-
-
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model, batches = build(name, args.size, args.device)
     device_type = torch.device(args.device).type
+    copies = {v: copy.deepcopy(model) for v in VARIANTS}  # each variant's own, before anything ran
     t0 = time.perf_counter()
     policy = autoprec.tune(model, batches[0], target="cuda", progress=False)
     tune_s = time.perf_counter() - t0
@@ -114,15 +98,32 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 "autoprec": policy_variant("autoprec", policy, device=device_type)}
     samples = [(b, None) for b in batches]
     optimizer = lambda p: torch.optim.AdamW(p, lr=1e-4)  # noqa: E731
-    times = step_times(model, samples, list(variants.values()), rounds=args.rounds, warmup=args.warmup,
-                       optimizer=optimizer)
-    base = median(times["fp32"])
+    runners = []
+    for n in VARIANTS:
+        v, m = variants[n.removesuffix("-compiled")], copies[n]
+        handle = v.install(m) if v.install is not None else None
+        runners.append(make_runner(n, m, compiled=n.endswith("-compiled"), backend=args.backend,
+                                   context=nullcontext if handle is not None else (lambda v=v, m=m: v.context(m)),
+                                   scaler=v.scaler(), handle=handle, optimizer=optimizer))
+    try:
+        time_steps(runners, samples, repeats=args.rounds, warmup=args.warmup, max_warmup=max(args.warmup, 8),
+                   measure_peak=True)
+    finally:
+        for r in runners:
+            if r.handle is not None:
+                r.handle.remove()
+        torch._dynamo.reset()
+    base = median(runners[0].times)
     counts = {p: list(policy.assignment.values()).count(p) for p in ("fp32", "fp16", "bf16")}
     row: dict[str, Any] = {
         "model": name, "size": args.size, "params": sum(p.numel() for p in model.parameters()),
         "batch": {k: list(v.shape) for k, v in batches[0].items()},
-        "timing": {n: {"median_s": median(t), "ratio": median(t) / base, "n": len(t)} for n, t in times.items()},
-        "peak_mib": {n: peak_memory(model, batches[0], v) for n, v in variants.items()},
+        "timing": {r.name: {"median_s": median(r.times), "ratio": median(r.times) / base, "n": len(r.times)}
+                   for r in runners},
+        "compile": {r.name: {"compile_s": compile_seconds(r), "graphs": r.graphs, "recompiles": r.recompiles,
+                             "recompile_reasons": sorted(set(r.recompile_reasons))[:10]}
+                    for r in runners if r.compiled},
+        "peak_mib": {r.name: r.peak_mib for r in runners},
         "cast_mib": {n: cast_traffic(model, samples[0], v)[1] / 2**20 for n, v in variants.items()},
         "policy": {"tune_s": round(tune_s, 1), "low_fraction": round(policy.low_precision_fraction(), 4),
                    "counts": counts, "excluded": sorted(policy.excluded()),
@@ -132,25 +133,37 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                                                                           "verify_passes")))},
     }
     t = {n: row["timing"][n]["median_s"] for n in VARIANTS}
-    best_amp = min(t["amp-bf16"], t["amp-fp16"])
-    row["policy_vs_autocast"] = t["autoprec"] / best_amp
-    row["speedup_vs_fp32"] = t["fp32"] / t["autoprec"]
-    row["meets_target"] = row["policy_vs_autocast"] <= 1.05 and row["speedup_vs_fp32"] >= 1.5
+    for suffix, key in (("", ""), ("-compiled", "_compiled")):
+        best_amp = min(t[f"amp-bf16{suffix}"], t[f"amp-fp16{suffix}"])
+        row[f"policy_vs_autocast{key}"] = t[f"autoprec{suffix}"] / best_amp
+        row[f"speedup_vs_fp32{key}"] = t[f"fp32{suffix}"] / t[f"autoprec{suffix}"]
+        row[f"meets_target{key}"] = row[f"policy_vs_autocast{key}"] <= 1.05 and row[f"speedup_vs_fp32{key}"] >= 1.5
     return row
 
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    out = [f"device: {meta['device']}; TF32 matmul {meta['tf32_matmul']}, cuDNN TF32 {meta['tf32_cudnn']}", "",
-           "| model | params | FP32 ms/step | amp-bf16 | amp-fp16 | autoprec | policy / best autocast | "
+    out = [f"device: {meta['device']}; TF32 matmul {meta['tf32_matmul']}, cuDNN TF32 {meta['tf32_cudnn']}; "
+           f"compiled: torch.compile, backend {meta['args']['backend']}", "",
+           "| model | mode | params | FP32 ms/step | amp-bf16 | amp-fp16 | autoprec | policy / best autocast | "
            "FP32 / policy | target met | 16-bit FLOPs (policy) | cast MiB/step: autocast bf16 / policy | tune s |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: |"]
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: |"]
     for r in rows:
         tm = r["timing"]
-        out.append(f"| {r['model']} | {r['params']:,} | {1e3 * tm['fp32']['median_s']:.1f} | "
-                   f"{tm['amp-bf16']['ratio']:.2f} | {tm['amp-fp16']['ratio']:.2f} | {tm['autoprec']['ratio']:.2f} | "
-                   f"{r['policy_vs_autocast']:.3f} | {r['speedup_vs_fp32']:.2f}x | "
-                   f"{'yes' if r['meets_target'] else 'no'} | {100 * r['policy']['low_fraction']:.0f}% | "
-                   f"{r['cast_mib']['amp-bf16']:.0f} / {r['cast_mib']['autoprec']:.0f} | {r['policy']['tune_s']} |")
+        for suffix, key, mode in (("", "", "eager"), ("-compiled", "_compiled", "compiled")):
+            # ratios to FP32 of the same mode
+            fp32 = tm[f"fp32{suffix}"]["median_s"]
+            x = {v: tm[f"{v}{suffix}"]["median_s"] / fp32 for v in ("amp-bf16", "amp-fp16", "autoprec")}
+            out.append(f"| {r['model']} | {mode} | {r['params']:,} | {1e3 * fp32:.1f} | "
+                       f"{x['amp-bf16']:.2f} | {x['amp-fp16']:.2f} | {x['autoprec']:.2f} | "
+                       f"{r[f'policy_vs_autocast{key}']:.3f} | {r[f'speedup_vs_fp32{key}']:.2f}x | "
+                       f"{'yes' if r[f'meets_target{key}'] else 'no'} | {100 * r['policy']['low_fraction']:.0f}% | "
+                       f"{r['cast_mib']['amp-bf16']:.0f} / {r['cast_mib']['autoprec']:.0f} | {r['policy']['tune_s']} |")
+    out += ["", "| model | " + " | ".join(f"{v} compile s / graphs / recompiles" for v in VARIANTS[len(EAGER):])
+            + " |", "| --- |" + " ---: |" * (len(VARIANTS) - len(EAGER))]
+    for r in rows:
+        c = r["compile"]
+        out.append(f"| {r['model']} | " + " | ".join(
+            f"{c[v]['compile_s']:.0f} / {c[v]['graphs']} / {c[v]['recompiles']}" for v in VARIANTS[len(EAGER):]) + " |")
     if any(v is not None for r in rows for v in r["peak_mib"].values()):
         out += ["", "| model | " + " | ".join(f"{v} peak MiB" for v in VARIANTS) + " |",
                 "| --- |" + " ---: |" * len(VARIANTS)]
@@ -165,7 +178,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--size", default="full", choices=["full", "tiny"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="least warm-up steps (more until nothing compiles)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled variants")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "gpu_speed.json"))
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
-"""The GPU benchmark's code path, run tiny on the CPU (CI has no GPU; the real run needs one)."""
+"""The benchmarks' code paths, run tiny: the GPU benchmark on the CPU (CI has no GPU; the real run needs
+one), the compile benchmark on one quick model with the fast ``aot_eager`` backend."""
 
 from __future__ import annotations
 
@@ -19,14 +20,21 @@ def test_gpu_speed_runs_every_variant_and_reports_the_target(tmp_path, one_threa
 
     out = tmp_path / "gpu_speed.json"
     rows = gpu_speed.main(["--device", "cpu", "--size", "tiny", "--rounds", "2", "--warmup", "1",
-                           "--out", str(out)])
+                           "--backend", "aot_eager", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r["model"] for r in saved["results"]] == ["gpt2", "resnet50"]
+    assert len(gpu_speed.VARIANTS) == 8
     for r in rows:
         t = {v: r["timing"][v]["median_s"] for v in gpu_speed.VARIANTS}
         assert all(x > 0 and r["timing"][v]["n"] == 2 for v, x in t.items())
-        assert r["policy_vs_autocast"] == pytest.approx(t["autoprec"] / min(t["amp-bf16"], t["amp-fp16"]))
-        assert r["meets_target"] == (r["policy_vs_autocast"] <= 1.05 and t["fp32"] / t["autoprec"] >= 1.5)
+        for s in ("", "-compiled"):
+            k = s.replace("-", "_")
+            assert r[f"policy_vs_autocast{k}"] == pytest.approx(
+                t[f"autoprec{s}"] / min(t[f"amp-bf16{s}"], t[f"amp-fp16{s}"]))
+            assert r[f"meets_target{k}"] == (r[f"policy_vs_autocast{k}"] <= 1.05
+                                             and t[f"fp32{s}"] / t[f"autoprec{s}"] >= 1.5)
+        for v, c in r["compile"].items():  # every compiled variant compiled, and compiled once
+            assert v.endswith("-compiled") and c["graphs"] >= 1 and c["recompiles"] == 0 and c["compile_s"] >= 0
         assert r["policy"]["verified"] is True and r["policy"]["passes"] > 0
 
 
@@ -39,3 +47,31 @@ def test_gpu_speed_refuses_cuda_without_a_gpu():
         pytest.skip("this machine has a GPU")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         gpu_speed.main(["--models", "gpt2"])
+
+
+def test_compile_speed_times_every_variant_and_counts_graph_breaks(tmp_path):
+    """The whole compile benchmark, tiny: six variants with finite positive step times, graph-break and
+    recompile counts; the policy adds no graph break to the model's own."""
+    import math
+
+    import compile_speed
+
+    out = tmp_path / "compile_speed.json"
+    compile_speed.main(["--models", "gpt2", "--size", "quick", "--repeats", "2", "--steps", "1", "--warmup", "1",
+                        "--backend", "aot_eager", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    meta = saved["meta"]
+    assert meta["cpu"] and isinstance(meta["avx512_bf16"], bool) and meta["backend"] == "aot_eager"
+    [r] = saved["results"]
+    assert r["model"] == "gpt2" and set(r["variants"]) == set(compile_speed.VARIANTS)
+    for name, v in r["variants"].items():
+        assert math.isfinite(v["median_s"]) and v["median_s"] > 0 and v["n"] == 2, name
+        assert isinstance(v["graph_breaks"], int) and v["graph_breaks"] >= 0, name
+        if v["mode"] == "compiled":
+            assert v["graphs_compiled"] >= 1 and v["recompiles"] == 0 and v["compile_s"] >= 0, name
+    v = r["variants"]
+    assert v["policy-compiled"]["graph_breaks"] == v["fp32-compiled"]["graph_breaks"]
+    assert v["amp-bf16-eager"]["ratio_amp_bf16_same_mode"] == 1.0
+    ratio = v["policy-compiled"]["median_s"] / v["amp-bf16-compiled"]["median_s"]
+    assert r["target"]["policy_compiled_vs_amp_bf16_compiled"] == pytest.approx(ratio)
+    assert r["target"]["met"] == (ratio <= 1.05)
