@@ -22,7 +22,7 @@ def _number(value: Any) -> bool:
 
 
 def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
-                  headroom: Any, seed: Any, progress: Any, optimizer: Any) -> None:
+                  headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None) -> None:
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
@@ -46,6 +46,11 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
     if optimizer is not None and not callable(optimizer):
         raise OptionError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, "
                           "e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)")
+    if verify_compile is not None:
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if not isinstance(verify_compile, str) or verify_compile not in backends:
+            raise OptionError(f"verify_compile={verify_compile!r} must be None or a torch.compile backend: "
+                              f"one of {sorted(backends)}")
 
 
 def check_storage(storage: Any) -> None:

@@ -69,6 +69,9 @@ class Verification:
     longest_skip_run: int
     rounds: int                    # verification rounds (1 + back-offs)
     note: str = ""
+    compiled: str = ""             # the torch.compile backend of the compiled run, "" where none ran
+    compiled_losses: tuple[float, ...] = ()
+    compiled_max_gap: float = 0.0
 
 
 _ENTRY_TYPES: dict[str, tuple[type, ...]] = {
@@ -270,7 +273,8 @@ class Policy:
                 verification=None if ver is None else Verification(**{
                     **_mapping(data, "verification"),
                     "fp32_losses": tuple(float(x) for x in ver.get("fp32_losses", ())),
-                    "policy_losses": tuple(float(x) for x in ver.get("policy_losses", ()))}),
+                    "policy_losses": tuple(float(x) for x in ver.get("policy_losses", ())),
+                    "compiled_losses": tuple(float(x) for x in ver.get("compiled_losses", ()))}),
                 stats=dict(_mapping(data, "stats")),
                 schema_version=version,
             )

@@ -28,7 +28,9 @@ A region with precision ``p``:
   ``autograd.Function``'s forward runs with it off, and its hand-written backward expects the
   dtypes its forward saw;
 * an FP32 region does nothing (not even a cast) unless a caller's autocast is on or a 16-bit
-  tensor reaches it: an FP32 layer costs one Python call per step in eager mode, none compiled.
+  tensor reaches it: an FP32 layer costs one Python call per step in eager mode, none compiled. An
+  FP32 layer whose parameters are 16-bit (FSDP2's ``param_dtype``, a cast model) is an error that
+  names :func:`autoprec.fsdp_plan`, never a silent 16-bit computation.
 
 FP16 on a CPU has no fast kernels; with ``emulate_fp16`` the matmul/conv family is emulated the way
 GPU tensor cores run it: operands rounded to FP16, products accumulated in FP32, the result rounded
@@ -185,6 +187,8 @@ class _OwnCode(TorchFunctionMode):
     """One call of a module's ``forward``: gives the functional ops in its own code their regions.
 
     Calls made inside its child modules pass through (each child raises ``depth`` while it runs).
+    It is entered where it can change something: a 16-bit op entry, an op fed a handed-off 16-bit
+    tensor, a caller's autocast (whose casts FP32 entries undo), or 16-bit inputs to the module.
     """
 
     def __init__(self, spec: _Spec) -> None:
@@ -309,7 +313,7 @@ def _call(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
 def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec.unit:
         out = _unit(spec, forward, module, args, kwargs)
-    elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type)):
+    elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type) or _has_low(args, kwargs)):
         with _OwnCode(spec):
             out = forward(module, *args, **kwargs)
     else:
@@ -323,9 +327,17 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
     precision, watcher = spec.precision, spec.watcher
     if watcher is not None:
         watcher.enter(spec.path, "module", (args, kwargs))
-    if precision is None or (precision == "fp32" and not torch.is_autocast_enabled(spec.device_type)
-                             and not _has_low(args, kwargs)):
-        out = forward(module, *args, **kwargs)  # nothing to cast, no autocast to undo
+    if precision is None:
+        out = forward(module, *args, **kwargs)
+        if watcher is not None and out is not None:
+            watcher.exit(spec.path, "module", out, out)
+        return out
+    if precision == "fp32" and not torch.is_autocast_enabled(spec.device_type) and not _has_low(args, kwargs):
+        try:
+            out = forward(module, *args, **kwargs)  # nothing to cast, no autocast to undo
+        except RuntimeError:
+            _check_fp32_params(spec.path, module)  # 16-bit weights fed FP32 inputs: say why
+            raise
         if watcher is not None and out is not None:
             watcher.exit(spec.path, "module", out, out)
         return out

@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from .batch import LossFn, call_model, compute_loss, seed_rng
-from .runtime import Runtime
+from .apply import apply
+from .policy import Policy
 
 __all__ = ["Curve", "OptimizerFactory", "default_optimizer", "train_curve"]
 
@@ -45,28 +46,27 @@ class Curve:
 
 
 def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, steps: int,
-                assignment: Mapping[str, str] | None, units: Iterable[str], opaque: Iterable[str],
-                device_type: str, emulate_fp16: bool, scaler: torch.amp.GradScaler | None,
+                policy: Policy | None, device_type: str, scaler: torch.amp.GradScaler | None,
                 optimizer: OptimizerFactory, seed: int, on_step: Callable[[], None] | None = None,
-                handoff: Mapping[str, Sequence[str]] | None = None) -> Curve:
-    """Train a private copy of ``model`` for ``steps`` steps (``assignment=None``: plain FP32).
+                compile_backend: str | None = None) -> Curve:
+    """Train a private copy of ``model`` for ``steps`` steps (``policy=None``: plain FP32).
 
-    The run stops early at the first non-finite loss without a scaler.
+    The policy runs exactly as a user runs it: installed with :func:`autoprec.apply.apply` (and,
+    with ``compile_backend``, the model compiled by ``torch.compile`` with that backend). The run
+    stops early at the first non-finite loss without a scaler.
 
     Example:
         >>> m = torch.nn.Linear(4, 1)
-        >>> c = train_curve(m, [torch.randn(8, 4)], None, steps=3, assignment=None, units=[""], opaque=[],
-        ...                 device_type="cpu", emulate_fp16=False, scaler=None, optimizer=default_optimizer, seed=0)
+        >>> c = train_curve(m, [torch.randn(8, 4)], None, steps=3, policy=None, device_type="cpu", scaler=None,
+        ...                 optimizer=default_optimizer, seed=0)
         >>> len(c.losses), c.losses[2] < c.losses[0]
         (3, True)
     """
     model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params)
-    regions = None
-    if assignment:
-        regions = Runtime(model, assignment, units=units, opaque=opaque, device_type=device_type,
-                          emulate_fp16=emulate_fp16, handoff=handoff).install()
+    handle = apply(policy, model) if policy is not None else None
+    step_model = torch.compile(model, backend=compile_backend) if compile_backend else model
     losses: list[float] = []
     gmax: list[float] = []
     skipped = run = longest = 0
@@ -77,7 +77,7 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
             opt.zero_grad(set_to_none=True)
             with torch.random.fork_rng(devices=devices):
                 seed_rng(seed + step, device_type)
-                loss = compute_loss(call_model(model, batch), batch, loss_fn)
+                loss = compute_loss(call_model(step_model, batch), batch, loss_fn)
             losses.append(float(loss.detach()))
             if scaler is not None:
                 before = scaler.get_scale()
@@ -101,8 +101,8 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
             if on_step is not None:
                 on_step()
     finally:
-        if regions is not None:
-            regions.remove()
+        if handle is not None:
+            handle.remove()
     return Curve(tuple(losses), tuple(gmax), skipped, longest)
 
 

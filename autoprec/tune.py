@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import random
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from .batch import LossFn, split_batches
+from .errors import ModelError
+from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .costs import PROFILES
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
-from .search import Tolerance, search
+from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
@@ -65,11 +68,28 @@ def _preserve_global_state() -> Iterator[None]:
         torch.set_autocast_cache_enabled(cache)
 
 
+def _private_copy(model: nn.Module) -> nn.Module:
+    """A copy of the model without wrappers (compile, DDP, checkpoint, FSDP1) and without a policy."""
+    if any(c.__name__ == "FSDPModule" for m in model.modules() for c in type(m).__mro__):
+        raise ModelError("tune cannot copy a model sharded by FSDP2's fully_shard (its parameters are "
+                         "DTensors): tune the unsharded model (before fully_shard); the policy fits the sharded "
+                         "one, see autoprec.fsdp_plan")
+    links: dict[str, tuple[Any, str, nn.Module]] = {}
+    inner = unwrap(model)
+    work = copy.deepcopy(inner)  # an installed policy does not come along (see autoprec.runtime)
+    canonical_modules(work, links)
+    for holder, name, child in links.values():
+        if holder is not None and unwrap(child) is not child:
+            holder._modules[name] = unwrap(child)
+    return work
+
+
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
          dtypes: Iterable[str] | str | None = None, target: str | None = None, tolerance: float = 0.01,
          grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: str | None = None,
-         headroom: float = 8.0, progress: bool = True, seed: int = 0) -> Policy:
+         headroom: float = 8.0, progress: bool = True, seed: int = 0,
+         verify_compile: str | None = None) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -92,6 +112,11 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             range is not given that format, and the loss scale leaves this much room.
         progress: show progress bars on stderr.
         seed: seed for the study and for the dropout masks of every pass.
+        verify_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``): the verified
+            policy also trains compiled with it and must meet the same bound; None (default) skips it.
+
+    ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
+    wrappers); the policy's keys are the names without the wrappers, and it fits both.
 
     Example:
         >>> import torch, autoprec
@@ -104,7 +129,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     """
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
-                  optimizer=optimizer)
+                  optimizer=optimizer, verify_compile=verify_compile)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
@@ -114,20 +139,21 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
-        work = copy.deepcopy(model)
+        work = _private_copy(model)
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
         with Progress(progress) as bar:
             return _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
                          verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                          optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
-                         headroom=float(headroom), seed=seed, bar=bar, started=started)
+                         headroom=float(headroom), seed=seed, bar=bar, started=started,
+                         verify_compile=verify_compile)
 
 
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float) -> Policy:
+          bar: Progress, started: float, verify_compile: str | None) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
     profile = PROFILES[target]
@@ -161,12 +187,27 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     search_passes = runner.passes - probe_passes
 
     decisions = dict(result.decisions)
+
+    def make_policy(decisions: Mapping[str, Decision], scaler: ScalerSettings | None) -> Policy:
+        layers = {}
+        for lay in tr.layers:
+            d = decisions[lay.key]
+            rng = pr.ranges.get(lay.key)
+            layers[lay.key] = LayerEntry(precision=d.precision, reason=d.reason, detail=d.detail,
+                                         excluded=d.excluded, kind=lay.kind, op=lay.op, hazards=lay.hazards,
+                                         flops=lay.flops, out_absmax=rng.out_absmax if rng else 0.0,
+                                         grad_absmax=rng.grad_absmax if rng else 0.0, measured=evidence(pr, lay.key))
+        fp16_used = any(d.precision == "fp16" for d in decisions.values())
+        return Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
+                      handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
+                      tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
+                      fingerprint=tr.fingerprint)
+
     fp32_curve = None
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
-        fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, assignment=None, units=tr.units,
-                                 opaque=tr.opaque, device_type=device_type, emulate_fp16=emulate, scaler=None,
-                                 optimizer=optimizer, seed=seed, on_step=bar.advance)
+        fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
+                                 scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance)
     fp16_keys = [k for k, d in decisions.items() if d.precision == "fp16"]
     scaler = scaler_choice = None
     if fp16_keys:
@@ -177,27 +218,19 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     verify_passes = verify_steps if fp32_curve is not None else 0
     measured = (result.loss_err, result.grad_err)
     if fp32_curve is not None:
-        bar.stage("verify", verify_steps)
+        bar.stage("verify", verify_steps * (2 if verify_compile else 1))
         checked = verify(work, batches, loss_fn, decisions, result.order, fp32_curve, bound=verify_tolerance,
-                         scaler=scaler, units=tr.units, opaque=tr.opaque, device_type=device_type,
-                         emulate_fp16=emulate, optimizer=optimizer, seed=seed, on_step=bar.advance,
-                         handoff=tr.handoff)
+                         scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
+                         seed=seed, on_step=bar.advance, compile_backend=verify_compile)
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
+        policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
             scale = scaler.init_scale if scaler is not None else None
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
+    else:
+        policy = make_policy(decisions, scaler)
 
-    fp16_used = any(d.precision == "fp16" for d in decisions.values())
-    layers = {}
-    for lay in tr.layers:
-        d = decisions[lay.key]
-        rng = pr.ranges.get(lay.key)
-        layers[lay.key] = LayerEntry(precision=d.precision, reason=d.reason, detail=d.detail, excluded=d.excluded,
-                                     kind=lay.kind, op=lay.op, hazards=lay.hazards, flops=lay.flops,
-                                     out_absmax=rng.out_absmax if rng else 0.0,
-                                     grad_absmax=rng.grad_absmax if rng else 0.0,
-                                     measured=evidence(pr, lay.key))
     stats = {
         "tuning_seconds": round(time.perf_counter() - started, 3),
         "probe_passes": probe_passes,
@@ -215,10 +248,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "scaler_predicted_skip_rate": scaler_choice.skip_rate if scaler_choice else 0.0,
         "fp32_grad_absmax": pr.grad_absmax,
     }
-    policy = Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
-                    handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
-                    tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
-                    fingerprint=tr.fingerprint, verification=verification, stats=stats)
-    log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(layers),
+    policy = dataclasses.replace(policy, verification=verification, stats=stats)
+    log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats["tuning_seconds"], 100 * policy.low_precision_fraction())
     return policy

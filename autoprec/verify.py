@@ -16,13 +16,13 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .batch import LossFn
-from .policy import ScalerSettings, Verification
+from .policy import Policy, ScalerSettings, Verification
 from .search import Decision
 from .training import Curve, OptimizerFactory, train_curve
 
@@ -45,38 +45,40 @@ def compare(fp32: Sequence[float], policy: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class VerifyResult:
-    """The verified (possibly backed-off) decisions, the verdict, the scaler settings and the passes used."""
+    """The verified (possibly backed-off) decisions and policy, the verdict, the scaler settings, the passes used."""
 
     decisions: dict[str, Decision]
     verification: Verification
     scaler: ScalerSettings | None
     passes: int
+    policy: Policy                 # the verified policy (its verification not yet filled in)
 
 
 def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, decisions: Mapping[str, Decision],
-           order: Sequence[str], fp32: Curve, *, bound: float, scaler: ScalerSettings | None, units: Iterable[str],
-           opaque: Iterable[str], device_type: str, emulate_fp16: bool, optimizer: OptimizerFactory, seed: int,
-           max_skip_run: int = 3, max_rounds: int = 8, on_step: Callable[[], None] | None = None,
-           handoff: Mapping[str, Sequence[str]] | None = None) -> VerifyResult:
+           order: Sequence[str], fp32: Curve, *, bound: float, scaler: ScalerSettings | None,
+           make_policy: Callable[[Mapping[str, Decision], ScalerSettings | None], Policy], device_type: str,
+           optimizer: OptimizerFactory, seed: int, max_skip_run: int = 3, max_rounds: int = 8,
+           on_step: Callable[[], None] | None = None, compile_backend: str | None = None) -> VerifyResult:
     """Train the policy as ``fp32`` was trained and compare the curves; back off until it passes.
 
-    A failing round moves the most sensitive quarter of the cast layers (the end of ``order``,
-    which the search sorted least sensitive first) to FP32, and divides the initial loss scale by
-    16 when a run of skipped steps was the failure. With nothing left cast the policy is FP32
-    wherever it matters, and that round ends the loop.
+    Each round trains the :class:`Policy` that ``make_policy`` builds from the round's decisions,
+    installed with ``apply`` as a user installs it, with its own ``grad_scaler()``: what is verified
+    is what ships. A failing round moves the most sensitive quarter of the cast layers (the end of
+    ``order``, which the search sorted least sensitive first) to FP32, and divides the initial loss
+    scale by 16 when a run of skipped steps was the failure. With nothing left cast the policy is
+    FP32 wherever it matters, and that round ends the loop. With ``compile_backend`` the final
+    policy is trained once more under ``torch.compile`` and must meet the same bound.
     """
-    units, opaque = list(units), list(opaque)
     decisions = dict(decisions)
     steps = len(fp32.losses)
     passes = 0
     note = ""
     for rounds in range(1, max_rounds + 1):
-        assignment = {key: d.precision for key, d in decisions.items()}
-        fp16 = "fp16" in assignment.values() and scaler is not None
-        amp = torch.amp.GradScaler(device_type, **dataclasses.asdict(scaler)) if fp16 else None
-        curve = train_curve(model, batches, loss_fn, steps=steps, assignment=assignment, units=units, opaque=opaque,
-                            device_type=device_type, emulate_fp16=emulate_fp16, scaler=amp, optimizer=optimizer,
-                            seed=seed, on_step=on_step, handoff=handoff)
+        policy = make_policy(decisions, scaler)
+        amp = policy.grad_scaler(device_type)
+        fp16 = amp is not None
+        curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
+                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         passed = gap <= bound and curve.longest_skip_run < max_skip_run
@@ -94,9 +96,25 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
                 d, precision="fp32", reason="verification back-off", excluded=True,
                 detail=f"{d.detail}; moved to FP32 after verification round {rounds} "
                        f"(loss gap {gap:.3g}, longest skip run {curve.longest_skip_run})")
-        if curve.longest_skip_run >= max_skip_run and fp16:
+        if curve.longest_skip_run >= max_skip_run and fp16 and scaler is not None:
             scaler = dataclasses.replace(scaler, init_scale=max(1.0, scaler.init_scale / 16))
         note = f"backed off {len(drop)} layer(s) after round {rounds}"
         log.info("verification round %d failed (gap %.3g, skip run %d): %s", rounds, gap,
                  curve.longest_skip_run, note)
-    return VerifyResult(decisions=decisions, verification=verdict, scaler=scaler, passes=passes)
+    if compile_backend is not None:
+        amp = policy.grad_scaler(device_type)
+        curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
+                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step,
+                            compile_backend=compile_backend)
+        passes += steps
+        gap = compare(fp32.losses, curve.losses)
+        ok = gap <= bound and curve.longest_skip_run < max_skip_run
+        verdict = dataclasses.replace(
+            verdict, passed=verdict.passed and ok, compiled=compile_backend, compiled_losses=tuple(curve.losses),
+            compiled_max_gap=gap,
+            note="; ".join(n for n in (verdict.note, "" if ok else f"compiled ({compile_backend}) run failed: "
+                                       f"loss gap {gap:.3g}, longest skip run {curve.longest_skip_run}") if n))
+        if not ok:
+            log.warning("the policy trained under torch.compile(backend=%r) failed verification (gap %.3g)",
+                        compile_backend, gap)
+    return VerifyResult(decisions=decisions, verification=verdict, scaler=scaler, passes=passes, policy=policy)

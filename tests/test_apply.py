@@ -308,3 +308,40 @@ def test_fp32_layer_fed_a_16bit_output_still_hands_back_fp32():
     assert seen["b out"].dtype == torch.float32
     with torch.no_grad():  # b computed in FP32 from the handed BF16 values
         assert torch.equal(seen["b out"], model.b(seen["b in"].float()))
+
+
+class _SoftmaxNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.ln = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(torch.softmax(torch.relu(self.lin(x)), -1))
+
+
+def test_fp32_op_entry_lifts_16bit_inputs_without_an_outer_autocast():
+    """An FP32 op entry fed 16-bit activations (FSDP2 param_dtype, a cast input) computes in FP32."""
+    torch.manual_seed(0)
+    model = _SoftmaxNet()
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    policy = _policy(model, {"lin": "bf16", "::softmax": "fp32", "ln": "fp32"})
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") == "softmax":
+                seen.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    with policy.autocast(model), Spy():
+        model(x)
+    assert seen == [torch.float32]
+
+
+def test_fp32_layer_with_16bit_weights_names_the_fix():
+    """An FP32 layer whose weights are 16-bit (a cast model, FSDP2 param_dtype) is a PolicyError naming fsdp_plan."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    policy = _policy(model, {"0": "bf16", "1": "fp32"})
+    model[1].to(torch.bfloat16)
+    with policy.autocast(model), pytest.raises(autoprec.PolicyError, match=r"layer '1' is FP32.*fsdp_plan"):
+        model(torch.randn(2, 4))
