@@ -96,7 +96,8 @@ class Runner:
     # filled in by time_steps
     warmup_s: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
-    graphs: int = 0          # Dynamo graphs compiled by the first step
+    graphs: int = 0          # new Dynamo graphs compiled by the first step (one another variant compiled
+    #                          already, for the same code and guards, is reused and not counted)
     recompiles: int = 0      # Dynamo graphs compiled after the first step
     recompile_reasons: list[str] = field(default_factory=list)
     peak_mib: float | None = None
@@ -246,16 +247,28 @@ def _blanket_error(model: torch.nn.Module, sample: Any) -> Fidelity:
     return fidelity(model, sample, amp_variant("bf16"), ref)
 
 
-def _fix_loss_type(model: torch.nn.Module) -> None:
-    """transformers' ``GPT2LMHeadModel`` has no ``loss_type`` it recognises and logs a warning on every
-    loss (a Dynamo graph break in every variant alike): name the loss it falls back to anyway."""
+def compile_clean(model: torch.nn.Module) -> torch.nn.Module:
+    """Take the two Dynamo hazards of the transformers models out of the way, the same in every variant:
+
+    * ``GPT2LMHeadModel`` has no ``loss_type`` transformers recognises: every loss logs a warning,
+      a graph break; name the loss it falls back to anyway (``ForCausalLM``);
+    * the classification loss sets ``config.problem_type`` on its first call, so every compiled
+      model recompiles on its second step; set it first (integer labels, several classes).
+
+    Returns ``model``.
+    """
     if hasattr(model, "loss_type") and getattr(model, "loss_type", None) is None:
         model.loss_type = "ForCausalLM"
+    config = getattr(model, "config", None)
+    if (type(model).__name__.endswith("ForImageClassification") and getattr(config, "problem_type", "") is None
+            and getattr(config, "num_labels", 1) > 1):
+        config.problem_type = "single_label_classification"
+    return model
 
 
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     spec = _zoo.build(name, args.size, heldout=0, train=2)
-    _fix_loss_type(spec.model)
+    compile_clean(spec.model)
     # every variant's own copy, and the explain copies, made from the FP32 model before anything ran
     copies = {v: copy.deepcopy(spec.model) for v in VARIANTS}
     probes = {k: copy.deepcopy(spec.model) for k in ("fp32", "amp-bf16", "policy")}
@@ -301,7 +314,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "graph_breaks": breaks[kind]["breaks"], "break_reasons": breaks[kind]["reasons"],
             "warmup_steps": len(r.warmup_s), "first_step_s": r.warmup_s[0],
             "compile_s": compile_seconds(r) if r.compiled else None,
-            "graphs_compiled": r.graphs if r.compiled else None,
+            "new_graphs_first_step": r.graphs if r.compiled else None,
             "recompiles": r.recompiles if r.compiled else None,
             "recompile_reasons": sorted(set(r.recompile_reasons))[:10],
             "times_s": r.times,

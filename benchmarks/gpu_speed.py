@@ -44,7 +44,7 @@ import torch
 
 from _measure import amp_variant, cast_traffic, fp32_variant, median, policy_variant
 from compare import machine
-from compile_speed import compile_seconds, make_runner, time_steps
+from compile_speed import compile_clean, compile_seconds, make_runner, time_steps
 
 import autoprec
 from autoprec.batch import batch_to
@@ -83,6 +83,7 @@ def build(name: str, size: str, device: str, n_batches: int = 3) -> tuple[torch.
                         "labels": torch.randint(0, labels, (batch,), generator=g)} for _ in range(n_batches)]
         else:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    compile_clean(model)  # no graph break or recompile of transformers' own making
     return model.float().train().to(device), [batch_to(b, torch.device(device)) for b in batches]
 
 

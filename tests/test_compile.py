@@ -228,7 +228,7 @@ def test_inductor_within_bf16_rounding_of_eager():
 # -- 3. recompilation -------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["model", "compiled"], ids=["apply-to-model", "apply-to-compiled"])
 def test_compiled_model_follows_every_policy_change(target):
-    """Compiled once: each policy applied (bf16, one op or module fp32 instead) and removal give eager's values."""
+    """Compiled once: each policy applied (bf16; two ops, or a module, fp32 instead) and removal give eager's values."""
     model, x, _ = TM.unscaled_attention()
     base = _policy(model, x)
     assert base.assignment["attn::matmul"] == base.assignment["attn.q"] == "bf16"
@@ -237,7 +237,7 @@ def test_compiled_model_follows_every_policy_change(target):
         layers = {k: LayerEntry(changes.get(k, e.precision), kind=e.kind) for k, e in base.layers.items()}
         return Policy(layers=layers, modules=base.modules, handoff=base.handoff, opaque=base.opaque)
 
-    states = [("fp32", None), ("bf16", base), ("matmul fp32", variant({"attn::matmul": "fp32"})),
+    states = [("fp32", None), ("bf16", base), ("scores fp32", variant({"attn::matmul": "fp32", "attn::softmax": "fp32"})),
               ("q fp32", variant({"attn.q": "fp32"})), ("fp32 again", None), ("bf16 again", base)]
     eager = {}
     for label, policy in states:
