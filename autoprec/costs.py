@@ -51,8 +51,11 @@ PROFILES = {
                          flops_per_byte=10.0, op_speed={"scaled_dot_product_attention": {"bf16": 0.6}},
                          call_cost=2e7, cast_share=0.0,
                          # scatter_add forward+backward at 20000 x 16 into 600 rows: 1.20 ms in BF16 against
-                         # 1.02 ms in FP32 (index_add 1.43 against 1.56): accumulations gain no bandwidth
-                         full_width_ops=frozenset(op for op, h in HAZARD_OPS.items() if h == "accumulation")),
+                         # 1.02 ms in FP32 (index_add 1.43 against 1.56): accumulations gain no bandwidth;
+                         # CPU autocast computes the losses (and prod, cdist, fft, linalg) in FP32 whatever
+                         # the region's format, so a 16-bit region there only adds its casts
+                         full_width_ops=frozenset(op for op, h in HAZARD_OPS.items() if h in ("accumulation", "loss"))
+                         | {"prod", "cdist"}),
     # tensor-core GPUs (A100/H100 class): FP16 and BF16 alike, ~8x FP32 without TF32. No call cost: it
     # has not been measured on a GPU (none was available), and launches overlap GPU work there
     # CUDA autocast computes its FP32-list ops in FP32 whatever the region's format (the region's

@@ -97,6 +97,16 @@ _VIEWS = frozenset({"view", "view_as", "reshape", "reshape_as", "transpose", "pe
                     "squeeze", "flatten", "unflatten", "expand", "expand_as", "split", "split_with_sizes", "chunk",
                     "unbind", "narrow", "select", "__getitem__", "t", "movedim", "moveaxis", "swapaxes",
                     "swapdims", "T", "mT", "detach"})
+#: Elementwise and joining ops that run correctly on a 16-bit input (no hazard: hazardous ops are
+#: layers of their own): a layer's output may flow through them, and they follow its format, as
+#: under autocast. With an FP32 operand (a residual stream) they promote to FP32 themselves, so the
+#: values are those of an FP32 hand-back. In-place forms are not here: they would keep a 16-bit
+#: tensor 16-bit where it was FP32.
+_FOLLOW = frozenset({"add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "rsub", "neg",
+                     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+                     "__rtruediv__", "__neg__", "__pos__", "relu", "gelu", "silu", "tanh", "sigmoid", "hardtanh",
+                     "leaky_relu", "elu", "mish", "dropout", "where", "masked_fill", "clamp", "clip", "cat",
+                     "concat", "concatenate", "stack", "pad", "float", "to", "type_as", "clone"})
 
 
 def _call_name(func: Any) -> str:
@@ -109,6 +119,31 @@ def _call_name(func: Any) -> str:
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _all_tensors(obj: Any, depth: int = 6) -> list[torch.Tensor]:
+    """Every tensor in ``obj``: pytree containers, and the attributes of other objects (a KV cache)."""
+    found: list[torch.Tensor] = []
+    seen: set[int] = set()
+
+    def walk(x: Any, d: int) -> None:
+        if id(x) in seen or d < 0:
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, d - 1)
+        elif isinstance(x, (list, tuple, set)):
+            for v in x:
+                walk(v, d - 1)
+        elif hasattr(x, "__dict__") and not isinstance(x, (type, nn.Module)):
+            for v in vars(x).values():
+                walk(v, d - 1)
+
+    walk(obj, depth)
+    return found
 
 
 class _Recorder:
@@ -142,13 +177,13 @@ class _Recorder:
         if not sources:
             return
         name = _call_name(func)
-        if name in _VIEWS:
+        if name in _VIEWS or name in _FOLLOW:
             self._mark(out, sources)
         elif name not in _META:
             self.escapes |= sources
 
     def finish(self, output: Any) -> None:
-        self.escapes |= self._sources(output)
+        self.escapes |= self._sources(_all_tensors(output))
 
     def handoff(self) -> dict[str, tuple[str, ...]]:
         """Layers whose output flows only into other layers, and those layers."""

@@ -235,7 +235,7 @@ def test_fp32_regions_act_only_where_they_change_something():
 
 
 class Flow(nn.Module):
-    """a -> views -> b; c -> relu (own code, no layer) -> d; a's and d's outputs also leave the model."""
+    """a -> views -> b; c -> flip (own code an output cannot follow) -> relu -> d; d's output leaves the model."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -243,7 +243,48 @@ class Flow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.b(self.a(x).view(2, 4, 8).transpose(0, 1).reshape(-1, 8))
-        return self.d(torch.relu(self.c(y)))
+        return self.d(torch.relu(torch.flip(self.c(y), [0])))
+
+
+class Residual(nn.Module):
+    """b's and c's outputs reach d through elementwise code (relu, a residual add) only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.d(torch.relu(self.c(self.b(h))) + h)
+
+
+def test_trace_follows_outputs_through_elementwise_code():
+    """Elementwise code (activations, residual adds) passes a layer's output on: it follows the format."""
+    from autoprec.trace import trace
+
+    torch.manual_seed(0)
+    tr = trace(Residual(), torch.randn(8, 8), device_type="cpu")
+    assert tr.handoff == {"a": ("b", "d"), "b": ("c",), "c": ("d",)}
+
+
+def test_outputs_through_a_residual_add_save_casts():
+    """A 16-bit output handed into a residual add with an FP32 stream: fewer casts than handing it back."""
+    import dataclasses
+
+    from autoprec.trace import trace
+
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(8, 8)
+    tr = trace(model, x, device_type="cpu")
+    policy = Policy(layers={"a": LayerEntry("fp32"), "b": LayerEntry("bf16"), "c": LayerEntry("bf16"),
+                            "d": LayerEntry("bf16")}, modules=module_signatures(model), handoff=tr.handoff)
+    outs = {}
+    for name, p in (("handoff", policy), ("plain", dataclasses.replace(policy, handoff={}))):
+        with p.autocast(model), _Casts() as casts:
+            outs[name] = (model(x), casts.n)
+    assert outs["handoff"][1] < outs["plain"][1]
+    assert outs["handoff"][0].dtype == torch.float32
+    torch.testing.assert_close(outs["handoff"][0], outs["plain"][0], rtol=2e-2, atol=2e-2)
 
 
 def test_trace_hands_off_only_outputs_that_flow_into_layers():
