@@ -74,6 +74,7 @@ class Measurement:
     nonfinite: int           # Inf/NaN values in the layer's own output
     finite: bool             # loss and all gradients finite
     error: str | None = None  # the exception, when the layer cannot run in this format
+    full_width: bool = False  # its output came out FP32 in the 16-bit region: it computes in FP32 itself
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class _CountWatcher:
     def __init__(self, key: str) -> None:
         self.key = key
         self.nonfinite = 0
+        self.dtypes: set[torch.dtype] = set()   # floating dtypes of the layer's own output
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
         pass
@@ -142,6 +144,7 @@ class _CountWatcher:
         for t in pytree.tree_leaves(raw):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 self.nonfinite += int((~torch.isfinite(t)).sum())
+                self.dtypes.add(t.dtype)
 
 
 class Runner:
@@ -257,7 +260,9 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
                                                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 continue
             loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads)
-            measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite)
+            full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
+            measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite,
+                                                   full_width=full)
     log.info("probed %d layers x %d formats in %d passes", len(candidates), len(formats), runner.passes)
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
                  grad_absmax=grad_absmax, param_grad_hist=tuple(param_hist), passes=runner.passes,

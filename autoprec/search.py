@@ -132,6 +132,9 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
                 what = "underflow"
             note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
             failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
+        elif m.full_width:
+            failures.append((9, fmt, "no gain", f"{fmt}: its output comes back FP32 from a {fmt} region (it "
+                                                 "computes in FP32 itself): 16-bit would only add casts"))
         elif layer_cost(layer, fmt, profile) >= base:
             ratio = layer_cost(layer, fmt, profile) / base if base > 0 else float("inf")
             failures.append((9, fmt, "no gain", f"{fmt}: modelled step cost {ratio:.3g}x FP32 on {profile.name}"))

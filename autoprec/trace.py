@@ -382,6 +382,8 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
     layers = []
     for key in recorder.order:
         row = recorder.rows[key]
+        if row["kind"] == "op" and not row["in_shapes"] and not row["out_shapes"]:
+            continue  # an op on integers only (bincount of indices): no precision to decide
         if row["kind"] == "module":
             mod = modules[key]
             seen = fx.get(key, [])

@@ -1,9 +1,9 @@
 """A policy under ``torch.compile`` on the CPU: no graph break of its own, ``fullgraph=True`` compiles,
 compiled values equal eager ones with the policy, and applying/changing/removing a policy recompiles.
 
-Every policy here is built as the experiments did: trace the model, every layer ``"bf16"`` except every
-other hazardous one (``"fp32"``), the trace's handoff and opaque modules kept, so the policies have
-module entries and op entries in a module's own code (``attn::softmax``, ``conv1::index_add``, ...).
+Every policy here comes from the model's trace: every layer ``"bf16"`` except every other hazardous one
+(``"fp32"``), the trace's handoff and opaque modules kept, so the policies have module entries and op
+entries in a module's own code (``attn::softmax``, ``conv1::index_add``, ...).
 Most tests compile with the fast ``aot_eager`` backend; one runs Inductor on a tiny model.
 """
 
@@ -44,8 +44,10 @@ def _hazard(name: str, **kwargs):
 
 
 def _zoo(name: str):
-    """A benchmark model of ``benchmarks/_zoo.py`` at size "quick"; language models get token ids only
-    (their own loss code is no concern here and costs the most tracing time), the loss taken outside."""
+    """A benchmark model of ``benchmarks/_zoo.py`` at size "quick". Language models get token ids only, no
+    labels and no KV cache, the loss taken outside: their loss code (GPT-2's breaks the graph, with a policy
+    or without) and cache code cost tracing time and are no concern here. Without a cache, GPT-2 and Llama
+    compute positions with a ``cumsum`` in their own code: one more op entry."""
     def build():
         pytest.importorskip("torch_geometric" if name == "gcn" else "transformers")
         if _BENCH not in sys.path:
@@ -56,7 +58,11 @@ def _zoo(name: str):
         batch, loss_fn = spec.tune
         if isinstance(batch, dict) and "input_ids" in batch:
             ids = batch["input_ids"]
-            batch = {"input_ids": ids, "decoder_input_ids": ids} if name == "t5" else {"input_ids": ids}
+            batch = {"input_ids": ids}
+            if name == "t5":
+                batch["decoder_input_ids"] = ids
+            if name != "bert":
+                batch["use_cache"] = False
 
             def loss_fn(out, batch, ids=ids):
                 return F.cross_entropy(out.logits.float().flatten(0, 1), ids.flatten())
@@ -106,15 +112,14 @@ def _step(run: nn.Module, params: nn.Module, batch, loss_fn) -> tuple[torch.Tens
 
 
 # -- 1. graph breaks --------------------------------------------------------------------------
-# name -> (builder, op entries the policy must have: at least one "::" key, or None for a model whose
-# traced layers are all modules, and the key of one named op entry where the brief asks for it)
+# name -> (builder, an op entry the policy must have, or None where every traced layer is a module)
 _NO_DATA_DEPENDENT = {
     "rmsnorm_model": (_hazard("rmsnorm_model"), None),
     "unscaled_attention": (_hazard("unscaled_attention"), "attn::softmax"),
     "rotary_model": (_hazard("rotary_model"), None),
     "underflow_model": (_hazard("underflow_model"), "::mse_loss"),
     "cnn": (_hazard("cnn"), "::adaptive_avg_pool2d"),
-    "gpt2": (_zoo("gpt2"), "transformer.h.0.attn::scaled_dot_product_attention"),
+    "gpt2": (_zoo("gpt2"), "transformer::cumsum"),
     "llama": (_zoo("llama"), "model.layers.0.self_attn::scaled_dot_product_attention"),
     "bert": (_zoo("bert"), "bert.encoder.layer.0.attention.self::scaled_dot_product_attention"),
     "t5": (_zoo("t5"), "encoder.block.0.layer.0.SelfAttention::log"),
@@ -165,7 +170,6 @@ def test_data_dependent_models_break_only_for_their_own_ops(name):
     reasons = {str(r.reason) for r in without.break_reasons}
     assert without.graph_break_count > 0 and reasons
     assert all(str(r.reason).startswith("Dynamic shape operator") for r in without.break_reasons)
-    assert with_policy.graph_break_count >= without.graph_break_count
     assert {str(r.reason) for r in with_policy.break_reasons} <= reasons
     assert _autocast_in_graphs(with_policy)
 
@@ -209,7 +213,7 @@ class _Tiny(nn.Module):
 
 
 def test_inductor_within_bf16_rounding_of_eager():
-    """Inductor (default backend) with the policy: max |compiled - eager| measured 0 (torch 2.13 CPU); bound: one bf16 ulp."""
+    """Inductor with the policy: max |compiled - eager| measured 0 (torch 2.13, CPU); bound: one bf16 ulp."""
     torch.manual_seed(0)
     model, x = _Tiny(), torch.randn(16, 32)
     policy = _policy(model, x)
@@ -226,30 +230,31 @@ def test_inductor_within_bf16_rounding_of_eager():
 
 
 # -- 3. recompilation -------------------------------------------------------------------------
-@pytest.mark.parametrize("target", ["model", "compiled"], ids=["apply-to-model", "apply-to-compiled"])
-def test_compiled_model_follows_every_policy_change(target):
+def test_compiled_model_follows_every_policy_change():
     """Compiled once: each policy applied (bf16; two ops, or a module, fp32 instead) and removal give eager's values."""
     model, x, _ = TM.unscaled_attention()
     base = _policy(model, x)
-    assert base.assignment["attn::matmul"] == base.assignment["attn.q"] == "bf16"
+    assert base.assignment["attn::matmul"] == base.assignment["attn::softmax"] == base.assignment["attn.q"] == "bf16"
 
     def variant(changes: dict[str, str]) -> Policy:
         layers = {k: LayerEntry(changes.get(k, e.precision), kind=e.kind) for k, e in base.layers.items()}
         return Policy(layers=layers, modules=base.modules, handoff=base.handoff, opaque=base.opaque)
 
-    states = [("fp32", None), ("bf16", base), ("scores fp32", variant({"attn::matmul": "fp32", "attn::softmax": "fp32"})),
-              ("q fp32", variant({"attn.q": "fp32"})), ("fp32 again", None), ("bf16 again", base)]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    # (label, policy or None for none, apply it to the model or to the compiled wrapper)
+    states = [("fp32", None, None), ("bf16", base, model),
+              ("scores fp32", variant({"attn::matmul": "fp32", "attn::softmax": "fp32"}), compiled),
+              ("q fp32", variant({"attn.q": "fp32"}), model), ("fp32 again", None, None),
+              ("bf16 again", base, compiled)]
     eager = {}
-    for label, policy in states:
+    for label, policy, _ in states:
         if policy is None:
             eager[label] = model(x).detach()
         else:
             with policy.autocast(model):
                 eager[label] = model(x).detach()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    holder = compiled if target == "compiled" else model
     prev = None
-    for label, policy in states:
+    for label, policy, holder in states:
         if policy is None:
             out = compiled(x).detach()
         else:

@@ -146,13 +146,13 @@ def test_rmsnorm_norm_not_fp16():
 
 
 def test_rmsnorm_keeps_the_norm_out_of_fp16_with_evidence():
-    """fc1 goes to FP16; the hand-written RMSNorm overflows FP16 (the evidence names it) and, on a CUDA target,
-    gains nothing in BF16: CUDA autocast computes its pow/rsqrt in FP32 inside any region."""
+    """fc1 goes to FP16; the hand-written RMSNorm overflows FP16 (the evidence names it) and gains nothing in
+    BF16: its FP32 weight promotes the output back to FP32 inside a BF16 region (measured by the probe)."""
     policy = tuned("rmsnorm_model")
     assert policy.layers["fc1"].precision == "fp16"
     norm = policy.layers["norm"]
     assert norm.precision == "fp32" and norm.reason == "overflow" and norm.excluded
-    assert "fp16: non-finite" in norm.detail and "bf16: modelled step cost" in norm.detail
+    assert "fp16: non-finite" in norm.detail and "bf16: its output comes back FP32" in norm.detail
 
 
 @pytest.mark.parametrize("key", HAZARDOUS_LAYERS["unscaled_attention"], ids=HAZARDOUS_LAYERS["unscaled_attention"])
