@@ -79,6 +79,7 @@ class _Spec:
     device_type: str
     precision: str | None = None       # a unit's region, or None
     dtype: torch.dtype | None = None   # its torch dtype
+    autocast_on: bool = False          # its region enables autocast (16-bit, not emulated)
     unit: bool = False
     emulate: bool = False              # FP16 matmuls emulated inside (CPU)
     keep: bool = False                 # hands a 16-bit output on uncast (handoff)
@@ -344,22 +345,44 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
     if precision == "fp32":
         _check_fp32_params(spec.path, module)
     back = _back(spec.fed, spec.handback, args, kwargs)
-    with _autocast(spec.device_type, precision, spec.emulate):
-        args, kwargs = _cast_args(args, kwargs, spec.dtype)
-        if spec.emulate:
-            with _Emulate():
-                out = forward(module, *args, **kwargs)
-        else:
-            out = forward(module, *args, **kwargs)
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        # the context manager: Dynamo traces it, and proxy modes (export, make_fx) record it
+        with _autocast(spec.device_type, precision, spec.emulate):
+            out = _region_body(spec, forward, module, args, kwargs)
+    else:
+        # eager: what torch.autocast's __enter__/__exit__ do, without the object (half its cost)
+        device = spec.device_type
+        prev, prev_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        torch.set_autocast_enabled(device, spec.autocast_on)
+        if spec.autocast_on:
+            torch.set_autocast_dtype(device, spec.dtype)
+        torch.autocast_increment_nesting()
+        try:
+            out = _region_body(spec, forward, module, args, kwargs)
+        finally:
+            if torch.autocast_decrement_nesting() == 0:
+                torch.clear_autocast_cache()
+            torch.set_autocast_enabled(device, prev)
+            torch.set_autocast_dtype(device, prev_dtype)
     final = out if spec.keep and torch.is_grad_enabled() else _cast(out, back)
     if watcher is not None and out is not None:
         watcher.exit(spec.path, "module", out, final)
     return final
 
 
+def _region_body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    args, kwargs = _cast_args(args, kwargs, spec.dtype)
+    if spec.emulate:
+        with _Emulate():
+            return forward(module, *args, **kwargs)
+    return forward(module, *args, **kwargs)
+
+
 def _forward(spec: _Spec | None, base_forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec is None:
         return base_forward(module, *args, **kwargs)
+    if spec.unit and not spec.boundary and not spec.root:  # the common case, two calls shorter
+        return _unit(spec, base_forward, module, args, kwargs)
     return _call(spec, base_forward, module, args, kwargs)
 
 
@@ -370,7 +393,7 @@ def _forward_of(base_forward: Callable) -> Callable:
 
 
 _run_eagerly_after_a_break([_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__,
-                            _body.__code__, _unit.__code__], recursive=False)
+                            _body.__code__, _unit.__code__, _region_body.__code__], recursive=False)
 
 # -- the swapped classes ----------------------------------------------------------------------
 _CLASSES: dict[type, type] = {}   # class -> its swapped subclass
@@ -532,6 +555,7 @@ class Runtime:
             spec = _Spec(
                 path=path, device_type=self.device_type, precision=precision, unit=unit,
                 dtype=None if precision is None else to_dtype(precision),
+                autocast_on=precision in ("fp16", "bf16") and not (precision == "fp16" and self.emulate_fp16),
                 emulate=precision == "fp16" and self.emulate_fp16, keep=path in self.keep, fed=path in self.fed,
                 handback=handback, boundary=boundary, own=tracked,
                 own_always=watching or any(p != "fp32" for p in mine.values()) or any(k in self.fed for k in mine),

@@ -1,0 +1,143 @@
+"""What the runtime costs per step: installing a policy, entering its context, and each layer it runs.
+
+Models of tiny layers (Linear(8, 8), ReLU, LayerNorm(8) per block) make the runtime's own Python
+work visible: per step it is a few microseconds per layer, next to kernels that take as long.
+
+Columns, per model size (modules in the model), one thread, medians of interleaved repetitions:
+
+* ``first apply ms``: ``policy.apply(model)`` the first time (checks the model, makes the plan);
+* ``context ms``: entering and leaving ``with policy.autocast(model)`` again (the plan is cached:
+  one class swap per patched module each way);
+* ``fp32 layer us``: forward time per layer with an all-FP32 policy installed, minus the same
+  forward without a policy (what an FP32 layer pays: one Python call);
+* ``bf16 layer us`` and ``autocast block us``: forward time per layer with an all-BF16 policy,
+  and with each layer wrapped in its own ``with torch.autocast(...)`` block and casts by hand
+  (what the issue bounds the 16-bit layer's cost by).
+
+Run: ``python benchmarks/runtime_overhead.py [--sizes 200 800 3000] [--repeats 30]``; writes
+``benchmarks/results/runtime_overhead.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from autoprec import LayerEntry, Policy  # noqa: E402
+from autoprec.trace import module_signatures  # noqa: E402
+
+
+class _AutocastBlock(nn.Module):
+    """One layer inside its own ``with torch.autocast`` block, input cast down, output cast back."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(x.bfloat16()).float()
+
+
+def _model(modules: int) -> nn.Sequential:
+    blocks = max(1, (modules - 1) // 4)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LayerNorm(8)) for _ in range(blocks)])
+
+
+def _policy(model: nn.Module, precision: str) -> Policy:
+    sig = module_signatures(model)
+    return Policy(layers={k: LayerEntry(precision) for k in sig}, modules=sig)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def measure(modules: int, repeats: int) -> dict[str, float]:
+    """One row of the table for a model of about ``modules`` modules."""
+    model = _model(modules)
+    n_modules = len(list(model.modules()))
+    n_layers = len(module_signatures(model))
+    x = torch.randn(2, 8)
+    p32, p16 = _policy(model, "fp32"), _policy(model, "bf16")
+    t = time.perf_counter()
+    p16.apply(model).remove()
+    first = 1e3 * (time.perf_counter() - t)
+
+    def context() -> None:
+        with p16.autocast(model):
+            pass
+
+    blocks = nn.Sequential(*[_AutocastBlock(m) for block in model for m in block])
+    rows: dict[str, list[float]] = {k: [] for k in ("context", "plain", "fp32", "bf16", "autocast")}
+    with torch.no_grad():
+        for _ in range(max(3, repeats // 10)):  # interleaved rounds, each a median of its own
+            rows["context"].append(_median_ms(context, 10))
+            rows["plain"].append(_median_ms(lambda: model(x), 10))
+            with p32.apply(model):
+                rows["fp32"].append(_median_ms(lambda: model(x), 10))
+            with p16.apply(model):
+                rows["bf16"].append(_median_ms(lambda: model(x), 10))
+            rows["autocast"].append(_median_ms(lambda: blocks(x), 10))
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return {"modules": n_modules, "layers": n_layers, "first_apply_ms": round(first, 2),
+            "context_ms": round(med["context"], 3),
+            "fp32_layer_us": round(1e3 * (med["fp32"] - med["plain"]) / n_layers, 2),
+            "plain_layer_us": round(1e3 * med["plain"] / n_layers, 2),
+            "bf16_layer_us": round(1e3 * med["bf16"] / n_layers, 2),
+            "autocast_block_us": round(1e3 * med["autocast"] / n_layers, 2)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3000])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "runtime_overhead.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = [measure(n, args.repeats) for n in args.sizes]
+    header = ("modules", "layers", "first_apply_ms", "context_ms", "plain_layer_us", "fp32_layer_us",
+              "bf16_layer_us", "autocast_block_us")
+    print(f"# runtime overhead, {_cpu_name()}, torch {torch.__version__}, 1 thread")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    result = {"cpu": _cpu_name(), "torch": torch.__version__,
+              "bf16_native": bool(torch.cpu._is_avx512_bf16_supported()), "rows": rows}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
