@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from . import report as _report  # noqa: F401  (registers Policy.report)
 from .apply import Handle
 from .distributed import fsdp_plan
 from .errors import AutoprecError, BatchError, FormatError, ModelError, OptionError, PolicyError

@@ -37,7 +37,7 @@ from torch import nn
 from .errors import FormatError, PolicyError
 from .formats import cuda_bf16_native
 from .modules import canonical_modules, unit_modules
-from .policy import Policy
+from .policy import Policy, register_stage
 from .runtime import Runtime
 
 __all__ = ["Handle", "apply", "autocast"]
@@ -152,3 +152,7 @@ def autocast(policy: Policy, model: nn.Module) -> Iterator[Handle]:
         yield handle
     finally:
         handle.remove()
+
+
+register_stage("apply", apply)
+register_stage("autocast", autocast)

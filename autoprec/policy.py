@@ -13,7 +13,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -348,8 +348,7 @@ class Policy:
             >>> with Policy(layers={"0": LayerEntry("bf16")}).autocast(m):
             ...     _ = m(torch.ones(1, 4))
         """
-        from .apply import autocast
-        return autocast(self, model)
+        return _STAGES["autocast"](self, model)
 
     def apply(self, model: nn.Module):
         """Install this policy on ``model`` until ``handle.remove()``.
@@ -358,8 +357,7 @@ class Policy:
             >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
             >>> h = Policy(layers={"0": LayerEntry("bf16")}).apply(m); h.remove()
         """
-        from .apply import apply
-        return apply(self, model)
+        return _STAGES["apply"](self, model)
 
     def grad_scaler(self, device: str | None = None) -> torch.amp.GradScaler | None:
         """A ``torch.amp.GradScaler`` with the tuned settings, or None when no layer is FP16.
@@ -386,8 +384,17 @@ class Policy:
             >>> print(Policy(layers={"0": LayerEntry("bf16", flops=8)}).report().splitlines()[0])
             # autoprec policy report
         """
-        from .report import render
-        return render(self, format)
+        return _STAGES["report"](self, format)
+
+
+#: The later stages behind Policy's convenience methods. Policy is data: it imports none of them;
+#: each registers itself when imported (``autoprec/__init__`` imports them all).
+_STAGES: dict[str, Callable[..., Any]] = {}
+
+
+def register_stage(name: str, fn: Callable[..., Any]) -> None:
+    """Register the function behind ``Policy.<name>`` (``"apply"``, ``"autocast"``, ``"report"``)."""
+    _STAGES[name] = fn
 
 
 def _some(items: list[str], n: int = 8) -> str:

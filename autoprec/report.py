@@ -128,3 +128,12 @@ def render(policy: "Policy", format: str = "md") -> str:
         from .report_html import render_html
         return render_html(policy)
     raise OptionError(f"report format {format!r} is not supported: use 'md', 'json' or 'html'")
+
+
+def _register() -> None:
+    from .policy import register_stage
+
+    register_stage("report", render)
+
+
+_register()
