@@ -55,13 +55,13 @@ def main(small: bool = False) -> autoprec.Policy:
     policy.save(path)
     policy = autoprec.load(path)
 
-    # 3. train with it: per-layer precision inside the block, the tuned GradScaler if FP16 is used
+    # 3. train with it: installed once for the loop, the tuned GradScaler if FP16 is used
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = policy.grad_scaler()
+    handle = policy.apply(model)
     for step in range(3):
         opt.zero_grad()
-        with policy.autocast(model):
-            loss = loss_fn(model(x), x)
+        loss = loss_fn(model(x), x)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -70,6 +70,7 @@ def main(small: bool = False) -> autoprec.Policy:
             loss.backward()
             opt.step()
         print(f"step {step}: loss {loss.item():.4f}")
+    handle.remove()
     return policy
 
 
