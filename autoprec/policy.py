@@ -265,7 +265,7 @@ class Policy:
                 target=target,
                 modules={str(k): str(v) for k, v in _mapping(data, "modules").items()},
                 opaque={str(k): str(v) for k, v in _mapping(data, "opaque").items()},
-                handoff={str(k): _names(v, f"handoff[{k!r}]") for k, v in _mapping(data, "handoff").items()},
+                handoff={str(k): _layer_names(v, f"handoff[{k!r}]") for k, v in _mapping(data, "handoff").items()},
                 formats=formats,
                 scaler=None if scaler is None else _scaler(_mapping(data, "scaler")),
                 tolerance={str(k): _float(v, "tolerance") for k, v in _mapping(data, "tolerance").items()},
@@ -401,7 +401,7 @@ def _some(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _names(value: Any, what: str) -> tuple[str, ...]:
+def _layer_names(value: Any, what: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise PolicyError(f"policy field {what} must be a list of layer names, got {value!r}")
     return tuple(value)

@@ -44,17 +44,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree as pytree
 
+from .casts import LOW, autocast_for, cast_args, cast_tree, has_low
 from .errors import PolicyError
 from .formats import to_dtype
 from .modules import canonical_modules
-from .ops import MATMUL_OPS, op_name
+from .opmodes import Emulate, OwnCode, back_dtype, owner, run_eagerly_after_a_break
 
 __all__ = ["Runtime", "Watcher", "installed"]
 
-_LOW = (torch.float16, torch.bfloat16)
 _SPEC = "_autoprec_spec"
 
 
@@ -97,200 +95,10 @@ class _Spec:
     watcher: Any = None
 
 
-# -- tensors ----------------------------------------------------------------------------------
-_CONTAINERS = (list, tuple, dict)
-
-
-def _first_float_dtype(tree: Any) -> torch.dtype | None:
-    for t in pytree.tree_leaves(tree):
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            return t.dtype
-    return None
-
-
-def _first_float_dtype_in(args: tuple, kwargs: dict) -> torch.dtype | None:
-    """The first floating dtype among the arguments (plain tensors first-class; containers via pytree)."""
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            if a.is_floating_point():
-                return a.dtype
-        elif isinstance(a, _CONTAINERS):
-            found = _first_float_dtype(a)
-            if found is not None:
-                return found
-    return None
-
-
-def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
-    if dtype is None:
-        return tree
-    if isinstance(tree, torch.Tensor):  # the common case, without pytree's per-call cost
-        return tree.to(dtype) if tree.is_floating_point() and tree.dtype != dtype else tree
-    return pytree.tree_map(
-        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t,
-        tree)
-
-
-def _cast_args(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
-    """Cast the floating tensors among the arguments to ``dtype``."""
-    args = tuple(a if not isinstance(a, (torch.Tensor, *_CONTAINERS)) else _cast(a, dtype) for a in args)
-    if kwargs:
-        kwargs = {k: v if not isinstance(v, (torch.Tensor, *_CONTAINERS)) else _cast(v, dtype)
-                  for k, v in kwargs.items()}
-    return args, kwargs
-
-
-def _has_low(args: tuple, kwargs: dict) -> bool:
-    """Whether any floating tensor among the arguments is 16-bit (top level first: the common case)."""
-    nested = False
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor):
-            if a.dtype in _LOW:
-                return True
-        elif isinstance(a, (list, tuple, dict)):
-            nested = True
-    return nested and any(isinstance(t, torch.Tensor) and t.dtype in _LOW
-                          for t in pytree.tree_leaves((args, kwargs)))
-
-
-def _round16(tree: Any) -> Any:
-    """Round floating tensors to FP16 values but keep them FP32 (emulated tensor-core operands)."""
-    return pytree.tree_map(
-        lambda t: t.to(torch.float16).to(torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        tree)
-
-
-def _emulated(func: Callable, args: tuple, kwargs: dict) -> Any:
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        out = func(*_round16(args), **_round16(kwargs))
-    return _cast(out, torch.float16)
-
-
-def _autocast(device_type: str, precision: str, emulate: bool) -> torch.autocast:
-    if precision == "fp32" or emulate:
-        return torch.autocast(device_type, enabled=False)
-    return torch.autocast(device_type, dtype=to_dtype(precision))
-
-
-# -- function modes ---------------------------------------------------------------------------
-class _Emulate(TorchFunctionMode):
-    """Inside an FP16 unit on a CPU: the matmul/conv family runs emulated."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        named = _named(func)
-        if named is not None and named[0] in MATMUL_OPS:
-            return _emulated(func, args, kwargs)
-        return func(*args, **kwargs)
-
-
-class _OwnCode(TorchFunctionMode):
-    """One call of a module's ``forward``: gives the functional ops in its own code their regions.
-
-    Calls made inside its child modules pass through (each child raises ``depth`` while it runs).
-    It is entered where it can change something: a 16-bit op entry, an op fed a handed-off 16-bit
-    tensor, a caller's autocast (whose casts FP32 entries undo), or 16-bit inputs to the module.
-    """
-
-    def __init__(self, spec: _Spec) -> None:
-        super().__init__()
-        self.spec = spec
-        self.depth = 0
-        self.counts: dict[str, int] = {}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if self.depth:
-            return func(*args, **kwargs)
-        spec = self.spec
-        named = _named(func)
-        if named is None or spec.opaque:  # no layer of its own
-            out = func(*args, **kwargs)
-            flow = getattr(spec.watcher, "call", None)
-            if flow is not None:  # code between layers: where outputs go
-                flow(func, args, kwargs, out)
-            return out
-        base, in_place = named
-        n = self.counts.get(base, 0)
-        self.counts[base] = n + 1
-        key = f"{spec.path}::{base}" + (f"_{n}" if n else "")
-        return _run_op(spec, key, func, args, kwargs, in_place, base)
-
-
-def _run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
-    """Code that Dynamo meets as a frame of its own only after a graph break in the model's own code
-    (a data-dependent op) runs as it is there, instead of being compiled again and counting the same
-    break once more; inlined into a traced forward it is traced as usual. ``recursive``: what it
-    calls runs as it is too (a mode's handler calls torch ops only); else what it calls (the
-    model's own ``forward``) is compiled as usual."""
-    try:
-        from torch._dynamo.eval_frame import set_code_exec_strategy
-        from torch._dynamo.types import FrameAction, FrameExecStrategy
-    except ImportError:  # pragma: no cover - older torch: such a break is counted more than once
-        return
-    inner = FrameAction.SKIP if recursive else FrameAction.DEFAULT
-    for code in codes:
-        set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, inner))
-
-
-_run_eagerly_after_a_break([_Emulate.__torch_function__.__code__, _OwnCode.__torch_function__.__code__],
-                           recursive=True)
-
-
-@torch.compiler.assume_constant_result
-def _named(func: Any) -> tuple[str, bool] | None:
-    """:func:`op_name`, read by torch.compile as the constant it is for one function."""
-    return op_name(func)
-
-
-def _owner() -> _OwnCode | None:
-    """The innermost own-code mode on this thread's mode stack."""
-    for i in range(torch._C._len_torch_function_stack() - 1, -1, -1):
-        mode = torch._C._get_function_stack_at(i)
-        if isinstance(mode, _OwnCode):
-            return mode
-    return None
-
-
-def _back(spec_fed: bool, handback: torch.dtype, args: tuple, kwargs: dict) -> torch.dtype | None:
-    first = _first_float_dtype_in(args, kwargs)
-    if spec_fed and first in _LOW:
-        return handback
-    return first
-
-
-def _run_op(spec: _Spec, key: str, func: Callable, args: tuple, kwargs: dict, in_place: bool, base: str) -> Any:
-    precision = spec.entries.get(key) if spec.entries else None
-    watcher = spec.watcher
-    if watcher is not None:
-        watcher.enter(key, "op", (args, kwargs))
-    if precision is None:
-        out = func(*args, **kwargs)
-        if watcher is not None:
-            watcher.exit(key, "op", out, out)
-        return out
-    back = _back(key in spec.op_fed, spec.handback, args, kwargs)
-    emulate = precision == "fp16" and spec.emulate_fp16
-    with _autocast(spec.device_type, precision, emulate):
-        cargs, ckwargs = _cast_args(args, kwargs, to_dtype(precision))
-        raw = _emulated(func, cargs, ckwargs) if emulate and base in MATMUL_OPS else func(*cargs, **ckwargs)
-    if in_place and isinstance(args[0], torch.Tensor) and raw is not args[0]:
-        # the op ran on a cast copy of `self`: write the result back into the caller's tensor
-        args[0].copy_(raw)
-        final = args[0]
-    elif key in spec.op_keep and torch.is_grad_enabled():
-        final = raw
-    else:
-        final = _cast(raw, back)
-    if watcher is not None:
-        watcher.exit(key, "op", raw, final)
-    return final
-
-
 # -- one module's forward ---------------------------------------------------------------------
 def _check_fp32_params(path: str, module: nn.Module) -> None:
     for name, p in module._parameters.items():
-        if p is not None and p.dtype in _LOW:
+        if p is not None and p.dtype in LOW:
             raise PolicyError(
                 f"layer {path!r} is FP32 in the policy, but its parameter {name!r} is {p.dtype} here (FSDP2's "
                 "MixedPrecisionPolicy(param_dtype=...) gathers it in 16 bits, or the model was cast): give each "
@@ -301,21 +109,21 @@ def _check_fp32_params(path: str, module: nn.Module) -> None:
 
 def _call(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec.boundary:
-        owner = _owner()
-        if owner is not None:
-            owner.depth += 1
+        mode = owner()
+        if mode is not None:
+            mode.depth += 1
             try:
                 return _body(spec, forward, module, args, kwargs)
             finally:
-                owner.depth -= 1
+                mode.depth -= 1
     return _body(spec, forward, module, args, kwargs)
 
 
 def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec.unit:
         out = _unit(spec, forward, module, args, kwargs)
-    elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type) or _has_low(args, kwargs)):
-        with _OwnCode(spec):
+    elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type) or has_low(args, kwargs)):
+        with OwnCode(spec):
             out = forward(module, *args, **kwargs)
     else:
         out = forward(module, *args, **kwargs)
@@ -333,7 +141,7 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
         if watcher is not None and out is not None:
             watcher.exit(spec.path, "module", out, out)
         return out
-    if precision == "fp32" and not torch.is_autocast_enabled(spec.device_type) and not _has_low(args, kwargs):
+    if precision == "fp32" and not torch.is_autocast_enabled(spec.device_type) and not has_low(args, kwargs):
         try:
             out = forward(module, *args, **kwargs)  # nothing to cast, no autocast to undo
         except RuntimeError:
@@ -344,10 +152,10 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
         return out
     if precision == "fp32":
         _check_fp32_params(spec.path, module)
-    back = _back(spec.fed, spec.handback, args, kwargs)
+    back = back_dtype(spec.fed, spec.handback, args, kwargs)
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         # the context manager: Dynamo traces it, and proxy modes (export, make_fx) record it
-        with _autocast(spec.device_type, precision, spec.emulate):
+        with autocast_for(spec.device_type, precision, spec.emulate):
             out = _region_body(spec, forward, module, args, kwargs)
     else:
         # eager: what torch.autocast's __enter__/__exit__ do, without the object (half its cost)
@@ -364,16 +172,16 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
                 torch.clear_autocast_cache()
             torch.set_autocast_enabled(device, prev)
             torch.set_autocast_dtype(device, prev_dtype)
-    final = out if spec.keep and torch.is_grad_enabled() else _cast(out, back)
+    final = out if spec.keep and torch.is_grad_enabled() else cast_tree(out, back)
     if watcher is not None and out is not None:
         watcher.exit(spec.path, "module", out, final)
     return final
 
 
 def _region_body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    args, kwargs = _cast_args(args, kwargs, spec.dtype)
+    args, kwargs = cast_args(args, kwargs, spec.dtype)
     if spec.emulate:
-        with _Emulate():
+        with Emulate():
             return forward(module, *args, **kwargs)
     return forward(module, *args, **kwargs)
 
@@ -392,7 +200,7 @@ def _forward_of(base_forward: Callable) -> Callable:
     return forward
 
 
-_run_eagerly_after_a_break([_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__,
+run_eagerly_after_a_break([_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__,
                             _body.__code__, _unit.__code__, _region_body.__code__], recursive=False)
 
 # -- the swapped classes ----------------------------------------------------------------------

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from .batch import LossFn
