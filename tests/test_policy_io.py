@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 
 import pytest
 import torch
@@ -225,3 +226,15 @@ def test_wrongly_typed_value_raises_policy_error_at_load(kind, tmp_path):
         policy = autoprec.load(path)
         policy.low_precision_fraction()
         policy.grad_scaler("cpu")
+
+
+@pytest.mark.parametrize("field,value,text", [
+    ("flops", "x", "field 'flops' = 'x' is not an integer"),
+    ("excluded", "no", "field 'excluded' = 'no' is not true/false"),
+    ("measured", [], "field 'measured' = [] is not an object"),
+], ids=["flops", "excluded", "measured"])
+def test_a_field_of_the_wrong_type_is_named_with_its_value(field, value, text):
+    """A per-field type error names the layer, the field, the value and the expected kind."""
+    data = {"schema_version": 1, "layers": {"fc": {"precision": "bf16", field: value}}}
+    with pytest.raises(autoprec.PolicyError, match=re.escape(f"layer 'fc': {text}")):
+        autoprec.Policy.from_dict(data)
