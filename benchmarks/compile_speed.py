@@ -28,7 +28,7 @@ Target: on benign models (blanket BF16 within autoprec's default bounds of FP32 
 loss relative error <= 0.01, gradient relative L2 error <= 0.05) the compiled policy's step is within
 5% of compiled blanket autocast's (ratio <= 1.05).
 
-Run:  python benchmarks/compile_speed.py [--models gpt2 llama vit resnet] [--repeats 10] [--steps 3]
+Run:  python benchmarks/compile_speed.py [--models gpt2 llama vit resnet] [--repeats 15] [--steps 3]
       python benchmarks/compile_speed.py --models gpt2 --size quick --backend aot_eager  # quick check
 """
 
@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -199,6 +200,21 @@ def _time_steps(runners: list[Runner], samples: list[Any], cuda: bool, sync: Cal
             r.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def paired_ratios(a: Runner, b: Runner, steps: int) -> list[float]:
+    """Per round, ``a``'s median step over ``b``'s: both ran in the same round, close in time, so load
+    that drifts over the run cancels; the spread of these ratios shows how noisy the machine was."""
+    n = min(len(a.times), len(b.times)) // steps
+    return [median(a.times[i * steps:(i + 1) * steps]) / median(b.times[i * steps:(i + 1) * steps]) for i in range(n)]
+
+
+def quartiles(xs: list[float]) -> list[float]:
+    """[first quartile, median, third quartile] of ``xs`` (the one value three times for a single one)."""
+    if len(xs) < 2:
+        return [median(xs)] * 3
+    q = statistics.quantiles(xs, n=4)
+    return [q[0], median(xs), q[2]]
+
+
 def compile_seconds(r: Runner) -> float:
     """Warm-up time beyond what the same number of steady steps take: the compile (and first-step) cost."""
     if not r.warmup_s or not r.times:
@@ -308,7 +324,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for r in runners:
         kind, mode = r.name.rsplit("-", 1)
         variants[r.name] = {
-            "mode": mode, "precision": kind, "median_s": t[r.name], "n": len(r.times),
+            "mode": mode, "precision": kind, "median_s": t[r.name], "min_s": min(r.times), "n": len(r.times),
             "ratio_fp32_eager": t[r.name] / t["fp32-eager"],
             "ratio_amp_bf16_same_mode": t[r.name] / t[f"amp-bf16-{mode}"],
             "graph_breaks": breaks[kind]["breaks"], "break_reasons": breaks[kind]["reasons"],
@@ -320,6 +336,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "times_s": r.times,
         }
     ratio = t["policy-compiled"] / t["amp-bf16-compiled"]
+    paired = paired_ratios(runners[VARIANTS.index("policy-compiled")], runners[VARIANTS.index("amp-bf16-compiled")],
+                           args.steps)
     return {
         "model": name, "size": args.size, "params": sum(p.numel() for p in spec.model.parameters()),
         "batch": {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, Mapping) else None,
@@ -331,7 +349,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "benign": benign,
         "variants": variants,
         "target": {"policy_compiled_vs_amp_bf16_compiled": ratio, "bound": TARGET, "applies": benign,
-                   "met": ratio <= TARGET},
+                   "met": ratio <= TARGET, "paired_ratio_quartiles": quartiles(paired)},
     }
 
 
@@ -342,6 +360,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def header(meta: dict[str, Any]) -> str:
     return (f"CPU: {meta['cpu']} ({meta['cores']} cores), AVX512-BF16: "
             f"{'yes' if meta['avx512_bf16'] else 'no'}, AMX: {'yes' if meta['amx'] else 'no'}; torch {meta['torch']}; "
+            f"autoprec {meta['commit']}; "
             f"backend {meta['backend']}; {meta['timing_threads']} thread; {meta['repeats']} rounds x "
             f"{meta['steps']} steps, interleaved, medians\n"
             f"target: on benign models (blanket BF16 within loss err <= {BENIGN['loss']}, grad err <= "
@@ -350,32 +369,50 @@ def header(meta: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     out = [header(meta), "",
-           "| model | variant | step ms (median) | x FP32 eager | x blanket BF16 (same mode) | graph breaks | "
-           "compile s | recompiles |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| model | variant | step ms (median) | step ms (min) | x FP32 eager | x blanket BF16 (same mode) | "
+           "graph breaks | compile s | recompiles |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         for v in VARIANTS:
             x = r["variants"][v]
             comp = "" if x["compile_s"] is None else f"{x['compile_s']:.0f}"
             rec = "" if x["recompiles"] is None else str(x["recompiles"])
-            out.append(f"| {r['model']} | {v} | {1e3 * x['median_s']:.1f} | {x['ratio_fp32_eager']:.2f} | "
+            out.append(f"| {r['model']} | {v} | {1e3 * x['median_s']:.1f} | {1e3 * x['min_s']:.1f} | "
+                       f"{x['ratio_fp32_eager']:.2f} | "
                        f"{x['ratio_amp_bf16_same_mode']:.2f} | {x['graph_breaks']} | {comp} | {rec} |")
     out += ["", "| model | policy BF16 share | blanket BF16 grad err vs FP32 | benign | "
-            "compiled policy / compiled blanket BF16 | target (<= 1.05) |",
-            "| --- | ---: | ---: | :---: | ---: | :---: |"]
+            "compiled policy / compiled blanket BF16 (medians) | same, per round: q1 / median / q3 | "
+            "target (<= 1.05) |",
+            "| --- | ---: | ---: | :---: | ---: | ---: | :---: |"]
     for r in rows:
         tg = r["target"]
         verdict = ("met" if tg["met"] else "**missed**") if tg["applies"] else \
             f"n/a ({'met' if tg['met'] else 'missed'})"
         out.append(f"| {r['model']} | {100 * r['policy']['low_fraction']:.0f}% | "
                    f"{r['blanket_bf16_vs_fp32']['grad_err']:.1e} | {'yes' if r['benign'] else 'no'} | "
-                   f"{tg['policy_compiled_vs_amp_bf16_compiled']:.3f} | {verdict} |")
+                   f"{tg['policy_compiled_vs_amp_bf16_compiled']:.3f} | "
+                   f"{' / '.join(f'{q:.2f}' for q in tg['paired_ratio_quartiles'])} | {verdict} |")
     return "\n".join(out)
+
+
+def _git_commit() -> str | None:
+    """The repository's commit, with ``+dirty`` where autoprec/ has uncommitted changes (None outside git)."""
+    import subprocess
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "autoprec"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def meta_of(args: argparse.Namespace) -> dict[str, Any]:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return {**machine(), "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "amx": bool(amx),
+    return {**machine(), "commit": _git_commit(), "date": time.strftime("%Y-%m-%d"),
+            "avx512_bf16": bool(torch.cpu._is_avx512_bf16_supported()), "amx": bool(amx),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "backend": args.backend,
             "size": args.size, "repeats": args.repeats, "steps": args.steps, "warmup": args.warmup,
             "inductor_caches": bool(args.cache), "optimizer": "AdamW(lr=1e-4), eager",
@@ -387,7 +424,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     p.add_argument("--size", default="large", choices=["large", "default", "quick"],
                    help="_zoo config (large: width 256, 4 layers, 8 x 128 tokens / 64 px)")
-    p.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
+    p.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
     p.add_argument("--steps", type=int, default=3, help="timed steps of each variant per round")
     p.add_argument("--warmup", type=int, default=2, help="least warm-up steps (more until nothing compiles)")
     p.add_argument("--max-warmup", type=int, default=8)

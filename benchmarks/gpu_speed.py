@@ -1,4 +1,4 @@
-"""GPU training-step speed at production sizes: FP32, blanket BF16, blanket FP16 + GradScaler, autoprec; eager and compiled.
+"""GPU training-step speed at production sizes: FP32, blanket BF16/FP16 autocast, autoprec; eager and compiled.
 
 The issue's GPU question: on models where blanket autocast is safe, is the tuned policy within 5%
 of autocast's step time, and at least 1.5x faster than FP32? And does that still hold under
