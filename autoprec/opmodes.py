@@ -18,7 +18,7 @@ from .casts import LOW, autocast_for, cast_args, cast_tree, emulated, first_floa
 from .formats import to_dtype
 from .ops import MATMUL_OPS, op_name
 
-__all__ = ["Emulate", "OwnCode", "back_dtype", "op_of", "owner", "run_eagerly_after_a_break", "run_op"]
+__all__ = ["MODE_HANDLERS", "Emulate", "OwnCode", "back_dtype", "op_of", "owner", "run_eagerly_after_a_break", "run_op"]
 
 class Emulate(TorchFunctionMode):
     """Inside an FP16 unit on a CPU: the matmul/conv family runs emulated."""
@@ -80,14 +80,16 @@ def run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
         set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, inner))
 
 
-run_eagerly_after_a_break([Emulate.__torch_function__.__code__, OwnCode.__torch_function__.__code__],
-                           recursive=True)
+MODE_HANDLERS = (Emulate.__torch_function__.__code__, OwnCode.__torch_function__.__code__)
 
 
-@torch.compiler.assume_constant_result
 def op_of(func: Any) -> tuple[str, bool] | None:
     """:func:`op_name`, read by torch.compile as the constant it is for one function."""
     return op_name(func)
+
+
+# what torch.compiler.assume_constant_result does, without importing Dynamo (1.5 s) with autoprec
+op_of._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def owner() -> OwnCode | None:

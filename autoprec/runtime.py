@@ -39,6 +39,7 @@ to FP16.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
@@ -49,7 +50,7 @@ from .casts import LOW, autocast_for, cast_args, cast_tree, has_low
 from .errors import PolicyError
 from .formats import to_dtype
 from .modules import canonical_modules
-from .opmodes import Emulate, OwnCode, back_dtype, owner, run_eagerly_after_a_break
+from .opmodes import MODE_HANDLERS, Emulate, OwnCode, back_dtype, owner, run_eagerly_after_a_break
 
 __all__ = ["Runtime", "Watcher", "installed"]
 
@@ -200,8 +201,21 @@ def _forward_of(base_forward: Callable) -> Callable:
     return forward
 
 
-run_eagerly_after_a_break([_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__,
-                            _body.__code__, _unit.__code__, _region_body.__code__], recursive=False)
+_WRAPPER_FRAMES = (_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__, _body.__code__,
+                   _unit.__code__, _region_body.__code__)
+_registered = False
+
+
+def _register_with_dynamo() -> None:
+    """Tell Dynamo how to meet the runtime's frames after a graph break (see ``run_eagerly_after_a_break``);
+    once, and only where Dynamo is loaded already: importing it costs 1.5 s, and without it
+    nothing compiles."""
+    global _registered
+    if _registered or "torch._dynamo" not in sys.modules:
+        return
+    run_eagerly_after_a_break(MODE_HANDLERS, recursive=True)
+    run_eagerly_after_a_break(_WRAPPER_FRAMES, recursive=False)
+    _registered = True
 
 # -- the swapped classes ----------------------------------------------------------------------
 _CLASSES: dict[type, type] = {}   # class -> its swapped subclass
@@ -376,6 +390,7 @@ class Runtime:
     def install(self, plan: list[tuple[nn.Module, _Spec]] | None = None) -> "Runtime":
         """Patch the modules (``plan`` from :meth:`plan`, computed when not given); returns self."""
         plan = self.plan() if plan is None else plan
+        _register_with_dynamo()
         try:
             for mod, spec in plan:
                 _patch(mod, spec)

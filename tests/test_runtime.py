@@ -256,3 +256,11 @@ def test_threads_run_one_model_with_a_policy_cleanly():
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert done.stdout.split("\n")[-2] == "400 True []"
+
+
+def test_importing_autoprec_does_not_load_dynamo():
+    """`import autoprec` leaves torch._dynamo (1.5 s to import) to those who compile."""
+    done = subprocess.run([sys.executable, "-c", "import sys, autoprec; print('torch._dynamo' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
