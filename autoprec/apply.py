@@ -36,9 +36,9 @@ from torch import nn
 
 from .errors import FormatError, PolicyError
 from .formats import cuda_bf16_native
-from .modules import canonical_modules, unit_modules
-from .policy import Policy, register_stage
-from .runtime import Runtime
+from .modules import canonical_modules, leaves
+from .policy import Policy, check_modules, register_stage
+from .runtime import Patches, Runtime
 
 __all__ = ["Handle", "apply", "autocast"]
 
@@ -46,14 +46,14 @@ __all__ = ["Handle", "apply", "autocast"]
 class Handle:
     """An installed policy; ``remove()`` takes it off the model (idempotent)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime: Runtime | None = runtime
+    def __init__(self, patches: Patches) -> None:
+        self._patches: Patches | None = patches
 
     def remove(self) -> None:
         """Take the policy off the model: every swapped class back to its own."""
-        if self._runtime is not None:
-            self._runtime.remove()
-            self._runtime = None
+        if self._patches is not None:
+            self._patches.remove()
+            self._patches = None
 
     def __enter__(self) -> "Handle":
         return self
@@ -89,11 +89,10 @@ def _plan(policy: Policy, model: nn.Module, device: str) -> list:
     cached = _PLANS.get(model)
     if cached is not None and cached.policy is policy and cached.device == device and _still_in_place(cached):
         return cached.plan
-    policy.check(model)
     links: dict[str, tuple[Any, str, nn.Module]] = {}
-    modules = canonical_modules(model, links)
-    units = unit_modules(model)
-    runtime = Runtime(model, policy.assignment, units=units, opaque=policy.opaque, device_type=device,
+    modules = canonical_modules(model, links)  # the one walk of the model
+    check_modules(policy, modules)
+    runtime = Runtime(model, policy.assignment, units=leaves(modules), opaque=policy.opaque, device_type=device,
                       emulate_fp16=device == "cpu", handoff=policy.handoff, modules=modules)
     plan = runtime.plan()
     paths = [spec.path for _, spec in plan]
@@ -128,9 +127,7 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
     if device == "cuda" and "bf16" in policy.assignment.values() and not cuda_bf16_native():
         raise FormatError(f"this CUDA device ({torch.cuda.get_device_name()}) cannot run bf16, which the policy "
                           "assigns: tune again with dtypes=['fp16']")
-    plan = _plan(policy, model, device)
-    runtime = Runtime(model, {}, units=(), device_type=device, modules={})
-    return Handle(runtime.install(plan))
+    return Handle(Patches(_plan(policy, model, device)))
 
 
 @contextmanager

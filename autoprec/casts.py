@@ -67,7 +67,7 @@ def has_low(args: tuple, kwargs: dict) -> bool:
         if isinstance(a, torch.Tensor):
             if a.dtype in LOW:
                 return True
-        elif isinstance(a, (list, tuple, dict)):
+        elif isinstance(a, CONTAINERS):
             nested = True
     return nested and any(isinstance(t, torch.Tensor) and t.dtype in LOW
                           for t in pytree.tree_leaves((args, kwargs)))

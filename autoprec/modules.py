@@ -10,11 +10,11 @@ as. So a policy tuned on the bare model fits the wrapped one, and the other way 
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-__all__ = ["canonical_modules", "class_name", "inside", "unit_modules", "unwrap"]
+__all__ = ["canonical_modules", "class_name", "inside", "leaves", "unit_modules", "unwrap"]
 
 # wrapper class name -> the attribute holding the wrapped module; matched by name so that no
 # distributed or compile module is imported here
@@ -88,8 +88,17 @@ def unit_modules(model: nn.Module) -> dict[str, nn.Module]:
         >>> sorted(unit_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
         ['0', '1']
     """
-    return {path: mod for path, mod in canonical_modules(model).items() if not any(
-        c is not None for c in mod._modules.values())}
+    return leaves(canonical_modules(model))
+
+
+def leaves(modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+    """The leaves of a ``{canonical path: module}`` map (see :func:`unit_modules`), without walking again.
+
+    Example:
+        >>> list(leaves(canonical_modules(nn.Sequential(nn.Linear(2, 2)))))
+        ['0']
+    """
+    return {path: mod for path, mod in modules.items() if not any(c is not None for c in mod._modules.values())}
 
 
 def class_name(module: nn.Module) -> str:

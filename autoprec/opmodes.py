@@ -18,7 +18,9 @@ from .casts import LOW, autocast_for, cast_args, cast_tree, emulated, first_floa
 from .formats import to_dtype
 from .ops import MATMUL_OPS, op_name
 
-__all__ = ["MODE_HANDLERS", "Emulate", "OwnCode", "back_dtype", "op_of", "owner", "run_eagerly_after_a_break", "run_op"]
+__all__ = ["MODE_HANDLERS", "Emulate", "OwnCode", "back_dtype", "op_of", "owner", "run_eagerly_after_a_break",
+           "run_op"]
+
 
 class Emulate(TorchFunctionMode):
     """Inside an FP16 unit on a CPU: the matmul/conv family runs emulated."""
@@ -88,7 +90,7 @@ def op_of(func: Any) -> tuple[str, bool] | None:
     return op_name(func)
 
 
-# what torch.compiler.assume_constant_result does, without importing Dynamo (1.5 s) with autoprec
+# what torch.compiler.assume_constant_result does, without importing Dynamo along with autoprec
 op_of._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from .errors import PolicyError
 from .formats import PRECISIONS
-from .modules import canonical_modules, unit_modules
-from .trace import module_signatures
+from .modules import canonical_modules, leaves
+from .trace import signatures_of
 
 __all__ = ["SCHEMA_VERSION", "LayerEntry", "ScalerSettings", "Verification", "Policy", "load"]
 
@@ -313,31 +313,7 @@ class Policy:
         """
         if not isinstance(model, nn.Module):
             raise PolicyError(f"a policy applies to a torch.nn.Module, got {type(model).__name__}")
-        modules = canonical_modules(model)
-        parts = []
-        unknown = sorted(k for k in self.layers if k.split("::", 1)[0] not in modules)
-        if unknown:
-            parts.append(f"layers naming modules the model does not have: {_some(unknown)}")
-        leaves = unit_modules(model)
-        inner = sorted(k for k in self.layers if "::" not in k and k in modules and k not in leaves)
-        if inner:
-            parts.append(f"module entries that name modules with children (a module entry names a leaf; "
-                         f"an op in a module's own code is 'module.path::op'): {_some(inner)}")
-        if self.modules:
-            have = module_signatures(model)
-            missing = sorted(set(self.modules) - set(have))
-            extra = sorted(set(have) - set(self.modules))
-            changed = sorted(k for k in set(have) & set(self.modules) if have[k] != self.modules[k])
-            if missing:
-                parts.append(f"missing from the model: {_some(missing)}")
-            if extra:
-                parts.append(f"not in the policy: {_some(extra)}")
-            if changed:
-                parts.append("changed: " + _some([f"{k} ({self.modules[k]} -> {have[k]})" for k in changed]))
-        if parts:
-            raise PolicyError("this policy does not fit this model (" + "; ".join(parts) + "): tune this model "
-                              "with autoprec.tune, or load the policy made for it; keys are the model's "
-                              "qualified module names (module.path, or module.path::op)")
+        check_modules(self, canonical_modules(model))
 
     # -- runtime (stage 5) and report (stage 7) -------------------------------------------------
     def autocast(self, model: nn.Module):
@@ -385,6 +361,34 @@ class Policy:
             # autoprec policy report
         """
         return _STAGES["report"](self, format)
+
+
+def check_modules(policy: Policy, modules: Mapping[str, nn.Module]) -> None:
+    """:meth:`Policy.check` on a model's ``{canonical path: module}`` map, for callers that have it already."""
+    parts = []
+    unknown = sorted(k for k in policy.layers if k.split("::", 1)[0] not in modules)
+    if unknown:
+        parts.append(f"layers naming modules the model does not have: {_some(unknown)}")
+    units = leaves(modules)
+    inner = sorted(k for k in policy.layers if "::" not in k and k in modules and k not in units)
+    if inner:
+        parts.append(f"module entries that name modules with children (a module entry names a leaf; "
+                     f"an op in a module's own code is 'module.path::op'): {_some(inner)}")
+    if policy.modules:
+        have = signatures_of(units)
+        missing = sorted(set(policy.modules) - set(have))
+        extra = sorted(set(have) - set(policy.modules))
+        changed = sorted(k for k in set(have) & set(policy.modules) if have[k] != policy.modules[k])
+        if missing:
+            parts.append(f"missing from the model: {_some(missing)}")
+        if extra:
+            parts.append(f"not in the policy: {_some(extra)}")
+        if changed:
+            parts.append("changed: " + _some([f"{k} ({policy.modules[k]} -> {have[k]})" for k in changed]))
+    if parts:
+        raise PolicyError("this policy does not fit this model (" + "; ".join(parts) + "): tune this model "
+                          "with autoprec.tune, or load the policy made for it; keys are the model's "
+                          "qualified module names (module.path, or module.path::op)")
 
 
 #: The later stages behind Policy's convenience methods. Policy is data: it imports none of them;

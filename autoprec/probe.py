@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError
 from .formats import info
+from .modules import canonical_modules
 from .runtime import Runtime
 from .trace import Trace
 
@@ -164,13 +165,14 @@ class Runner:
         self.seed = seed
         self.passes = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.modules = canonical_modules(model)  # walked once, not once per pass
 
     def run(self, batch: Any, assignment: dict[str, str], *, scale: float = 1.0,
             watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Loss (detached) and parameter gradients (unscaled) of one pass."""
         runtime = Runtime(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
                           device_type=self.device_type, emulate_fp16=self.emulate_fp16, watcher=watcher,
-                          handoff=self.trace.handoff)
+                          handoff=self.trace.handoff, modules=self.modules)
         for p in self.params:
             p.grad = None
         devices = [torch.cuda.current_device()] if self.device_type == "cuda" and torch.cuda.is_available() else []

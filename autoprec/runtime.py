@@ -52,7 +52,7 @@ from .formats import to_dtype
 from .modules import canonical_modules
 from .opmodes import MODE_HANDLERS, Emulate, OwnCode, back_dtype, owner, run_eagerly_after_a_break
 
-__all__ = ["Runtime", "Watcher", "installed"]
+__all__ = ["Patches", "Runtime", "Watcher", "installed"]
 
 _SPEC = "_autoprec_spec"
 
@@ -137,16 +137,13 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
     precision, watcher = spec.precision, spec.watcher
     if watcher is not None:
         watcher.enter(spec.path, "module", (args, kwargs))
-    if precision is None:
-        out = forward(module, *args, **kwargs)
-        if watcher is not None and out is not None:
-            watcher.exit(spec.path, "module", out, out)
-        return out
-    if precision == "fp32" and not torch.is_autocast_enabled(spec.device_type) and not has_low(args, kwargs):
+    if precision is None or (precision == "fp32" and not torch.is_autocast_enabled(spec.device_type)
+                             and not has_low(args, kwargs)):
         try:
             out = forward(module, *args, **kwargs)  # nothing to cast, no autocast to undo
         except RuntimeError:
-            _check_fp32_params(spec.path, module)  # 16-bit weights fed FP32 inputs: say why
+            if precision is not None:
+                _check_fp32_params(spec.path, module)  # 16-bit weights fed FP32 inputs: say why
             raise
         if watcher is not None and out is not None:
             watcher.exit(spec.path, "module", out, out)
@@ -159,7 +156,7 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
         with autocast_for(spec.device_type, precision, spec.emulate):
             out = _region_body(spec, forward, module, args, kwargs)
     else:
-        # eager: what torch.autocast's __enter__/__exit__ do, without the object (half its cost)
+        # eager: what torch.autocast's __enter__/__exit__ do, without building the object each call
         device = spec.device_type
         prev, prev_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
         torch.set_autocast_enabled(device, spec.autocast_on)
@@ -208,7 +205,7 @@ _registered = False
 
 def _register_with_dynamo() -> None:
     """Tell Dynamo how to meet the runtime's frames after a graph break (see ``run_eagerly_after_a_break``);
-    once, and only where Dynamo is loaded already: importing it costs 1.5 s, and without it
+    once, and only where Dynamo is loaded already: importing it takes seconds, and without it
     nothing compiles."""
     global _registered
     if _registered or "torch._dynamo" not in sys.modules:
@@ -216,6 +213,7 @@ def _register_with_dynamo() -> None:
     run_eagerly_after_a_break(MODE_HANDLERS, recursive=True)
     run_eagerly_after_a_break(_WRAPPER_FRAMES, recursive=False)
     _registered = True
+
 
 # -- the swapped classes ----------------------------------------------------------------------
 _CLASSES: dict[type, type] = {}   # class -> its swapped subclass
@@ -345,7 +343,7 @@ class Runtime:
                               and consumers and all(c in self.assignment for c in consumers))
         self.fed = frozenset(c for k in self.keep for c in handoff[k])
         self._modules = dict(modules) if modules is not None else canonical_modules(model)
-        self._patched: list[nn.Module] = []
+        self._patches = Patches([])
 
     def plan(self) -> list[tuple[nn.Module, _Spec]]:
         """The modules to patch and what each does; O(modules)."""
@@ -387,10 +385,25 @@ class Runtime:
             out.append((mod, spec))
         return out
 
-    def install(self, plan: list[tuple[nn.Module, _Spec]] | None = None) -> "Runtime":
-        """Patch the modules (``plan`` from :meth:`plan`, computed when not given); returns self."""
-        plan = self.plan() if plan is None else plan
+    def install(self) -> "Runtime":
+        """Patch the modules of :meth:`plan`; returns self."""
+        self._patches = Patches(self.plan())
+        return self
+
+    def remove(self) -> None:
+        """Take the policy off every module it patched (idempotent)."""
+        self._patches.remove()
+
+
+class Patches:
+    """The modules one plan patched; ``remove()`` restores them (idempotent).
+
+    A plan (from :meth:`Runtime.plan`) may be installed again and again: ``apply`` caches it.
+    """
+
+    def __init__(self, plan: list[tuple[nn.Module, _Spec]]) -> None:
         _register_with_dynamo()
+        self._patched: list[nn.Module] = []
         try:
             for mod, spec in plan:
                 _patch(mod, spec)
@@ -398,9 +411,8 @@ class Runtime:
         except BaseException:
             self.remove()
             raise
-        return self
 
     def remove(self) -> None:
-        """Take the policy off every module it patched (idempotent)."""
+        """Take the policy off every module it patched."""
         while self._patched:
             _unpatch(self._patched.pop())

@@ -18,7 +18,7 @@ import hashlib
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -26,11 +26,11 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from .batch import call_model
-from .modules import canonical_modules, class_name, inside, unit_modules
+from .modules import canonical_modules, class_name, inside, leaves, unit_modules
 from .ops import hazard_of, op_name
 from .runtime import Runtime
 
-__all__ = ["Layer", "Trace", "trace", "module_signatures", "fingerprint"]
+__all__ = ["Layer", "Trace", "trace", "module_signatures", "signatures_of", "fingerprint"]
 
 log = logging.getLogger("autoprec.trace")
 
@@ -148,7 +148,8 @@ def _all_tensors(obj: Any, depth: int = 6) -> list[torch.Tensor]:
 
 class _Recorder:
     """Watcher that attributes FLOPs and sizes to each layer during one eager forward, and follows
-    where each layer's output goes: into other layers only (through views), or anywhere else."""
+    where each layer's output goes: into other layers only (through views and elementwise code that
+    follows its format), or anywhere else."""
 
     def __init__(self, counter: FlopCounterMode) -> None:
         self.counter = counter
@@ -186,7 +187,7 @@ class _Recorder:
         self.escapes |= self._sources(_all_tensors(output))
 
     def handoff(self) -> dict[str, tuple[str, ...]]:
-        """Layers whose output flows only into other layers, and those layers."""
+        """Layers whose output flows only into other layers (through views and elementwise code), and those layers."""
         return {k: tuple(sorted(v)) for k, v in self.feeds.items() if v and k not in self.escapes}
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
@@ -216,11 +217,12 @@ class _Recorder:
 
 
 def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: set[str],
-            device_type: str) -> _Recorder:
+            device_type: str, modules: dict[str, nn.Module]) -> _Recorder:
     # FlopCounterMode counts the matmul/conv/attention family only, which is what 16-bit speeds up
     counter = FlopCounterMode(display=False)
     recorder = _Recorder(counter)
-    runtime = Runtime(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder).install()
+    runtime = Runtime(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder,
+                      modules=modules).install()
     try:
         # grad on (nothing is run backward): layers entered with it off are inside a custom Function
         with counter, torch.enable_grad():
@@ -353,8 +355,18 @@ def module_signatures(model: nn.Module) -> dict[str, str]:
         >>> module_signatures(torch.nn.Sequential(torch.nn.Linear(2, 3)))
         {'0': 'Linear[weight(3, 2),bias(3,)]'}
     """
+    return signatures_of(unit_modules(model))
+
+
+def signatures_of(units: Mapping[str, nn.Module]) -> dict[str, str]:
+    """:func:`module_signatures` of leaves the caller has already (:func:`autoprec.modules.leaves`).
+
+    Example:
+        >>> signatures_of({"fc": torch.nn.Linear(2, 3, bias=False)})
+        {'fc': 'Linear[weight(3, 2)]'}
+    """
     return {path: f"{class_name(mod)}[" + ",".join(f"{n}{tuple(p.shape)}" for n, p in mod.named_parameters())
-            + "]" for path, mod in unit_modules(model).items()}
+            + "]" for path, mod in units.items()}
 
 
 def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
@@ -374,11 +386,11 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
         log.info("whole-model torch.export failed (%s); capturing module by module", first)
         nodes, opaque = _export_per_module(model, batch, first)
         route = "torch.export per module"
-    units = unit_modules(model)
-    fx, fx_numel = _fx_ops(nodes, units)
-    recorder = _record(model, batch, units, set(opaque), device_type)
-
     modules = canonical_modules(model)
+    units = leaves(modules)
+    fx, fx_numel = _fx_ops(nodes, units)
+    recorder = _record(model, batch, units, set(opaque), device_type, modules)
+
     layers = []
     for key in recorder.order:
         row = recorder.rows[key]
@@ -406,7 +418,7 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
                             work_numel=fx_numel.get(key, row["out"]) if row["kind"] == "module" else row["out"],
                             param_numel=param_numel, calls=row["calls"], opaque=key in opaque))
     tied = _tied_groups(model, units, {lay.key for lay in layers})
-    signatures = module_signatures(model)
+    signatures = signatures_of(units)
     digest = fingerprint(signatures, [lay.key for lay in layers])
     log.info("traced %d layers (%d opaque) via %s", len(layers), len(opaque), route)
     return Trace(layers=tuple(layers), units=tuple(units), opaque=opaque, tied=tied, fx_route=route,

@@ -97,6 +97,19 @@ def _data(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, x[:, :1].sin() + 0.1 * torch.randn(n, 1, generator=g)
 
 
+def _train_mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
+    """``steps`` AdamW steps on an MSE loss; the loss before each step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _spec_holders(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if _SPEC in m.__dict__]
 
@@ -242,15 +255,8 @@ def _fsdp2(rank: int, policy: Policy, order: str) -> dict:
         handle = policy.apply(model)
     fsdp_class = type(model.blocks[0]).__name__
     holders = _spec_holders(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = _data(7, 32)  # the same batch on each rank: the averaged gradient is one process's gradient
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_mse(model, x, y, STEPS)
     handle.remove()
     left = _spec_holders(model)
     with torch.no_grad():
@@ -270,15 +276,8 @@ def test_fsdp2_policy_matches_one_process(tmp_path, order, one_thread):
     x, y = _data(7, 32)
     with torch.no_grad():
         fp32_loss = F.mse_loss(model(x), y).item()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ref = []
     with policy.autocast(model):
-        for _ in range(STEPS):
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            opt.step()
-            ref.append(loss.item())
+        ref = _train_mse(model, x, y, STEPS)
     assert ref[0] != fp32_loss and ref[0] == pytest.approx(fp32_loss, rel=1e-2)  # the policy's 16-bit rounding
     for r in (r0, r1):
         assert r["fsdp_class"].startswith("FSDP")
@@ -347,16 +346,8 @@ def _fsdp2_bf16(rank: int, policy: Policy) -> dict:
     model.head.register_forward_hook(watch("head"), prepend=True)
     model.blocks[0].norm.register_forward_hook(watch("blocks.0.norm"), prepend=True)
     model.blocks[0].fc1.register_forward_hook(watch("blocks.0.fc1"), prepend=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
     with policy.apply(model):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x).float(), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    out["losses"] = losses
+        out["losses"] = _train_mse(model, x, y, 3)
     out["seen"] = {k: [(t, str(w), str(i), str(o)) for t, w, i, o in v] for k, v in seen.items()}
     return out
 

@@ -89,8 +89,8 @@ def test_gnn_scatter_report_names_the_overflowing_accumulation(capsys):
 
 
 def test_train_with_policy_compiled_trains_like_eager(capsys):
-    """--compile: the installed policy under torch.compile (Inductor) trains as it does eagerly (the losses
-    differed by at most 1.1e-4 relative when measured: Inductor fuses and rounds differently)."""
+    """--compile: the installed policy under torch.compile (Inductor) trains as it does eagerly, up to the
+    rounding of Inductor's fusions."""
     module = _load("train_with_policy")
     eager = module.main(small=True)
     compiled = module.main(small=True, compile=True)
