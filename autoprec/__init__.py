@@ -14,13 +14,16 @@ from __future__ import annotations
 from . import report as _report  # noqa: F401  (registers Policy.report)
 from .apply import Handle
 from .distributed import fsdp_plan
-from .errors import AutoprecError, BatchError, FormatError, ModelError, OptionError, PolicyError
+from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, ModelError, OptionError,
+                     PolicyError, VerificationError, VerificationWarning)
 from .policy import LayerEntry, Policy, ScalerSettings, Verification, load
 from .tune import tune
 
 __all__ = [
     "AutoprecError",
+    "AutoprecWarning",
     "BatchError",
+    "DeviceWarning",
     "FormatError",
     "Handle",
     "LayerEntry",
@@ -30,6 +33,8 @@ __all__ = [
     "PolicyError",
     "ScalerSettings",
     "Verification",
+    "VerificationError",
+    "VerificationWarning",
     "fsdp_plan",
     "load",
     "tune",

@@ -22,7 +22,8 @@ def _number(value: Any) -> bool:
 
 
 def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
-                  headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None) -> None:
+                  headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None,
+                  strict: Any = False) -> None:
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
@@ -41,8 +42,9 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
         raise OptionError(f"n_trials={n_trials!r} must be a positive integer")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise OptionError(f"seed={seed!r} must be a non-negative integer")
-    if not isinstance(progress, bool):
-        raise OptionError(f"progress={progress!r} must be True or False")
+    for name, value in (("progress", progress), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise OptionError(f"{name}={value!r} must be True or False")
     if optimizer is not None and not callable(optimizer):
         raise OptionError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, "
                           "e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)")

@@ -2,7 +2,8 @@
 
 Exit codes (for scripts): 0 success (``diff``: the policies agree), 1 ``diff`` found differences,
 2 bad command line or factory, 3 autoprec refused the input (an :class:`AutoprecError`: bad batch,
-bad policy file, ...), 4 an unexpected error (a bug: re-run with ``--debug`` for the traceback).
+bad policy file, ...), 4 an unexpected error (a bug: re-run with ``--debug`` for the traceback),
+5 ``tune``: the policy failed verification (written all the same, unless ``--strict``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any, Sequence
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_REFUSED, EXIT_BUG = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_REFUSED, EXIT_BUG, EXIT_UNVERIFIED = 0, 1, 2, 3, 4, 5
 
 _EPILOG = """exit codes: 0 ok (diff: same), 1 diff: policies differ, 2 bad command line or factory,
-3 autoprec refused the input (message says what and how to fix), 4 unexpected error (use --debug)
+3 autoprec refused the input (message says what and how to fix), 4 unexpected error (use --debug),
+5 tune: the policy failed verification (the file is written anyway, except with --strict)
 
 examples:
   autoprec tune mypkg.models:make --out policy.json --dtypes bf16,fp16 --target cuda
@@ -75,10 +77,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     model, batch, loss_fn = _unpack(_load_factory(args.factory)())
     kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
                                   grad_tolerance=args.grad_tolerance, verify_steps=args.verify_steps,
-                                  storage=args.storage, seed=args.seed, progress=not args.quiet)
+                                  storage=args.storage, seed=args.seed, progress=not args.quiet,
+                                  verify_tolerance=args.verify_tolerance, strict=args.strict)
     if args.budget is not None:
         kwargs["n_trials"] = args.budget
-    policy = autoprec.tune(model, batch, loss_fn, **kwargs)
+    try:
+        policy = autoprec.tune(model, batch, loss_fn, **kwargs)
+    except autoprec.VerificationError as exc:
+        print(f"autoprec: {exc}; --strict: {args.out} not written", file=sys.stderr)
+        return EXIT_UNVERIFIED
     policy.save(args.out)
     ver = policy.verification
     verdict = "not run" if ver is None else ("passed" if ver.passed else "FAILED")
@@ -88,6 +95,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           f"{policy.stats.get('tuning_seconds', 0):.1f}s")
     for key, e in excluded.items():
         print(f"  excluded {key or '(root)'}: {e.reason}")
+    for key, e in policy.layers.items():
+        if e.reason == "verification back-off":
+            print(f"  backed off {key or '(root)'}: moved to FP32 by verification (not measured on the layer)")
+    if ver is not None and not ver.passed:
+        print(f"autoprec: the policy in {args.out} FAILED verification (loss gap {ver.max_gap:.3g}, threshold "
+              f"{ver.threshold:.3g}): exit code {EXIT_UNVERIFIED}; see 'autoprec report {args.out}'", file=sys.stderr)
+        return EXIT_UNVERIFIED
     return EXIT_OK
 
 
@@ -179,6 +193,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--grad-tolerance", type=float, default=0.05, help="relative L2 error bound of the gradients (0.05)")
     t.add_argument("--budget", type=int, help="Optuna trials at most (30)")
     t.add_argument("--verify-steps", type=int, default=20, help="training steps per verification run (20; 0 skips)")
+    t.add_argument("--verify-tolerance", type=float, default=0.05,
+                   help="bound on the verification loss gap, relative to the first loss (0.05)")
+    t.add_argument("--strict", action="store_true",
+                   help=f"a policy that fails verification is not written (exit {EXIT_UNVERIFIED} either way)")
     t.add_argument("--storage", help="Optuna storage URL to resume or share the study (sqlite:///study.db)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -205,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code.
 
     Example:
-        >>> main(["report", "/no/such/policy.json"])  # doctest: +SKIP
+        >>> main(["report", "/no/such/policy.json"])  # the message goes to stderr
         3
     """
     from .errors import AutoprecError

@@ -8,12 +8,21 @@ builtin it is, so ``except ValueError`` keeps working for callers who do not kno
     ├── ModelError(ValueError)        the model cannot be tuned (no floating parameters, NaN in FP32)
     ├── OptionError(ValueError)       an option of tune/apply is out of range
     ├── FormatError(RuntimeError)     a precision format the device cannot run
-    └── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
+    ├── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
+    └── VerificationError(RuntimeError)  ``tune(strict=True)``: the policy failed verification
+
+Outcomes that are not errors but must not pass unnoticed are warnings of class
+:class:`AutoprecWarning` (a ``UserWarning``)::
+
+    AutoprecWarning(UserWarning)
+    ├── VerificationWarning           the returned policy failed verification (``strict=False``)
+    └── DeviceWarning                 a policy runs on another device than the one it was tuned for
 """
 
 from __future__ import annotations
 
-__all__ = ["AutoprecError", "BatchError", "FormatError", "ModelError", "OptionError", "PolicyError"]
+__all__ = ["AutoprecError", "AutoprecWarning", "BatchError", "DeviceWarning", "FormatError", "ModelError", "OptionError",
+           "PolicyError", "VerificationError", "VerificationWarning"]
 
 
 class AutoprecError(Exception):
@@ -47,3 +56,36 @@ class FormatError(AutoprecError, RuntimeError):
 
 class PolicyError(AutoprecError, ValueError):
     """A policy file or object is invalid, of an unknown schema version, or does not fit the model."""
+
+
+class VerificationError(AutoprecError, RuntimeError):
+    """``tune(strict=True)``: the policy failed verification even after backing off.
+
+    The policy (with its :class:`~autoprec.Verification` and report) is ``error.policy``.
+
+    Example:
+        >>> err = VerificationError("failed", policy=None)
+        >>> err.policy is None, isinstance(err, RuntimeError)
+        (True, True)
+    """
+
+    def __init__(self, message: str, policy: object = None) -> None:
+        super().__init__(message)
+        self.policy = policy
+
+
+class AutoprecWarning(UserWarning):
+    """Base class of the warnings autoprec gives: an outcome that is not an error but must be seen.
+
+    Example:
+        >>> issubclass(VerificationWarning, AutoprecWarning), issubclass(AutoprecWarning, UserWarning)
+        (True, True)
+    """
+
+
+class VerificationWarning(AutoprecWarning):
+    """The policy ``tune`` returns failed verification: it is the safest policy found, not a verified one."""
+
+
+class DeviceWarning(AutoprecWarning):
+    """A policy is used on another kind of device than the one it was tuned for."""

@@ -12,30 +12,42 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .errors import PolicyError
-from .formats import PRECISIONS
+from .errors import DeviceWarning, PolicyError
+from .formats import LOW_PRECISIONS, PRECISIONS
 from .modules import canonical_modules, leaves
 from .trace import signatures_of
+from .validate import (FIX, bad, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
+                       check_str_map, check_strings)
 
-__all__ = ["SCHEMA_VERSION", "LayerEntry", "ScalerSettings", "Verification", "Policy", "load"]
+__all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "Verification", "Policy", "load"]
 
 SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
 class LayerEntry:
-    """One layer of a policy."""
+    """One layer of a policy. Its fields are checked when it is built (:class:`PolicyError`).
+
+    Example:
+        >>> LayerEntry("bf16", flops=10).precision
+        'bf16'
+        >>> LayerEntry("fp8")
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.PolicyError: LayerEntry field 'precision' is 'fp8' (str); allowed: one of 'fp32', 'fp16', 'bf16'; correct it (in the policy file, or the code that built the record) or re-run autoprec.tune for a new policy
+    """
 
     precision: str
     reason: str = "cast"           # "cast", or why the layer is FP32
     detail: str = ""               # measured evidence
-    excluded: bool = False         # FP32 for a numerical reason
+    excluded: bool = False         # FP32 for a numerical reason measured on this layer
     kind: str = "module"           # "module" | "op"
     op: str = ""
     hazards: tuple[str, ...] = ()
@@ -44,27 +56,72 @@ class LayerEntry:
     grad_absmax: float = 0.0       # FP32 reference: largest |gradient| reaching its output
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # format -> probe figures
 
+    def __post_init__(self) -> None:
+        r = "LayerEntry"
+        check_choice(r, "precision", self.precision, PRECISIONS)
+        for name in ("reason", "detail", "op"):
+            check_str(r, name, getattr(self, name))
+        check_bool(r, "excluded", self.excluded)
+        check_choice(r, "kind", self.kind, ("module", "op"))
+        object.__setattr__(self, "hazards", check_strings(r, "hazards", self.hazards))
+        check_int(r, "flops", self.flops)
+        for name in ("out_absmax", "grad_absmax"):
+            object.__setattr__(self, name, check_number(r, name, getattr(self, name), finite=False))
+        figures = "an object of format -> {figure name: number}"
+        object.__setattr__(self, "measured", check_str_map(r, "measured", self.measured, lambda fmt, v: check_str_map(
+            r, f"measured[{fmt!r}]", v, lambda k, x: check_number(r, f"measured[{fmt!r}][{k!r}]", x, low=None,
+                                                                      finite=False), figures), figures))
+
 
 @dataclass(frozen=True)
 class ScalerSettings:
-    """GradScaler settings for FP16 layers."""
+    """GradScaler settings for FP16 layers, checked when built.
+
+    Example:
+        >>> ScalerSettings(init_scale=1024.0).growth_interval
+        2000
+    """
 
     init_scale: float = 2.0 ** 16
     growth_factor: float = 2.0
     backoff_factor: float = 0.5
     growth_interval: int = 2000
 
+    def __post_init__(self) -> None:
+        r = "ScalerSettings"
+        object.__setattr__(self, "init_scale", check_number(r, "init_scale", self.init_scale, strict=True))
+        object.__setattr__(self, "growth_factor", check_number(r, "growth_factor", self.growth_factor, low=1.0))
+        object.__setattr__(self, "backoff_factor", check_number(r, "backoff_factor", self.backoff_factor,
+                                                                strict=True, high=1.0))
+        check_int(r, "growth_interval", self.growth_interval, low=1)
+
+
+#: A policy passes verification when its loss gap is within ``max(bound, NOISE_MULTIPLE * noise_floor)``.
+NOISE_MULTIPLE = 2.0
+
 
 @dataclass(frozen=True)
 class Verification:
-    """Short training runs from identical weights and data: FP32 against the policy."""
+    """Short training runs from identical weights and data: FP32 against the policy.
+
+    ``noise_floor`` is the gap between the FP32 run and FP32 from weights rounded to the policy's
+    16-bit format (0 where it was not needed: measured only when the gap exceeds ``bound``); the
+    verdict compares ``max_gap`` with :attr:`threshold`. A record that contradicts itself (passed
+    with a gap over the threshold) is refused.
+
+    Example:
+        >>> v = Verification(passed=True, steps=2, fp32_losses=(2.0, 1.0), policy_losses=(2.0, 1.1),
+        ...                  max_gap=0.05, bound=0.05, skipped_steps=0, longest_skip_run=0, rounds=1)
+        >>> v.threshold
+        0.05
+    """
 
     passed: bool
     steps: int
     fp32_losses: tuple[float, ...]
     policy_losses: tuple[float, ...]
     max_gap: float                 # max |policy - fp32| / |fp32 loss at step 0|
-    bound: float
+    bound: float                   # the bound asked for (tune's verify_tolerance)
     skipped_steps: int
     longest_skip_run: int
     rounds: int                    # verification rounds (1 + back-offs)
@@ -72,79 +129,30 @@ class Verification:
     compiled: str = ""             # the torch.compile backend of the compiled run, "" where none ran
     compiled_losses: tuple[float, ...] = ()
     compiled_max_gap: float = 0.0
+    noise_floor: float = 0.0       # FP32 from 16-bit-rounded weights against FP32, same measure as max_gap
 
+    def __post_init__(self) -> None:
+        r = "Verification"
+        check_bool(r, "passed", self.passed)
+        for name, low in (("steps", 0), ("skipped_steps", 0), ("longest_skip_run", 0), ("rounds", 1)):
+            check_int(r, name, getattr(self, name), low=low)
+        object.__setattr__(self, "fp32_losses", check_numbers(r, "fp32_losses", self.fp32_losses))
+        for name in ("policy_losses", "compiled_losses"):
+            object.__setattr__(self, name, check_numbers(r, name, getattr(self, name), finite=False))
+        for name in ("max_gap", "compiled_max_gap", "noise_floor"):
+            object.__setattr__(self, name, check_number(r, name, getattr(self, name), finite=False))
+        object.__setattr__(self, "bound", check_number(r, "bound", self.bound, strict=True))
+        check_str(r, "note", self.note)
+        check_str(r, "compiled", self.compiled)
+        if self.passed and (self.max_gap > self.threshold or (self.compiled and self.compiled_max_gap > self.threshold)):
+            raise PolicyError(f"Verification is marked passed but its loss gap ({self.max_gap:g}, compiled "
+                              f"{self.compiled_max_gap:g}) exceeds its threshold {self.threshold:g} (bound "
+                              f"{self.bound:g}, noise floor {self.noise_floor:g}): the record contradicts itself; {FIX}")
 
-_ENTRY_TYPES: dict[str, tuple[type, ...]] = {
-    "reason": (str,), "detail": (str,), "excluded": (bool,), "kind": (str,), "op": (str,), "hazards": (list, tuple),
-    "flops": (int,), "out_absmax": (int, float), "grad_absmax": (int, float), "measured": (dict,),
-}
-_SCALER_TYPES: dict[str, tuple[type, ...]] = {
-    "init_scale": (int, float), "growth_factor": (int, float), "backoff_factor": (int, float), "growth_interval": (int,),
-}
-
-
-def _is(value: Any, kinds: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in kinds:
-        return False  # JSON true/false is not a number here
-    return isinstance(value, kinds)
-
-
-def _float(x: Any, field: str) -> float:
-    if not _is(x, (int, float)):
-        raise PolicyError(f"policy field {field!r} holds {x!r}, not a number")
-    return float(x)
-
-
-def _finite(x: float) -> bool:
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an int beyond float range
-        return False
-
-
-def _names(kinds: tuple[type, ...]) -> str:
-    return " or ".join({"str": "a string", "bool": "true/false", "int": "an integer", "float": "a number",
-                        "list": "a list", "tuple": "a list", "dict": "an object"}[k.__name__] for k in kinds)
-
-
-def _scaler(data: Mapping[str, Any]) -> ScalerSettings:
-    unknown = set(data) - set(_SCALER_TYPES)
-    if unknown:
-        raise PolicyError(f"scaler: unknown fields {sorted(unknown)}; known: {sorted(_SCALER_TYPES)}")
-    for name, kinds in _SCALER_TYPES.items():
-        if name in data and not (_is(data[name], kinds) and data[name] > 0 and _finite(data[name])):
-            raise PolicyError(f"scaler: {name} = {data[name]!r} must be a positive {_names(kinds)[2:]}")
-    if "backoff_factor" in data and not data["backoff_factor"] < 1:
-        raise PolicyError(f"scaler: backoff_factor = {data['backoff_factor']!r} must be below 1")
-    return ScalerSettings(**data)
-
-
-def _entry(data: Mapping[str, Any], key: str) -> LayerEntry:
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"layer {key!r}: expected an object, got {type(data).__name__}")
-    known = {f.name for f in fields(LayerEntry)}
-    unknown = set(data) - known
-    if unknown:
-        raise PolicyError(f"layer {key!r}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    prec = data.get("precision")
-    if prec not in PRECISIONS:
-        raise PolicyError(f"layer {key!r}: precision {prec!r} is not one of {list(PRECISIONS)}")
-    for name, kinds in _ENTRY_TYPES.items():
-        if name in data and not _is(data[name], kinds):
-            raise PolicyError(f"layer {key!r}: field {name!r} = {data[name]!r} is not {_names(kinds)}")
-    if not all(isinstance(h, str) for h in data.get("hazards", ())):
-        raise PolicyError(f"layer {key!r}: 'hazards' must be a list of strings")
-    try:
-        measured = data.get("measured", {})
-        if not isinstance(measured, Mapping) or not all(isinstance(v, Mapping) for v in measured.values()):
-            raise PolicyError(f"layer {key!r}: 'measured' must map a format to an object of figures")
-        if not all(_is(x, (int, float)) for v in measured.values() for x in v.values()):
-            raise PolicyError(f"layer {key!r}: 'measured' figures must be numbers")
-        return LayerEntry(**{**data, "hazards": tuple(data.get("hazards", ())),
-                             "measured": {str(f): {str(k): float(x) for k, x in v.items()}
-                                          for f, v in measured.items()}})
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise PolicyError(f"layer {key!r}: {exc}") from None
+    @property
+    def threshold(self) -> float:
+        """The gap the verdict allows: the bound, or twice the measured noise floor where that is larger."""
+        return max(self.bound, NOISE_MULTIPLE * self.noise_floor)
 
 
 @dataclass(frozen=True)
@@ -172,19 +180,36 @@ class Policy:
     formats: tuple[str, ...] = ()
     scaler: ScalerSettings | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
-    fingerprint: str = ""
     verification: Verification | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        if self.target not in ("cpu", "cuda"):
-            raise PolicyError(f"policy target {self.target!r} is not 'cpu' or 'cuda'")
-        if not isinstance(self.layers, dict) or not all(isinstance(e, LayerEntry) for e in self.layers.values()):
-            raise PolicyError("Policy.layers must map layer names to autoprec.LayerEntry")
-        bad = {k: e.precision for k, e in self.layers.items() if e.precision not in PRECISIONS}
-        if bad:
-            raise PolicyError(f"unknown precisions {bad}: use one of {list(PRECISIONS)}")
+        r = "Policy"
+        if not isinstance(self.layers, dict) or not all(isinstance(k, str) for k in self.layers):
+            raise bad(r, "layers", self.layers, "an object of layer name -> LayerEntry")
+        wrong = [k for k, e in self.layers.items() if not isinstance(e, LayerEntry)]
+        if wrong:
+            raise bad(r, f"layers[{wrong[0]!r}]", self.layers[wrong[0]], "an autoprec.LayerEntry")
+        check_choice(r, "target", self.target, ("cpu", "cuda"))
+        for name in ("modules", "opaque"):
+            object.__setattr__(self, name, check_str_map(r, name, getattr(self, name)))
+        object.__setattr__(self, "handoff", check_str_map(
+            r, "handoff", self.handoff, lambda k, v: check_strings(r, f"handoff[{k!r}]", v),
+            "an object of layer name -> list of layer names"))
+        object.__setattr__(self, "formats", check_strings(r, "formats", self.formats, LOW_PRECISIONS))
+        if self.scaler is not None and not isinstance(self.scaler, ScalerSettings):
+            raise bad(r, "scaler", self.scaler, "null or an autoprec.ScalerSettings")
+        object.__setattr__(self, "tolerance", check_str_map(
+            r, "tolerance", self.tolerance, lambda k, v: check_number(r, f"tolerance[{k!r}]", v, strict=True),
+            "an object of name -> positive number"))
+        if self.verification is not None and not isinstance(self.verification, Verification):
+            raise bad(r, "verification", self.verification, "null or an autoprec.Verification")
+        if not isinstance(self.stats, dict) or not all(isinstance(k, str) for k in self.stats):
+            raise bad(r, "stats", self.stats, "an object of name -> value")
+        if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
+            raise PolicyError(f"unknown policy schema version {self.schema_version!r}: this autoprec reads version "
+                              f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
 
     # -- data ---------------------------------------------------------------------------------
     @property
@@ -239,49 +264,22 @@ class Policy:
             True
         """
         if not isinstance(data, Mapping):
-            raise PolicyError(f"a policy is a JSON object, got {type(data).__name__}")
+            raise PolicyError(f"a policy is a JSON object, got {type(data).__name__}: is this a policy file?")
         version = data.get("schema_version")
         if type(version) is not int or version != SCHEMA_VERSION:
             raise PolicyError(f"unknown policy schema version {version!r}: this autoprec reads version "
                               f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise PolicyError(f"unknown policy fields {sorted(unknown)}; known: {sorted(known)}")
+        data = {k: v for k, v in data.items() if k not in _DROPPED}
         layers = data.get("layers")
         if not isinstance(layers, Mapping):
-            raise PolicyError("policy field 'layers' must be an object of layer name -> entry")
-        target = data.get("target", "cpu")
-        if target not in ("cpu", "cuda"):
-            raise PolicyError(f"policy target {target!r} is not 'cpu' or 'cuda'")
-        try:
-            scaler = data.get("scaler")
-            ver = data.get("verification")
-            formats = tuple(data.get("formats", ()))
-            if any(f not in PRECISIONS for f in formats):
-                raise PolicyError(f"policy formats {list(formats)} name a precision outside {list(PRECISIONS)}")
-            return cls(
-                layers={str(k): _entry(v, str(k)) for k, v in layers.items()},
-                target=target,
-                modules={str(k): str(v) for k, v in _mapping(data, "modules").items()},
-                opaque={str(k): str(v) for k, v in _mapping(data, "opaque").items()},
-                handoff={str(k): _layer_names(v, f"handoff[{k!r}]") for k, v in _mapping(data, "handoff").items()},
-                formats=formats,
-                scaler=None if scaler is None else _scaler(_mapping(data, "scaler")),
-                tolerance={str(k): _float(v, "tolerance") for k, v in _mapping(data, "tolerance").items()},
-                fingerprint=str(data.get("fingerprint", "")),
-                verification=None if ver is None else Verification(**{
-                    **_mapping(data, "verification"),
-                    "fp32_losses": tuple(float(x) for x in ver.get("fp32_losses", ())),
-                    "policy_losses": tuple(float(x) for x in ver.get("policy_losses", ())),
-                    "compiled_losses": tuple(float(x) for x in ver.get("compiled_losses", ()))}),
-                stats=dict(_mapping(data, "stats")),
-                schema_version=version,
-            )
-        except PolicyError:
-            raise
-        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
-            raise PolicyError(f"invalid policy: {exc}") from None
+            raise bad("Policy", "layers", layers, "an object of layer name -> entry")
+        values = _fields(cls, data, "policy")
+        values["layers"] = {k: _record(LayerEntry, v, f"layer {k!r}") for k, v in layers.items()}
+        if data.get("scaler") is not None:
+            values["scaler"] = _record(ScalerSettings, data["scaler"], "scaler")
+        if data.get("verification") is not None:
+            values["verification"] = _record(Verification, data["verification"], "verification")
+        return cls(**values)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the policy as JSON: fields in a fixed order, layers in the model's order.
@@ -335,23 +333,35 @@ class Policy:
         """
         return _STAGES["apply"](self, model)
 
-    def grad_scaler(self, device: str | None = None) -> torch.amp.GradScaler | None:
-        """A ``torch.amp.GradScaler`` with the tuned settings, or None when no layer is FP16.
+    def grad_scaler(self, device: str | torch.device | None = None) -> torch.amp.GradScaler | None:
+        """A ``torch.amp.GradScaler`` for ``device``, with the tuned settings; None when no layer is FP16.
 
-        A policy with FP16 layers but no tuned settings (written by hand) gets torch's defaults.
-        ``device`` defaults to the policy's target, or the CPU where that target has no device here.
+        ``device`` is where training will run (``"cuda"``, ``"cpu"``, ``torch.device("cuda:1")``);
+        by default the policy's target, or the CPU where the target has no device here. When it is
+        another kind of device than the policy was tuned for, a :class:`~autoprec.DeviceWarning`
+        says so: the loss scale was chosen for the target's numerics. A policy with FP16 layers but
+        no tuned settings (written by hand) gets torch's defaults.
 
         Example:
             >>> Policy(layers={"0": LayerEntry("bf16")}).grad_scaler() is None
             True
+            >>> Policy(layers={"0": LayerEntry("fp16")}, target="cpu").grad_scaler("cpu").get_scale()
+            65536.0
         """
         if "fp16" not in self.assignment.values():
             return None
-        if device is None:  # a CUDA policy tried out on a host without CUDA runs on the CPU
-            device = "cuda" if self.target == "cuda" and torch.cuda.is_available() else "cpu"
-        s = self.scaler or ScalerSettings()  # a hand-written FP16 policy still needs loss scaling
-        return torch.amp.GradScaler(device, init_scale=s.init_scale, growth_factor=s.growth_factor,
-                                    backoff_factor=s.backoff_factor, growth_interval=s.growth_interval)
+        if device is None:
+            device = self.target if self.target == "cpu" or torch.cuda.is_available() else "cpu"
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError):
+            raise bad("grad_scaler", "device", device, "a device such as 'cuda', 'cuda:0' or 'cpu'") from None
+        if kind != self.target:
+            warnings.warn(f"this policy was tuned for {self.target!r} and its GradScaler is made for {kind!r}: the "
+                          f"loss scale was chosen for {self.target} numerics; tune on (or for) {kind!r} "
+                          f"(autoprec.tune(..., target={kind!r})) for settings measured there",
+                          DeviceWarning, stacklevel=2)
+        return scaler_for(self, kind)
 
     def report(self, format: str = "md") -> str:
         """The report: excluded layers and why, formats, scaler, 16-bit FLOPs, verification.
@@ -361,6 +371,15 @@ class Policy:
             # autoprec policy report
         """
         return _STAGES["report"](self, format)
+
+
+def scaler_for(policy: Policy, device_type: str) -> torch.amp.GradScaler | None:
+    """:meth:`Policy.grad_scaler` without the device check: for tune's runs, which emulate the target."""
+    if "fp16" not in policy.assignment.values():
+        return None
+    s = policy.scaler or ScalerSettings()  # a hand-written FP16 policy still needs loss scaling
+    return torch.amp.GradScaler(device_type, init_scale=s.init_scale, growth_factor=s.growth_factor,
+                                backoff_factor=s.backoff_factor, growth_interval=s.growth_interval)
 
 
 def check_modules(policy: Policy, modules: Mapping[str, nn.Module]) -> None:
@@ -405,17 +424,37 @@ def _some(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
-def _layer_names(value: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise PolicyError(f"policy field {what} must be a list of layer names, got {value!r}")
-    return tuple(value)
+#: Fields of earlier files that are read and dropped: ``fingerprint`` (a digest of ``modules`` and the
+#: layer names, both checked against the model directly).
+_DROPPED = frozenset({"fingerprint"})
 
 
-def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = data.get(key) or {}
-    if not isinstance(value, Mapping):
-        raise PolicyError(f"policy field {key!r} must be an object, got {type(value).__name__}")
-    return value
+def _fields(cls: type, data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``data``'s entries as keyword arguments of ``cls``: unknown and missing fields are refused by name."""
+    if not isinstance(data, Mapping):
+        raise PolicyError(f"{where}: expected an object of {cls.__name__} fields, got {_type(data)}; {FIX}")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise PolicyError(f"{where}: unknown fields {unknown}; a {cls.__name__} has {known}; {FIX}")
+    missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+               and f.default_factory is MISSING]
+    if missing:
+        raise PolicyError(f"{where}: required fields {missing} are missing; {FIX}")
+    return dict(data)
+
+
+def _record(cls: type, data: Any, where: str) -> Any:
+    try:
+        return cls(**_fields(cls, data, where))
+    except PolicyError as exc:
+        text = str(exc)
+        raise PolicyError(text if text.startswith(where) else f"{where}: {text}") from None
+
+
+def _type(x: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), type(x).__name__)
 
 
 def _jsonable(x: Any) -> Any:

@@ -33,12 +33,15 @@ def summary(policy: "Policy") -> dict[str, Any]:
         "low_precision_flop_fraction": policy.low_precision_fraction(),
         "excluded": {k: {"reason": e.reason, "detail": e.detail, "hazards": list(e.hazards), "op": e.op}
                      for k, e in policy.excluded().items()},
+        "backed_off": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
+                       if e.reason == "verification back-off"},
         "opaque": dict(policy.opaque),
         "scaler": None if policy.scaler is None or "fp16" not in policy.assignment.values()
         else vars(policy.scaler),
         "tolerance": dict(policy.tolerance),
         "verification": None if ver is None else {
             "passed": ver.passed, "steps": ver.steps, "max_gap": ver.max_gap, "bound": ver.bound,
+            "noise_floor": ver.noise_floor, "threshold": ver.threshold,
             "skipped_steps": ver.skipped_steps, "longest_skip_run": ver.longest_skip_run, "rounds": ver.rounds,
             "note": ver.note},
         "stats": dict(policy.stats),
@@ -48,7 +51,12 @@ def summary(policy: "Policy") -> dict[str, Any]:
 
 def _markdown(policy: "Policy") -> str:
     s = summary(policy)
-    lines = ["# autoprec policy report", ""]
+    ver = s["verification"]
+    if ver is not None and not ver["passed"]:  # the first line a reader sees
+        lines = [f"# autoprec policy report: FAILED verification (loss gap {_num(ver['max_gap'])} against a "
+                 f"threshold of {_num(ver['threshold'])}): not a verified policy", ""]
+    else:
+        lines = ["# autoprec policy report", ""]
     lines.append(f"- target device: **{s['target']}**; formats allowed: {', '.join(s['formats']) or '-'}")
     counts = ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))
     lines.append(f"- layers: {s['layers']} ({counts})")
@@ -66,15 +74,16 @@ def _markdown(policy: "Policy") -> str:
         keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
                 "measured_loss_err", "measured_grad_err")
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st))
-    ver = s["verification"]
     lines.append("")
     lines.append("## Verification")
     if ver is None:
         lines.append("not run")
     else:
         verdict = "PASSED" if ver["passed"] else "FAILED"
+        floor = (f"; noise floor {_num(ver['noise_floor'])}: FP32 from 16-bit-rounded weights, threshold "
+                 f"{_num(ver['threshold'])}" if ver["noise_floor"] else "")
         lines.append(f"**{verdict}**: {ver['steps']} training steps, largest loss gap "
-                     f"{_num(ver['max_gap'])} of the FP32 loss (bound {_num(ver['bound'])}), "
+                     f"{_num(ver['max_gap'])} of the FP32 loss (bound {_num(ver['bound'])}{floor}), "
                      f"{ver['skipped_steps']} skipped steps (longest run {ver['longest_skip_run']}), "
                      f"{ver['rounds']} round(s). {ver['note']}".rstrip())
         if policy.verification is not None and policy.verification.fp32_losses:
@@ -92,6 +101,13 @@ def _markdown(policy: "Policy") -> str:
                          f"{e['detail'].replace('|', '/')} |")
     else:
         lines.append("none")
+    if s["backed_off"]:
+        lines += ["", "## Layers moved to FP32 by verification back-off", "",
+                  "The policy's loss curve left the threshold, so verification moved the cast layers the probe "
+                  "ranked most sensitive to FP32. Nothing was measured to fail on these layers themselves.", "",
+                  "| layer | op | evidence |", "| --- | --- | --- |"]
+        lines += [f"| `{k or '(root)'}` | {e['op']} | {e['detail'].replace('|', '/')} |"
+                  for k, e in s["backed_off"].items()]
     if s["opaque"]:
         lines += ["", "## Opaque to FX", "",
                   "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]

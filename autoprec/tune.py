@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import random
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from .batch import LossFn, split_batches
-from .errors import ModelError
+from .errors import ModelError, VerificationError, VerificationWarning
 from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .costs import PROFILES
@@ -89,7 +91,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: str | None = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
-         verify_compile: str | None = None) -> Policy:
+         verify_compile: str | None = None, strict: bool = False) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -114,6 +116,13 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         seed: seed for the study and for the dropout masks of every pass.
         verify_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``): the verified
             policy also trains compiled with it and must meet the same bound; None (default) skips it.
+        strict: raise :class:`~autoprec.VerificationError` when the policy fails verification even
+            after backing off; by default the policy is returned with a
+            :class:`~autoprec.VerificationWarning`, and its report says FAILED on its first line.
+
+    Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
+    verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
+    trains the model, or ``verify_steps=0``).
 
     ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
     wrappers); the policy's keys are the names without the wrappers, and it fits both.
@@ -129,7 +138,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     """
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
-                  optimizer=optimizer, verify_compile=verify_compile)
+                  optimizer=optimizer, verify_compile=verify_compile, strict=strict)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
@@ -143,11 +152,50 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
         with Progress(progress) as bar:
-            return _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
-                         verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
-                         optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
-                         headroom=float(headroom), seed=seed, bar=bar, started=started,
-                         verify_compile=verify_compile)
+            policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
+                           verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
+                           optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
+                           headroom=float(headroom), seed=seed, bar=bar, started=started,
+                           verify_compile=verify_compile)
+    if policy.verification is not None and not policy.verification.passed:
+        _unverified(policy, strict)
+    return policy
+
+
+def _describe(optimizer: OptimizerFactory) -> str:
+    """``Adam(lr=0.001, eps=1e-08)``: the optimizer a factory makes, with its main settings."""
+    try:
+        opt = optimizer([nn.Parameter(torch.zeros(1))])
+    except Exception:  # a factory that wants the real parameters: name the factory instead
+        return getattr(optimizer, "__qualname__", repr(optimizer))
+    keys = ("lr", "eps", "momentum", "betas", "weight_decay")
+    return f"{type(opt).__name__}({', '.join(f'{k}={opt.defaults[k]}' for k in keys if k in opt.defaults)})"
+
+
+def _check_reference(curve: Any, steps: int, optimizer: OptimizerFactory) -> None:
+    """The FP32 reference trajectory must be finite: a policy cannot be verified against a diverging FP32 run."""
+    bad = next((i for i, x in enumerate(curve.losses) if not math.isfinite(x)), None)
+    if bad is None and len(curve.losses) == steps:
+        return
+    raise ModelError(
+        f"FP32 training diverged in verification: the loss is {curve.losses[bad]} at step {bad} of {steps} "
+        f"(losses {', '.join(f'{x:.4g}' for x in curve.losses[:bad + 1])}) with the verification optimizer "
+        f"{_describe(optimizer)}; no policy can be verified against it. Pass tune(..., optimizer=lambda params: "
+        f"...) with an optimizer and learning rate that train this model in FP32 (e.g. a smaller lr), or "
+        f"verify_steps=0 to skip verification")
+
+
+def _unverified(policy: Policy, strict: bool) -> None:
+    """A policy that failed verification is never returned quietly."""
+    v = policy.verification
+    msg = (f"the tuned policy FAILED verification after {v.rounds} round(s): largest loss gap {v.max_gap:.3g} "
+           f"against a threshold of {v.threshold:.3g} (bound {v.bound:g}, noise floor {v.noise_floor:.3g}), "
+           f"longest run of skipped steps {v.longest_skip_run}{'; ' + v.note if v.note else ''}. It is the safest "
+           f"policy found, not a verified one: see policy.report(); raise verify_tolerance if the gap is "
+           f"acceptable, or check the model and optimizer")
+    if strict:
+        raise VerificationError(msg, policy=policy)
+    warnings.warn(msg, VerificationWarning, stacklevel=3)
 
 
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
@@ -201,13 +249,14 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         return Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
                       handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
                       tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
-                      fingerprint=tr.fingerprint)
+                      )
 
     fp32_curve = None
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
         fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
                                  scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance)
+        _check_reference(fp32_curve, verify_steps, optimizer)
     fp16_keys = [k for k, d in decisions.items() if d.precision == "fp16"]
     scaler = scaler_choice = None
     if fp16_keys:

@@ -25,6 +25,13 @@ FACTORY = textwrap.dedent('''
 
     def broken():
         return "not a model"
+
+    def unverifiable():
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(12):
+            layers += [nn.Linear(64, 64), nn.Tanh()]
+        return nn.Sequential(*layers), torch.randn(128, 64)
 ''')
 
 
@@ -160,3 +167,20 @@ def test_html_report_is_well_formed_with_both_charts(workdir):
     bars = sum(len(e.measured) for e in policy.layers.values() if e.measured)
     assert parser.tags["rect"] == bars
     assert parser.tags["table"] >= 1
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+def test_a_policy_that_fails_verification_exits_5(workdir, strict):
+    """Exit code 5 when verification fails: the file is written (and the failure printed) unless --strict."""
+    out = workdir / f"unverified-{strict}.json"
+    res = _run("tune", "factories:unverifiable", "--out", out.name, "--quiet", "--target", "cuda", "--dtypes", "bf16",
+               "--verify-tolerance", "1e-9", "--verify-steps", "5", *(["--strict"] if strict else []), cwd=workdir)
+    assert res.returncode == 5, (res.stdout, res.stderr)
+    assert "FAILED verification" in res.stderr and "Traceback" not in res.stderr
+    assert out.exists() != strict
+    if strict:
+        assert f"--strict: {out.name} not written" in res.stderr
+    else:
+        import autoprec
+        assert autoprec.load(out).verification.passed is False
+        assert "verification FAILED" in res.stdout

@@ -83,18 +83,6 @@ def test_several_batches_count_for_ranges_and_verification():
         autoprec.tune(model, batch, loss_fn, batches=batch, progress=False)
 
 
-def test_failing_verification_backs_off_to_fp32():
-    """A policy that fails verification is backed off, most sensitive layers first, and verified again."""
-    model, batch, loss_fn = mlp(batch_size=256)
-    policy = autoprec.tune(model, batch, loss_fn, verify_tolerance=1e-12, verify_steps=4, progress=False)
-    ver = policy.verification
-    assert ver.rounds > 1
-    backed = [k for k, e in policy.layers.items() if e.reason == "verification back-off"]
-    assert backed and all(policy.layers[k].precision == "fp32" for k in backed)
-    assert ver.passed == (ver.max_gap <= 1e-12)
-    assert "back" in ver.note or ver.rounds > 1
-
-
 def test_report_names_every_exclusion_with_evidence():
     """The Markdown and JSON reports carry the formats, the verification and the excluded layers."""
     model, batch, loss_fn = mlp(batch_size=256)
