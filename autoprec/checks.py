@@ -27,8 +27,11 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
-        >>> check_options(tolerance=0.01, grad_tolerance=0.05, verify_tolerance=0.05, verify_steps=20,
+        >>> check_options(tolerance=0.01, grad_tolerance=0.05, verify_tolerance=0.05, verify_steps=-1,
         ...               n_trials=30, headroom=8.0, seed=0, progress=True, optimizer=None)
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.OptionError: verify_steps=-1 must be a non-negative integer (0 skips verification)
     """
     for name, value in (("tolerance", tolerance), ("grad_tolerance", grad_tolerance),
                         ("verify_tolerance", verify_tolerance), ("headroom", headroom)):
@@ -59,7 +62,12 @@ def check_storage(storage: Any) -> None:
     """Open an Optuna storage URL now, so a bad one fails before the probe, not after it.
 
     Example:
-        >>> check_storage(None)
+        >>> check_storage(None) is None
+        True
+        >>> check_storage("mysql://x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.OptionError: storage='mysql://x' cannot be opened (...); use an Optuna storage URL such as 'sqlite:///study.db' in an existing folder
     """
     if storage is None:
         return
@@ -104,7 +112,10 @@ def check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int
     """One FP32 forward and loss: the batch fits, the loss is a finite scalar that depends on the model.
 
     Example:
-        >>> check_batch(torch.nn.Linear(2, 1), torch.ones(3, 2), None, 0)
+        >>> check_batch(torch.nn.Linear(2, 1), torch.ones(3, 3), None, 0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.BatchError: the model cannot take batch 0 (RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x3 and 2x1)); pass what the model takes: ...
     """
     try:
         out = call_model(model, batch)
@@ -131,7 +142,10 @@ def check_batches(batches: Iterable[Any] | None) -> None:
     """``batches=`` must be an iterable of batches.
 
     Example:
-        >>> check_batches([torch.ones(1)])
+        >>> check_batches(torch.ones(1))
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.BatchError: batches=tensor([1.]) takes an iterable of batches (a list), not a Tensor
     """
     if batches is None:
         return

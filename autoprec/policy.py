@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import DeviceWarning, PolicyError
+from .errors import DeviceWarning, OptionError, PolicyError
 from .formats import LOW_PRECISIONS, PRECISIONS
 from .modules import canonical_modules, leaves
 from .trace import signatures_of
@@ -307,7 +307,12 @@ class Policy:
 
         Example:
             >>> p = Policy(layers={}, modules={"0": "Linear[weight(4, 4),bias(4,)]"})
-            >>> p.check(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+            >>> p.check(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
+            True
+            >>> p.check(torch.nn.Sequential(torch.nn.Linear(4, 8)))  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            autoprec.errors.PolicyError: this policy does not fit this model (changed: 0 (Linear[weight(4, 4),bias(4,)] -> Linear[weight(8, 4),bias(8,)])): ...
         """
         if not isinstance(model, nn.Module):
             raise PolicyError(f"a policy applies to a torch.nn.Module, got {type(model).__name__}")
@@ -318,9 +323,12 @@ class Policy:
         """Context manager: run ``model`` with this policy's per-layer precision inside the block.
 
         Example:
-            >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> _ = torch.manual_seed(0)
+            >>> m, x = torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(8, 4)
             >>> with Policy(layers={"0": LayerEntry("bf16")}).autocast(m):
-            ...     _ = m(torch.ones(1, 4))
+            ...     y = m(x)
+            >>> y.dtype, torch.equal(y, m(x))  # computed in BF16, handed back in FP32
+            (torch.float32, False)
         """
         return _STAGES["autocast"](self, model)
 
@@ -329,7 +337,11 @@ class Policy:
 
         Example:
             >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
-            >>> h = Policy(layers={"0": LayerEntry("bf16")}).apply(m); h.remove()
+            >>> h = Policy(layers={"0": LayerEntry("bf16")}).apply(m)
+            >>> m(torch.ones(1, 4)).dtype  # the last layer's BF16 output is handed back in FP32
+            torch.float32
+            >>> h.remove(); type(m[0]).__name__
+            'Linear'
         """
         return _STAGES["apply"](self, model)
 
@@ -355,7 +367,8 @@ class Policy:
         try:
             kind = torch.device(device).type
         except (RuntimeError, TypeError):
-            raise bad("grad_scaler", "device", device, "a device such as 'cuda', 'cuda:0' or 'cpu'") from None
+            raise OptionError(f"grad_scaler(device={device!r}) is not a device: pass where training runs, e.g. "
+                              f"'cuda', 'cuda:0' or 'cpu'") from None
         if kind != self.target:
             warnings.warn(f"this policy was tuned for {self.target!r} and its GradScaler is made for {kind!r}: the "
                           f"loss scale was chosen for {self.target} numerics; tune on (or for) {kind!r} "

@@ -175,11 +175,13 @@ def save_png(policy: "Policy", path: str) -> None:
     Example:
         >>> import os, tempfile
         >>> from autoprec.policy import Policy, LayerEntry
+        >>> path = os.path.join(tempfile.mkdtemp(), "r.png")
         >>> try:
-        ...     save_png(Policy(layers={"fc": LayerEntry("bf16", measured={"bf16": {"loss_err": 1e-3}})}),
-        ...              os.path.join(tempfile.mkdtemp(), "r.png"))
-        ... except OptionError:
-        ...     pass  # matplotlib is not installed
+        ...     save_png(Policy(layers={"fc": LayerEntry("bf16", measured={"bf16": {"loss_err": 1e-3}})}), path)
+        ...     print(open(path, "rb").read(4) == b"\\x89PNG")
+        ... except OptionError as e:  # matplotlib is not installed
+        ...     print("pip install 'autoprec[plot]'" in str(e))
+        True
     """
     try:
         import matplotlib

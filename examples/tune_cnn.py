@@ -42,7 +42,7 @@ class SmallCNN(nn.Module):
 
 def main(small: bool = False) -> autoprec.Policy:
     torch.manual_seed(0)
-    width, px, batch = (8, 16, 8) if small else (32, 64, 32)
+    width, px, batch = (16, 32, 16) if small else (32, 64, 32)
     model = SmallCNN(width)
     images = torch.randn(batch, 3, px, px)
     labels = torch.randint(0, 10, (batch,))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -20,8 +22,13 @@ def test_tune_on_cuda_uses_real_autocast_and_a_cuda_scaler():
     with policy.autocast(model):
         loss = loss_fn(model(batch), batch)
     assert torch.isfinite(loss)
-    scaler = policy.grad_scaler()
-    assert scaler is None or scaler.is_enabled()
+    assert "fp16" in policy.assignment.values() and policy.scaler is not None  # FP16 pays on a GPU: it is used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", autoprec.DeviceWarning)  # tuned on this device: no warning
+        scaler = policy.grad_scaler()
+    assert scaler.is_enabled() and scaler._device == "cuda"
+    assert scaler.get_scale() == policy.scaler.init_scale
+    assert scaler.get_growth_interval() == policy.scaler.growth_interval
 
 
 def test_rmsnorm_hazard_on_cuda_is_excluded_from_fp16():

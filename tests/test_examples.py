@@ -7,6 +7,7 @@ import math
 import pathlib
 
 import pytest
+import torch
 
 import autoprec
 
@@ -35,7 +36,14 @@ def test_tune_cnn_runs(capsys):
     assert "# autoprec policy report" in out
     assert "step 2: loss" in out
     assert policy.target == "cpu" and set(policy.assignment.values()) <= {"fp32", "bf16"}
-    assert any(e.flops for e in policy.layers.values())
+    convs = {k: e for k, e in policy.layers.items() if e.op == "Conv2d"}
+    assert len(convs) == 5
+    if torch.cpu._is_avx512_bf16_supported():  # at this size BF16 convolutions pay on a native-BF16 CPU
+        assert policy.low_precision_fraction() > 0.9
+        assert all(e.precision == "bf16" for e in convs.values()), policy.report()
+    else:  # elsewhere they are kept FP32 for speed, and say so
+        assert all(e.precision == "fp32" and e.reason == "no gain" for e in convs.values()), policy.report()
+    assert policy.verification is not None and policy.verification.passed
     assert policy.grad_scaler() is None  # BF16 only: no loss scaling
 
 

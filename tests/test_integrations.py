@@ -37,7 +37,11 @@ def test_lightning_trainer_runs_the_policy(target):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-    plugin = AutoprecPrecision(policy)
+    if target == "cuda" and not torch.cuda.is_available():  # a GPU policy tried out on this CPU: said so
+        with pytest.warns(autoprec.DeviceWarning, match="tuned for 'cuda' and its GradScaler is made for 'cpu'"):
+            plugin = AutoprecPrecision(policy)
+    else:
+        plugin = AutoprecPrecision(policy)
     assert (plugin.scaler is not None) == (target == "cuda")
     loader = torch.utils.data.DataLoader([batch] * 3, batch_size=None)  # the whole batch each step
     trainer = L.Trainer(accelerator="cpu", plugins=[plugin], max_steps=3, logger=False, enable_checkpointing=False,

@@ -318,3 +318,23 @@ def test_binary_file_raises_policy_error(tmp_path):
         autoprec.load(path)
 
 
+
+
+def test_grad_scaler_takes_the_training_device_and_warns_for_another():
+    """grad_scaler(device): a CUDA policy's scaler made for this CPU says so (DeviceWarning); its own target does
+    not warn; a device that is not one is an OptionError naming it."""
+    cuda = autoprec.Policy(layers={"fc": autoprec.LayerEntry("fp16")}, target="cuda",
+                           scaler=autoprec.ScalerSettings(init_scale=1024.0, growth_interval=100))
+    with pytest.warns(autoprec.DeviceWarning, match=r"this policy was tuned for 'cuda' and its GradScaler is made "
+                      r"for 'cpu'.*target='cpu'"):
+        scaler = cuda.grad_scaler("cpu")
+    assert scaler._device == "cpu" and scaler.get_scale() == 1024.0 and scaler.get_growth_interval() == 100
+    if not torch.cuda.is_available():  # the default is the target where it exists, else this CPU (with the warning)
+        with pytest.warns(autoprec.DeviceWarning):
+            assert cuda.grad_scaler()._device == "cpu"
+    cpu = autoprec.Policy(layers={"fc": autoprec.LayerEntry("fp16")}, target="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu.grad_scaler()._device == "cpu" and cpu.grad_scaler(torch.device("cpu")).get_scale() == 65536.0
+    with pytest.raises(autoprec.OptionError, match=r"grad_scaler\(device='tpu'\) is not a device: pass where"):
+        cpu.grad_scaler("tpu")

@@ -29,3 +29,21 @@ def test_errors_share_one_root_and_their_builtin(cls):
     """Every autoprec error is an AutoprecError and the builtin it is."""
     assert issubclass(cls, autoprec.AutoprecError)
     assert issubclass(cls, ValueError) or issubclass(cls, RuntimeError)
+
+
+def test_every_doctest_shows_expected_output():
+    """A docstring example that prints nothing checks nothing but that it runs: each one shows a result."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    finder, silent, seen = doctest.DocTestFinder(), [], set()
+    for info in pkgutil.walk_packages(autoprec.__path__, "autoprec."):
+        if info.name.endswith("__main__"):
+            continue
+        for test in finder.find(importlib.import_module(info.name)):
+            if test.examples and test.name not in seen:
+                seen.add(test.name)
+                if not any(ex.want.strip() for ex in test.examples):
+                    silent.append(test.name)
+    assert len(seen) > 60 and silent == []
