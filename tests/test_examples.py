@@ -47,6 +47,12 @@ def test_tune_cnn_runs(capsys):
     assert policy.grad_scaler() is None  # BF16 only: no loss scaling
 
 
+#: the GPU-policy examples try their policy on this CPU when there is no GPU, and say so
+ON_CPU = pytest.mark.filterwarnings("error::autoprec.DeviceWarning" if torch.cuda.is_available()
+                                    else "ignore::autoprec.DeviceWarning")
+
+
+@ON_CPU
 def test_tune_transformers_saves_a_loadable_policy(tmp_path, capsys):
     """examples/tune_transformers.py tunes a small-config transformers model and saves its policy."""
     pytest.importorskip("transformers")
@@ -58,15 +64,21 @@ def test_tune_transformers_saves_a_loadable_policy(tmp_path, capsys):
     assert any(k.startswith("model.layers.0.") for k in policy.layers)  # the model's own module names
 
 
+@ON_CPU
 def test_train_with_policy_trains(capsys):
     """examples/train_with_policy.py loads a saved GPU policy, installs it and trains with its GradScaler."""
-    losses = _load("train_with_policy").main(small=True)
+    if torch.cuda.is_available():
+        losses = _load("train_with_policy").main(small=True)
+    else:
+        with pytest.warns(autoprec.DeviceWarning, match="tuned for 'cuda' and its GradScaler is made for 'cpu'"):
+            losses = _load("train_with_policy").main(small=True)
     out = capsys.readouterr().out
     assert "policy:" in out and "GradScaler" in out
     assert losses and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
 
 
+@ON_CPU
 def test_train_with_policy_accepts_a_policy_file(tmp_path, capsys):
     """The --policy path: a policy saved for the example's model is loaded and used as is."""
     module = _load("train_with_policy")
@@ -96,6 +108,7 @@ def test_gnn_scatter_report_names_the_overflowing_accumulation(capsys):
     assert policy.verification is not None and policy.verification.passed
 
 
+@ON_CPU
 def test_train_with_policy_compiled_trains_like_eager(capsys):
     """--compile: the installed policy under torch.compile (Inductor) trains as it does eagerly, up to the
     rounding of Inductor's fusions."""

@@ -252,7 +252,7 @@ def test_underflow_model_policy_trains_where_default_scaler_does_not():
     model, batch, _ = underflow_model()
     policy = autoprec.tune(model, batch, None, dtypes=["fp16"], target="cuda", optimizer=underflow_optimizer,
                            progress=False, verify_steps=10)
-    scaler = policy.grad_scaler("cpu")  # the model trains on this CPU (the default device is covered below)
+    scaler = scaler_for(policy, "cpu")  # a CUDA policy emulated on this CPU (grad_scaler's warning: covered below)
     assert scaler is not None and scaler.is_enabled()
     assert scaler.get_scale() > 2.0 ** 16
     assert "fp16" in policy.assignment.values()
@@ -270,13 +270,16 @@ def test_underflow_model_policy_trains_where_default_scaler_does_not():
 
 
 def test_grad_scaler_default_device_keeps_tuned_scale():
-    """``policy.grad_scaler()`` without a device keeps the tuned scale, also for a CUDA policy on a host without CUDA."""
+    """``policy.grad_scaler()`` without a device keeps the tuned scale, also for a CUDA policy on a host without CUDA
+    (where it says, with a DeviceWarning, that the scaler is made for another device than the policy's)."""
     model, batch, _ = underflow_model()
     policy = autoprec.tune(model, batch, None, dtypes=["fp16"], target="cuda", optimizer=underflow_optimizer,
                            progress=False, verify_steps=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # torch warns when it disables a GradScaler for a missing device
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # torch warns when it disables a GradScaler for a missing device
         scaler = policy.grad_scaler()
+    kinds = {type(w.message) for w in seen}
+    assert kinds == (set() if torch.cuda.is_available() else {autoprec.DeviceWarning}), [str(w.message) for w in seen]
     assert scaler is not None
     assert scaler.is_enabled() and scaler.get_scale() == policy.scaler.init_scale
 

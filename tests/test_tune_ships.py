@@ -14,9 +14,9 @@ from tests.models import mlp
 
 
 def _user_loop(model: nn.Module, policy: autoprec.Policy, batch, loss_fn, steps: int) -> list[float]:
-    """The README's training loop: install once, Adam as tune's default verification optimizer."""
+    """The README's training loop: install once, Adam(lr=1e-3) as tune's default verification optimizer."""
     model = copy.deepcopy(model)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-30)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     with policy.apply(model):
         for _ in range(steps):
