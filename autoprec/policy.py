@@ -176,6 +176,7 @@ class Policy:
     verification: Verification | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    emulated: bool = False  # the evidence was measured on a CPU emulating the CUDA target (autoprec.emulation)
 
     def __post_init__(self) -> None:
         if self.target not in ("cpu", "cuda"):
@@ -254,6 +255,9 @@ class Policy:
         target = data.get("target", "cpu")
         if target not in ("cpu", "cuda"):
             raise PolicyError(f"policy target {target!r} is not 'cpu' or 'cuda'")
+        emulated = data.get("emulated", False)  # absent in files written before the field
+        if not isinstance(emulated, bool):
+            raise PolicyError(f"policy field 'emulated' holds {emulated!r}, not true/false")
         try:
             scaler = data.get("scaler")
             ver = data.get("verification")
@@ -277,6 +281,7 @@ class Policy:
                     "compiled_losses": tuple(float(x) for x in ver.get("compiled_losses", ()))}),
                 stats=dict(_mapping(data, "stats")),
                 schema_version=version,
+                emulated=emulated,
             )
         except PolicyError:
             raise

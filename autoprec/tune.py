@@ -168,7 +168,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             candidates.append(lay.key)
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
-    runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, seed=seed)
+    emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
+    runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
+                    seed=seed)
     bar.stage("probe", len(candidates))
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
                skipped=skipped)
@@ -201,7 +203,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         return Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
                       handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
                       tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
-                      fingerprint=tr.fingerprint)
+                      fingerprint=tr.fingerprint, emulated=emulated)
 
     fp32_curve = None
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
