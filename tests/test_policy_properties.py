@@ -118,6 +118,7 @@ policies = st.builds(
     fingerprint=st.one_of(st.from_regex(r"[0-9a-f]{16}", fullmatch=True), some_text),
     verification=verifications,
     stats=st.dictionaries(any_text, json_value, max_size=5),
+    emulated=st.booleans(),
 )
 
 
