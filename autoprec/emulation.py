@@ -142,17 +142,28 @@ def _fft(func: Callable, args: tuple, kwargs: dict) -> Any:
                            "keep this layer out of BF16")
     wide = x.to(torch.complex64 if x.is_complex() else torch.float32)
     out = func(wide, *args[1:], **{k: v for k, v in kwargs.items() if k != "input"})
-    for size in _signal_sizes(getattr(func, "__name__", ""), x, out, args, kwargs):
+    for size in _signal_sizes(_fft_form(func), x, out, args, kwargs):
         if size & (size - 1):
             raise RuntimeError("cuFFT only supports dimensions whose sizes are powers of two when computing in "
                                f"half precision, but got a signal size of {size} (CUDA emulated on the CPU)")
     return out.to(torch.complex32 if out.is_complex() else torch.float16)
 
 
-def _signal_sizes(name: str, x: torch.Tensor, out: torch.Tensor, args: tuple, kwargs: dict) -> list[int]:
-    """The signal length of each transformed dimension (the real side's length for r2c and c2r)."""
-    size_arg = kwargs.get("s", kwargs.get("n", args[1] if len(args) > 1 else None))
+def _fft_form(func: Any) -> tuple[tuple[int, ...] | None, bool]:
+    """An FFT's default transformed dims (None: all) and whether it is real-to-complex."""
+    name = getattr(func, "__name__", "")
     default = (-1,) if name[-1] not in "2n" else ((-2, -1) if name.endswith("2") else None)
+    return default, name.startswith(("fft_rfft", "fft_ihfft"))
+
+
+_fft_form._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _signal_sizes(form: tuple[tuple[int, ...] | None, bool], x: torch.Tensor, out: torch.Tensor, args: tuple,
+                  kwargs: dict) -> list[int]:
+    """The signal length of each transformed dimension (the real side's length for r2c and c2r)."""
+    default, r2c = form
+    size_arg = kwargs.get("s", kwargs.get("n", args[1] if len(args) > 1 else None))
     dims = kwargs.get("dim", args[2] if len(args) > 2 else default)
     if isinstance(size_arg, int):
         size_arg = (size_arg,)
@@ -161,6 +172,6 @@ def _signal_sizes(name: str, x: torch.Tensor, out: torch.Tensor, args: tuple, kw
     elif isinstance(dims, int):
         dims = (dims,)
     sizes = [int(out.shape[d]) for d in dims]
-    if name.startswith(("fft_rfft", "fft_ihfft")):  # real to complex: the last dim halves
+    if r2c:  # real to complex: the last dim halves
         sizes[-1] = int(size_arg[-1]) if size_arg is not None else int(x.shape[dims[-1]])
     return sizes

@@ -14,7 +14,7 @@ import autoprec
 from autoprec import LayerEntry, Policy
 from autoprec.emulation import rule_of, run_as_cuda
 from autoprec.training import default_optimizer, train_curve
-from tests.models import RMSNormModel, call_model, fno, rmsnorm_model
+from tests.models import FNO, RMSNormModel, UnscaledAttentionModel, call_model, fno, rmsnorm_model
 
 F16, B16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -146,13 +146,25 @@ def test_verification_trains_with_the_emulation():
     assert any(not abs(a - b) <= 0.1 * abs(a) for a, b in zip(fp32, cpu)), (fp32, cpu)
 
 
-def test_emulated_cuda_policy_adds_no_graph_break():
-    """Compiled (aot_eager), a CUDA policy with FP16 and BF16 units on the CPU breaks the graph no more than none."""
-    model, x = RMSNormModel(), torch.randn(4, 64)
+COMPILED = {
+    "rmsnorm": (RMSNormModel, (4, 64), {"fc1": "bf16", "norm": "fp16", "fc2": "fp16"}),
+    "attention": (UnscaledAttentionModel, (2, 8, 64), {"attn.q": "fp16", "attn::matmul": "bf16",
+                                                       "attn::softmax": "fp16"}),
+    "fno": (FNO, (2, 1, 16, 16), {"blocks.0.spectral": "fp16", "blocks.1.skip": "bf16"}),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED), ids=list(COMPILED))
+def test_emulated_cuda_policy_adds_no_graph_break(name):
+    """Compiled (aot_eager, fullgraph), a CUDA policy's FP16 and BF16 units and op entries on the CPU (FFTs
+    included) break the graph no more than no policy, and compute what eager does."""
+    build, shape, layers = COMPILED[name]
+    torch.manual_seed(0)
+    model, x = build(), torch.randn(*shape)
     dynamo.reset()
     try:
         bare = dynamo.explain(model)(x).graph_break_count
-        with _policy({"fc1": "bf16", "norm": "fp16", "fc2": "fp16"}, "cuda").autocast(model):
+        with _policy(layers, "cuda").autocast(model):
             eager = model(x)
             dynamo.reset()
             explained = dynamo.explain(model)(x)
