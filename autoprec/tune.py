@@ -100,7 +100,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         batches: more batches (an iterable): their ranges count, and verification trains on all.
         dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: what ``target`` runs fast
             (BF16 on a CPU; FP16 and BF16 on CUDA).
-        target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device.
+        target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device. For
+            ``"cuda"`` on a CPU, every pass runs CUDA autocast's rules (:mod:`autoprec.emulation`) and
+            the policy is marked ``emulated``.
         tolerance: bound on the relative error at the loss.
         grad_tolerance: bound on the relative L2 error of the parameter gradients.
         verify_tolerance: bound on the loss-curve gap in verification, relative to the first loss.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -263,9 +264,14 @@ def test_emulated_must_be_true_or_false(value):
         Policy.from_dict(data)
 
 
-def test_report_json_says_emulated():
-    """The JSON report carries the mark too."""
-    assert json.loads(Policy(layers={}, target="cuda", emulated=True).report("json"))["emulated"] is True
+def test_json_and_html_reports_say_emulated():
+    """The JSON and HTML reports carry the mark too, and only for emulated evidence."""
+    policy = Policy(layers={"fc": LayerEntry("fp16", measured={"fp16": {"loss_err": 0.0}})}, target="cuda")
+    assert json.loads(policy.report("json"))["emulated"] is False
+    assert "emulated" not in policy.report("html")
+    emulated = dataclasses.replace(policy, emulated=True)
+    assert json.loads(emulated.report("json"))["emulated"] is True
+    assert "evidence <b>emulated</b>" in emulated.report("html")
 
 
 def test_call_model_unchanged_by_emulated_policy_removal():
