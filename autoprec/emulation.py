@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-from .casts import LOW, cast_args, emulated
+from .casts import LOW, emulated
 from .ops import CUDA_FP32_OPS, CUDA_LOWER_OPS, CUDA_PROMOTE_OPS, FFT_OPS
 
 __all__ = ["rule_of", "run_as_cuda"]
@@ -84,19 +84,22 @@ def rule_of(func: Any) -> str | None:
 rule_of._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _up(tree: Any, dtype: torch.dtype) -> Any:
-    """16-bit floating tensors cast to ``dtype``; FP64, integers and FP32 left alone."""
+_ELIGIBLE = (*LOW, torch.float32)  # what CUDA autocast casts: FP64, integers and complex run as they are
+
+
+def _recast(tree: Any, dtype: torch.dtype) -> Any:
+    """FP32/FP16/BF16 tensors cast to ``dtype``; FP64, integers and complex left alone."""
     if isinstance(tree, torch.Tensor):
-        return tree.to(dtype) if tree.dtype in LOW and tree.dtype != dtype else tree
+        return tree.to(dtype) if tree.dtype in _ELIGIBLE and tree.dtype != dtype else tree
     if isinstance(tree, (list, tuple, dict)):
-        return pytree.tree_map(lambda t: _up(t, dtype) if isinstance(t, torch.Tensor) else t, tree)
+        return pytree.tree_map(lambda t: _recast(t, dtype) if isinstance(t, torch.Tensor) else t, tree)
     return tree
 
 
 def _widest(args: tuple, kwargs: dict) -> torch.dtype | None:
     widest = None
     for t in pytree.tree_leaves((args, kwargs)):
-        if isinstance(t, torch.Tensor) and t.dtype in (*LOW, torch.float32):
+        if isinstance(t, torch.Tensor) and t.dtype in _ELIGIBLE:
             widest = t.dtype if widest is None else torch.promote_types(widest, t.dtype)
     return widest
 
@@ -115,8 +118,7 @@ def run_as_cuda(rule: str, func: Callable, args: tuple, kwargs: dict, low: torch
     if rule == "lower":
         if low == torch.float16:
             return emulated(func, args, kwargs)
-        cargs, ckwargs = cast_args(args, kwargs, low)
-        return func(*cargs, **ckwargs)
+        return func(*_recast(args, low), **_recast(kwargs, low))
     if rule == "refuse":
         raise RuntimeError(_BCE)
     with torch.autocast("cpu", enabled=False):
@@ -124,10 +126,10 @@ def run_as_cuda(rule: str, func: Callable, args: tuple, kwargs: dict, low: torch
             name = getattr(func, "__name__", "")
             if kwargs.get("dtype") is not None or (name in ("interpolate", "upsample") and kwargs.get("mode") == "area"):
                 return func(*args, **kwargs)  # an explicit dtype is respected; "area" is a pooling
-            return func(*_up(args, torch.float32), **_up(kwargs, torch.float32))
+            return func(*_recast(args, torch.float32), **_recast(kwargs, torch.float32))
         if rule == "promote":
             wide = _widest(args, kwargs)
-            return func(*args, **kwargs) if wide is None else func(*_up(args, wide), **_up(kwargs, wide))
+            return func(*args, **kwargs) if wide is None else func(*_recast(args, wide), **_recast(kwargs, wide))
         if rule == "fft":
             return _fft(func, args, kwargs)
         return func(*args, **kwargs)

@@ -92,6 +92,15 @@ def test_promote_ops_run_in_the_widest_input_dtype():
     assert rule_of(torch.addcmul) == "promote" and out.dtype == F32
 
 
+@pytest.mark.parametrize("rule", ["fp32", "lower", "promote"])
+def test_fp64_is_not_autocast(rule):
+    """CUDA autocast leaves FP64 alone, in every list."""
+    fn = {"fp32": torch.exp, "lower": torch.mm, "promote": torch.dot}[rule]
+    x = torch.randn(3, 3, dtype=torch.float64) if rule == "lower" else torch.randn(3, dtype=torch.float64)
+    assert rule_of(fn) == rule
+    assert run_as_cuda(rule, fn, (x,) if rule == "fp32" else (x, x), {}, B16).dtype == torch.float64
+
+
 def test_binary_cross_entropy_is_refused_as_cuda_refuses_it():
     """CUDA autocast refuses binary_cross_entropy in a 16-bit region; the emulation says so and names the fix."""
     fn = lambda p: F.binary_cross_entropy(torch.sigmoid(p), torch.zeros_like(p))  # noqa: E731
