@@ -17,7 +17,8 @@ follows the caller's autocast.
 
 A policy with FP16 layers applied to a model on a CPU runs them emulated (FP16-rounded operands,
 FP32 accumulation, FP16-rounded results), as GPU tensor cores compute; the CPU has no fast FP16
-kernels.
+kernels. A policy for CUDA applied on a CPU runs its 16-bit layers as CUDA autocast would (its FP32
+ops in FP32, FFTs as cuFFT: see :mod:`autoprec.emulation`), the way it was tuned and verified there.
 
 Installing is O(modules) the first time a policy meets a model; after that the plan is cached
 (per model, per policy), so entering and leaving ``policy.autocast(model)`` every step costs a
@@ -93,7 +94,8 @@ def _plan(policy: Policy, model: nn.Module, device: str) -> list:
     modules = canonical_modules(model, links)  # the one walk of the model
     check_modules(policy, modules)
     runtime = Runtime(model, policy.assignment, units=leaves(modules), opaque=policy.opaque, device_type=device,
-                      emulate_fp16=device == "cpu", handoff=policy.handoff, modules=modules)
+                      emulate_fp16=device == "cpu", emulate_cuda=device == "cpu" and policy.target == "cuda",
+                      handoff=policy.handoff, modules=modules)
     plan = runtime.plan()
     paths = [spec.path for _, spec in plan]
     _PLANS[model] = _Cached(policy, device, plan, [links[p] for p in paths])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ops import HAZARD_OPS
+from .ops import CUDA_FP32_OPS, HAZARD_OPS
 from .trace import Layer
 
 __all__ = ["DeviceProfile", "PROFILES", "layer_cost"]
@@ -61,14 +61,7 @@ PROFILES = {
     # CUDA autocast computes its FP32-list ops in FP32 whatever the region's format (the region's
     # casts then only cost): a layer that runs one gains no bandwidth in 16-bit
     "cuda": DeviceProfile("cuda", {"fp32": 1.0, "bf16": 8.0, "fp16": 8.0}, {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0},
-                          flops_per_byte=20.0, full_width_ops=frozenset({
-                              "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p",
-                              "reciprocal", "rsqrt", "sinh", "tan", "pow", "softplus", "layer_norm", "group_norm",
-                              "rms_norm", "norm", "cosine_similarity", "logsumexp", "cdist", "dist", "renorm",
-                              "softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum", "cross_entropy",
-                              "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div",
-                              "poisson_nll_loss", "binary_cross_entropy_with_logits", "cosine_embedding_loss",
-                              "margin_ranking_loss", "triplet_margin_loss", "soft_margin_loss"})),
+                          flops_per_byte=20.0, full_width_ops=CUDA_FP32_OPS),
 }
 
 

@@ -1,4 +1,4 @@
-"""The function modes of the runtime: op-level regions in a module's own code, FP16 emulation.
+"""The function modes of the runtime: op-level regions in a module's own code, FP16 and CUDA emulation.
 
 :class:`OwnCode` is entered by a module whose own ``forward`` calls functional ops that are layers
 (``module.path::op``); it numbers the calls per op name and runs each in its region. Calls made
@@ -15,11 +15,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .casts import LOW, autocast_for, cast_args, cast_tree, emulated, first_float_dtype_in
+from .emulation import rule_of, run_as_cuda
 from .formats import to_dtype
 from .ops import MATMUL_OPS, op_name
 
-__all__ = ["MODE_HANDLERS", "Emulate", "OwnCode", "back_dtype", "op_of", "owner", "run_eagerly_after_a_break",
-           "run_op"]
+__all__ = ["MODE_HANDLERS", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
+           "run_eagerly_after_a_break", "run_op"]
 
 
 class Emulate(TorchFunctionMode):
@@ -31,6 +32,25 @@ class Emulate(TorchFunctionMode):
         if named is not None and named[0] in MATMUL_OPS:
             return emulated(func, args, kwargs)
         return func(*args, **kwargs)
+
+
+class EmulateCuda(TorchFunctionMode):
+    """Inside a BF16 unit of a policy for CUDA, on a CPU: CUDA autocast's rules (:mod:`autoprec.emulation`)."""
+
+    low = torch.bfloat16
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = rule_of(func)
+        if rule is None:
+            return func(*args, **kwargs)
+        return run_as_cuda(rule, func, args, kwargs, self.low)
+
+
+class EmulateCudaFp16(EmulateCuda):
+    """Inside an FP16 unit of a policy for CUDA, on a CPU: CUDA autocast's rules, FP16 matmuls as tensor cores."""
+
+    low = torch.float16
 
 
 class OwnCode(TorchFunctionMode):
@@ -82,7 +102,8 @@ def run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
         set_code_exec_strategy(code, FrameExecStrategy(FrameAction.SKIP, inner))
 
 
-MODE_HANDLERS = (Emulate.__torch_function__.__code__, OwnCode.__torch_function__.__code__)
+MODE_HANDLERS = (Emulate.__torch_function__.__code__, EmulateCuda.__torch_function__.__code__,
+                 OwnCode.__torch_function__.__code__)
 
 
 def op_of(func: Any) -> tuple[str, bool] | None:
@@ -122,9 +143,16 @@ def run_op(spec: Any, key: str, func: Callable, args: tuple, kwargs: dict, in_pl
         return out
     back = back_dtype(key in spec.op_fed, spec.handback, args, kwargs)
     emulate = precision == "fp16" and spec.emulate_fp16
+    dtype = to_dtype(precision)
     with autocast_for(spec.device_type, precision, emulate):
-        cargs, ckwargs = cast_args(args, kwargs, to_dtype(precision))
-        raw = emulated(func, cargs, ckwargs) if emulate and base in MATMUL_OPS else func(*cargs, **ckwargs)
+        cargs, ckwargs = cast_args(args, kwargs, dtype)
+        rule = rule_of(func) if spec.emulate_cuda and dtype in LOW else None
+        if rule is not None:  # a policy for CUDA on a CPU: as CUDA autocast runs it
+            raw = run_as_cuda(rule, func, cargs, ckwargs, dtype)
+        elif emulate and base in MATMUL_OPS:
+            raw = emulated(func, cargs, ckwargs)
+        else:
+            raw = func(*cargs, **ckwargs)
     if in_place and isinstance(args[0], torch.Tensor) and raw is not args[0]:
         # the op ran on a cast copy of `self`: write the result back into the caller's tensor
         args[0].copy_(raw)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAZARD_OPS", "MATMUL_OPS", "hazard_of", "op_name"]
+__all__ = ["CUDA_FP32_OPS", "CUDA_LOWER_OPS", "CUDA_PROMOTE_OPS", "FFT_OPS", "HAZARD_OPS", "MATMUL_OPS", "hazard_of",
+           "op_name"]
 
 #: The matmul/conv family: autocast casts these, and they carry almost all FLOPs.
 MATMUL_OPS = frozenset({
@@ -18,6 +19,33 @@ MATMUL_OPS = frozenset({
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "scaled_dot_product_attention",
 })
+
+#: CUDA autocast's op lists (torch's ``aten/src/ATen/autocast_mode.h`` and ``autocast_mode.cpp``, torch 2.13),
+#: by the names the ops have as torch functions (``Tensor.__rtruediv__`` is called ``__rdiv__``). Only
+#: out-of-place calls without ``out=`` (and, for the FP32 ones, without ``dtype=``) autocast.
+#: Cast to the region's 16-bit format:
+CUDA_LOWER_OPS = (MATMUL_OPS - {"bilinear"}) | frozenset({
+    "addmv", "addr", "mv", "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "prelu", "conv_tbc",
+    "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
+})
+#: Computed in FP32 whatever the region's format (inputs cast up, the output FP32):
+CUDA_FP32_OPS = frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
+    "sinh", "tan", "pow", "__pow__", "__rpow__", "__rdiv__", "__rtruediv__", "softplus", "layer_norm", "rms_norm",
+    "group_norm", "norm", "normalize", "cosine_similarity", "poisson_nll_loss", "cosine_embedding_loss", "nll_loss",
+    "hinge_embedding_loss", "kl_div", "l1_loss", "smooth_l1_loss", "huber_loss", "mse_loss", "margin_ranking_loss",
+    "multilabel_margin_loss", "soft_margin_loss", "triplet_margin_loss", "multi_margin_loss",
+    "binary_cross_entropy_with_logits", "cross_entropy", "dist", "pdist", "cdist", "renorm", "logsumexp",
+    "interpolate", "upsample", "upsample_nearest", "upsample_bilinear",
+    # with an optional dtype: FP32 unless the call names a dtype
+    "prod", "softmax", "log_softmax", "softmin", "cumprod", "cumsum", "sum", "linalg_vector_norm",
+    "linalg_matrix_norm",
+})
+#: Run in the widest floating dtype among their inputs:
+CUDA_PROMOTE_OPS = frozenset({"addcdiv", "addcmul", "atan2", "bilinear", "cross", "dot", "grid_sample", "index_put",
+                              "scatter_add", "tensordot"})
+#: torch.fft's transforms: cuFFT runs FP16 (power-of-two sizes) but not BF16; the CPU runs neither.
+FFT_OPS = frozenset(f"fft_{k}{n}" for k in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft") for n in ("", "2", "n"))
 
 #: Known numerical hazards, by op, and the class the report names for them.
 HAZARD_OPS: dict[str, str] = {

@@ -183,6 +183,7 @@ class Policy:
     verification: Verification | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    emulated: bool = False  # the evidence was measured on a CPU emulating the CUDA target (autoprec.emulation)
 
     def __post_init__(self) -> None:
         r = "Policy"
@@ -210,6 +211,7 @@ class Policy:
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
             raise PolicyError(f"unknown policy schema version {self.schema_version!r}: this autoprec reads version "
                               f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
+        check_bool(r, "emulated", self.emulated)  # absent in files written before the field: False
 
     # -- data ---------------------------------------------------------------------------------
     @property

@@ -156,12 +156,13 @@ class Runner:
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn | None, trace: Trace, *, device_type: str,
-                 emulate_fp16: bool, seed: int) -> None:
+                 emulate_fp16: bool, seed: int, emulate_cuda: bool = False) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.trace = trace
         self.device_type = device_type
         self.emulate_fp16 = emulate_fp16
+        self.emulate_cuda = emulate_cuda  # a policy for CUDA measured on a CPU: CUDA autocast's rules
         self.seed = seed
         self.passes = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -171,7 +172,8 @@ class Runner:
             watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Loss (detached) and parameter gradients (unscaled) of one pass."""
         runtime = Runtime(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
-                          device_type=self.device_type, emulate_fp16=self.emulate_fp16, watcher=watcher,
+                          device_type=self.device_type, emulate_fp16=self.emulate_fp16,
+                          emulate_cuda=self.emulate_cuda, watcher=watcher,
                           handoff=self.trace.handoff, modules=self.modules)
         for p in self.params:
             p.grad = None

@@ -27,6 +27,7 @@ def summary(policy: "Policy") -> dict[str, Any]:
     ver = policy.verification
     return {
         "target": policy.target,
+        "emulated": policy.emulated,
         "formats": list(policy.formats),
         "layers": len(policy.layers),
         "layers_per_precision": counts,
@@ -58,6 +59,10 @@ def _markdown(policy: "Policy") -> str:
     else:
         lines = ["# autoprec policy report", ""]
     lines.append(f"- target device: **{s['target']}**; formats allowed: {', '.join(s['formats']) or '-'}")
+    if s["emulated"]:
+        lines.append(f"- evidence **emulated**: measured on a CPU that runs the 16-bit layers as {s['target'].upper()} "
+                     "autocast would (FP16 matmul/conv as tensor cores, its FP32 ops in FP32, FFTs as cuFFT's "
+                     "half transforms); confirm on the device")
     counts = ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))
     lines.append(f"- layers: {s['layers']} ({counts})")
     lines.append(f"- matmul/conv FLOPs in 16-bit: **{100 * s['low_precision_flop_fraction']:.1f}%**")
@@ -93,7 +98,8 @@ def _markdown(policy: "Policy") -> str:
             for i in idx:
                 pol = v.policy_losses[i] if i < len(v.policy_losses) else float("nan")
                 lines.append(f"| {i} | {v.fp32_losses[i]:.6g} | {pol:.6g} |")
-    lines += ["", "## Layers kept in FP32 for a numerical reason", ""]
+    lines += ["", "## Layers kept in FP32 for a numerical reason"
+              + (" (evidence emulated on a CPU)" if s["emulated"] else ""), ""]
     if s["excluded"]:
         lines += ["| layer | op | hazard | reason | evidence |", "| --- | --- | --- | --- | --- |"]
         for k, e in s["excluded"].items():

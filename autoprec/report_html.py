@@ -126,6 +126,8 @@ def render_html(policy: "Policy") -> str:
     items = [f"target device: <b>{html.escape(s['target'])}</b>",
              f"matmul/conv FLOPs in 16-bit: <b>{100 * s['low_precision_flop_fraction']:.1f}%</b>",
              "layers: " + ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))]
+    if s["emulated"]:
+        items.insert(1, "evidence <b>emulated</b>: measured on a CPU running the 16-bit layers as CUDA autocast would")
     if s["scaler"]:
         sc = s["scaler"]
         items.append(f"GradScaler: init scale 2^{math.log2(sc['init_scale']):g}, growth interval "

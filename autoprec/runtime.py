@@ -34,7 +34,9 @@ A region with precision ``p``:
 
 FP16 on a CPU has no fast kernels; with ``emulate_fp16`` the matmul/conv family is emulated the way
 GPU tensor cores run it: operands rounded to FP16, products accumulated in FP32, the result rounded
-to FP16.
+to FP16. With ``emulate_cuda`` (a policy for CUDA run on a CPU) the 16-bit regions follow CUDA
+autocast's rules instead of the CPU's: its FP32 ops in FP32, its promote ops in the widest input
+dtype, FFTs as cuFFT runs them (see :mod:`autoprec.emulation`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from .casts import LOW, autocast_for, cast_args, cast_tree, has_low
 from .errors import PolicyError
 from .formats import to_dtype
 from .modules import canonical_modules
-from .opmodes import MODE_HANDLERS, Emulate, OwnCode, back_dtype, owner, run_eagerly_after_a_break
+from .opmodes import (MODE_HANDLERS, Emulate, EmulateCuda, EmulateCudaFp16, OwnCode, back_dtype, owner,
+                      run_eagerly_after_a_break)
 
 __all__ = ["Patches", "Runtime", "Watcher", "installed"]
 
@@ -92,6 +95,7 @@ class _Spec:
     op_keep: frozenset = frozenset()
     op_fed: frozenset = frozenset()
     emulate_fp16: bool = False
+    emulate_cuda: bool = False         # 16-bit regions follow CUDA autocast's rules (a CUDA policy on a CPU)
     root: bool = False
     watcher: Any = None
 
@@ -178,6 +182,9 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
 
 def _region_body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     args, kwargs = cast_args(args, kwargs, spec.dtype)
+    if spec.emulate_cuda and spec.dtype in LOW:
+        with EmulateCudaFp16() if spec.dtype == torch.float16 else EmulateCuda():
+            return forward(module, *args, **kwargs)
     if spec.emulate:
         with Emulate():
             return forward(module, *args, **kwargs)
@@ -317,7 +324,8 @@ class Runtime:
     the own code of ``opaque`` modules are not split into layers. ``handoff`` maps a layer to the
     layers its output flows into when that is all it flows into (the trace finds it); a 16-bit
     layer whose consumers all have a precision here hands them its output uncast. ``modules`` is
-    the model's ``{canonical path: module}`` when the caller has it already.
+    the model's ``{canonical path: module}`` when the caller has it already. ``emulate_cuda``: the
+    16-bit regions run as CUDA autocast runs them (a policy for CUDA on a CPU; with ``emulate_fp16``).
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -329,7 +337,7 @@ class Runtime:
 
     def __init__(self, model: nn.Module, assignment: Mapping[str, str], *, units: Iterable[str],
                  device_type: str, opaque: Iterable[str] = (), emulate_fp16: bool = False,
-                 watcher: Watcher | None = None, handoff: Mapping[str, Iterable[str]] | None = None,
+                 emulate_cuda: bool = False, watcher: Watcher | None = None, handoff: Mapping[str, Iterable[str]] | None = None,
                  modules: Mapping[str, nn.Module] | None = None) -> None:
         self.model = model
         self.assignment = dict(assignment)
@@ -337,6 +345,7 @@ class Runtime:
         self.opaque = frozenset(opaque)
         self.device_type = device_type
         self.emulate_fp16 = emulate_fp16
+        self.emulate_cuda = emulate_cuda
         self.watcher = watcher
         handoff = {k: tuple(v) for k, v in (handoff or {}).items()}
         self.keep = frozenset(k for k, consumers in handoff.items() if self.assignment.get(k) in ("fp16", "bf16")
@@ -381,7 +390,8 @@ class Runtime:
                 own_always=watching or any(p != "fp32" for p in mine.values()) or any(k in self.fed for k in mine),
                 opaque=path in self.opaque, entries=mine or None,
                 op_keep=frozenset(k for k in mine if k in self.keep), op_fed=frozenset(k for k in mine if k in self.fed),
-                emulate_fp16=self.emulate_fp16, root=path == "", watcher=self.watcher)
+                emulate_fp16=self.emulate_fp16, emulate_cuda=self.emulate_cuda, root=path == "",
+                watcher=self.watcher)
             out.append((mod, spec))
         return out
 

@@ -102,7 +102,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         batches: more batches (an iterable): their ranges count, and verification trains on all.
         dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: what ``target`` runs fast
             (BF16 on a CPU; FP16 and BF16 on CUDA).
-        target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device.
+        target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device. For
+            ``"cuda"`` on a CPU, every pass runs CUDA autocast's rules (:mod:`autoprec.emulation`) and
+            the policy is marked ``emulated``.
         tolerance: bound on the relative error at the loss.
         grad_tolerance: bound on the relative L2 error of the parameter gradients.
         verify_tolerance: bound on the loss-curve gap in verification, relative to the first loss.
@@ -216,7 +218,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             candidates.append(lay.key)
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
-    runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, seed=seed)
+    emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
+    runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
+                    seed=seed)
     bar.stage("probe", len(candidates))
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
                skipped=skipped)
@@ -249,7 +253,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         return Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
                       handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
                       tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
-                      )
+                      emulated=emulated)
 
     fp32_curve = None
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify

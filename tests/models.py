@@ -29,6 +29,9 @@ Hazard models (blanket autocast breaks them; see ``tests/test_models_hazards.py`
 
 Safe models (blanket BF16 autocast is fine): :func:`mlp`, :func:`cnn`,
 :func:`transformer_block`.
+
+:func:`fno` (a Fourier neural operator) has FFT layers, which the CPU runs in FP32 only and cuFFT in
+FP16 (power-of-two sizes) but not BF16; it is not in ``FACTORIES``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ __all__ = [
     "mlp",
     "cnn",
     "transformer_block",
+    "fno",
     "HAZARD_FACTORIES",
     "SAFE_FACTORIES",
     "FACTORIES",
@@ -77,6 +81,8 @@ __all__ = [
     "SelfAttention",
     "FeedForward",
     "TransformerBlock",
+    "SpectralConv2d",
+    "FNO",
 ]
 
 
@@ -515,6 +521,74 @@ def transformer_block(seed: int = 0, batch_size: int = 4, seq_len: int = 32) -> 
         model = TransformerBlock()
         x = torch.randn(batch_size, seq_len, 128)
         target = torch.randn(batch_size, seq_len, 128)
+    return model.train(), x, _mse_loss_fn(target)
+
+
+# ---------------------------------------------------------------------------
+# Fourier neural operator (FFT layers; not in FACTORIES)
+# ---------------------------------------------------------------------------
+
+
+class SpectralConv2d(nn.Module):
+    """FNO spectral convolution: rfft2, a learned complex multiply on the ``modes`` lowest frequencies
+    of both corners, irfft2. The complex weights are stored as real pairs and multiplied with real
+    einsums, so the layer runs in any floating dtype the FFTs return (cuFFT: FP16 as ``complex32``)."""
+
+    def __init__(self, channels: int, modes: int):
+        super().__init__()
+        self.modes = modes
+        scale = 1.0 / (channels * channels)
+        self.weight = nn.Parameter(scale * torch.randn(2, channels, channels, modes, modes, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = self.modes
+        x_ft = torch.view_as_real(torch.fft.rfft2(x))
+        out = torch.zeros(*x_ft.shape[:2], h, w // 2 + 1, 2, dtype=x_ft.dtype)
+        out[:, :, :m, :m] = _complex_mul(x_ft[:, :, :m, :m], self.weight[0])
+        out[:, :, -m:, :m] = _complex_mul(x_ft[:, :, -m:, :m], self.weight[1])
+        return torch.fft.irfft2(torch.view_as_complex(out), s=(h, w))
+
+
+def _complex_mul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def mix(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bixy,ioxy->boxy", x, y)
+    re = mix(a[..., 0], w[..., 0]) - mix(a[..., 1], w[..., 1])
+    im = mix(a[..., 0], w[..., 1]) + mix(a[..., 1], w[..., 0])
+    return torch.stack([re, im], dim=-1)
+
+
+class FNOBlock(nn.Module):
+    def __init__(self, channels: int, modes: int):
+        super().__init__()
+        self.spectral = SpectralConv2d(channels, modes)
+        self.skip = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.spectral(x) + self.skip(x))
+
+
+class FNO(nn.Module):
+    def __init__(self, channels: int = 8, modes: int = 6, depth: int = 2):
+        super().__init__()
+        self.lift = nn.Conv2d(1, channels, 1)
+        self.blocks = nn.ModuleList(FNOBlock(channels, modes) for _ in range(depth))
+        self.proj = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.lift(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(x)
+
+
+def fno(seed: int = 0, batch_size: int = 4, size: int = 32) -> ModelSpec:
+    """2-D Fourier neural operator: lift, two spectral+skip blocks, projection. Batch: (4, 1, size, size).
+    Loss: MSE against a smoothed copy of the input. cuFFT runs FP16 transforms at power-of-two sizes only."""
+    with _seeded(seed):
+        model = FNO()
+        x = torch.randn(batch_size, 1, size, size)
+        target = F.avg_pool2d(x, 3, stride=1, padding=1)
     return model.train(), x, _mse_loss_fn(target)
 
 

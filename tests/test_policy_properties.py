@@ -126,6 +126,7 @@ policies = st.builds(
                         st.dictionaries(any_text, positive, max_size=3)),
     verification=st.one_of(st.none(), verifications()),
     stats=st.dictionaries(any_text, json_value, max_size=5),
+    emulated=st.booleans(),
 )
 
 

@@ -146,14 +146,28 @@ def test_rmsnorm_norm_not_fp16():
     assert tuned("rmsnorm_model").layers["norm"].precision != "fp16"
 
 
-def test_rmsnorm_keeps_the_norm_out_of_fp16_with_evidence():
-    """fc1 goes to FP16; the hand-written RMSNorm overflows FP16 (the evidence names it) and gains nothing in
-    BF16: its FP32 weight promotes the output back to FP32 inside a BF16 region (measured by the probe)."""
+def test_rmsnorm_for_cuda_gains_nothing_in_16_bit_as_cuda_autocast_runs_it():
+    """Tuned for CUDA (emulated on this CPU): fc1 goes to FP16; the hand-written RMSNorm does not overflow, since
+    CUDA autocast computes pow, rsqrt and the weight's product in FP32 in either format, but its output comes back
+    FP32, so 16-bit would only add casts: FP32 for no gain, not excluded, and the evidence says it is emulated."""
     policy = tuned("rmsnorm_model")
+    assert policy.emulated
     assert policy.layers["fc1"].precision == "fp16"
     norm = policy.layers["norm"]
+    assert norm.precision == "fp32" and norm.reason == "no gain" and not norm.excluded, norm.detail
+    assert "fp16: its output comes back FP32" in norm.detail and "bf16: its output comes back FP32" in norm.detail
+    assert norm.measured["fp16"]["nonfinite"] == 0
+    assert "evidence **emulated**" in policy.report()
+
+
+def test_rmsnorm_for_the_cpu_in_fp16_overflows():
+    """Tuned for the CPU with FP16 offered, the norm runs its pow in real FP16 there (CPU autocast leaves pow
+    alone): it overflows, and the evidence names it, measured natively (not emulated)."""
+    policy = tuned("rmsnorm_model", ("fp16",), "cpu")
+    assert not policy.emulated
+    norm = policy.layers["norm"]
     assert norm.precision == "fp32" and norm.reason == "overflow" and norm.excluded
-    assert "fp16: non-finite" in norm.detail and "bf16: its output comes back FP32" in norm.detail
+    assert "fp16: non-finite" in norm.detail
 
 
 @pytest.mark.parametrize("key", HAZARDOUS_LAYERS["unscaled_attention"], ids=HAZARDOUS_LAYERS["unscaled_attention"])
