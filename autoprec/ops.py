@@ -10,14 +10,23 @@ from typing import Any
 
 import torch
 
-__all__ = ["HAZARD_OPS", "MATMUL_OPS", "hazard_of", "op_name"]
+__all__ = ["AUTOCAST_GAPS", "HAZARD_OPS", "MATMUL_OPS", "hazard_of", "op_name"]
 
-#: The matmul/conv family: autocast casts these, and they carry almost all FLOPs.
+#: The matmul/conv family: they carry almost all FLOPs (their formulas: torch's flop registry and
+#: :mod:`autoprec.flops`). Recurrent layers and whole attention calls are one op each here.
 MATMUL_OPS = frozenset({
-    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "bilinear",
+    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "bilinear", "mv", "addmv",
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "scaled_dot_product_attention",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "grouped_mm", "_scaled_mm",
+    "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
 })
+
+#: Matmul-class ops that autocast (CPU and CUDA) leaves alone: fed a 16-bit activation and an FP32
+#: weight they raise, so a 16-bit region casts their floating operands itself.
+AUTOCAST_GAPS = frozenset({"bilinear", "grouped_mm"})
+
+#: Torch-level names that are one op under another name.
+_ALIASES = {"_grouped_mm": "grouped_mm"}
 
 #: Known numerical hazards, by op, and the class the report names for them.
 HAZARD_OPS: dict[str, str] = {
@@ -58,7 +67,7 @@ def op_name(func: Any) -> tuple[str, bool] | None:
         elif name in ("imatmul", "ipow"):
             return (name[1:], True) if name[1:] in _TRACKED else None
     in_place = name.endswith("_")
-    base = name.rstrip("_")
+    base = _ALIASES.get(name, name.rstrip("_"))
     if base not in _TRACKED:
         return None
     return base, in_place

@@ -95,6 +95,12 @@ def _float(x: Any, field: str) -> float:
     return float(x)
 
 
+def _count(x: Any, field: str) -> int:
+    if not _is(x, (int,)) or x < 0:
+        raise PolicyError(f"policy field {field!r} holds {x!r}, not a FLOP count (a non-negative integer)")
+    return int(x)
+
+
 def _finite(x: float) -> bool:
     try:
         return math.isfinite(x)
@@ -169,6 +175,7 @@ class Policy:
     modules: dict[str, str] = field(default_factory=dict)       # leaf module path -> signature
     opaque: dict[str, str] = field(default_factory=dict)        # module -> why FX could not capture it
     handoff: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer -> the layers, all, it feeds
+    unseen: dict[str, int] = field(default_factory=dict)        # module -> matmul-class FLOPs outside every layer
     formats: tuple[str, ...] = ()
     scaler: ScalerSettings | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
@@ -207,14 +214,17 @@ class Policy:
         return {k: e for k, e in self.layers.items() if e.excluded}
 
     def low_precision_fraction(self) -> float:
-        """Fraction of the traced matmul/conv FLOPs assigned FP16 or BF16.
+        """Fraction of the model's forward matmul-class FLOPs (measured at run time by the trace) in
+        layers assigned FP16 or BF16; FLOPs that run outside every layer (``unseen``) count as FP32.
 
         Example:
             >>> Policy(layers={"a": LayerEntry("bf16", flops=3), "b": LayerEntry("fp32", flops=1)}
             ...        ).low_precision_fraction()
             0.75
+            >>> Policy(layers={"a": LayerEntry("bf16", flops=3)}, unseen={"rnn": 1}).low_precision_fraction()
+            0.75
         """
-        total = sum(e.flops for e in self.layers.values())
+        total = sum(e.flops for e in self.layers.values()) + sum(self.unseen.values())
         low = sum(e.flops for e in self.layers.values() if e.precision != "fp32")
         return low / total if total else 0.0
 
@@ -266,6 +276,7 @@ class Policy:
                 modules={str(k): str(v) for k, v in _mapping(data, "modules").items()},
                 opaque={str(k): str(v) for k, v in _mapping(data, "opaque").items()},
                 handoff={str(k): _layer_names(v, f"handoff[{k!r}]") for k, v in _mapping(data, "handoff").items()},
+                unseen={str(k): _count(v, f"unseen[{k!r}]") for k, v in _mapping(data, "unseen").items()},
                 formats=formats,
                 scaler=None if scaler is None else _scaler(_mapping(data, "scaler")),
                 tolerance={str(k): _float(v, "tolerance") for k, v in _mapping(data, "tolerance").items()},

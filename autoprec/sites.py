@@ -1,0 +1,67 @@
+"""Where in the model's own code a functional op is called: its call site, eager or compiled.
+
+An op-level layer is one call site of one op in one module's ``forward`` (``mixer::matmul``): a
+``torch.matmul`` run once per time step in a Python loop is one layer however long the sequence,
+so the candidates do not grow with it and a policy fits other lengths. The site is the innermost
+frame of the model's code: frames of torch's functional wrappers (``torch/nn/functional.py``,
+``torch/overrides.py``, ``torch/_tensor.py``) and of autoprec are passed over, ``torch/nn/modules``
+(a torch module's own ``forward``) is model code. Eagerly it is read from the Python stack; under
+``torch.compile`` from Dynamo's inlining translators, which stand for the same frames.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+__all__ = ["call_site"]
+
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_TORCH_MODULES = os.path.join(_TORCH, "nn", "modules") + os.sep
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _model_code(filename: str) -> bool:
+    if filename.startswith(_OURS):
+        return False
+    return not filename.startswith(_TORCH) or filename.startswith(_TORCH_MODULES)
+
+
+def _compiled_site() -> tuple[str, int, int] | None:
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx: Any = InstructionTranslator.current_tx().output.current_tx
+    while tx is not None:
+        code = tx.f_code
+        if _model_code(code.co_filename):
+            return code.co_filename, code.co_firstlineno, tx.lineno
+        tx = getattr(tx, "parent", None)
+    return None
+
+
+def call_site() -> tuple[str, int, int] | None:
+    """``(file, first line of the function, line)`` of the model code calling the op being handled,
+    or None where no frame is model code. Call it from a mode's ``__torch_function__``.
+
+    Example:
+        >>> def forward():
+        ...     return call_site()
+        >>> forward()[1:] == (forward.__code__.co_firstlineno, forward.__code__.co_firstlineno + 1)
+        True
+    """
+    if torch.compiler.is_compiling():
+        return _compiled_site()
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if _model_code(code.co_filename):
+            return code.co_filename, code.co_firstlineno, frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+# Dynamo runs it while tracing (it reads the tracer's frames) and keeps its result as a constant
+call_site._dynamo_marked_constant = True  # type: ignore[attr-defined]
