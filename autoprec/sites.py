@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -30,37 +30,47 @@ def _model_code(filename: str) -> bool:
     return not filename.startswith(_TORCH) or filename.startswith(_TORCH_MODULES)
 
 
-def _compiled_site() -> tuple[str, int, int] | None:
+def _site(frames: Iterable[tuple[str, int, int]]) -> tuple[tuple[str, int, int], ...] | None:
+    """The model-code frames from the innermost up to the module's ``forward`` (the first autoprec
+    frame above model code: the runtime calls each ``forward``)."""
+    found: list[tuple[str, int, int]] = []
+    for frame in frames:
+        if frame[0].startswith(_OURS):
+            if found:
+                break
+        elif _model_code(frame[0]):
+            found.append(frame)
+    return tuple(found) or None
+
+
+def _python_frames() -> Iterator[tuple[str, int, int]]:
+    frame = sys._getframe(2)
+    while frame is not None:
+        yield frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_lineno
+        frame = frame.f_back
+
+
+def _dynamo_frames() -> Iterator[tuple[str, int, int]]:
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     tx: Any = InstructionTranslator.current_tx().output.current_tx
     while tx is not None:
-        code = tx.f_code
-        if _model_code(code.co_filename):
-            return code.co_filename, code.co_firstlineno, tx.lineno
+        yield tx.f_code.co_filename, tx.f_code.co_firstlineno, tx.lineno
         tx = getattr(tx, "parent", None)
-    return None
 
 
-def call_site() -> tuple[str, int, int] | None:
-    """``(file, first line of the function, line)`` of the model code calling the op being handled,
-    or None where no frame is model code. Call it from a mode's ``__torch_function__``.
+def call_site() -> tuple[tuple[str, int, int], ...] | None:
+    """The model code calling the op being handled: ``(file, first line of the function, line)`` of
+    each frame from the call up to the module's ``forward`` (so one line in a helper called from two
+    lines is two sites), or None where no frame is model code. Call it from a mode's ``__torch_function__``.
 
     Example:
         >>> def forward():
         ...     return call_site()
-        >>> forward()[1:] == (forward.__code__.co_firstlineno, forward.__code__.co_firstlineno + 1)
+        >>> forward()[0][1:] == (forward.__code__.co_firstlineno, forward.__code__.co_firstlineno + 1)
         True
     """
-    if torch.compiler.is_compiling():
-        return _compiled_site()
-    frame = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if _model_code(code.co_filename):
-            return code.co_filename, code.co_firstlineno, frame.f_lineno
-        frame = frame.f_back
-    return None
+    return _site(_dynamo_frames() if torch.compiler.is_compiling() else _python_frames())
 
 
 # Dynamo runs it while tracing (it reads the tracer's frames) and keeps its result as a constant

@@ -51,40 +51,39 @@ def attention(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 
 
 class GroupedExperts(nn.Module):
-    """Top-1 routed experts with stacked weights, run by ``F.grouped_mm`` over tokens sorted by expert."""
+    """Experts with stacked weights (torchtitan's layout): tokens sorted by expert, run by ``F.grouped_mm``."""
 
-    def __init__(self, width: int = 64, hidden: int = 128, experts: int = 4) -> None:
+    def __init__(self, width: int, hidden: int, experts: int) -> None:
         super().__init__()
-        self.router = nn.Linear(width, experts)
         self.up = nn.Parameter(torch.randn(experts, width, hidden) / width ** 0.5)
         self.down = nn.Parameter(torch.randn(experts, hidden, width) / hidden ** 0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        weight, expert = self.router(flat).softmax(-1).max(-1)
-        order = expert.argsort()
-        offs = torch.bincount(expert, minlength=self.up.shape[0]).cumsum(0).to(torch.int32)
-        h = F.grouped_mm(flat[order], self.up, offs=offs)
-        h = F.grouped_mm(F.gelu(h), self.down, offs=offs)
-        out = torch.empty_like(h).index_copy(0, order, h) * weight[:, None]
-        return out.reshape(x.shape)
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        return F.grouped_mm(F.gelu(F.grouped_mm(x, self.up, offs=offs)), self.down, offs=offs)
 
 
 class MoEModel(nn.Module):
-    def __init__(self) -> None:
+    """A top-1 routed mixture of experts between two Linears; the experts carry most of the FLOPs."""
+
+    def __init__(self, width: int = 128, hidden: int = 512, experts: int = 4) -> None:
         super().__init__()
-        self.inp = nn.Linear(64, 64)
-        self.moe = GroupedExperts()
-        self.out = nn.Linear(64, 64)
+        self.inp = nn.Linear(width, width)
+        self.router = nn.Linear(width, experts)
+        self.experts = GroupedExperts(width, hidden, experts)
+        self.out = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        return self.out(h + self.moe(h))
+        h = self.inp(x).reshape(-1, x.shape[-1])
+        weight, expert = self.router(h).softmax(-1).max(-1)
+        order = expert.argsort()
+        offs = torch.bincount(expert, minlength=self.experts.up.shape[0]).cumsum(0).to(torch.int32)
+        y = torch.empty_like(h).index_copy(0, order, self.experts(h[order], offs))
+        return self.out(h + y * weight[:, None]).reshape(x.shape)
 
 
 def moe(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     _seed(seed)
-    return MoEModel(), torch.randn(4, 16, 64)
+    return MoEModel(), torch.randn(8, 64, 128)
 
 
 class ScanMixer(nn.Module):
