@@ -3,12 +3,14 @@
 ``torch.export.export(strict=False)`` gives the FX graph of ATen ops, each with ``nn_module_stack``
 (its module) and ``torch_fn`` (the torch call it came from). Where the whole model cannot be
 exported (data-dependent control flow, ``.item()``), each module is exported alone on the inputs it
-was called with, and only the modules whose *own* code fails stay opaque.
+was called with (arguments export cannot take, such as a ``DynamicCache``, bound as constants), and
+only the modules whose *own* code fails stay opaque.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 from typing import Any
@@ -43,14 +45,42 @@ def capture(model: nn.Module, batch: Any) -> tuple[list[tuple[str, Any]], dict[s
 
 
 class _TensorsOut(nn.Module):
-    """Returns only the tensors of a module's output: export needs no cache objects it cannot flatten."""
+    """Returns only the tensors of a module's output: export needs no cache objects it cannot flatten.
 
-    def __init__(self, inner: nn.Module) -> None:
+    ``fixed`` holds the arguments export cannot take as inputs (a ``DynamicCache``, a config object):
+    position or keyword -> value, bound here as constants, so a module called with them still exports.
+    """
+
+    def __init__(self, inner: nn.Module, fixed: dict[int | str, Any] | None = None) -> None:
         super().__init__()
         self.inner = inner
+        self.fixed = fixed or {}
 
     def forward(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+        if self.fixed:
+            args = tuple(self.fixed.get(i, a) for i, a in enumerate(args))
+            kwargs = {**kwargs, **{k: v for k, v in self.fixed.items() if isinstance(k, str)}}
         return [t for t in pytree.tree_leaves(self.inner(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+
+
+_BASIC = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, torch.memory_format,
+          torch.layout)
+
+
+def _exportable(value: Any) -> bool:
+    """Whether export takes ``value`` as an input: a pytree of tensors and plain values."""
+    return all(isinstance(leaf, _BASIC) for leaf in pytree.tree_leaves(value))
+
+
+def _copied(value: Any) -> Any:
+    """A copy of an argument export cannot take (so exporting does not grow the run's own cache); the
+    object itself where it cannot be copied."""
+    if _exportable(value):
+        return value
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # noqa: BLE001 - an uncopyable object is bound as it is
+        return value
 
 
 def _export(mod: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
@@ -60,9 +90,13 @@ def _export(mod: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
     for q in quiet:
         q.setLevel(logging.CRITICAL)
     chatter = io.StringIO()  # export prints partial graphs to stderr when it fails: keep them for DEBUG
+    fixed: dict[int | str, Any] = {i: _copied(a) for i, a in enumerate(args) if not _exportable(a)}
+    fixed.update({k: _copied(v) for k, v in kwargs.items() if not _exportable(v)})
+    args = tuple(None if i in fixed else a for i, a in enumerate(args))
+    kwargs = {k: v for k, v in kwargs.items() if k not in fixed}
     try:
         with contextlib.redirect_stderr(chatter):
-            ep = torch.export.export(_TensorsOut(mod), args, kwargs, strict=False)
+            ep = torch.export.export(_TensorsOut(mod, fixed), args, kwargs, strict=False)
     finally:
         for q, lv in zip(quiet, levels):
             q.setLevel(lv)
@@ -95,7 +129,8 @@ def _capture_inputs(model: nn.Module, batch: Any) -> dict[str, tuple[tuple, dict
     handles = []
     for path, mod in model.named_modules():
         def hook(m, args, kwargs, path=path):
-            seen.setdefault(path, (args, kwargs))
+            if path not in seen:  # cache objects as they were at this call: the forward goes on to fill them
+                seen[path] = (tuple(_copied(a) for a in args), {k: _copied(v) for k, v in kwargs.items()})
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
     try:
         with torch.no_grad():

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import autoprec
 from autoprec.errors import PolicyError
+from autoprec.capture import capture
 from autoprec.flops import registered
 from autoprec.trace import trace
 
@@ -160,3 +161,20 @@ def test_dtype_counter_sees_bf16_operands():
         a @ a
         a.bfloat16() @ a.bfloat16()
     assert counter.low_fraction() == 0.5
+
+
+def test_per_module_export_keeps_hf_attention_fed_a_cache():
+    """Whole-model export fails on Mixtral's eager experts (a data-dependent loop); per-module export still
+    captures each attention module, called with a DynamicCache, so only the experts stay opaque."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=32)
+    cfg._experts_implementation = "eager"
+    model = transformers.MixtralForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    nodes, opaque, route = capture(model, {"input_ids": ids, "labels": ids})
+    assert route == "torch.export per module"
+    assert set(opaque) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
+    assert {"model.layers.0.self_attn", "model.layers.1.self_attn"} <= {prefix for prefix, _ in nodes}
