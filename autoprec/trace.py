@@ -8,7 +8,12 @@ policy, gives the keys exactly as they occur at run time, with FLOPs and activat
 Where FX cannot capture a module's own code (data-dependent control flow, ``.item()``), that code
 is *opaque*: a leaf becomes one layer run as a whole, a parent's functional ops are not split into
 layers of their own (they run in the precision that flows in, FP32 between layers), and the trace
-says why.
+says why (capturing: :mod:`autoprec.capture`).
+
+The FLOP count is of the whole model, not only of its layers: matmul-class work that runs while no
+layer is open (opaque own code, a kernel the op vocabulary does not name) is kept per innermost
+module as ``Trace.unseen``, so a policy counts it as FP32 instead of leaving it out. The formulas
+torch's registry lacks (recurrent kernels, grouped mm, bilinear, ...) come from :mod:`autoprec.flops`.
 """
 
 from __future__ import annotations
@@ -170,7 +175,7 @@ class _Recorder:
         self._modules: list[str] = []               # the module stack (forward hooks)
         self._counted = 0
 
-    def _settle(self) -> None:
+    def settle(self) -> None:
         """FLOPs counted since the last event belong to the open layer, else to the innermost module."""
         total = self.counter.get_total_flops()
         if total != self._counted and not self._open:
@@ -179,11 +184,11 @@ class _Recorder:
         self._counted = total
 
     def push(self, path: str) -> None:
-        self._settle()
+        self.settle()
         self._modules.append(path)
 
     def pop(self) -> None:
-        self._settle()
+        self.settle()
         self._modules.pop()
 
     def _sources(self, tree: Any) -> frozenset[str]:
@@ -216,7 +221,7 @@ class _Recorder:
         return {k: tuple(sorted(v)) for k, v in self.feeds.items() if v and k not in self.escapes}
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
-        self._settle()
+        self.settle()
         row = self.rows.get(key)
         if row is None:
             self.order.append(key)
@@ -234,7 +239,7 @@ class _Recorder:
         self._open.append((key, self.counter.get_total_flops()))
 
     def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
-        self._settle()
+        self.settle()
         _, f0 = self._open.pop()
         row = self.rows[key]
         row["flops"] += self.counter.get_total_flops() - f0
@@ -258,7 +263,7 @@ def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: s
         # grad on (nothing is run backward): layers entered with it off are inside a custom Function
         with counter, torch.enable_grad():
             call_model(model, batch)
-            recorder._settle()
+            recorder.settle()
     finally:
         runtime.remove()
         for h in hooks:
