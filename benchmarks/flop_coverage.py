@@ -12,8 +12,8 @@ Models: ``tests/models.py`` (``FACTORIES``), ``benchmarks/_zoo.py`` (``ALL_MODEL
 models, which are those of ``tests/models.py``), ``tests/models_coverage.py`` (``BUILDERS``) and
 Mixtral from transformers with grouped-mm and with eager (looping) experts.
 
-Run:  python benchmarks/coverage.py [--models mlp gpt2 lstm] [--targets cuda cpu]
-Writes benchmarks/results/coverage.json.
+Run:  python benchmarks/flop_coverage.py [--models mlp gpt2 lstm] [--targets cuda cpu]
+Writes benchmarks/results/flop_coverage.json.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(catalogue), choices=list(catalogue), metavar="MODEL")
     parser.add_argument("--targets", nargs="+", default=["cuda", "cpu"], choices=["cuda", "cpu"])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "coverage.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "flop_coverage.json"))
     args = parser.parse_args(argv)
     logging.getLogger("autoprec").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
