@@ -11,6 +11,7 @@ frame of the model's code: frames of torch's functional wrappers (``torch/nn/fun
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, Iterable, Iterator
@@ -18,6 +19,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 __all__ = ["call_site"]
+
+log = logging.getLogger("autoprec.runtime")
 
 _TORCH = os.path.dirname(torch.__file__) + os.sep
 _TORCH_MODULES = os.path.join(_TORCH, "nn", "modules") + os.sep
@@ -51,9 +54,15 @@ def _python_frames() -> Iterator[tuple[str, int, int]]:
 
 
 def _dynamo_frames() -> Iterator[tuple[str, int, int]]:
-    from torch._dynamo.symbolic_convert import InstructionTranslator
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
 
-    tx: Any = InstructionTranslator.current_tx().output.current_tx
+        tx: Any = InstructionTranslator.current_tx().output.current_tx
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - a torch whose Dynamo differs
+        log.warning("autoprec cannot read call sites under torch.compile on this torch (%s): op-level "
+                    "layers called in a loop are numbered per call there, and only the first call of "
+                    "each meets its policy entry", exc)
+        return
     while tx is not None:
         yield tx.f_code.co_filename, tx.f_code.co_firstlineno, tx.lineno
         tx = getattr(tx, "parent", None)

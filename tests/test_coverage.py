@@ -178,3 +178,17 @@ def test_per_module_export_keeps_hf_attention_fed_a_cache():
     assert route == "torch.export per module"
     assert set(opaque) == {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts"}
     assert {"model.layers.0.self_attn", "model.layers.1.self_attn"} <= {prefix for prefix, _ in nodes}
+
+
+def test_loop_layer_keeps_its_precision_under_compile():
+    """Under torch.compile (fullgraph, no break) the per-step matmul is the same key: the compiled model runs
+    the policy's BF16 entry bit for bit as eager does."""
+    model, batch = scan(seq_len=4)
+    policy = autoprec.Policy(layers={"mixer::matmul": autoprec.LayerEntry("bf16", kind="op", op="matmul")},
+                             target="cuda")
+    with torch.no_grad():
+        fp32 = model(batch)
+        with policy.autocast(model):
+            eager = model(batch)
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(batch)
+    assert not torch.equal(eager, fp32) and torch.equal(compiled, eager)
