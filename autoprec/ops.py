@@ -13,11 +13,14 @@ import torch
 __all__ = ["AUTOCAST_GAPS", "HAZARD_OPS", "MATMUL_OPS", "hazard_of", "op_name"]
 
 #: The matmul/conv family: they carry almost all FLOPs (their formulas: torch's flop registry and
-#: :mod:`autoprec.flops`). Recurrent layers and whole attention calls are one op each here.
+#: :mod:`autoprec.flops`). Recurrent layers and whole attention calls are one op each here. FP8
+#: matmuls (``_scaled_mm``) are not: their operands and FP32 scales are in the formats they must be,
+#: a region's casts would break them; they run in the module that calls them (a unit such as
+#: torchao's ``Float8Linear``) and their FLOPs are counted there.
 MATMUL_OPS = frozenset({
     "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "bilinear", "mv", "addmv",
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "scaled_dot_product_attention", "multi_head_attention_forward", "grouped_mm", "_scaled_mm",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "grouped_mm",
     "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
 })
 
