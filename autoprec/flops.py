@@ -76,11 +76,13 @@ def _mha(q, k, v, embed_dim: int, num_head: int, qkv_w, qkv_b, proj_w, *args, ou
 
 
 def _encoder_layer(src, embed_dim: int, num_heads: int, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps,
-                   nw1, nb1, nw2, nb2, ffn_w1, *args, out_shape=None, **kwargs) -> int:
-    if not isinstance(src, torch.Size):  # a nested tensor: no plain shape to count
-        return 0
-    attn = _mha(src, src, src, embed_dim, num_heads, qkv_w, qkv_b, proj_w)
-    return attn + 2 * 2 * _prod(src[:-1]) * _prod(ffn_w1)
+                   nw1, nb1, nw2, nb2, ffn_w1, *args, out_val=None, **kwargs) -> int:
+    if src.is_nested:  # TransformerEncoder's padded fast path: per-sequence lengths
+        return sum(_encoder_layer(t, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first,
+                                  eps, nw1, nb1, nw2, nb2, ffn_w1) for t in src.unbind())
+    shape = src.shape
+    attn = _mha(shape, shape, shape, embed_dim, num_heads, None, None, None)
+    return attn + 2 * 2 * _prod(shape[:-1]) * ffn_w1.numel()
 
 
 _FORMULAS: dict[str, tuple[Callable, bool]] = {
@@ -93,7 +95,7 @@ _FORMULAS: dict[str, tuple[Callable, bool]] = {
     "_scaled_dot_product_flash_attention_for_cpu": (_sdpa, False),
     "_scaled_dot_product_fused_attention_overrideable": (_sdpa, False),
     "_native_multi_head_attention": (_mha, False),
-    "_transformer_encoder_layer_fwd": (_encoder_layer, False),
+    "_transformer_encoder_layer_fwd": (_encoder_layer, True),
 }
 
 
