@@ -111,6 +111,7 @@ def test_loop_is_one_layer_whatever_the_sequence_length():
     long = trace(model, long_batch, device_type="cpu")
     assert [lay.key for lay in short.layers] == [lay.key for lay in long.layers]
     assert short.layer("mixer::matmul").calls == 8 and long.layer("mixer::matmul").calls == 24
+    assert long.flops_total == _flops(lambda: model(long_batch)) and not long.unseen  # every FLOP in a layer
     policy, _, _ = tuned("scan")  # tuned at 16 steps
     policy.check(model)
     assert abs(policy.low_precision_fraction() - measured_fraction(policy, model, lambda: model(long_batch))) < 0.02
