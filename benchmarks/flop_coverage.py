@@ -10,7 +10,8 @@ dtype a counter sees is not the format the policy stands for).
 
 Models: ``tests/models.py`` (``FACTORIES``), ``benchmarks/_zoo.py`` (``ALL_MODELS`` but its hazard
 models, which are those of ``tests/models.py``), ``tests/models_coverage.py`` (``BUILDERS``) and
-Mixtral from transformers with grouped-mm and with eager (looping) experts.
+from transformers Mamba (its slow path: a Python scan) and Mixtral with grouped-mm and with eager
+(looping) experts.
 
 Run:  python benchmarks/flop_coverage.py [--models mlp gpt2 lstm] [--targets cuda cpu]
 Writes benchmarks/results/flop_coverage.json.
@@ -57,6 +58,17 @@ def _mixtral(experts: str) -> Build:
     return build
 
 
+def _mamba() -> tuple[torch.nn.Module, Any, Any]:
+    from transformers import MambaConfig, MambaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = MambaForCausalLM(MambaConfig(vocab_size=256, hidden_size=128, state_size=8, num_hidden_layers=2,
+                                             expand=2, conv_kernel=4))
+        ids = torch.randint(0, 256, (4, 32))
+        return model.train(), {"input_ids": ids, "labels": ids}, None
+
+
 def _catalogue() -> dict[str, tuple[str, Build]]:
     out: dict[str, tuple[str, Build]] = {}
     for name, factory in test_models.FACTORIES.items():
@@ -68,6 +80,7 @@ def _catalogue() -> dict[str, tuple[str, Build]]:
         out[name] = ("benchmarks/_zoo.py", zoo)
     for name, builder in BUILDERS.items():
         out[name] = ("tests/models_coverage.py", lambda b=builder: (*b(), None))
+    out["mamba"] = ("transformers", _mamba)
     out["mixtral_grouped_mm"] = ("transformers", _mixtral("grouped_mm"))
     out["mixtral_eager"] = ("transformers", _mixtral("eager"))
     return out

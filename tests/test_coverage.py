@@ -193,3 +193,17 @@ def test_loop_layer_keeps_its_precision_under_compile():
             eager = model(batch)
             compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(batch)
     assert not torch.equal(eager, fp32) and torch.equal(compiled, eager)
+
+
+def test_hf_mamba_slow_scan_layers_do_not_grow_with_length():
+    """transformers' Mamba without its CUDA kernels scans in Python (a matmul per step): the same layer
+    keys at 8 and 32 tokens."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=64, hidden_size=32, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=4))
+    keys = []
+    for length in (8, 32):
+        ids = torch.randint(0, 64, (2, length))
+        keys.append([lay.key for lay in trace(model, {"input_ids": ids}, device_type="cpu").layers])
+    assert keys[0] == keys[1] and "backbone.layers.0.mixer::matmul" in keys[0]
