@@ -20,8 +20,8 @@ from .formats import to_dtype
 from .ops import AUTOCAST_GAPS, MATMUL_OPS, op_name
 from .sites import call_site
 
-__all__ = ["MODE_HANDLERS", "CastGaps", "Emulate", "OwnCode", "back_dtype", "op_of", "owner", "run_eagerly_after_a_break",
-           "run_op"]
+__all__ = ["MODE_HANDLERS", "CastGaps", "Emulate", "OwnCode", "back_dtype", "op_of", "owner",
+           "run_eagerly_after_a_break", "run_op"]
 
 
 class Emulate(TorchFunctionMode):

@@ -104,7 +104,8 @@ def _markdown(policy: "Policy") -> str:
     if s["unseen"]:
         lines += ["", "## FLOPs outside every layer", "",
                   "Matmul-class work autoprec could not attribute to a layer: it runs in the precision that "
-                  "flows in (FP32) and counts as FP32 above.", "", "| module | FLOPs | share |", "| --- | ---: | ---: |"]
+                  "flows in (FP32) and counts as FP32 above.", "",
+                  "| module | FLOPs | share |", "| --- | ---: | ---: |"]
         lines += [f"| `{k or '(root)'}` | {v} | {v / max(s['flops_total'], 1):.1%} |" for k, v in s["unseen"].items()]
     lines += ["", "## Formats", "", "| layer | op | format | FLOPs | note |", "| --- | --- | --- | ---: | --- |"]
     for k, e in policy.layers.items():

@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import flops as _flops  # noqa: F401 - registers the FLOP formulas torch lacks
 from .batch import call_model
 from .capture import capture, fx_ops
-from .modules import canonical_modules, class_name, inside, leaves, unit_modules
+from .modules import canonical_modules, class_name, leaves, unit_modules
 from .ops import hazard_of, op_name
 from .runtime import Runtime
 
