@@ -34,7 +34,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .casts import LOW, emulated
-from .ops import CUDA_FP32_OPS, CUDA_LOWER_OPS, CUDA_PROMOTE_OPS, FFT_OPS
+from .ops import ALIASES, CUDA_FP32_OPS, CUDA_LOWER_OPS, CUDA_PROMOTE_OPS, FFT_OPS
 
 __all__ = ["rule_of", "run_as_cuda"]
 
@@ -63,6 +63,7 @@ def rule_of(func: Any) -> str | None:
     name = func if isinstance(func, str) else getattr(func, "__name__", None)
     if not isinstance(name, str):
         return None
+    name = ALIASES.get(name, name)  # torch._grouped_mm is grouped_mm
     if name in ("__matmul__", "__rmatmul__"):
         return "lower"
     if name in CUDA_FP32_OPS:

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-__all__ = ["canonical_modules", "class_name", "inside", "leaves", "unit_modules", "unwrap"]
+__all__ = ["ATOMIC", "canonical_modules", "class_name", "inside", "leaves", "unit_modules", "unwrap"]
 
 # wrapper class name -> the attribute holding the wrapped module; matched by name so that no
 # distributed or compile module is imported here
@@ -81,8 +81,19 @@ def canonical_modules(model: nn.Module, links: dict[str, tuple[Any, str, nn.Modu
     return dict(_walk(model, "", set(), links))
 
 
+#: Modules whose ``forward`` never calls their children as modules (``nn.MultiheadAttention`` hands
+#: ``out_proj``'s weight to one functional call, or runs one fused kernel): a layer of their own, run
+#: as one piece, like a leaf. Matched by class name along the MRO, so no subclass escapes.
+ATOMIC = frozenset({"MultiheadAttention"})
+
+
+def _atomic(module: nn.Module) -> bool:
+    return any(cls.__name__ in ATOMIC for cls in type(module).__mro__)
+
+
 def unit_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules that are layers of their own: the leaves (modules without children), by canonical path.
+    """The modules that are layers of their own: the leaves (modules without children) and the
+    :data:`ATOMIC` ones (their children left out), by canonical path.
 
     Example:
         >>> sorted(unit_modules(nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
@@ -97,8 +108,13 @@ def leaves(modules: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
     Example:
         >>> list(leaves(canonical_modules(nn.Sequential(nn.Linear(2, 2)))))
         ['0']
+        >>> list(leaves(canonical_modules(nn.Sequential(nn.MultiheadAttention(4, 2)))))
+        ['0']
     """
-    return {path: mod for path, mod in modules.items() if not any(c is not None for c in mod._modules.values())}
+    atomic = [path for path, mod in modules.items() if _atomic(mod)]
+    return {path: mod for path, mod in modules.items()
+            if (path in atomic or not any(c is not None for c in mod._modules.values()))
+            and not any(inside(path, a) for a in atomic)}
 
 
 def class_name(module: nn.Module) -> str:

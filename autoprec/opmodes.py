@@ -1,7 +1,8 @@
 """The function modes of the runtime: op-level regions in a module's own code, FP16 and CUDA emulation.
 
 :class:`OwnCode` is entered by a module whose own ``forward`` calls functional ops that are layers
-(``module.path::op``); it numbers the calls per op name and runs each in its region. Calls made
+(``module.path::op``); it numbers the call sites per op name (:func:`~autoprec.sites.call_site`: the
+calls from one line, in a loop, are one layer) and runs each call in its region. Calls made
 inside the module's children pass through: each child raises the mode's ``depth`` while it runs
 (the runtime's ``boundary``). One mode object per call, on torch's per-thread mode stack, so
 threads never share one.
@@ -17,9 +18,10 @@ from torch.overrides import TorchFunctionMode
 from .casts import LOW, autocast_for, cast_args, cast_tree, emulated, first_float_dtype_in
 from .emulation import rule_of, run_as_cuda
 from .formats import to_dtype
-from .ops import MATMUL_OPS, op_name
+from .ops import AUTOCAST_GAPS, MATMUL_OPS, op_name
+from .sites import call_site
 
-__all__ = ["MODE_HANDLERS", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
+__all__ = ["MODE_HANDLERS", "CastGaps", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
            "run_eagerly_after_a_break", "run_op"]
 
 
@@ -53,6 +55,22 @@ class EmulateCudaFp16(EmulateCuda):
     low = torch.float16
 
 
+class CastGaps(TorchFunctionMode):
+    """Inside a 16-bit unit that may call ops autocast leaves alone (:data:`~autoprec.ops.AUTOCAST_GAPS`):
+    their floating operands (the weights too) are cast to the region's format, as autocast does for its own."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        named = op_of(func)
+        if named is not None and named[0] in AUTOCAST_GAPS:
+            args, kwargs = cast_args(args, kwargs, self.dtype)
+        return func(*args, **kwargs)
+
+
 class OwnCode(TorchFunctionMode):
     """One call of a module's ``forward``: gives the functional ops in its own code their regions.
 
@@ -66,6 +84,7 @@ class OwnCode(TorchFunctionMode):
         self.spec = spec
         self.depth = 0
         self.counts: dict[str, int] = {}
+        self.sites: dict[str, dict[Any, int]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,8 +99,11 @@ class OwnCode(TorchFunctionMode):
                 flow(func, args, kwargs, out)
             return out
         base, in_place = named
+        # one layer per call site (a call in a loop is one layer); per call where no site is found
         n = self.counts.get(base, 0)
         self.counts[base] = n + 1
+        sites = self.sites.setdefault(base, {})
+        n = sites.setdefault(call_site() or n, len(sites))
         key = f"{spec.path}::{base}" + (f"_{n}" if n else "")
         return run_op(spec, key, func, args, kwargs, in_place, base)
 
@@ -103,7 +125,7 @@ def run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
 
 
 MODE_HANDLERS = (Emulate.__torch_function__.__code__, EmulateCuda.__torch_function__.__code__,
-                 OwnCode.__torch_function__.__code__)
+                 OwnCode.__torch_function__.__code__, CastGaps.__torch_function__.__code__)
 
 
 def op_of(func: Any) -> tuple[str, bool] | None:

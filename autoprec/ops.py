@@ -8,17 +8,30 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
-__all__ = ["CUDA_FP32_OPS", "CUDA_LOWER_OPS", "CUDA_PROMOTE_OPS", "FFT_OPS", "HAZARD_OPS", "MATMUL_OPS", "hazard_of",
-           "op_name"]
+__all__ = ["ALIASES", "AUTOCAST_GAPS", "CUDA_FP32_OPS", "CUDA_LOWER_OPS", "CUDA_PROMOTE_OPS", "FFT_OPS", "HAZARD_OPS",
+           "MATMUL_OPS", "hazard_of", "op_name"]
 
-#: The matmul/conv family: autocast casts these, and they carry almost all FLOPs.
+#: The matmul/conv family: they carry almost all FLOPs (their formulas: torch's flop registry and
+#: :mod:`autoprec.flops`). Recurrent layers and whole attention calls are one op each here. FP8
+#: matmuls (``_scaled_mm``) are not: their operands and FP32 scales are in the formats they must be,
+#: a region's casts would break them; they run in the module that calls them (a unit such as
+#: torchao's ``Float8Linear``) and their FLOPs are counted there.
 MATMUL_OPS = frozenset({
-    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "bilinear",
+    "linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "einsum", "bilinear", "mv", "addmv",
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "scaled_dot_product_attention",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "grouped_mm",
+    "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell",
 })
+
+#: Matmul-class ops that autocast (CPU and CUDA) leaves alone: fed a 16-bit activation and an FP32
+#: weight they raise, so a 16-bit region casts their floating operands itself. Under torch.compile,
+#: Dynamo hands no function mode a function torch does not list as overridable (``torch._grouped_mm``):
+#: there that cast cannot happen (and torch 2.13 compiles grouped_mm with BF16 operands only).
+AUTOCAST_GAPS = frozenset({"bilinear", "grouped_mm"})
+
+#: Torch-level names that are one op under another name.
+ALIASES = {"_grouped_mm": "grouped_mm"}
 
 #: CUDA autocast's op lists (torch's ``aten/src/ATen/autocast_mode.h`` and ``autocast_mode.cpp``, torch 2.13),
 #: by the names the ops have as torch functions (``Tensor.__rtruediv__`` is called ``__rdiv__``). Only
@@ -86,7 +99,7 @@ def op_name(func: Any) -> tuple[str, bool] | None:
         elif name in ("imatmul", "ipow"):
             return (name[1:], True) if name[1:] in _TRACKED else None
     in_place = name.endswith("_")
-    base = name.rstrip("_")
+    base = ALIASES.get(name, name.rstrip("_"))
     if base not in _TRACKED:
         return None
     return base, in_place

@@ -177,6 +177,7 @@ class Policy:
     modules: dict[str, str] = field(default_factory=dict)       # leaf module path -> signature
     opaque: dict[str, str] = field(default_factory=dict)        # module -> why FX could not capture it
     handoff: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer -> the layers, all, it feeds
+    unseen: dict[str, int] = field(default_factory=dict)        # module -> matmul-class FLOPs outside every layer
     formats: tuple[str, ...] = ()
     scaler: ScalerSettings | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
@@ -212,6 +213,9 @@ class Policy:
             raise PolicyError(f"unknown policy schema version {self.schema_version!r}: this autoprec reads version "
                               f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
         check_bool(r, "emulated", self.emulated)  # absent in files written before the field: False
+        object.__setattr__(self, "unseen", check_str_map(
+            r, "unseen", self.unseen, lambda k, v: check_int(r, f"unseen[{k!r}]", v),
+            "an object of module path -> FLOP count (a non-negative integer)"))
 
     # -- data ---------------------------------------------------------------------------------
     @property
@@ -234,14 +238,17 @@ class Policy:
         return {k: e for k, e in self.layers.items() if e.excluded}
 
     def low_precision_fraction(self) -> float:
-        """Fraction of the traced matmul/conv FLOPs assigned FP16 or BF16.
+        """Fraction of the model's forward matmul-class FLOPs (measured at run time by the trace) in
+        layers assigned FP16 or BF16; FLOPs that run outside every layer (``unseen``) count as FP32.
 
         Example:
             >>> Policy(layers={"a": LayerEntry("bf16", flops=3), "b": LayerEntry("fp32", flops=1)}
             ...        ).low_precision_fraction()
             0.75
+            >>> Policy(layers={"a": LayerEntry("bf16", flops=3)}, unseen={"rnn": 1}).low_precision_fraction()
+            0.75
         """
-        total = sum(e.flops for e in self.layers.values())
+        total = sum(e.flops for e in self.layers.values()) + sum(self.unseen.values())
         low = sum(e.flops for e in self.layers.values() if e.precision != "fp32")
         return low / total if total else 0.0
 

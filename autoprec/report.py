@@ -32,6 +32,9 @@ def summary(policy: "Policy") -> dict[str, Any]:
         "layers": len(policy.layers),
         "layers_per_precision": counts,
         "low_precision_flop_fraction": policy.low_precision_fraction(),
+        "flops_total": sum(e.flops for e in policy.layers.values()) + sum(policy.unseen.values()),
+        "flops_unseen": sum(policy.unseen.values()),
+        "unseen": dict(policy.unseen),
         "excluded": {k: {"reason": e.reason, "detail": e.detail, "hazards": list(e.hazards), "op": e.op}
                      for k, e in policy.excluded().items()},
         "backed_off": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
@@ -65,7 +68,9 @@ def _markdown(policy: "Policy") -> str:
                      "half transforms); confirm on the device")
     counts = ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))
     lines.append(f"- layers: {s['layers']} ({counts})")
-    lines.append(f"- matmul/conv FLOPs in 16-bit: **{100 * s['low_precision_flop_fraction']:.1f}%**")
+    lines.append(f"- matmul/conv FLOPs in 16-bit: **{100 * s['low_precision_flop_fraction']:.1f}%** of "
+                 f"{s['flops_total']} forward FLOPs measured at run time"
+                 + (f", {s['flops_unseen']} of them outside every layer (FP32)" if s["flops_unseen"] else ""))
     if s["tolerance"]:
         lines.append("- error bound: " + ", ".join(f"{k} {v:g}" for k, v in s["tolerance"].items()))
     if s["scaler"]:
@@ -118,6 +123,12 @@ def _markdown(policy: "Policy") -> str:
         lines += ["", "## Opaque to FX", "",
                   "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]
         lines += [f"- `{k or '(root)'}`: {v}" for k, v in s["opaque"].items()]
+    if s["unseen"]:
+        lines += ["", "## FLOPs outside every layer", "",
+                  "Matmul-class work autoprec could not attribute to a layer: it runs in the precision that "
+                  "flows in (FP32) and counts as FP32 above.", "",
+                  "| module | FLOPs | share |", "| --- | ---: | ---: |"]
+        lines += [f"| `{k or '(root)'}` | {v} | {v / max(s['flops_total'], 1):.1%} |" for k, v in s["unseen"].items()]
     lines += ["", "## Formats", "", "| layer | op | format | FLOPs | note |", "| --- | --- | --- | ---: | --- |"]
     for k, e in policy.layers.items():
         note = "" if e.reason == "cast" else e.reason

@@ -1,9 +1,10 @@
 """Per-layer precision at run time: the one runtime that trace, probe, verify and apply share.
 
-A *layer* is either a **unit module** (a leaf, run as one piece) keyed by its canonical path, or a
-**functional op** called in a non-unit module's own ``forward`` (an accumulation, a softmax, a
-matmul between leaves, ...) keyed ``"module.path::op"`` with ``_1``, ``_2`` ... for later calls of
-the same op in that forward (the root's path is ``""``).
+A *layer* is either a **unit module** (a leaf, or an atomic module such as ``nn.MultiheadAttention``,
+run as one piece) keyed by its canonical path, or a **functional op** called in a non-unit module's
+own ``forward`` (an accumulation, a softmax, a matmul between leaves, ...) keyed ``"module.path::op"``
+with ``_1``, ``_2`` ... for the same op called from other lines of code in that forward (the root's
+path is ``""``); the calls from one line, as in a loop, are one layer.
 
 How it runs: each module that has something to do gets its class swapped for a cached subclass
 (the way torchao and FSDP2 change a module) whose ``forward`` runs the original one inside a
@@ -52,7 +53,7 @@ from .casts import LOW, autocast_for, cast_args, cast_tree, has_low
 from .errors import PolicyError
 from .formats import to_dtype
 from .modules import canonical_modules
-from .opmodes import (MODE_HANDLERS, Emulate, EmulateCuda, EmulateCudaFp16, OwnCode, back_dtype, owner,
+from .opmodes import (MODE_HANDLERS, CastGaps, Emulate, EmulateCuda, EmulateCudaFp16, OwnCode, back_dtype, owner,
                       run_eagerly_after_a_break)
 
 __all__ = ["Patches", "Runtime", "Watcher", "installed"]
@@ -84,6 +85,7 @@ class _Spec:
     autocast_on: bool = False          # its region enables autocast (16-bit, not emulated)
     unit: bool = False
     emulate: bool = False              # FP16 matmuls emulated inside (CPU)
+    gaps: bool = False                 # 16-bit, and may call ops autocast leaves alone (see ``_may_gap``)
     keep: bool = False                 # hands a 16-bit output on uncast (handoff)
     fed: bool = False                  # fed by a kept layer: hands back ``handback`` for 16-bit input
     handback: torch.dtype = torch.float32
@@ -188,7 +190,21 @@ def _region_body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple,
     if spec.emulate:
         with Emulate():
             return forward(module, *args, **kwargs)
+    if spec.gaps:
+        with CastGaps(spec.dtype):
+            return forward(module, *args, **kwargs)
     return forward(module, *args, **kwargs)
+
+
+def _may_gap(module: nn.Module) -> bool:
+    """Whether a unit may call a matmul-class op that autocast does not cast (``AUTOCAST_GAPS``):
+    ``nn.Bilinear``, and modules holding stacked (3-D and up) weights that are no convolution, as
+    grouped experts do. Only these pay for the extra function mode."""
+    if isinstance(module, nn.Bilinear):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return any(p.dim() >= 3 for p in module._parameters.values() if p is not None and p.is_floating_point())
 
 
 def _forward(spec: _Spec | None, base_forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -386,6 +402,7 @@ class Runtime:
                 dtype=None if precision is None else to_dtype(precision),
                 autocast_on=precision in ("fp16", "bf16") and not (precision == "fp16" and self.emulate_fp16),
                 emulate=precision == "fp16" and self.emulate_fp16, keep=path in self.keep, fed=path in self.fed,
+                gaps=unit and precision in ("fp16", "bf16") and _may_gap(mod),
                 handback=handback, boundary=boundary, own=tracked,
                 own_always=watching or any(p != "fp32" for p in mine.values()) or any(k in self.fed for k in mine),
                 opaque=path in self.opaque, entries=mine or None,

@@ -8,14 +8,17 @@ policy, gives the keys exactly as they occur at run time, with FLOPs and activat
 Where FX cannot capture a module's own code (data-dependent control flow, ``.item()``), that code
 is *opaque*: a leaf becomes one layer run as a whole, a parent's functional ops are not split into
 layers of their own (they run in the precision that flows in, FP32 between layers), and the trace
-says why.
+says why (capturing: :mod:`autoprec.capture`).
+
+The FLOP count is of the whole model, not only of its layers: matmul-class work that runs while no
+layer is open (opaque own code, a kernel the op vocabulary does not name) is kept per innermost
+module as ``Trace.unseen``, so a policy counts it as FP32 instead of leaving it out. The formulas
+torch's registry lacks (recurrent kernels, grouped mm, bilinear, ...) come from :mod:`autoprec.flops`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -25,8 +28,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import flops as _flops  # noqa: F401 - registers the FLOP formulas torch lacks
 from .batch import call_model
-from .modules import canonical_modules, class_name, inside, leaves, unit_modules
+from .capture import capture, fx_ops
+from .modules import canonical_modules, class_name, leaves, unit_modules
 from .ops import hazard_of, op_name
 from .runtime import Runtime
 
@@ -68,6 +73,12 @@ class Trace:
     fingerprint: str
     signatures: dict[str, str] = field(default_factory=dict)   # leaf module path -> class and shapes
     handoff: dict[str, tuple[str, ...]] = field(default_factory=dict)  # layer -> the layers, all, its output feeds
+    unseen: dict[str, int] = field(default_factory=dict)  # module path -> forward matmul-class FLOPs no layer runs
+
+    @property
+    def flops_total(self) -> int:
+        """Forward matmul-class FLOPs of one step as measured at run time: the layers' and the unseen."""
+        return sum(lay.flops for lay in self.layers) + sum(self.unseen.values())
 
     def layer(self, key: str) -> Layer:
         """The layer with this key."""
@@ -160,6 +171,25 @@ class _Recorder:
         self._alive: list[torch.Tensor] = []        # keeps those ids unique during the pass
         self.feeds: dict[str, set[str]] = {}
         self.escapes: set[str] = set()
+        self.unseen: dict[str, int] = {}            # module path -> FLOPs run while no layer was open
+        self._modules: list[str] = []               # the module stack (forward hooks)
+        self._counted = 0
+
+    def settle(self) -> None:
+        """FLOPs counted since the last event belong to the open layer, else to the innermost module."""
+        total = self.counter.get_total_flops()
+        if total != self._counted and not self._open:
+            where = self._modules[-1] if self._modules else ""
+            self.unseen[where] = self.unseen.get(where, 0) + total - self._counted
+        self._counted = total
+
+    def push(self, path: str) -> None:
+        self.settle()
+        self._modules.append(path)
+
+    def pop(self) -> None:
+        self.settle()
+        self._modules.pop()
 
     def _sources(self, tree: Any) -> frozenset[str]:
         found: frozenset[str] = frozenset()
@@ -191,6 +221,7 @@ class _Recorder:
         return {k: tuple(sorted(v)) for k, v in self.feeds.items() if v and k not in self.escapes}
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
+        self.settle()
         row = self.rows.get(key)
         if row is None:
             self.order.append(key)
@@ -208,6 +239,7 @@ class _Recorder:
         self._open.append((key, self.counter.get_total_flops()))
 
     def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
+        self.settle()
         _, f0 = self._open.pop()
         row = self.rows[key]
         row["flops"] += self.counter.get_total_flops() - f0
@@ -221,131 +253,22 @@ def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: s
     # FlopCounterMode counts the matmul/conv/attention family only, which is what 16-bit speeds up
     counter = FlopCounterMode(display=False)
     recorder = _Recorder(counter)
+    hooks = []
+    for path, mod in modules.items():  # where FLOPs outside every layer run
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, path=path: recorder.push(path)))
+        hooks.append(mod.register_forward_hook(lambda m, a, o: recorder.pop(), always_call=True))
     runtime = Runtime(model, {}, units=units, opaque=opaque, device_type=device_type, watcher=recorder,
                       modules=modules).install()
     try:
         # grad on (nothing is run backward): layers entered with it off are inside a custom Function
         with counter, torch.enable_grad():
             call_model(model, batch)
+            recorder.settle()
     finally:
         runtime.remove()
-    return recorder
-
-
-class _TensorsOut(nn.Module):
-    """Returns only the tensors of a module's output: export needs no cache objects it cannot flatten."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: Any, **kwargs: Any) -> list[torch.Tensor]:
-        return [t for t in pytree.tree_leaves(self.inner(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-
-
-def _export(mod: nn.Module, args: tuple, kwargs: dict) -> list[Any]:
-    """Export ``mod`` and return its call nodes, with ``nn_module_stack`` paths relative to ``mod``."""
-    quiet = [logging.getLogger(n) for n in ("torch", "torch.fx", "torch._dynamo", "torch.export")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.CRITICAL)
-    chatter = io.StringIO()  # export prints partial graphs to stderr when it fails: keep them for DEBUG
-    try:
-        with contextlib.redirect_stderr(chatter):
-            ep = torch.export.export(_TensorsOut(mod), args, kwargs, strict=False)
-    finally:
-        for q, lv in zip(quiet, levels):
-            q.setLevel(lv)
-        if chatter.getvalue():
-            log.debug("torch.export output:\n%s", chatter.getvalue())
-    nodes = [n for n in ep.graph.nodes if n.op == "call_function"]
-    for n in nodes:
-        stack = n.meta.get("nn_module_stack") or {}
-        n.meta["nn_module_stack"] = {k: (_strip_inner(path), cls) for k, (path, cls) in stack.items()}
-    return nodes
-
-
-def _strip_inner(path: str) -> str:
-    return "" if path in ("", "inner") else path[len("inner."):] if path.startswith("inner.") else path
-
-
-def _export_nodes(model: nn.Module, batch: Any) -> list[Any]:
-    args, kwargs = ((), dict(batch)) if isinstance(batch, dict) else (
-        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {}))
-    return _export(model, args, kwargs)
-
-
-def _why(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
-
-
-def _capture_inputs(model: nn.Module, batch: Any) -> dict[str, tuple[tuple, dict]]:
-    seen: dict[str, tuple[tuple, dict]] = {}
-    handles = []
-    for path, mod in model.named_modules():
-        def hook(m, args, kwargs, path=path):
-            seen.setdefault(path, (args, kwargs))
-        handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            call_model(model, batch)
-    finally:
-        for h in handles:
+        for h in hooks:
             h.remove()
-    return seen
-
-
-def _export_per_module(model: nn.Module, batch: Any, first_error: str) -> tuple[list[tuple[str, Any]], dict[str, str]]:
-    """Export module by module; returns (nodes with their module prefix, opaque modules)."""
-    inputs = _capture_inputs(model, batch)
-    modules = dict(model.named_modules())
-    nodes: list[tuple[str, Any]] = []
-    opaque: dict[str, str] = {}
-
-    def capture(path: str, error: str | None) -> bool:
-        mod = modules[path]
-        if error is None and path not in inputs:  # a container (ModuleList) or unused: try its children
-            return all([capture(f"{path}.{n}" if path else n, None) for n, _ in mod.named_children()])
-        if error is None:
-            args, kwargs = inputs[path]
-            try:
-                found = _export(mod, tuple(args), dict(kwargs))
-            except Exception as exc:  # noqa: BLE001 - any capture failure makes the part opaque
-                error = _why(exc)
-            else:
-                nodes.extend((path, n) for n in found)
-                return True
-        children = [f"{path}.{n}" if path else n for n, _ in mod.named_children()]
-        if all([capture(c, None) for c in children]):
-            # every child captured: the failure lies in this module's own code, which stays opaque
-            opaque[path] = error
-        return False
-
-    capture("", first_error)
-    return nodes, opaque
-
-
-def _fx_ops(nodes: list[tuple[str, Any]], units: dict[str, nn.Module]) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """The torch-level ops FX saw, and the floating elements they write, per unit / own-code module."""
-    per: dict[str, list[str]] = {}
-    numel: dict[str, int] = {}
-    unit_paths = sorted(units, key=len, reverse=True)
-    for prefix, node in nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        inner = list(stack.values())[-1][0] if stack else ""
-        path = ".".join(p for p in (prefix, inner) if p)
-        owner = next((u for u in unit_paths if path == u or inside(path, u)), path)
-        fn = node.meta.get("torch_fn")
-        name = fn[1].split(".")[-1] if fn else str(node.target).split(".")[1]
-        per.setdefault(owner, []).append(name)
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.is_floating_point():
-            try:
-                numel[owner] = numel.get(owner, 0) + int(val.numel())
-            except (TypeError, RuntimeError):  # a symbolic size: leave it out
-                pass
-    return per, numel
+    return recorder
 
 
 def module_signatures(model: nn.Module) -> dict[str, str]:
@@ -377,18 +300,10 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
         >>> [l.key for l in trace(m, torch.ones(2, 8), device_type="cpu").layers]
         ['0', '1']
     """
-    opaque: dict[str, str] = {}
-    try:
-        nodes = [("", n) for n in _export_nodes(model, batch)]
-        route = "torch.export"
-    except Exception as exc:  # noqa: BLE001
-        first = _why(exc)
-        log.info("whole-model torch.export failed (%s); capturing module by module", first)
-        nodes, opaque = _export_per_module(model, batch, first)
-        route = "torch.export per module"
+    nodes, opaque, route = capture(model, batch)
     modules = canonical_modules(model)
     units = leaves(modules)
-    fx, fx_numel = _fx_ops(nodes, units)
+    fx, fx_numel = fx_ops(nodes, units)
     recorder = _record(model, batch, units, set(opaque), device_type, modules)
 
     layers = []
@@ -410,8 +325,6 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
             names = {op}
             param_numel = 0
         hazards = tuple(sorted({h for h in (hazard_of(n) for n in names) if h}))
-        if op == "scaled_dot_product_attention" and row["flops"] == 0:
-            row["flops"] = _sdpa_flops(row["in_shapes"]) * row["calls"]  # CPU kernels are not in the registry
         layers.append(Layer(key=key, kind=row["kind"], op=op, hazards=hazards, ops=ops,
                             in_shapes=row["in_shapes"], out_shapes=row["out_shapes"], flops=int(row["flops"]),
                             in_numel=row["in"], out_numel=row["out"],
@@ -420,9 +333,14 @@ def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
     tied = _tied_groups(model, units, {lay.key for lay in layers})
     signatures = signatures_of(units)
     digest = fingerprint(signatures, [lay.key for lay in layers])
+    unseen = {path: flops for path, flops in recorder.unseen.items() if flops}
+    if unseen:
+        log.info("%d of %d matmul-class FLOPs run outside every layer: %s", sum(unseen.values()),
+                 recorder.counter.get_total_flops(), unseen)
     log.info("traced %d layers (%d opaque) via %s", len(layers), len(opaque), route)
     return Trace(layers=tuple(layers), units=tuple(units), opaque=opaque, tied=tied, fx_route=route,
-                 fx_nodes=len(nodes), fingerprint=digest, signatures=signatures, handoff=recorder.handoff())
+                 fx_nodes=len(nodes), fingerprint=digest, signatures=signatures, handoff=recorder.handoff(),
+                 unseen=unseen)
 
 
 def fingerprint(signatures: dict[str, str], keys: list[str]) -> str:
@@ -434,16 +352,6 @@ def fingerprint(signatures: dict[str, str], keys: list[str]) -> str:
     """
     text = "\n".join(f"{k}={v}" for k, v in sorted(signatures.items())) + "\n" + "\n".join(keys)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _sdpa_flops(shapes: tuple[tuple[int, ...], ...]) -> int:
-    if len(shapes) < 3 or len(shapes[0]) < 2:
-        return 0
-    q, k, v = shapes[:3]
-    batch = 1
-    for d in q[:-2]:
-        batch *= d
-    return 2 * batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def _has_ordinal(key: str) -> bool:

@@ -251,7 +251,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                                          grad_absmax=rng.grad_absmax if rng else 0.0, measured=evidence(pr, lay.key))
         fp16_used = any(d.precision == "fp16" for d in decisions.values())
         return Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
-                      handoff=dict(tr.handoff), formats=formats, scaler=scaler if fp16_used else None,
+                      handoff=dict(tr.handoff), unseen=dict(tr.unseen), formats=formats,
+                      scaler=scaler if fp16_used else None,
                       tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
                       emulated=emulated)
 

@@ -76,3 +76,17 @@ def test_compile_speed_times_every_variant_and_counts_graph_breaks(tmp_path):
     ratio = v["policy-compiled"]["median_s"] / v["amp-bf16-compiled"]["median_s"]
     assert r["target"]["policy_compiled_vs_amp_bf16_compiled"] == pytest.approx(ratio)
     assert r["target"]["met"] == (ratio <= 1.05)
+
+
+def test_coverage_table_compares_reported_and_measured(tmp_path, capsys, one_thread):
+    """The coverage benchmark tunes, counts at dispatch, prints the table and writes the rows it printed."""
+    import flop_coverage
+
+    out = tmp_path / "flop_coverage.json"
+    rows = flop_coverage.main(["--models", "mlp", "rnn", "--targets", "cuda", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == rows
+    assert [r["model"] for r in rows] == ["mlp", "rnn"]
+    for r in rows:
+        assert r["flops_measured"] == r["flops_traced"] > 0
+        assert r["gap"] == round(abs(r["reported"] - r["measured"]), 4) <= 0.02
+    assert "| rnn | tests/models_coverage.py | cuda |" in capsys.readouterr().out

@@ -292,3 +292,11 @@ def test_call_model_unchanged_by_emulated_policy_removal():
     with _policy({"norm": "fp16", "fc1": "bf16"}, "cuda").autocast(model):
         model(x)
     assert torch.equal(call_model(model, x), before)
+
+
+def test_private_torch_names_follow_their_op():
+    """torch._grouped_mm is grouped_mm to CUDA's rules: cast to the region's format like every matmul (an FP32
+    weight beside a BF16 activation would fail in the kernel)."""
+    from autoprec.emulation import rule_of
+
+    assert rule_of(torch._grouped_mm) == rule_of("grouped_mm") == "lower"
