@@ -34,7 +34,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .casts import LOW, emulated
-from .ops import ALIASES, CUDA_FP32_OPS, CUDA_LOWER_OPS, CUDA_PROMOTE_OPS, FFT_OPS
+from .ops import ALIASES, AUTOCAST_GAPS, CUDA_FP32_OPS, CUDA_LOWER_OPS, CUDA_PROMOTE_OPS, FFT_OPS
 
 __all__ = ["rule_of", "run_as_cuda"]
 
@@ -53,18 +53,21 @@ _BCE = ("torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsaf
 
 
 def rule_of(func: Any) -> str | None:
-    """How CUDA autocast treats a torch function: ``"lower"``, ``"fp32"``, ``"promote"``, ``"fft"``,
-    ``"refuse"``, ``"native"`` (CPU autocast would lift it, CUDA does not), or None (runs as it is).
+    """How a 16-bit region of a policy runs a torch function on CUDA: ``"lower"``, ``"fp32"``,
+    ``"promote"``, ``"fft"``, ``"refuse"``, ``"native"`` (CPU autocast would lift it, CUDA does not),
+    or None (runs as it is). That is CUDA autocast's list, except for the matmul-class ops autocast
+    leaves alone (:data:`~autoprec.ops.AUTOCAST_GAPS`: bilinear, grouped_mm), whose operands the
+    region casts itself before autocast sees them: those are ``"lower"``.
 
     Example:
-        >>> rule_of(torch.rsqrt), rule_of(torch.Tensor.__matmul__), rule_of(torch.relu)
-        ('fp32', 'lower', None)
+        >>> rule_of(torch.rsqrt), rule_of(torch.Tensor.__matmul__), rule_of(torch.relu), rule_of(torch.bilinear)
+        ('fp32', 'lower', None, 'lower')
     """
     name = func if isinstance(func, str) else getattr(func, "__name__", None)
     if not isinstance(name, str):
         return None
     name = ALIASES.get(name, name)  # torch._grouped_mm is grouped_mm
-    if name in ("__matmul__", "__rmatmul__"):
+    if name in ("__matmul__", "__rmatmul__") or name in AUTOCAST_GAPS:
         return "lower"
     if name in CUDA_FP32_OPS:
         return "fp32"

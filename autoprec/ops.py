@@ -86,6 +86,7 @@ def op_name(func: Any) -> tuple[str, bool] | None:
     """``(base name, in_place)`` of a torch function (or its name), or None for an untracked one.
 
     Example:
+        >>> import torch
         >>> op_name(torch.Tensor.index_add_)
         ('index_add', True)
     """

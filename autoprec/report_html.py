@@ -134,8 +134,10 @@ def render_html(policy: "Policy") -> str:
                      f"{sc['growth_interval']}, backoff {sc['backoff_factor']:g}")
     if ver is not None:
         verdict = "PASSED" if ver.passed else "FAILED"
+        floor = f", noise floor {ver.noise_floor:.3g}, threshold {ver.threshold:.3g}" if ver.noise_floor else ""
         items.append(f"verification: <b>{verdict}</b> ({ver.steps} steps, largest gap {ver.max_gap:.3g} of the "
-                     f"first FP32 loss, bound {ver.bound:g}, {ver.skipped_steps} skipped steps, {ver.rounds} round(s))")
+                     f"first FP32 loss, bound {ver.bound:g}{floor}, {ver.skipped_steps} skipped steps, "
+                     f"{ver.rounds} round(s))")
     st = s["stats"]
     if st:
         items.append("tuning: " + ", ".join(f"{html.escape(k.replace('_', ' '))} {v:.4g}" if isinstance(v, float)
@@ -143,6 +145,7 @@ def render_html(policy: "Policy") -> str:
                                             for k, v in st.items()))
     excluded = [[k or "(root)", e["op"], ", ".join(e["hazards"]) or "-", e["reason"], e["detail"]]
                 for k, e in s["excluded"].items()]
+    backed = [[k or "(root)", e["op"], e["detail"]] for k, e in s["backed_off"].items()]
     formats = [[k or "(root)", e.op, e.precision, f"{e.flops:,}", "" if e.reason == "cast" else e.reason]
                for k, e in policy.layers.items()]
     curves = _svg_curves(ver.fp32_losses, ver.policy_losses) if ver is not None else "<p>not verified</p>"
@@ -156,7 +159,7 @@ table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }}
 th {{ background: #f3f3f3; }} code {{ background: #f6f6f6; }}
 </style></head><body>
-<h1>autoprec policy report</h1>
+<h1>autoprec policy report{": FAILED verification" if ver is not None and not ver.passed else ""}</h1>
 <ul>{"".join(f"<li>{i}</li>" for i in items)}</ul>
 <h2>Verification: FP32 vs policy loss</h2>
 {curves}
@@ -164,6 +167,9 @@ th {{ background: #f3f3f3; }} code {{ background: #f6f6f6; }}
 {_svg_sensitivity(sensitivity(policy))}
 <h2>Layers kept in FP32 for a numerical reason</h2>
 {_table(["layer", "op", "hazard", "reason", "evidence"], excluded) if excluded else "<p>none</p>"}
+{"<h2>Layers moved to FP32 by verification back-off</h2><p>Nothing was measured to fail on these layers "
+ "themselves: the policy's loss curve left the threshold and they were the most sensitive cast layers.</p>"
+ + _table(["layer", "op", "evidence"], backed) if backed else ""}
 {f"<h2>Opaque to FX</h2><ul>{opaque}</ul>" if opaque else ""}
 <h2>Formats</h2>
 {_table(["layer", "op", "format", "FLOPs", "note"], formats)}

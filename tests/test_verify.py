@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -100,6 +101,10 @@ def test_a_failed_verification_warns_and_says_so_first():
     backed = [k for k, e in policy.layers.items() if e.reason == "verification back-off"]
     assert backed and policy.excluded() == {}
     assert "## Layers moved to FP32 by verification back-off" in policy.report()
+    page = policy.report("html")
+    assert "<h1>autoprec policy report: FAILED verification</h1>" in page
+    assert "<h2>Layers moved to FP32 by verification back-off</h2>" in page and f"<td>{backed[0]}</td>" in page
+    assert {k for k, e in json.loads(policy.report("json"))["backed_off"].items()} == set(backed)
 
 
 def test_strict_raises_with_the_policy_attached():
