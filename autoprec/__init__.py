@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from . import report as _report  # noqa: F401  (registers Policy.report)
 from .apply import Handle
+from .calibration import calibrate
+from .costs import DeviceProfile
 from .distributed import fsdp_plan
-from .errors import AutoprecError, BatchError, FormatError, ModelError, OptionError, PolicyError
+from .errors import AutoprecError, BatchError, FormatError, ModelError, OptionError, PolicyError, ProfileError
 from .policy import LayerEntry, Policy, ScalerSettings, Verification, load
+from .profiles import load_profile
 from .tune import tune
 
 __all__ = [
     "AutoprecError",
     "BatchError",
+    "DeviceProfile",
     "FormatError",
     "Handle",
     "LayerEntry",
@@ -28,10 +32,13 @@ __all__ = [
     "OptionError",
     "Policy",
     "PolicyError",
+    "ProfileError",
     "ScalerSettings",
     "Verification",
+    "calibrate",
     "fsdp_plan",
     "load",
+    "load_profile",
     "tune",
 ]
 

@@ -8,12 +8,13 @@ builtin it is, so ``except ValueError`` keeps working for callers who do not kno
     ├── ModelError(ValueError)        the model cannot be tuned (no floating parameters, NaN in FP32)
     ├── OptionError(ValueError)       an option of tune/apply is out of range
     ├── FormatError(RuntimeError)     a precision format the device cannot run
-    └── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
+    ├── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
+    └── ProfileError(ValueError)      a device profile file is corrupt, of an unknown version, or for another device
 """
 
 from __future__ import annotations
 
-__all__ = ["AutoprecError", "BatchError", "FormatError", "ModelError", "OptionError", "PolicyError"]
+__all__ = ["AutoprecError", "BatchError", "FormatError", "ModelError", "OptionError", "PolicyError", "ProfileError"]
 
 
 class AutoprecError(Exception):
@@ -47,3 +48,7 @@ class FormatError(AutoprecError, RuntimeError):
 
 class PolicyError(AutoprecError, ValueError):
     """A policy file or object is invalid, of an unknown schema version, or does not fit the model."""
+
+
+class ProfileError(AutoprecError, ValueError):
+    """A device profile file or option is invalid, of an unknown schema version, or for another target."""

@@ -33,6 +33,8 @@ def summary(policy: "Policy") -> dict[str, Any]:
         "low_precision_flop_fraction": policy.low_precision_fraction(),
         "excluded": {k: {"reason": e.reason, "detail": e.detail, "hazards": list(e.hazards), "op": e.op}
                      for k, e in policy.excluded().items()},
+        "no_gain": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
+                    if e.reason == "no gain" and e.precision == "fp32"},
         "opaque": dict(policy.opaque),
         "scaler": None if policy.scaler is None or "fp16" not in policy.assignment.values()
         else vars(policy.scaler),
@@ -66,6 +68,7 @@ def _markdown(policy: "Policy") -> str:
         keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
                 "measured_loss_err", "measured_grad_err")
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st))
+    lines += _device(st)
     ver = s["verification"]
     lines.append("")
     lines.append("## Verification")
@@ -92,6 +95,11 @@ def _markdown(policy: "Policy") -> str:
                          f"{e['detail'].replace('|', '/')} |")
     else:
         lines.append("none")
+    if s["no_gain"]:
+        lines += ["", "## Layers kept in FP32 for speed (no gain)", "",
+                  "A 16-bit format would not make them faster on the target: each format's step time, and where "
+                  "that figure comes from.", "", "| layer | op | evidence |", "| --- | --- | --- |"]
+        lines += [f"| `{k or '(root)'}` | {e['op']} | {e['detail'].replace('|', '/')} |" for k, e in s["no_gain"].items()]
     if s["opaque"]:
         lines += ["", "## Opaque to FX", "",
                   "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]
@@ -101,6 +109,24 @@ def _markdown(policy: "Policy") -> str:
         note = "" if e.reason == "cast" else e.reason
         lines.append(f"| `{k or '(root)'}` | {e.op} | {e.precision} | {e.flops} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _device(st: dict[str, Any]) -> list[str]:
+    """The device lines: what priced the formats, and each format's modelled speed on the model."""
+    if "profile_origin" not in st:
+        return []
+    origin = st["profile_origin"]
+    lines = [f"- speed figures: {st.get('profile', origin)}"]
+    if origin == "estimate":
+        lines[-1] += " **(an estimate, not measured on the device)**"
+    for fmt, sp in sorted(st.get("format_speed", {}).items()):
+        speed = sp.get("speed", 1.0)
+        how = "measured" if origin != "estimate" else "estimated"
+        verdict = (f"{speed:.3g}x the FP32 speed ({1 / speed:.3g}x slower)" if speed < 1
+                   else f"{speed:.3g}x the FP32 speed")
+        lines.append(f"- {fmt} on all {sp.get('layers', 0)} matmul/conv layers: {verdict}, {how}; faster alone "
+                     f"for {sp.get('faster', 0)} of them" + (" (layers stay FP32 where it is slower)" if speed < 1 else ""))
+    return lines
 
 
 def _log2(x: float) -> str:

@@ -17,7 +17,8 @@ from .batch import LossFn, split_batches
 from .errors import ModelError
 from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
-from .costs import PROFILES
+from .calibration import resolve_profile, with_layers
+from .costs import DeviceProfile, format_speed
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
@@ -89,7 +90,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: str | None = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
-         verify_compile: str | None = None) -> Policy:
+         verify_compile: str | None = None, profile: str | DeviceProfile | None = None) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -114,6 +115,10 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         seed: seed for the study and for the dropout masks of every pass.
         verify_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``): the verified
             policy also trains compiled with it and must meet the same bound; None (default) skips it.
+        profile: the device profile that prices each format: a file from ``autoprec calibrate`` (to
+            tune for a device from another machine) or a ``DeviceProfile``; None (default): the
+            device is calibrated here when it is the target (cached per machine), else the built-in
+            CUDA estimate, which the report names as such. See :func:`autoprec.calibrate`.
 
     ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
     wrappers); the policy's keys are the names without the wrappers, and it fits both.
@@ -139,6 +144,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
+        prof = resolve_profile(profile, target=target, device=device, formats=formats)
         work = _private_copy(model)
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
@@ -147,16 +153,15 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                          verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                          optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
                          headroom=float(headroom), seed=seed, bar=bar, started=started,
-                         verify_compile=verify_compile)
+                         verify_compile=verify_compile, profile=prof)
 
 
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float, verify_compile: str | None) -> Policy:
+          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
-    profile = PROFILES[target]
 
     bar.stage("trace", 1)
     tr = trace(work, batches[0], device_type=device_type)
@@ -168,6 +173,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             candidates.append(lay.key)
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
+    if profile.origin == "calibrated":  # the model's own layers, timed at their shapes (cached)
+        profile = with_layers(profile, [lay for lay in tr.layers if lay.key in candidates],
+                              canonical_modules(work), device=device)
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, seed=seed)
     bar.stage("probe", len(candidates))
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
@@ -247,6 +255,13 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "scaler_trials": scaler_choice.trials if scaler_choice else 0,
         "scaler_predicted_skip_rate": scaler_choice.skip_rate if scaler_choice else 0.0,
         "fp32_grad_absmax": pr.grad_absmax,
+        "device": profile.device,
+        "capability": profile.capability,
+        "profile_origin": profile.origin,
+        "profile": profile.describe(),
+        "calibration_seconds": round(profile.seconds, 3),
+        # modelled FP32 step time of the matmul/conv layers over that in each format (< 1: slower)
+        "format_speed": format_speed([tr.layer(k) for k in candidates], formats, profile),
     }
     policy = dataclasses.replace(policy, verification=verification, stats=stats)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
