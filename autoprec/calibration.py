@@ -238,8 +238,14 @@ def resolve_profile(profile: Any, *, target: str, device: torch.device, formats:
     built-in estimate (CUDA tuned from a CPU). It must price every format in ``formats``.
 
     Example:
-        >>> resolve_profile(None, target="cuda", device=torch.device("cpu"), formats=("bf16",)).origin
+        >>> import autoprec
+        >>> gpu = estimate("cuda")
+        >>> resolve_profile(gpu, target="cuda", device=torch.device("cpu"), formats=("fp16", "bf16")).origin
         'estimate'
+        >>> resolve_profile(gpu, target="cpu", device=torch.device("cpu"), formats=("bf16",))
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.ProfileError: the device profile 'CUDA GPU (assumed A100/H100 class)' is for target 'cuda', but the policy is tuned for 'cpu': pass target='cuda', or a profile calibrated on a cpu device
     """
     if isinstance(profile, DeviceProfile):
         found = profile

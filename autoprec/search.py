@@ -135,7 +135,8 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
             failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
         elif m.full_width:
             failures.append((9, fmt, "no gain", f"{fmt}: its output comes back FP32 from a {fmt} region (it "
-                                                 "computes in FP32 itself): 16-bit would only add casts"))
+                                                 "computes in FP32 itself): 16-bit would only add casts; "
+                                                 f"{cost_note(layer, (fmt,), profile)}"))
         elif layer_cost(layer, fmt, profile) >= base:  # never chosen for speed where it is not faster
             failures.append((9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}"))
         else:
@@ -145,7 +146,8 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     if ok:
         return ok, refused, None
     if not failures:
-        return [], "", Decision(key, "fp32", "no gain", "no 16-bit format probed")
+        return [], "", Decision(key, "fp32", "no gain", "no 16-bit format probed; "
+                                                        f"{cost_note(layer, probe.formats, profile)}")
     reason = failures[0][2]
     hazard = ", ".join(layer.hazards)
     detail = f"[{hazard}] {refused}" if hazard else refused

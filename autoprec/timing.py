@@ -47,12 +47,10 @@ class Clock:
         return time.perf_counter() - t
 
     def fastest(self, fns: Mapping[str, Callable[[], None]], reps: int = 5, slice_s: float = 0.25) -> dict[str, float]:
-        """Least seconds of each closure over up to ``reps`` interleaved rounds within ``slice_s`` (at least
-        one), after one warm-up call each. The least, not the median: other load on the machine only
+        """Least seconds of each closure over up to ``reps`` interleaved rounds within ``slice_s`` and the
+        budget (at least one round), after one warm-up call each. The least, not the median: other load on the machine only
         ever adds time, and a calibration is read for ratios between formats timed side by side."""
-        first = {k: self.once(f) for k, f in fns.items()}
-        if self.left() <= 0:  # out of budget: the warm-up call is the figure
-            return first
+        first = {k: self.once(f) for k, f in fns.items()}  # first calls pay one-off costs: not figures
         rounds = max(1, min(reps, int(min(slice_s, self.left()) / max(sum(first.values()), 1e-9))))
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(rounds):
@@ -184,28 +182,23 @@ def elementwise(formats: Sequence[str], clock: Clock, device: torch.device,
 
 
 def region(formats: Sequence[str], clock: Clock, device: torch.device, gen: torch.Generator) -> dict[str, float]:
-    """Seconds one 16-bit region of the runtime adds per call (forward+backward) over an FP32 layer."""
+    """Seconds one 16-bit region of the runtime adds per call (forward+backward) over an FP32 layer:
+    a stack of tiny Linears with the runtime installed, all in the format against all in FP32."""
     from .runtime import Runtime
 
-    n = 16
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(n)]).to(device)
+    n = 32
     units = [str(i) for i in range(n)]
     x = torch.randn(4, 8, generator=gen).to(device)
-    runtimes = {f: Runtime(model, {u: f for u in units}, units=units, device_type=device.type) for f in formats}
-
-    def under(f: str) -> Callable[[], None]:
-        step = _step(lambda: model(x), list(model.parameters()))
-
-        def run() -> None:
-            runtimes[f].install()
-            try:
-                step()
-            finally:
-                runtimes[f].remove()
-        return run
-    t = clock.fastest({f: under(f) for f in formats}, reps=9, slice_s=0.2)
+    models, runtimes = {}, []
+    try:
+        for f in formats:
+            models[f] = nn.Sequential(*[nn.Linear(8, 8) for _ in range(n)]).to(device)
+            runtimes.append(Runtime(models[f], {u: f for u in units}, units=units, device_type=device.type).install())
+        steps = {f: _step(lambda m=m: m(x), list(m.parameters())) for f, m in models.items()}
+        t = clock.fastest(steps, reps=9, slice_s=0.3)
+    finally:
+        for r in runtimes:
+            r.remove()
     return {f: max((t[f] - t["fp32"]) / n, 0.0) for f in formats if f != "fp32"}
 
 

@@ -99,8 +99,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         loss_fn: ``loss_fn(output, batch) -> scalar``; default: the model's own loss where it
             returns one, else a fixed random projection of the outputs.
         batches: more batches (an iterable): their ranges count, and verification trains on all.
-        dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: what ``target`` runs fast
-            (BF16 on a CPU; FP16 and BF16 on CUDA).
+        dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: BF16 on a CPU, FP16 and
+            BF16 on CUDA. A layer gets one only where the device profile finds it faster than FP32.
         target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device.
         tolerance: bound on the relative error at the loss.
         grad_tolerance: bound on the relative L2 error of the parameter gradients.
@@ -173,7 +173,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             candidates.append(lay.key)
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
-    if profile.origin == "calibrated":  # the model's own layers, timed at their shapes (cached)
+    if profile.origin == "calibrated" and profile.target == device_type:  # the model's layers at their shapes
         profile = with_layers(profile, [lay for lay in tr.layers if lay.key in candidates],
                               canonical_modules(work), device=device)
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, seed=seed)

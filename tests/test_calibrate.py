@@ -15,11 +15,12 @@ from torch import nn
 import autoprec
 from autoprec.calibration import cache_dir, calibrate, machine, with_layers
 from autoprec.costs import estimate, shape_key
-from autoprec.profiles import load_profile, profile_to_dict, save_profile
+from autoprec.profiles import load_profile, profile_from_dict, profile_to_dict, save_profile
 from autoprec.trace import trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = 1e-3  # seconds: only the minimal set of figures gets measured
+PINNED_CPU = os.path.join(ROOT, "tests", "data", "cpu_profile.json")
 
 
 @pytest.fixture
@@ -105,18 +106,35 @@ def test_a_damaged_cache_is_measured_again(cache, caplog):
     load_profile(path)  # rewritten whole
 
 
-def test_model_layers_are_timed_at_their_shapes_once(tiny_profile):
-    """with_layers times each layer shape once, in every format; a second call times nothing."""
+def _four_linears() -> tuple[nn.Module, list]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.Linear(128, 128), nn.Linear(128, 8))
     tr = trace(model, torch.randn(32, 64), device_type="cpu")
-    heavy = [lay for lay in tr.layers if lay.flops > 0]
-    p = with_layers(tiny_profile, heavy, dict(model.named_modules()), device=torch.device("cpu"), seconds=5.0,
-                    cache=False)
+    return model, [lay for lay in tr.layers if lay.flops > 0]
+
+
+def test_model_layers_are_timed_at_their_shapes_once():
+    """with_layers times each layer shape once, in every format the profile prices; a second call times
+    nothing."""
+    model, heavy = _four_linears()
+    pinned = load_profile(PINNED_CPU)
+    p = with_layers(pinned, heavy, dict(model.named_modules()), device=torch.device("cpu"), seconds=5.0, cache=False)
     assert len(heavy) == 4 and len(p.layers) == 3  # the two 128 x 128 Linears share one shape
     assert set(p.layers) == {shape_key(lay) for lay in heavy}
-    assert all(set(v) == {"fp32", "bf16"} for v in p.layers.values())
+    assert all(set(v) == {"fp32", "fp16", "bf16"} for v in p.layers.values())
     assert with_layers(p, heavy, dict(model.named_modules()), device=torch.device("cpu"), cache=False) is p
+
+
+def test_a_format_far_slower_on_the_curve_is_not_timed_at_large_shapes():
+    """A format the profile's curve prices at more than 16x FP32 for a layer (CPU FP16 without kernels) is
+    not timed at that layer's shape: only FP32 is, and the curve keeps pricing the format."""
+    model, heavy = _four_linears()
+    data = profile_to_dict(load_profile(PINNED_CPU))
+    for c in data["curves"]:
+        c["seconds"]["fp16"] = [100 * t for t in c["seconds"]["fp32"]]
+    slow = profile_from_dict(data)
+    p = with_layers(slow, heavy, dict(model.named_modules()), device=torch.device("cpu"), seconds=5.0, cache=False)
+    assert len(p.layers) == 3 and all(set(v) == {"fp32", "bf16"} for v in p.layers.values())
 
 
 def test_tune_calibrates_where_it_tunes_and_caches_the_model_shapes(cache):
