@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds of the named kernels")
     p.add_argument("--out", default=os.path.join(HERE, "results", "calibrate.json"))
     args = p.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    cpu, capability = machine(torch.device("cpu"))
-    profile = calibrate("cpu", dtypes=args.dtypes, seconds=args.seconds, cache=False)
-    formats = list(profile.formats)
-    kernels = named(formats, args.rounds)
+    try:
+        cpu, capability = machine(torch.device("cpu"))
+        profile = calibrate("cpu", dtypes=args.dtypes, seconds=args.seconds, cache=False)
+        formats = list(profile.formats)
+        kernels = named(formats, args.rounds)
+    finally:
+        torch.set_num_threads(threads)
     print(f"# {cpu} ({capability}), torch {torch.__version__}, {args.threads} thread(s); "
           f"calibration {profile.seconds:.2f}s")
     print()

@@ -76,3 +76,20 @@ def test_compile_speed_times_every_variant_and_counts_graph_breaks(tmp_path):
     ratio = v["policy-compiled"]["median_s"] / v["amp-bf16-compiled"]["median_s"]
     assert r["target"]["policy_compiled_vs_amp_bf16_compiled"] == pytest.approx(ratio)
     assert r["target"]["met"] == (ratio <= 1.05)
+
+
+def test_calibrate_benchmark_writes_the_profile_and_the_named_kernels(tmp_path):
+    """benchmarks/calibrate.py, at the smallest budget: a valid profile and every named kernel timed in each
+    format, as the READMEs cite them."""
+    import calibrate
+
+    from autoprec.profiles import profile_from_dict
+
+    out = tmp_path / "calibrate.json"
+    result = calibrate.main(["--seconds", "0.001", "--rounds", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert profile_from_dict(saved["profile"]).formats == ("fp32", "bf16")
+    assert len(saved["kernels_ms"]) == 6
+    assert all(set(v) == {"fp32", "bf16"} and min(v.values()) > 0 for v in saved["kernels_ms"].values())
+    assert "avx512_bf16" in saved["meta"]["capability"]
