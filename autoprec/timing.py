@@ -8,6 +8,7 @@ with parameter gradients reset. Inputs come from a private generator, never the 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -57,6 +58,20 @@ class Clock:
             for k, f in fns.items():
                 times[k].append(self.once(f))
         return {k: min(v) for k, v in times.items()}
+
+    def paired(self, a: Callable[[], None], b: Callable[[], None], reps: int = 15, slice_s: float = 0.4) -> float:
+        """Median over rounds of ``a``'s time minus ``b``'s, the two run back to back (in turn first):
+        a small difference between two steps that load on the machine slows alike."""
+        first = self.once(a) + self.once(b)
+        rounds = max(3, min(reps, int(min(slice_s, max(self.left(), 0.0)) / max(first, 1e-9))))
+        diffs = []
+        for r in range(rounds):
+            if r % 2:
+                tb, ta = self.once(b), self.once(a)
+            else:
+                ta, tb = self.once(a), self.once(b)
+            diffs.append(ta - tb)
+        return statistics.median(diffs)
 
 
 def _autocast(device: torch.device, fmt: str) -> Any:
@@ -195,11 +210,10 @@ def region(formats: Sequence[str], clock: Clock, device: torch.device, gen: torc
             models[f] = nn.Sequential(*[nn.Linear(8, 8) for _ in range(n)]).to(device)
             runtimes.append(Runtime(models[f], {u: f for u in units}, units=units, device_type=device.type).install())
         steps = {f: _step(lambda m=m: m(x), list(m.parameters())) for f, m in models.items()}
-        t = clock.fastest(steps, reps=9, slice_s=0.3)
+        return {f: max(clock.paired(steps[f], steps["fp32"]), 0.0) / n for f in formats if f != "fp32"}
     finally:
         for r in runtimes:
             r.remove()
-    return {f: max((t[f] - t["fp32"]) / n, 0.0) for f in formats if f != "fp32"}
 
 
 _OPS: dict[str, Callable[..., torch.Tensor]] = {
