@@ -22,9 +22,9 @@ from .trace import Layer
 
 __all__ = ["Clock", "curve", "elementwise", "layer_step", "monotone", "region"]
 
-#: A format more than this many times slower than FP32 at a size is not timed at larger sizes (CPU
-#: FP16 has no fast kernels: a 2048^2 matmul takes tens of seconds); its times there are the larger
-#: sizes' FP32 times at the last measured ratio.
+#: A format more than this many times slower than FP32 at a size is not timed at larger sizes (a CPU
+#: without FP16 kernels: its large sizes alone would outlast the budget); its times there are the
+#: larger sizes' FP32 times at the last measured ratio.
 GIVE_UP = 16.0
 
 
