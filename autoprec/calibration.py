@@ -256,7 +256,10 @@ def resolve_profile(profile: Any, *, target: str, device: torch.device, formats:
                           "calibrate --out FILE`), an autoprec DeviceProfile, or None to calibrate here")
     else:
         env = [p for p in os.environ.get("AUTOPREC_PROFILE", "").split(os.pathsep) if p]
-        files = [load_profile(p) for p in env]
+        try:
+            files = [load_profile(p) for p in env]
+        except ProfileError as exc:
+            raise ProfileError(f"$AUTOPREC_PROFILE: {exc} (or unset AUTOPREC_PROFILE to calibrate here)") from None
         found = next((p for p in files if p.target == target), None)
         if found is None:
             if target == "cpu" or device.type == target:

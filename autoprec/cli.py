@@ -90,6 +90,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           f"{policy.stats.get('tuning_seconds', 0):.1f}s")
     for key, e in excluded.items():
         print(f"  excluded {key or '(root)'}: {e.reason}")
+    if "profile" in policy.stats:
+        print(f"  speed figures: {policy.stats['profile']}")
+    for fmt, sp in sorted(policy.stats.get("format_speed", {}).items()):
+        if sp["speed"] < 1:
+            print(f"  {fmt} is slower than FP32 here ({1 / sp['speed']:.3g}x the time over the matmul/conv layers): "
+                  f"{sp['layers'] - sp['faster']} of {sp['layers']} of them stay FP32 for speed")
     return EXIT_OK
 
 

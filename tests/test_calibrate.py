@@ -143,7 +143,9 @@ def test_tune_calibrates_where_it_tunes_and_caches_the_model_shapes(cache):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 8))
     x = torch.randn(256, 64)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
     policy = autoprec.tune(model, x, progress=False, verify_steps=0)
+    assert torch.equal(rng, torch.get_rng_state()) and torch.get_num_threads() == threads
     st = policy.stats
     assert st["profile_origin"] == "calibrated" and st["calibration_seconds"] > 0
     assert (st["device"], st["capability"]) == machine(torch.device("cpu"))
@@ -230,6 +232,17 @@ def test_tune_uses_a_profile_file_for_its_target_only(tmp_path):
         autoprec.tune(model, batch, loss_fn, profile=3, progress=False)
 
 
+def test_a_bad_profile_in_the_environment_names_the_variable(monkeypatch, tmp_path):
+    """AUTOPREC_PROFILE naming a missing file is a ProfileError that names the variable and the way out."""
+    from tests.models import mlp
+
+    monkeypatch.setenv("AUTOPREC_PROFILE", str(tmp_path / "gone.json"))
+    model, batch, loss_fn = mlp(batch_size=16)
+    with pytest.raises(autoprec.ProfileError, match=r"\$AUTOPREC_PROFILE: device profile .*gone.json' does not "
+                                                    r"exist.*unset AUTOPREC_PROFILE to calibrate here"):
+        autoprec.tune(model, batch, loss_fn, progress=False)
+
+
 def test_cuda_target_from_a_cpu_uses_the_estimate_and_says_so(monkeypatch):
     """Without a profile file, a CUDA target tuned from a CPU is priced by the built-in estimate; the
     policy's stats and report say it is one."""
@@ -257,3 +270,8 @@ def test_cli_calibrate_writes_a_profile_that_tune_reads(tmp_path, cache):
     run = subprocess.run([sys.executable, "-m", "autoprec", "tune", f"{factory}:make", "--out", "p.json",
                           "--profile", "bad.json", "--quiet"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 3 and "ProfileError" in run.stderr and "field '(top level)'" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "autoprec", "tune", f"{factory}:make", "--out", "p.json",
+                          "--profile", str(out), "--quiet", "--verify-steps", "0"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert f"speed figures: profile file {out}" in run.stdout
