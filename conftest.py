@@ -22,7 +22,7 @@ def _pinned_device_profile(tmp_path_factory):
     roofline without per-call costs (every 16-bit matmul layer faster, however small: the tests of
     CUDA targets check numerical decisions on small models; tests of the cost model pass their
     profile). Any calibration caches into a temporary directory."""
-    from autoprec.costs import _GPU, roofline
+    from autoprec.estimates import _GPU, roofline
     from autoprec.profiles import save_profile
 
     cuda = str(tmp_path_factory.mktemp("profiles") / "cuda_no_call_costs.json")

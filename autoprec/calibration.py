@@ -1,7 +1,8 @@
 """Calibrate where you tune: measure the device's speeds per format, bounded in time, cached per machine.
 
 :func:`calibrate` measures what the cost model (:mod:`autoprec.costs`) prices, on the device, with
-the intra-op threads the caller has set, forward+backward, as medians of interleaved repetitions:
+the intra-op threads the caller has set, forward+backward, formats interleaved (see
+:mod:`autoprec.timing`):
 
 * matmul, conv and attention kernels along a ladder of sizes (each under ``torch.autocast`` with
   its input already in the format and FP32 weights, as the runtime runs a layer);
@@ -31,8 +32,9 @@ import torch
 from torch import nn
 
 from . import timing
-from .costs import _CUDA_FP32_OPS, CPU_FP32_OPS, DeviceProfile, estimate, layer_cost, shape_key
+from .costs import DeviceProfile, layer_cost, shape_key
 from .errors import AutoprecError, OptionError, ProfileError
+from .estimates import CPU_FP32_OPS, CUDA_FP32_OPS, estimate
 from .formats import from_dtype, to_dtype
 from .profiles import load_profile, save_profile
 from .timing import GIVE_UP, Clock
@@ -53,10 +55,10 @@ def cache_dir() -> str:
 
     Example:
         >>> import os
-        >>> os.environ["AUTOPREC_CACHE_DIR"] = "/tmp/ap-cache"
-        >>> cache_dir()
+        >>> from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"AUTOPREC_CACHE_DIR": "/tmp/ap-cache"}):
+        ...     cache_dir()
         '/tmp/ap-cache'
-        >>> del os.environ["AUTOPREC_CACHE_DIR"]
     """
     if os.environ.get("AUTOPREC_CACHE_DIR"):
         return os.environ["AUTOPREC_CACHE_DIR"]
@@ -69,7 +71,7 @@ def machine(device: torch.device) -> tuple[str, str]:
 
     Example:
         >>> name, capability = machine(torch.device("cpu"))
-        >>> "bf16" in capability
+        >>> ("avx512_bf16 yes" in capability) == torch.cpu._is_avx512_bf16_supported()
         True
     """
     if device.type == "cuda":
@@ -106,16 +108,15 @@ def _store(profile: DeviceProfile, path: str) -> None:
                     "directory to keep it", path, exc)
 
 
-def _cached(device: torch.device, formats: Sequence[str]) -> DeviceProfile | None:
+def _cached(device: torch.device) -> DeviceProfile | None:
     path = _cache_file(device)
     if not os.path.exists(path):
         return None
     try:
-        found = load_profile(path, origin="calibrated")
+        return load_profile(path, origin="calibrated")
     except AutoprecError as exc:  # a damaged cache is measured again, never trusted
         log.warning("ignoring the calibration cache %s: %s", path, exc)
         return None
-    return found if set(formats) <= set(found.formats) else None
 
 
 def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("bf16",), seconds: float = 3.0,
@@ -139,10 +140,11 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
         raise OptionError(f"calibrate seconds={seconds!r} must be a positive number of seconds, e.g. 3.0")
     names = {from_dtype(to_dtype(d)) for d in ([dtypes] if isinstance(dtypes, str) else dtypes)}
     formats = ("fp32",) + tuple(f for f in ("fp16", "bf16") if f in names)
-    if cache:
-        found = _cached(device, formats)
-        if found is not None:
+    found = _cached(device) if cache else None
+    if found is not None:
+        if set(formats) <= set(found.formats):
             return found
+        formats = tuple(f for f in ("fp32", "fp16", "bf16") if f in set(formats) | set(found.formats))
     started = time.perf_counter()
     clock = Clock(device, started + seconds)
     gen = torch.Generator().manual_seed(0)
@@ -159,7 +161,7 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
     profile = DeviceProfile(
         target=device.type, device=name, capability=capability, origin="calibrated", curves=tuple(curves),
         elementwise=elementwise, cast=cast, region=region,
-        full_width_ops=_CUDA_FP32_OPS if device.type == "cuda" else CPU_FP32_OPS,
+        full_width_ops=CUDA_FP32_OPS if device.type == "cuda" else CPU_FP32_OPS,
         torch_version=torch.__version__, threads=torch.get_num_threads(), seconds=took)
     log.info("calibrated %s (%s) in %.2fs: %d timed steps", name, capability, took, clock.timed)
     if cache:
@@ -188,8 +190,8 @@ def with_layers(profile: DeviceProfile, layers: Iterable[Layer], modules: Mappin
         >>> tr = trace(m, torch.randn(32, 64), device_type="cpu")
         >>> p = with_layers(autoprec.calibrate(seconds=0.3, cache=False), tr.layers, {"0": m[0]},
         ...                 device=torch.device("cpu"), cache=False)
-        >>> sorted(p.layers[shape_key(tr.layers[0])])
-        ['bf16', 'fp32']
+        >>> p.layers[shape_key(tr.layers[0])]["fp32"] > 0  # seconds, forward+backward at its shape
+        True
     """
     started = time.perf_counter()
     todo = sorted((lay for lay in layers if shape_key(lay) not in profile.layers), key=lambda lay: -lay.flops)

@@ -123,7 +123,7 @@ def profile_table(profile: Any) -> str:
     """A device profile's figures as a Markdown table: forward+backward time per format.
 
     Example:
-        >>> from autoprec.costs import estimate
+        >>> from autoprec.estimates import estimate
         >>> print(profile_table(estimate("cuda")).splitlines()[0])
         | figure | fp32 | fp16 | bf16 |
     """
@@ -140,7 +140,8 @@ def profile_table(profile: Any) -> str:
                     + " | ".join(f"{us(per[f][0])} / {per[f][1] * 1e9:.3g} ns" for f in fmts) + " |")
     for c in profile.curves:
         for i, fl in enumerate(c.flops):
-            rel = " | ".join(us(c.seconds[f][i]) + ("" if f == "fp32" else f" ({c.seconds['fp32'][i] / c.seconds[f][i]:.2f}x)")
+            rel = " | ".join(us(c.seconds[f][i])
+                             + ("" if f == "fp32" else f" ({c.seconds['fp32'][i] / c.seconds[f][i]:.2f}x)")
                              for f in fmts)
             rows.append(f"| {c.kind} {fl / 1e6:.3g} MFLOP | {rel} |")
     return "\n".join(rows)

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 from .ops import HAZARD_OPS
 from .trace import Layer
 
-__all__ = ["Curve", "DeviceProfile", "ORIGINS", "cost_note", "estimate", "format_speed", "layer_cost", "roofline",
-           "shape_key"]
+__all__ = ["Curve", "DeviceProfile", "ORIGINS", "cost_note", "format_speed", "layer_cost", "shape_key"]
 
 #: Where a profile's figures come from.
 ORIGINS = ("calibrated", "file", "estimate")
@@ -88,6 +87,7 @@ class DeviceProfile:
         """The formats it prices (FP32 always).
 
         Example:
+            >>> from autoprec.estimates import estimate
             >>> estimate("cuda").formats
             ('fp32', 'fp16', 'bf16')
         """
@@ -97,6 +97,7 @@ class DeviceProfile:
         """One line: what the figures are and where they come from.
 
         Example:
+            >>> from autoprec.estimates import estimate
             >>> estimate("cuda").describe()
             'built-in estimate for cuda (not measured: run `autoprec calibrate` on the GPU)'
         """
@@ -181,6 +182,7 @@ def layer_cost(layer: Layer, precision: str, profile: DeviceProfile, *, casts: b
         ...     return Layer("fc", "module", "Linear", (), ("linear",), ((rows, width),), ((rows, width),),
         ...                  flops=2 * rows * width * width, in_numel=rows * width, out_numel=rows * width,
         ...                  work_numel=rows * width, param_numel=width * width + width, calls=1)
+        >>> from autoprec.estimates import estimate
         >>> cuda = estimate("cuda")
         >>> layer_cost(linear(4096, 1024), "bf16", cuda) < layer_cost(linear(4096, 1024), "fp32", cuda)
         True
@@ -208,6 +210,7 @@ def cost_note(layer: Layer, formats: tuple[str, ...], profile: DeviceProfile) ->
     Example:
         >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 16),), ((8, 16),), flops=4096,
         ...             in_numel=128, out_numel=128, work_numel=128, param_numel=272, calls=1)
+        >>> from autoprec.estimates import estimate
         >>> print(cost_note(lin, ("bf16",), estimate("cuda")))  # doctest: +NORMALIZE_WHITESPACE
         step time fp32 15 us, bf16 35 us (2.33x FP32) with its region and casts; modelled from the profile's
         matmul curve; built-in estimate for cuda (not measured: run `autoprec calibrate` on the GPU)
@@ -227,62 +230,6 @@ def _time(s: float) -> str:
     return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} us"
 
 
-# -- the built-in CUDA estimate -------------------------------------------------------------------
-#: Assumptions, not measurements (no GPU was available to measure): an A100/H100-class GPU without
-#: TF32, FP32 matmul FLOP/s and FP16/BF16 tensor cores at ``low_speedup`` times that, memory
-#: bandwidth in bytes/s, and per-call host costs in seconds: a kernel launch, a 16-bit region.
-_GPU = {"fp32_flops": 19.5e12, "low_speedup": 8.0, "bandwidth": 1.5e12, "launch": 5e-6, "region": 20e-6}
-#: CUDA autocast computes these in FP32 whatever the region's format (a semantic fact, not a speed).
-_CUDA_FP32_OPS = frozenset({
-    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt",
-    "sinh", "tan", "pow", "softplus", "layer_norm", "group_norm", "rms_norm", "norm", "cosine_similarity",
-    "logsumexp", "cdist", "dist", "renorm", "softmax", "log_softmax", "cumsum", "cumprod", "prod", "sum",
-    "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "kl_div",
-    "poisson_nll_loss", "binary_cross_entropy_with_logits", "cosine_embedding_loss", "margin_ranking_loss",
-    "triplet_margin_loss", "soft_margin_loss"})
-#: CPU autocast computes the losses (and prod, cdist) in FP32 whatever the region's format.
-CPU_FP32_OPS = frozenset(op for op, h in HAZARD_OPS.items() if h == "loss") | {"prod", "cdist"}
-
-
-def estimate(target: str) -> DeviceProfile:
-    """The built-in profile for a target that was not calibrated: only CUDA has one (see ``_GPU``).
-
-    A roofline from assumed figures, marked ``origin="estimate"``; a policy tuned with it says so.
-    A CPU is always there to calibrate, so it has no estimate.
-
-    Example:
-        >>> estimate("cuda").origin
-        'estimate'
-    """
-    if target != "cuda":
-        raise ValueError(f"no built-in estimate for {target!r}: calibrate it (autoprec.calibrate)")
-    return roofline(**_GPU)
-
-
-def roofline(*, fp32_flops: float, low_speedup: float, bandwidth: float, launch: float, region: float,
-             origin: str = "estimate", device: str = "CUDA GPU (assumed A100/H100 class)") -> DeviceProfile:
-    """A CUDA profile from a roofline: matmul FLOP/s, memory bandwidth, per-call costs (see ``_GPU``).
-
-    Example:
-        >>> p = roofline(fp32_flops=1e12, low_speedup=4.0, bandwidth=1e11, launch=0.0, region=0.0)
-        >>> p.curves[0].at("fp32", 1e9) / p.curves[0].at("bf16", 1e9)
-        4.0
-    """
-    g = {"fp32_flops": fp32_flops, "low_speedup": low_speedup, "bandwidth": bandwidth, "launch": launch,
-         "region": region}
-    width = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
-    rate = {"fp32": g["fp32_flops"], "fp16": g["fp32_flops"] * g["low_speedup"], "bf16": g["fp32_flops"] * g["low_speedup"]}
-    sizes = tuple(float(4 ** i) * 1e4 for i in range(9))  # 1e4 .. 6.6e8 forward FLOPs per call
-    # forward and two backward kernels, each a launch plus its FLOPs at the format's rate
-    curves = tuple(Curve(kind, sizes, {f: tuple(3 * (g["launch"] + s / rate[f]) for s in sizes) for f in width})
-                   for kind in KINDS)
-    # forward reads and writes an element, backward reads two and writes one: 5 element moves
-    elementwise = {k: {f: (3 * g["launch"], 5 * width[f] / g["bandwidth"]) for f in width} for k in ELEMENTWISE}
-    cast = {f: 2 * (4 + width[f]) / g["bandwidth"] for f in ("fp16", "bf16")}
-    return DeviceProfile(target="cuda", device=device, capability="unknown", origin=origin, curves=curves, elementwise=elementwise, cast=cast,
-                         region={f: g["region"] for f in ("fp16", "bf16")}, full_width_ops=_CUDA_FP32_OPS)
-
-
 def format_speed(layers: list[Layer], formats: tuple[str, ...], profile: DeviceProfile) -> dict[str, dict[str, float]]:
     """Per format, over the layers with matmul/conv FLOPs: ``speed``, their modelled FP32 step time
     over their time all in that format (regions and casts included; below 1 the format is slower
@@ -292,6 +239,7 @@ def format_speed(layers: list[Layer], formats: tuple[str, ...], profile: DeviceP
         >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((4096, 1024),), ((4096, 1024),),
         ...             flops=2 * 4096 * 1024 * 1024, in_numel=4096 * 1024, out_numel=4096 * 1024,
         ...             work_numel=4096 * 1024, param_numel=1024 * 1025, calls=1)
+        >>> from autoprec.estimates import estimate
         >>> format_speed([lin], ("bf16",), estimate("cuda"))
         {'bf16': {'speed': 3.3818, 'faster': 1, 'layers': 1}}
     """

@@ -9,7 +9,7 @@ builtin it is, so ``except ValueError`` keeps working for callers who do not kno
     ├── OptionError(ValueError)       an option of tune/apply is out of range
     ├── FormatError(RuntimeError)     a precision format the device cannot run
     ├── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
-    └── ProfileError(ValueError)      a device profile file is corrupt, of an unknown version, or for another device
+    └── ProfileError(ValueError)      a device profile is corrupt, of an unknown version, or for another target
 """
 
 from __future__ import annotations

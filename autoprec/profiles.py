@@ -28,7 +28,7 @@ def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     """Plain JSON-able data, with the schema version.
 
     Example:
-        >>> from autoprec.costs import estimate
+        >>> from autoprec.estimates import estimate
         >>> profile_to_dict(estimate("cuda"))["autoprec_device_profile"]
         1
     """
@@ -50,7 +50,7 @@ def save_profile(profile: DeviceProfile, path: str | os.PathLike) -> None:
 
     Example:
         >>> import os, tempfile
-        >>> from autoprec.costs import estimate
+        >>> from autoprec.estimates import estimate
         >>> f = os.path.join(tempfile.mkdtemp(), "gpu.json")
         >>> save_profile(estimate("cuda"), f)
         >>> load_profile(f).cast == estimate("cuda").cast
@@ -114,7 +114,7 @@ def profile_from_dict(data: Any, *, source: str = "<dict>", origin: str = "file"
     """Validate profile data (see :func:`profile_to_dict`) and build the profile.
 
     Example:
-        >>> from autoprec.costs import estimate
+        >>> from autoprec.estimates import estimate
         >>> d = profile_to_dict(estimate("cuda")); d["cast"]["bf16"] = -1.0
         >>> profile_from_dict(d)
         Traceback (most recent call last):

@@ -99,7 +99,8 @@ def _markdown(policy: "Policy") -> str:
         lines += ["", "## Layers kept in FP32 for speed (no gain)", "",
                   "A 16-bit format would not make them faster on the target: each format's step time, and where "
                   "that figure comes from.", "", "| layer | op | evidence |", "| --- | --- | --- |"]
-        lines += [f"| `{k or '(root)'}` | {e['op']} | {e['detail'].replace('|', '/')} |" for k, e in s["no_gain"].items()]
+        lines += [f"| `{k or '(root)'}` | {e['op']} | {e['detail'].replace('|', '/')} |"
+                  for k, e in s["no_gain"].items()]
     if s["opaque"]:
         lines += ["", "## Opaque to FX", "",
                   "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]
@@ -125,7 +126,8 @@ def _device(st: dict[str, Any]) -> list[str]:
         verdict = (f"{speed:.3g}x the FP32 speed ({1 / speed:.3g}x slower)" if speed < 1
                    else f"{speed:.3g}x the FP32 speed")
         lines.append(f"- {fmt} on all {sp.get('layers', 0)} matmul/conv layers: {verdict}, {how}; faster alone "
-                     f"for {sp.get('faster', 0)} of them" + (" (layers stay FP32 where it is slower)" if speed < 1 else ""))
+                     f"for {sp.get('faster', 0)} of them"
+                     + (" (layers stay FP32 where it is slower)" if speed < 1 else ""))
     return lines
 
 

@@ -48,9 +48,10 @@ class Clock:
         return time.perf_counter() - t
 
     def fastest(self, fns: Mapping[str, Callable[[], None]], reps: int = 5, slice_s: float = 0.25) -> dict[str, float]:
-        """Least seconds of each closure over up to ``reps`` interleaved rounds within ``slice_s`` and the
-        budget (at least one round), after one warm-up call each. The least, not the median: other load on the machine only
-        ever adds time, and a calibration is read for ratios between formats timed side by side."""
+        """Least seconds of each closure over up to ``reps`` interleaved rounds within ``slice_s`` and
+        the budget (at least one round), after one warm-up call each. The least, not the median: other
+        load on the machine only ever adds time, and a profile is read for ratios between formats
+        timed side by side."""
         first = {k: self.once(f) for k, f in fns.items()}  # first calls pay one-off costs: not figures
         rounds = max(1, min(reps, int(min(slice_s, self.left()) / max(sum(first.values()), 1e-9))))
         times: dict[str, list[float]] = {k: [] for k in fns}

@@ -14,7 +14,8 @@ from torch import nn
 
 import autoprec
 from autoprec.calibration import cache_dir, calibrate, machine, with_layers
-from autoprec.costs import estimate, shape_key
+from autoprec.costs import shape_key
+from autoprec.estimates import estimate
 from autoprec.profiles import load_profile, profile_from_dict, profile_to_dict, save_profile
 from autoprec.trace import trace
 
@@ -74,6 +75,8 @@ def test_calibration_is_cached_per_machine(cache, monkeypatch):
     assert len(files) == 1 and first.seconds > 0 and first.source == str(cache / files[0])
     again = calibrate("cpu", seconds=TINY)
     assert again.seconds == 0 and profile_to_dict(again) == profile_to_dict(first)
+    both = calibrate("cpu", dtypes=["fp16"], seconds=TINY)  # a format the cache lacks: measured with the others
+    assert both.seconds > 0 and both.formats == ("fp32", "fp16", "bf16") and len(os.listdir(cache)) == 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if threads != 1 else 2)
     try:
@@ -171,7 +174,8 @@ BAD = {
     "version": (lambda d: d.update(autoprec_device_profile=2),
                 r"field 'autoprec_device_profile' is 2; allowed: 1"),
     "target": (lambda d: d.update(target="tpu"), r"field 'target' is 'tpu'; allowed: 'cpu' or 'cuda'"),
-    "negative cast": (lambda d: d["cast"].update(bf16=-1.0), r"field 'cast.bf16' is -1.0; allowed: a finite number > 0"),
+    "negative cast": (lambda d: d["cast"].update(bf16=-1.0),
+                      r"field 'cast.bf16' is -1.0; allowed: a finite number > 0"),
     "unknown field": (lambda d: d.update(speed={"bf16": 2.0}), r"field 'speed' is .*; allowed: only the fields"),
     "sizes not ascending": (lambda d: d["curves"][0]["flops"].__setitem__(1, 1.0),
                             r"field 'curves\[0\].flops' .*allowed: strictly ascending"),

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import autoprec
-from autoprec.costs import Curve, DeviceProfile, estimate, layer_cost, shape_key
+from autoprec.costs import Curve, DeviceProfile, layer_cost, shape_key
+from autoprec.estimates import estimate
 from autoprec.profiles import load_profile, profile_from_dict, profile_to_dict, save_profile
 from autoprec.timing import monotone
 from autoprec.trace import Layer
