@@ -222,7 +222,8 @@ def cost_note(layer: Layer, formats: tuple[str, ...], profile: DeviceProfile) ->
         ratio = t / t32 if t32 > 0 else float("inf")
         parts.append(f"{fmt} {_time(t)} ({ratio:.3g}x FP32)")
         sources.append(w)
-    src = "; ".join(dict.fromkeys(sources))
+    unique = list(dict.fromkeys(sources))
+    src = "; ".join(s for s in unique if not any(o != s and o.startswith(s) for o in unique))
     return f"step time {', '.join(parts)} with its region and casts; {src}; {profile.describe()}"
 
 

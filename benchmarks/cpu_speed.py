@@ -54,7 +54,10 @@ def run(name: str, rounds: int) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in spec.model.parameters()),
                            "tune_seconds": round(tune_s, 1), "variants": {},
                            "profile": policy.stats.get("profile"), "calibration_seconds": policy.stats.get("calibration_seconds"),
-                           "format_speed": policy.stats.get("format_speed")}
+                           "format_speed": policy.stats.get("format_speed"),
+                           # what each layer kept FP32 for speed would cost in each format, and where from
+                           "kept_fp32_for_speed": {k: e.detail for k, e in policy.layers.items()
+                                                   if e.reason == "no gain" and e.precision == "fp32"}}
     for v in variants:
         f = fidelity(spec.model, spec.heldout[0], v, ref)
         row["variants"][v.name] = {"loss_err": f.loss_err, "grad_err": f.grad_err, "nonfinite": f.nonfinite,
@@ -118,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         fastest = min(r["variants"][v]["median_s"] for v in ("fp32", "amp-bf16"))
         print(f"{r['model']}: autoprec-cpu {r['variants']['autoprec-cpu']['median_s'] / fastest:.3f}x the faster of FP32 "
               f"and blanket BF16; priced with {r['profile']} (calibration {r['calibration_seconds']}s)")
+        for key, why in r["kept_fp32_for_speed"].items():
+            print(f"  kept FP32 for speed: {key}: {why.split('; calibrated here')[0]}")
     return rows
 
 
