@@ -124,7 +124,7 @@ def shape_key(layer: Layer) -> str:
     return f"{layer.op}|{shapes(layer.in_shapes)}|{shapes(layer.out_shapes)}|{layer.flops // calls}|{layer.param_numel}"
 
 
-def kernel_kind(layer: Layer) -> str:
+def _kernel_kind(layer: Layer) -> str:
     """Which measured curve prices a layer's matmul/conv FLOPs."""
     names = {o.strip("_").lower() for o in layer.ops} | {layer.op.lower()}
     if any("conv" in n for n in names):
@@ -134,7 +134,7 @@ def kernel_kind(layer: Layer) -> str:
     return "matmul"
 
 
-def elementwise_kind(layer: Layer) -> str:
+def _elementwise_kind(layer: Layer) -> str:
     """Which measured elementwise rate prices a layer's work without matmul FLOPs."""
     hazards = {HAZARD_OPS.get(o.strip("_")) for o in layer.ops}
     if "accumulation" in hazards:
@@ -153,7 +153,7 @@ def _body(layer: Layer, run: str, profile: DeviceProfile) -> tuple[float, str]:
     if measured is not None and run in measured:
         return calls * measured[run], "measured at this layer's shape"
     if layer.flops > 0:
-        kind = kernel_kind(layer)
+        kind = _kernel_kind(layer)
         curve = next((c for c in profile.curves if c.kind == kind), None)
         if curve is None:
             curve, kind = next(c for c in profile.curves if c.kind == "matmul"), "matmul"
@@ -161,7 +161,7 @@ def _body(layer: Layer, run: str, profile: DeviceProfile) -> tuple[float, str]:
         per_call, per_elem = profile.elementwise["pointwise"][run]
         return (calls * curve.at(run, layer.flops / calls) + per_elem * extra,
                 f"modelled from the profile's {kind} curve")
-    kind = elementwise_kind(layer)
+    kind = _elementwise_kind(layer)
     per_call, per_elem = profile.elementwise[kind][run]
     kernels = calls * max(len(layer.ops), 1)
     return kernels * per_call + per_elem * max(layer.work_numel, layer.out_numel), f"modelled from {kind} rates"

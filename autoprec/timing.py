@@ -29,7 +29,15 @@ GIVE_UP = 16.0
 
 
 class Clock:
-    """Times forward+backward closures, interleaved across formats, until a deadline."""
+    """Times forward+backward closures, interleaved across formats, until a deadline.
+
+    Example:
+        >>> clock = Clock(torch.device("cpu"), time.perf_counter() + 1.0)
+        >>> sorted(clock.fastest({"a": lambda: None, "b": lambda: None}))
+        ['a', 'b']
+        >>> clock.timed >= 4  # a warm-up and at least one round each
+        True
+    """
 
     def __init__(self, device: torch.device, deadline: float) -> None:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -126,6 +134,15 @@ def _kernels(kind: str, n: int, fmt: str, device: torch.device, gen: torch.Gener
 
 def curve(kind: str, sizes: Sequence[int], formats: Sequence[str], clock: Clock, device: torch.device,
            gen: torch.Generator) -> Curve:
+    """The ``kind`` kernel timed at ``sizes`` (GEMM sides, conv channels or attention lengths) in each
+    format until the clock's deadline (the two smallest always), made non-decreasing.
+
+    Example:
+        >>> clock = Clock(torch.device("cpu"), time.perf_counter() + 1.0)
+        >>> c = curve("matmul", (16, 32), ("fp32", "bf16"), clock, torch.device("cpu"), torch.Generator())
+        >>> c.flops
+        (8192.0, 65536.0)
+    """
     flops, secs = [], {f: [] for f in formats}
     gave_up: dict[str, float] = {}
     for i, n in enumerate(sizes):
@@ -162,7 +179,14 @@ def monotone(times: Sequence[float]) -> tuple[float, ...]:
 
 def elementwise(formats: Sequence[str], clock: Clock, device: torch.device,
                  gen: torch.Generator) -> tuple[dict[str, dict[str, tuple[float, float]]], dict[str, float]]:
-    """Per call and per element seconds of each elementwise class, and per element cast seconds."""
+    """Per call and per element seconds of each elementwise class, and per element cast seconds.
+
+    Example:
+        >>> clock = Clock(torch.device("cpu"), time.perf_counter() + 1.0)
+        >>> rates, cast = elementwise(("fp32", "bf16"), clock, torch.device("cpu"), torch.Generator())
+        >>> sorted(rates), sorted(cast)
+        (['accumulation', 'norm', 'pointwise', 'softmax'], ['bf16'])
+    """
     small, large = 1 << 12, 1 << 18
 
     def ops(kind: str, n: int, fmt: str) -> Callable[[], None]:
@@ -199,7 +223,13 @@ def elementwise(formats: Sequence[str], clock: Clock, device: torch.device,
 
 def region(formats: Sequence[str], clock: Clock, device: torch.device, gen: torch.Generator) -> dict[str, float]:
     """Seconds one 16-bit region of the runtime adds per call (forward+backward) over an FP32 layer:
-    a stack of tiny Linears with the runtime installed, all in the format against all in FP32."""
+    a stack of tiny Linears with the runtime installed, all in the format against all in FP32.
+
+    Example:
+        >>> clock = Clock(torch.device("cpu"), time.perf_counter() + 1.0)
+        >>> region(("fp32", "bf16"), clock, torch.device("cpu"), torch.Generator())["bf16"] >= 0
+        True
+    """
     from .runtime import Runtime
 
     n = 32
@@ -227,7 +257,16 @@ _OPS: dict[str, Callable[..., torch.Tensor]] = {
 def layer_step(layer: Layer, module: nn.Module | None, fmt: str, device: torch.device,
                 gen: torch.Generator) -> Callable[[], None] | None:
     """The forward+backward step of one layer at its own shapes in ``fmt``, or None where it cannot be
-    made from shapes alone (several inputs to a module, integer inputs, an op outside ``_OPS``)."""
+    made from shapes alone (several inputs to a module, integer inputs, an op outside ``_OPS``).
+
+    Example:
+        >>> from autoprec.trace import trace
+        >>> m = nn.Sequential(nn.Linear(8, 8))
+        >>> lay = trace(m, torch.randn(4, 8), device_type="cpu").layers[0]
+        >>> step = layer_step(lay, m[0], "bf16", torch.device("cpu"), torch.Generator())
+        >>> step() is None and m[0].weight.grad.dtype == torch.float32
+        True
+    """
     if layer.kind == "module":
         if module is None or len(layer.in_shapes) != 1:
             return None
