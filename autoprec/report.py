@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
@@ -113,20 +114,24 @@ def _markdown(policy: "Policy") -> str:
 
 
 def _device(st: dict[str, Any]) -> list[str]:
-    """The device lines: what priced the formats, and each format's modelled speed on the model."""
-    if "profile_origin" not in st:
+    """The device lines: what priced the formats, and each format's modelled speed on the model.
+    (``stats`` is free-form in a file: anything not of the shape ``tune`` writes is left out.)"""
+    origin = st.get("profile_origin")
+    if not isinstance(origin, str):
         return []
-    origin = st["profile_origin"]
     lines = [f"- speed figures: {st.get('profile', origin)}"]
     if origin == "estimate":
         lines[-1] += " **(an estimate, not measured on the device)**"
-    for fmt, sp in sorted(st.get("format_speed", {}).items()):
-        speed = sp.get("speed", 1.0)
+    speeds = st.get("format_speed")
+    for fmt, sp in sorted(speeds.items(), key=lambda kv: str(kv[0])) if isinstance(speeds, dict) else ():
+        speed = sp.get("speed") if isinstance(sp, dict) else None
+        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or not 0 < speed < math.inf:
+            continue
         how = "measured" if origin != "estimate" else "estimated"
         verdict = (f"{speed:.3g}x the FP32 speed ({1 / speed:.3g}x slower)" if speed < 1
                    else f"{speed:.3g}x the FP32 speed")
-        lines.append(f"- {fmt} on all {sp.get('layers', 0)} matmul/conv layers: {verdict}, {how}; faster alone "
-                     f"for {sp.get('faster', 0)} of them"
+        lines.append(f"- {fmt} on all {_num(sp.get('layers'))} matmul/conv layers: {verdict}, {how}; faster alone "
+                     f"for {_num(sp.get('faster'))} of them"
                      + (" (layers stay FP32 where it is slower)" if speed < 1 else ""))
     return lines
 

@@ -151,3 +151,15 @@ def test_a_format_measured_slower_is_never_chosen_for_speed(tmp_path, dtypes):
     assert policy.stats["profile_origin"] == "file"
     report = policy.report()
     assert "x slower)" in report and "Layers kept in FP32 for speed" in report
+
+
+@pytest.mark.parametrize("stats", [{"profile_origin": "file", "format_speed": {"bf16": None}},
+                                   {"profile_origin": 3}, {"profile_origin": "file", "format_speed": [1]},
+                                   {"profile_origin": "file", "format_speed": {"bf16": {"speed": float("nan")}}}],
+                         ids=["null-format", "origin-not-text", "speeds-not-a-map", "nan-speed"])
+def test_report_renders_device_stats_it_did_not_write(stats):
+    """A policy file's stats are free-form: device lines not of the shape tune writes are left out, never a crash."""
+    policy = autoprec.Policy(layers={"fc": autoprec.LayerEntry("bf16")}, stats=stats)
+    report = policy.report()
+    assert "x the FP32 speed" not in report
+    assert ("speed figures" in report) == isinstance(stats["profile_origin"], str)
