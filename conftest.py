@@ -1,7 +1,35 @@
-"""Doctest collection skips the integrations whose optional framework is not installed."""
+"""Doctest collection skips the integrations whose optional framework is not installed; tests and
+doctests price formats with a fixed device profile, not with timings of a busy machine."""
 
 import importlib.util
+import os
+
+import pytest
 
 collect_ignore = [path for path, pkg in (("autoprec/integrations/lightning.py", "lightning"),
                                          ("autoprec/integrations/hf.py", "transformers"))
                   if importlib.util.find_spec(pkg) is None]
+
+#: ``autoprec calibrate --threads 1 --dtypes fp16,bf16 --out tests/data/cpu_profile.json`` on an Intel
+#: Xeon with AMX (AVX512-BF16): a CPU where BF16 is faster than FP32 for large matmuls, slower for small.
+PINNED_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests", "data", "cpu_profile.json")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pinned_device_profile(tmp_path_factory):
+    """Every tune in the suite prices formats with fixed profiles, so that its decisions do not depend
+    on wall-clock time: CPU targets with ``PINNED_CPU``, CUDA targets with the built-in estimate's
+    roofline without per-call costs (every 16-bit matmul layer faster, however small: the tests of
+    CUDA targets check numerical decisions on small models; tests of the cost model pass their
+    profile). Any calibration caches into a temporary directory."""
+    from autoprec.estimates import _GPU, roofline
+    from autoprec.profiles import save_profile
+
+    cuda = str(tmp_path_factory.mktemp("profiles") / "cuda_no_call_costs.json")
+    save_profile(roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="test GPU: roofline, no per-call costs"),
+                 cuda)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AUTOPREC_PROFILE", os.pathsep.join([PINNED_CPU, cuda]))
+    mp.setenv("AUTOPREC_CACHE_DIR", str(tmp_path_factory.mktemp("autoprec-cache")))
+    yield
+    mp.undo()

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from . import report as _report  # noqa: F401  (registers Policy.report)
 from .apply import Handle
+from .calibration import calibrate
+from .costs import DeviceProfile
 from .distributed import fsdp_plan
 from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, ModelError, OptionError,
-                     PolicyError, VerificationError, VerificationWarning)
+                     PolicyError, ProfileError, VerificationError, VerificationWarning)
 from .policy import LayerEntry, Policy, ScalerSettings, Verification, load
+from .profiles import load_profile
 from .tune import tune
 
 __all__ = [
     "AutoprecError",
     "AutoprecWarning",
     "BatchError",
+    "DeviceProfile",
     "DeviceWarning",
     "FormatError",
     "Handle",
@@ -31,12 +35,15 @@ __all__ = [
     "OptionError",
     "Policy",
     "PolicyError",
+    "ProfileError",
     "ScalerSettings",
     "Verification",
     "VerificationError",
     "VerificationWarning",
+    "calibrate",
     "fsdp_plan",
     "load",
+    "load_profile",
     "tune",
 ]
 

@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Any, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "profile_table"]
 
 EXIT_OK, EXIT_DIFFERENT, EXIT_USAGE, EXIT_REFUSED, EXIT_BUG, EXIT_UNVERIFIED = 0, 1, 2, 3, 4, 5
 
@@ -27,7 +27,8 @@ _EPILOG = """exit codes: 0 ok (diff: same), 1 diff: policies differ, 2 bad comma
 5 tune: the policy failed verification (the file is written anyway, except with --strict)
 
 examples:
-  autoprec tune mypkg.models:make --out policy.json --dtypes bf16,fp16 --target cuda
+  autoprec calibrate --device cuda --dtypes fp16,bf16 --out h100.json   # on the GPU
+  autoprec tune mypkg.models:make --out policy.json --target cuda --profile h100.json
   autoprec report policy.json --format html --out report.html
   autoprec diff old.json new.json"""
 
@@ -78,7 +79,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
                                   grad_tolerance=args.grad_tolerance, verify_steps=args.verify_steps,
                                   storage=args.storage, seed=args.seed, progress=not args.quiet,
-                                  verify_tolerance=args.verify_tolerance, strict=args.strict)
+                                  verify_tolerance=args.verify_tolerance, strict=args.strict,
+                                  profile=args.profile)
     if args.budget is not None:
         kwargs["n_trials"] = args.budget
     try:
@@ -95,6 +97,12 @@ def _cmd_tune(args: argparse.Namespace) -> int:
           f"{policy.stats.get('tuning_seconds', 0):.1f}s")
     for key, e in excluded.items():
         print(f"  excluded {key or '(root)'}: {e.reason}")
+    if "profile" in policy.stats:
+        print(f"  speed figures: {policy.stats['profile']}")
+    for fmt, sp in sorted(policy.stats.get("format_speed", {}).items()):
+        if sp["speed"] < 1:
+            print(f"  {fmt} is slower than FP32 here ({1 / sp['speed']:.3g}x the time over the matmul/conv layers): "
+                  f"{sp['layers'] - sp['faster']} of {sp['layers']} of them stay FP32 for speed")
     for key, e in policy.layers.items():
         if e.reason == "verification back-off":
             print(f"  backed off {key or '(root)'}: moved to FP32 by verification (not measured on the layer)")
@@ -103,6 +111,54 @@ def _cmd_tune(args: argparse.Namespace) -> int:
               f"{ver.threshold:.3g}): exit code {EXIT_UNVERIFIED}; see 'autoprec report {args.out}'", file=sys.stderr)
         return EXIT_UNVERIFIED
     return EXIT_OK
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .calibration import calibrate
+    from .profiles import save_profile
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtypes = [d for d in (args.dtypes or "bf16").split(",") if d.strip()]
+    profile = calibrate(args.device, dtypes=dtypes, seconds=args.seconds, cache=not args.fresh)
+    if args.out:
+        save_profile(profile, args.out)
+    print(f"{profile.device} ({profile.capability}), torch {profile.torch_version}, {profile.threads} thread(s): "
+          + (f"measured in {profile.seconds:.2f}s" if profile.seconds else f"from the cache {profile.source}"))
+    print(profile_table(profile))
+    if args.out:
+        print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def profile_table(profile: Any) -> str:
+    """A device profile's figures as a Markdown table: forward+backward time per format.
+
+    Example:
+        >>> from autoprec.estimates import estimate
+        >>> print(profile_table(estimate("cuda")).splitlines()[0])
+        | figure | fp32 | fp16 | bf16 |
+    """
+    fmts = profile.formats
+    rows = [f"| figure | {' | '.join(fmts)} |", "| --- |" + " ---: |" * len(fmts)]
+
+    def us(x: float) -> str:
+        return f"{x * 1e6:.3g} us" if x < 1e-3 else f"{x * 1e3:.3g} ms"
+    rows.append("| region overhead per call | - | " + " | ".join(us(profile.region[f]) for f in fmts[1:]) + " |")
+    rows.append("| cast per element, each way | - | "
+                + " | ".join(f"{profile.cast[f] * 1e9:.3g} ns" for f in fmts[1:]) + " |")
+    for kind, per in profile.elementwise.items():
+        rows.append(f"| {kind}: per call / per element | "
+                    + " | ".join(f"{us(per[f][0])} / {per[f][1] * 1e9:.3g} ns" for f in fmts) + " |")
+    for c in profile.curves:
+        for i, fl in enumerate(c.flops):
+            rel = " | ".join(us(c.seconds[f][i])
+                             + ("" if f == "fp32" else f" ({c.seconds['fp32'][i] / c.seconds[f][i]:.2f}x)")
+                             for f in fmts)
+            rows.append(f"| {c.kind} {fl / 1e6:.3g} MFLOP | {rel} |")
+    return "\n".join(rows)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -178,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoprec", description="Measured, per-layer mixed precision for PyTorch.",
                                 epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = p.add_subparsers(dest="command", metavar="{tune,report,diff}")
+    sub = p.add_subparsers(dest="command", metavar="{tune,calibrate,report,diff}")
     sub.required = True
 
     t = sub.add_parser("tune", help="tune a model and write its policy",
@@ -199,9 +255,24 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"a policy that fails verification is not written (exit {EXIT_UNVERIFIED} either way)")
     t.add_argument("--storage", help="Optuna storage URL to resume or share the study (sqlite:///study.db)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--profile", help="device profile JSON from 'autoprec calibrate' for the target device "
+                                     "(default: calibrate here, or the built-in CUDA estimate)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     t.set_defaults(func=_cmd_tune)
+
+    c = sub.add_parser("calibrate", help="measure this device's speed per format and write a profile",
+                       description="Time matmul/conv/attention kernels, elementwise work, casts and the runtime's "
+                                   "region overhead, forward+backward, in FP32 and each format; print the figures "
+                                   "and write them as a device profile for 'tune --profile'.")
+    c.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    c.add_argument("--dtypes", help="16-bit formats to measure, comma separated (default bf16)")
+    c.add_argument("--seconds", type=float, default=3.0, help="time budget in seconds (3)")
+    c.add_argument("--threads", type=int, help="intra-op threads to measure with (default: torch's)")
+    c.add_argument("--out", help="write the profile JSON here")
+    c.add_argument("--fresh", action="store_true", help="measure again instead of reading this machine's cache")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    c.set_defaults(func=_cmd_calibrate)
 
     r = sub.add_parser("report", help="print or render a policy's report")
     r.add_argument("policy", help="a policy JSON written by 'autoprec tune' or Policy.save")

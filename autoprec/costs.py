@@ -1,93 +1,254 @@
-"""The modelled step cost of a layer in each format, for one target device.
+"""The modelled step time of a layer in each format, priced from a :class:`DeviceProfile`.
 
-A model, not a timing: it ranks assignments. Per layer and step, forward+backward is taken as
-three times the forward cost: matmul/conv FLOPs at the format's throughput plus the memory
-traffic of its inputs, parameters and the elements its ops write (from the FX graph) at the
-format's width; a 16-bit region adds the traffic of its casts (floating inputs cast down and
-outputs cast back, forward and backward; weights cast down) and a fixed cost per call (the hooks
-and the cast kernels themselves, which dominate small layers). Throughputs are relative to FP32 on
-the same device; traffic is counted in FP32-FLOP equivalents through ``flops_per_byte``.
+A model, not a timing: it ranks assignments. One training step of a layer (forward and
+backward) costs, in seconds:
+
+* its own work: where the profile measured this very layer (its shape, on the device: see
+  :mod:`autoprec.calibration`), that time; otherwise the matmul/conv/attention time the profile
+  measured along a ladder of sizes, interpolated at the layer's FLOPs per call, plus its other
+  elementwise work at the profile's per-call and per-element rates (the per-call term is the
+  kernel launch on a GPU, the dispatcher on a CPU);
+* in a 16-bit region, also the region's own overhead per call (the runtime's Python, autocast,
+  small casts: measured) and the casts of its floating inputs and outputs (per element,
+  measured), unless they are handed over uncast.
+
+Ops that a 16-bit region computes in FP32 on the target (``full_width_ops``: CUDA autocast's FP32
+list, the losses under CPU autocast) are priced at their FP32 rate there: such a layer pays the
+casts and gains nothing. Nothing here assumes a format is fast: every speed is a profile figure,
+and a profile says where its figures came from (``origin``).
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass, field
 
-from .ops import CUDA_FP32_OPS, HAZARD_OPS
+from .ops import HAZARD_OPS
 from .trace import Layer
 
-__all__ = ["DeviceProfile", "PROFILES", "layer_cost"]
+__all__ = ["Curve", "DeviceProfile", "ORIGINS", "cost_note", "format_speed", "layer_cost", "shape_key"]
+
+#: Where a profile's figures come from.
+ORIGINS = ("calibrated", "file", "estimate")
+#: Classes of elementwise work the profile prices separately (they differ per format on a CPU).
+ELEMENTWISE = ("pointwise", "norm", "softmax", "accumulation")
+KINDS = ("matmul", "conv", "attention")
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Measured forward+backward seconds of one kernel kind at ascending sizes (forward FLOPs per call)."""
+
+    kind: str                               # "matmul" | "conv" | "attention"
+    flops: tuple[float, ...]                # ascending
+    seconds: dict[str, tuple[float, ...]]   # format -> seconds per call at each size, non-decreasing
+
+    def at(self, precision: str, flops: float) -> float:
+        """Seconds of one call of ``flops`` forward FLOPs: interpolated log-log between measured sizes,
+        never cheaper than the smallest (launch-bound), at the largest size's throughput beyond it.
+
+        Example:
+            >>> Curve("matmul", (1e6, 1e8), {"fp32": (1e-5, 1e-3)}).at("fp32", 1e7)
+            0.0001
+        """
+        xs, ys = self.flops, self.seconds[precision]
+        if flops <= xs[0]:
+            return ys[0]
+        if flops >= xs[-1]:
+            return ys[-1] * flops / xs[-1]
+        i = bisect.bisect_right(xs, flops)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        w = math.log(flops / x0) / math.log(x1 / x0)
+        return round(math.exp((1 - w) * math.log(y0) + w * math.log(y1)), 15)
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """Relative speeds of a target device."""
+    """What the cost model knows of one target device, and where each figure came from."""
 
-    name: str
-    speed: dict[str, float]       # matmul throughput relative to FP32
-    width: dict[str, float]       # bytes per element moved by elementwise work
-    flops_per_byte: float         # FP32 FLOPs that take as long as moving one byte
-    op_speed: dict[str, dict[str, float]] = field(default_factory=dict)  # per-op exceptions to ``speed``
-    call_cost: float = 0.0        # fixed cost of one call of a 16-bit region, forward+backward, in FP32 FLOPs
-    cast_share: float = 1.0       # the share of the modelled cast traffic that shows in step time
-    full_width_ops: frozenset[str] = frozenset()  # ops whose 16-bit runs move FP32 bytes here: a layer with one
-                                                  # gains no bandwidth in 16-bit
+    target: str                                   # "cpu" | "cuda"
+    device: str                                   # the device's name
+    capability: str                               # e.g. "AVX512, avx512_bf16, amx" or "sm_90"
+    origin: str                                   # "calibrated" | "file" | "estimate"
+    curves: tuple[Curve, ...]
+    elementwise: dict[str, dict[str, tuple[float, float]]]  # class -> format -> (s per call, s per element)
+    cast: dict[str, float]                        # format -> s per element cast each way, forward+backward
+    region: dict[str, float]                      # format -> s per call of a region in it (the runtime's own)
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # shape_key -> format -> s per call
+    full_width_ops: frozenset[str] = frozenset()  # ops a 16-bit region computes in FP32 on this target
+    torch_version: str = ""
+    threads: int = 0                              # intra-op threads it was measured with (0: not measured)
+    source: str = ""                              # the file or cache it was read from; "" for an estimate
+    seconds: float = 0.0                          # calibration time spent in this run
 
-    def fast(self, precision: str) -> bool:
-        """Whether ``precision`` runs matmuls faster than FP32 here."""
-        return self.speed[precision] > 1.0
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The formats it prices (FP32 always).
+
+        Example:
+            >>> from autoprec.estimates import estimate
+            >>> estimate("cuda").formats
+            ('fp32', 'fp16', 'bf16')
+        """
+        return ("fp32",) + tuple(f for f in ("fp16", "bf16") if f in self.cast)
+
+    def describe(self) -> str:
+        """One line: what the figures are and where they come from.
+
+        Example:
+            >>> from autoprec.estimates import estimate
+            >>> estimate("cuda").describe()
+            'built-in estimate for cuda (not measured: run `autoprec calibrate` on the GPU)'
+        """
+        if self.origin == "estimate":
+            return f"built-in estimate for {self.target} (not measured: run `autoprec calibrate` on the GPU)"
+        where = "calibrated here" if self.origin == "calibrated" else f"profile file {self.source}"
+        return (f"{where}: {self.device} ({self.capability}), torch {self.torch_version}, "
+                f"{self.threads} thread(s)")
 
 
-PROFILES = {
-    # this CPU class: BF16 1.5-2.3x FP32 (AVX-512 BF16), FP16 20-450x slower (no FP16 kernels).
-    # Measured here, one thread, forward+backward: SDPA at (8, 4, 128, 64) 14-15 ms in BF16 against 9 ms
-    # in FP32; a BF16 region around a Linear(16, 16) adds 200 us (hooks, casts, autocast's weight casts),
-    # the time of 19 MFLOP at the 92 GFLOP/s of an FP32 matmul. With these figures and BF16 operands at
-    # 2 bytes and no separate cast traffic (the casts are inside those measured times) the model predicts
-    # Linear(128, 128) and (256, 256) steps at 1024 and 4096 rows within 11% of the measured FP32 and
-    # BF16-region times (BF16 region 0.67x FP32 at 1024 x 128); LayerNorm(128) at 1024 rows: BF16
-    # region 390 us modelled, 434 us measured, FP32 344 us modelled, 223 us measured.
-    "cpu": DeviceProfile("cpu", {"fp32": 1.0, "bf16": 2.0, "fp16": 0.02}, {"fp32": 4.0, "bf16": 2.0, "fp16": 4.0},
-                         flops_per_byte=10.0, op_speed={"scaled_dot_product_attention": {"bf16": 0.6}},
-                         call_cost=2e7, cast_share=0.0,
-                         # scatter_add forward+backward at 20000 x 16 into 600 rows: 1.20 ms in BF16 against
-                         # 1.02 ms in FP32 (index_add 1.43 against 1.56): accumulations gain no bandwidth;
-                         # CPU autocast computes the losses (and prod, cdist, fft, linalg) in FP32 whatever
-                         # the region's format, so a 16-bit region there only adds its casts
-                         full_width_ops=frozenset(op for op, h in HAZARD_OPS.items() if h in ("accumulation", "loss"))
-                         | {"prod", "cdist"}),
-    # tensor-core GPUs (A100/H100 class): FP16 and BF16 alike, ~8x FP32 without TF32. No call cost: it
-    # has not been measured on a GPU (none was available), and launches overlap GPU work there
-    # CUDA autocast computes its FP32-list ops in FP32 whatever the region's format (the region's
-    # casts then only cost): a layer that runs one gains no bandwidth in 16-bit
-    "cuda": DeviceProfile("cuda", {"fp32": 1.0, "bf16": 8.0, "fp16": 8.0}, {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0},
-                          flops_per_byte=20.0, full_width_ops=CUDA_FP32_OPS),
-}
+def shape_key(layer: Layer) -> str:
+    """The key a profile measures a layer by: op, shapes, FLOPs and parameters of one call.
+
+    Example:
+        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 4),), ((8, 2),), flops=128,
+        ...             in_numel=32, out_numel=16, work_numel=16, param_numel=10, calls=1)
+        >>> shape_key(lin)
+        'Linear|8x4|8x2|128|10'
+    """
+    def shapes(s: tuple[tuple[int, ...], ...]) -> str:
+        return ",".join("x".join(map(str, t)) for t in s)
+
+    calls = max(layer.calls, 1)
+    return f"{layer.op}|{shapes(layer.in_shapes)}|{shapes(layer.out_shapes)}|{layer.flops // calls}|{layer.param_numel}"
+
+
+def _kernel_kind(layer: Layer) -> str:
+    """Which measured curve prices a layer's matmul/conv FLOPs."""
+    names = {o.strip("_").lower() for o in layer.ops} | {layer.op.lower()}
+    if any("conv" in n for n in names):
+        return "conv"
+    if any("attention" in n for n in names):
+        return "attention"
+    return "matmul"
+
+
+def _elementwise_kind(layer: Layer) -> str:
+    """Which measured elementwise rate prices a layer's work without matmul FLOPs."""
+    hazards = {HAZARD_OPS.get(o.strip("_")) for o in layer.ops}
+    if "accumulation" in hazards:
+        return "accumulation"
+    if "softmax" in hazards:
+        return "softmax"
+    if "variance/norm" in hazards or "norm" in layer.op.lower():
+        return "norm"
+    return "pointwise"
+
+
+def _body(layer: Layer, run: str, profile: DeviceProfile) -> tuple[float, str]:
+    """Seconds of the layer's own work in format ``run`` (no region, no casts), and where it came from."""
+    calls = max(layer.calls, 1)
+    measured = profile.layers.get(shape_key(layer))
+    if measured is not None and run in measured:
+        return calls * measured[run], "measured at this layer's shape"
+    if layer.flops > 0:
+        kind = _kernel_kind(layer)
+        curve = next((c for c in profile.curves if c.kind == kind), None)
+        if curve is None:
+            curve, kind = next(c for c in profile.curves if c.kind == "matmul"), "matmul"
+        extra = max(layer.work_numel - layer.out_numel, 0)
+        per_call, per_elem = profile.elementwise["pointwise"][run]
+        return (calls * curve.at(run, layer.flops / calls) + per_elem * extra,
+                f"modelled from the profile's {kind} curve")
+    kind = _elementwise_kind(layer)
+    per_call, per_elem = profile.elementwise[kind][run]
+    kernels = calls * max(len(layer.ops), 1)
+    return kernels * per_call + per_elem * max(layer.work_numel, layer.out_numel), f"modelled from {kind} rates"
+
+
+def _full_width(layer: Layer, profile: DeviceProfile) -> bool:
+    return any(o.strip("_") in profile.full_width_ops for o in layer.ops)  # __pow__, index_add_
 
 
 def layer_cost(layer: Layer, precision: str, profile: DeviceProfile, *, casts: bool = True) -> float:
-    """Modelled cost of one training step of ``layer`` in ``precision`` (in FP32-FLOP units).
+    """Modelled seconds of one training step (forward+backward) of ``layer`` in ``precision``.
 
-    ``casts=False``: without the cast traffic, for a layer whose inputs arrive in its format and
-    whose output goes on uncast (see the runtime's handoff).
+    ``casts=False``: without the cast of its inputs and outputs, for a layer whose inputs arrive in
+    its format and whose output goes on uncast (see the runtime's handoff).
 
     Example:
-        >>> from autoprec.trace import Layer
-        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((64, 512),), ((64, 512),),
-        ...             flops=2 * 64 * 512 * 512, in_numel=32768, out_numel=32768, work_numel=32768,
-        ...             param_numel=262656, calls=1)
-        >>> layer_cost(lin, "bf16", PROFILES["cpu"]) < layer_cost(lin, "fp32", PROFILES["cpu"])
+        >>> def linear(rows, width):
+        ...     return Layer("fc", "module", "Linear", (), ("linear",), ((rows, width),), ((rows, width),),
+        ...                  flops=2 * rows * width * width, in_numel=rows * width, out_numel=rows * width,
+        ...                  work_numel=rows * width, param_numel=width * width + width, calls=1)
+        >>> from autoprec.estimates import estimate
+        >>> cuda = estimate("cuda")
+        >>> layer_cost(linear(4096, 1024), "bf16", cuda) < layer_cost(linear(4096, 1024), "fp32", cuda)
         True
+        >>> layer_cost(linear(64, 64), "bf16", cuda) < layer_cost(linear(64, 64), "fp32", cuda)  # launch-bound
+        False
     """
-    speed = profile.op_speed.get(layer.op, profile.speed).get(precision, profile.speed[precision])
-    width = profile.width[precision]
-    if precision != "fp32" and any(o.strip("_") in profile.full_width_ops for o in layer.ops):  # __pow__, index_add_
-        width = profile.width["fp32"]
-    traffic = width * (layer.in_numel + layer.work_numel + layer.param_numel)
-    compute = 3.0 * (layer.flops / speed + traffic * profile.flops_per_byte)
+    return _cost(layer, precision, profile, casts)[0]
+
+
+def _cost(layer: Layer, precision: str, profile: DeviceProfile, casts: bool) -> tuple[float, str]:
     if precision == "fp32":
-        return compute
-    # cast traffic: read 4 + write 2 bytes down, read 2 + write 4 bytes back, forward and backward
-    cast_bytes = 2 * 6 * (layer.in_numel + layer.out_numel) + 6 * layer.param_numel
-    cast_cost = profile.cast_share * cast_bytes * profile.flops_per_byte if casts else 0.0
-    return compute + cast_cost + layer.calls * profile.call_cost
+        return _body(layer, "fp32", profile)
+    measured = shape_key(layer) in profile.layers
+    run = "fp32" if _full_width(layer, profile) and not measured else precision
+    body, where = _body(layer, run, profile)
+    if run != precision:
+        where += f" (computes in FP32 inside a {precision} region on {profile.target})"
+    cast = profile.cast[precision] * (layer.in_numel + layer.out_numel) if casts else 0.0
+    return body + cast + max(layer.calls, 1) * profile.region[precision], where
+
+
+def cost_note(layer: Layer, formats: tuple[str, ...], profile: DeviceProfile) -> str:
+    """The step time of ``layer`` in FP32 and each format, and where each figure came from.
+
+    Example:
+        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 16),), ((8, 16),), flops=4096,
+        ...             in_numel=128, out_numel=128, work_numel=128, param_numel=272, calls=1)
+        >>> from autoprec.estimates import estimate
+        >>> print(cost_note(lin, ("bf16",), estimate("cuda")))  # doctest: +NORMALIZE_WHITESPACE
+        step time fp32 15 us, bf16 35 us (2.33x FP32) with its region and casts; modelled from the profile's
+        matmul curve; built-in estimate for cuda (not measured: run `autoprec calibrate` on the GPU)
+    """
+    t32, where = _cost(layer, "fp32", profile, True)
+    parts, sources = [f"fp32 {_time(t32)}"], [where]
+    for fmt in formats:
+        t, w = _cost(layer, fmt, profile, True)
+        ratio = t / t32 if t32 > 0 else float("inf")
+        parts.append(f"{fmt} {_time(t)} ({ratio:.3g}x FP32)")
+        sources.append(w)
+    unique = list(dict.fromkeys(sources))
+    src = "; ".join(s for s in unique if not any(o != s and o.startswith(s) for o in unique))
+    return f"step time {', '.join(parts)} with its region and casts; {src}; {profile.describe()}"
+
+
+def _time(s: float) -> str:
+    return f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} us"
+
+
+def format_speed(layers: list[Layer], formats: tuple[str, ...], profile: DeviceProfile) -> dict[str, dict[str, float]]:
+    """Per format, over the layers with matmul/conv FLOPs: ``speed``, their modelled FP32 step time
+    over their time all in that format (regions and casts included; below 1 the format is slower
+    here), and ``faster``, how many of the ``layers`` alone run faster in it.
+
+    Example:
+        >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((4096, 1024),), ((4096, 1024),),
+        ...             flops=2 * 4096 * 1024 * 1024, in_numel=4096 * 1024, out_numel=4096 * 1024,
+        ...             work_numel=4096 * 1024, param_numel=1024 * 1025, calls=1)
+        >>> from autoprec.estimates import estimate
+        >>> format_speed([lin], ("bf16",), estimate("cuda"))
+        {'bf16': {'speed': 3.3818, 'faster': 1, 'layers': 1}}
+    """
+    heavy = [lay for lay in layers if lay.flops > 0]
+    t32 = [layer_cost(lay, "fp32", profile) for lay in heavy]
+    out = {}
+    for f in formats:
+        t = [layer_cost(lay, f, profile) for lay in heavy]
+        out[f] = {"speed": round(sum(t32) / sum(t), 4) if heavy else 1.0,
+                  "faster": sum(a < b for a, b in zip(t, t32)), "layers": len(heavy)}
+    return out

@@ -9,6 +9,7 @@ builtin it is, so ``except ValueError`` keeps working for callers who do not kno
     ├── OptionError(ValueError)       an option of tune/apply is out of range
     ├── FormatError(RuntimeError)     a precision format the device cannot run
     ├── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
+    ├── ProfileError(ValueError)      a device profile is corrupt, of an unknown version, or for another target
     └── VerificationError(RuntimeError)  ``tune(strict=True)``: the policy failed verification
 
 Outcomes that are not errors but must not pass unnoticed are warnings of class
@@ -22,7 +23,7 @@ Outcomes that are not errors but must not pass unnoticed are warnings of class
 from __future__ import annotations
 
 __all__ = ["AutoprecError", "AutoprecWarning", "BatchError", "DeviceWarning", "FormatError", "ModelError", "OptionError",
-           "PolicyError", "VerificationError", "VerificationWarning"]
+           "PolicyError", "ProfileError", "VerificationError", "VerificationWarning"]
 
 
 class AutoprecError(Exception):
@@ -89,3 +90,6 @@ class VerificationWarning(AutoprecWarning):
 
 class DeviceWarning(AutoprecWarning):
     """A policy is used on another kind of device than the one it was tuned for."""
+
+class ProfileError(AutoprecError, ValueError):
+    """A device profile file or option is invalid, of an unknown schema version, or for another target."""

@@ -116,7 +116,10 @@ def cuda_bf16_native() -> bool:
 
 
 def default_formats(target: str) -> tuple[str, ...]:
-    """The 16-bit formats a target runs fast: BF16 on CPU, FP16 (and BF16 where supported) on CUDA.
+    """The 16-bit formats tried by default: BF16 on CPU, FP16 (and BF16 where supported) on CUDA.
+
+    Tried, not assumed fast: a layer gets one only where the device profile (measured by
+    :mod:`autoprec.calibration`, or read from a file) prices it below FP32.
 
     Example:
         >>> default_formats("cpu")

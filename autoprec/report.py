@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
@@ -39,6 +40,8 @@ def summary(policy: "Policy") -> dict[str, Any]:
                      for k, e in policy.excluded().items()},
         "backed_off": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
                        if e.reason == "verification back-off"},
+        "no_gain": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
+                    if e.reason == "no gain" and e.precision == "fp32"},
         "opaque": dict(policy.opaque),
         "scaler": None if policy.scaler is None or "fp16" not in policy.assignment.values()
         else vars(policy.scaler),
@@ -84,6 +87,8 @@ def _markdown(policy: "Policy") -> str:
         keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
                 "measured_loss_err", "measured_grad_err")
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st))
+    lines += _device(st)
+    ver = s["verification"]
     lines.append("")
     lines.append("## Verification")
     if ver is None:
@@ -119,6 +124,12 @@ def _markdown(policy: "Policy") -> str:
                   "| layer | op | evidence |", "| --- | --- | --- |"]
         lines += [f"| `{k or '(root)'}` | {e['op']} | {e['detail'].replace('|', '/')} |"
                   for k, e in s["backed_off"].items()]
+    if s["no_gain"]:
+        lines += ["", "## Layers kept in FP32 for speed (no gain)", "",
+                  "A 16-bit format would not make them faster on the target: each format's step time, and where "
+                  "that figure comes from.", "", "| layer | op | evidence |", "| --- | --- | --- |"]
+        lines += [f"| `{k or '(root)'}` | {e['op']} | {e['detail'].replace('|', '/')} |"
+                  for k, e in s["no_gain"].items()]
     if s["opaque"]:
         lines += ["", "## Opaque to FX", "",
                   "Their own code could not be captured; it runs in the precision that flows in (FP32).", ""]
@@ -134,6 +145,29 @@ def _markdown(policy: "Policy") -> str:
         note = "" if e.reason == "cast" else e.reason
         lines.append(f"| `{k or '(root)'}` | {e.op} | {e.precision} | {e.flops} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _device(st: dict[str, Any]) -> list[str]:
+    """The device lines: what priced the formats, and each format's modelled speed on the model.
+    (``stats`` is free-form in a file: anything not of the shape ``tune`` writes is left out.)"""
+    origin = st.get("profile_origin")
+    if not isinstance(origin, str):
+        return []
+    lines = [f"- speed figures: {st.get('profile', origin)}"]
+    if origin == "estimate":
+        lines[-1] += " **(an estimate, not measured on the device)**"
+    speeds = st.get("format_speed")
+    for fmt, sp in sorted(speeds.items(), key=lambda kv: str(kv[0])) if isinstance(speeds, dict) else ():
+        speed = sp.get("speed") if isinstance(sp, dict) else None
+        if not isinstance(speed, (int, float)) or isinstance(speed, bool) or not 0 < speed < math.inf:
+            continue
+        how = "measured" if origin != "estimate" else "estimated"
+        verdict = (f"{speed:.3g}x the FP32 speed ({1 / speed:.3g}x slower)" if speed < 1
+                   else f"{speed:.3g}x the FP32 speed")
+        lines.append(f"- {fmt} on all {_num(sp.get('layers'))} matmul/conv layers: {verdict}, {how}; faster alone "
+                     f"for {_num(sp.get('faster'))} of them"
+                     + (" (layers stay FP32 where it is slower)" if speed < 1 else ""))
+    return lines
 
 
 def _log2(x: float) -> str:

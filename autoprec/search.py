@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from .costs import DeviceProfile, layer_cost
+from .costs import DeviceProfile, cost_note, layer_cost
 from .formats import info
 from .probe import Probe
 from .trace import Trace
@@ -105,7 +105,8 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     """Formats ``key`` may use and why the others were refused, or the decision pinning it to FP32."""
     layer = trace.layer(key)
     if key in probe.skipped:
-        return [], "", Decision(key, "fp32", "no gain", probe.skipped[key])
+        return [], "", Decision(key, "fp32", "no gain", f"{probe.skipped[key]}; "
+                                                    f"{cost_note(layer, probe.formats, profile)}")
     base = layer_cost(layer, "fp32", profile)
     ok, failures = [], []
     for fmt in probe.formats:
@@ -134,10 +135,10 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
             failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
         elif m.full_width:
             failures.append((9, fmt, "no gain", f"{fmt}: its output comes back FP32 from a {fmt} region (it "
-                                                 "computes in FP32 itself): 16-bit would only add casts"))
-        elif layer_cost(layer, fmt, profile) >= base:
-            ratio = layer_cost(layer, fmt, profile) / base if base > 0 else float("inf")
-            failures.append((9, fmt, "no gain", f"{fmt}: modelled step cost {ratio:.3g}x FP32 on {profile.name}"))
+                                                 "computes in FP32 itself): 16-bit would only add casts; "
+                                                 f"{cost_note(layer, (fmt,), profile)}"))
+        elif layer_cost(layer, fmt, profile) >= base:  # never chosen for speed where it is not faster
+            failures.append((9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}"))
         else:
             ok.append(fmt)
     failures.sort()
@@ -145,7 +146,8 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     if ok:
         return ok, refused, None
     if not failures:
-        return [], "", Decision(key, "fp32", "no gain", "no 16-bit format probed")
+        return [], "", Decision(key, "fp32", "no gain", "no 16-bit format probed; "
+                                                        f"{cost_note(layer, probe.formats, profile)}")
     reason = failures[0][2]
     hazard = ", ".join(layer.hazards)
     detail = f"[{hazard}] {refused}" if hazard else refused

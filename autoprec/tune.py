@@ -19,7 +19,8 @@ from .batch import LossFn, split_batches
 from .errors import ModelError, VerificationError, VerificationWarning
 from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
-from .costs import PROFILES
+from .calibration import resolve_profile, with_layers
+from .costs import DeviceProfile, format_speed
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
@@ -91,7 +92,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: str | None = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
-         verify_compile: str | None = None, strict: bool = False) -> Policy:
+         verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
+         strict: bool = False) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -100,8 +102,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         loss_fn: ``loss_fn(output, batch) -> scalar``; default: the model's own loss where it
             returns one, else a fixed random projection of the outputs.
         batches: more batches (an iterable): their ranges count, and verification trains on all.
-        dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: what ``target`` runs fast
-            (BF16 on a CPU; FP16 and BF16 on CUDA).
+        dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: BF16 on a CPU, FP16 and
+            BF16 on CUDA. A layer gets one only where the device profile finds it faster than FP32.
         target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device. For
             ``"cuda"`` on a CPU, every pass runs CUDA autocast's rules (:mod:`autoprec.emulation`) and
             the policy is marked ``emulated``.
@@ -118,6 +120,10 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         seed: seed for the study and for the dropout masks of every pass.
         verify_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``): the verified
             policy also trains compiled with it and must meet the same bound; None (default) skips it.
+        profile: the device profile that prices each format: a file from ``autoprec calibrate`` (to
+            tune for a device from another machine) or a ``DeviceProfile``; None (default): the
+            device is calibrated here when it is the target (cached per machine), else the built-in
+            CUDA estimate, which the report names as such. See :func:`autoprec.calibrate`.
         strict: raise :class:`~autoprec.VerificationError` when the policy fails verification even
             after backing off; by default the policy is returned with a
             :class:`~autoprec.VerificationWarning`, and its report says FAILED on its first line.
@@ -150,6 +156,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
+        prof = resolve_profile(profile, target=target, device=device, formats=formats)
         work = _private_copy(model)
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
@@ -158,7 +165,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                            verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                            optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
                            headroom=float(headroom), seed=seed, bar=bar, started=started,
-                           verify_compile=verify_compile)
+                           verify_compile=verify_compile, profile=prof)
     if policy.verification is not None and not policy.verification.passed:
         _unverified(policy, strict)
     return policy
@@ -203,10 +210,9 @@ def _unverified(policy: Policy, strict: bool) -> None:
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float, verify_compile: str | None) -> Policy:
+          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
-    profile = PROFILES[target]
 
     bar.stage("trace", 1)
     tr = trace(work, batches[0], device_type=device_type)
@@ -218,6 +224,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             candidates.append(lay.key)
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
+    if profile.origin == "calibrated" and profile.target == device_type:  # the model's layers at their shapes
+        profile = with_layers(profile, [lay for lay in tr.layers if lay.key in candidates],
+                              canonical_modules(work), device=device)
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
@@ -301,6 +310,13 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "scaler_trials": scaler_choice.trials if scaler_choice else 0,
         "scaler_predicted_skip_rate": scaler_choice.skip_rate if scaler_choice else 0.0,
         "fp32_grad_absmax": pr.grad_absmax,
+        "device": profile.device,
+        "capability": profile.capability,
+        "profile_origin": profile.origin,
+        "profile": profile.describe(),
+        "calibration_seconds": round(profile.seconds, 3),
+        # modelled FP32 step time of the matmul/conv layers over that in each format (< 1: slower)
+        "format_speed": format_speed([tr.layer(k) for k in candidates], formats, profile),
     }
     policy = dataclasses.replace(policy, verification=verification, stats=stats)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),

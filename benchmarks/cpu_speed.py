@@ -6,7 +6,8 @@ takes the transformers models at a larger config (width 256, 4 layers, 8 x 128 t
 images, see ``_zoo.build(size="large")``), tunes a CPU-target policy (BF16) for each, and times a
 full training step (forward, backward, Adam) of the three variants, one thread, interleaved,
 medians. It also reports the measured 16-bit FLOP share and the held-out loss/gradient error vs
-FP64, so that speed is never shown without the accuracy it costs.
+FP64, so that speed is never shown without the accuracy it costs, and the CPU's capability (AVX512-BF16,
+AMX) with the device profile that priced the policy (calibrated here unless ``AUTOPREC_PROFILE`` names one).
 
 Run:  python benchmarks/cpu_speed.py [--models gpt2 llama ...] [--rounds 10]
 """
@@ -51,7 +52,12 @@ def run(name: str, rounds: int) -> dict[str, Any]:
     variants = [fp32_variant(), amp_variant("bf16"), policy_variant("autoprec-cpu", policy)]
     ref = reference64(spec.model, spec.heldout[0])
     row: dict[str, Any] = {"model": name, "params": sum(p.numel() for p in spec.model.parameters()),
-                           "tune_seconds": round(tune_s, 1), "variants": {}}
+                           "tune_seconds": round(tune_s, 1), "variants": {},
+                           "profile": policy.stats.get("profile"), "calibration_seconds": policy.stats.get("calibration_seconds"),
+                           "format_speed": policy.stats.get("format_speed"),
+                           # what each layer kept FP32 for speed would cost in each format, and where from
+                           "kept_fp32_for_speed": {k: e.detail for k, e in policy.layers.items()
+                                                   if e.reason == "no gain" and e.precision == "fp32"}}
     for v in variants:
         f = fidelity(spec.model, spec.heldout[0], v, ref)
         row["variants"][v.name] = {"loss_err": f.loss_err, "grad_err": f.grad_err, "nonfinite": f.nonfinite,
@@ -96,6 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(1)  # tuning too: repeatable on a shared machine
     import transformers
     transformers.logging.set_verbosity_error()
+    from autoprec.calibration import machine as device_of
+    cpu, capability = device_of(torch.device("cpu"))
+    print(f"CPU: {cpu} ({capability})", file=sys.stderr, flush=True)
     rows = []
     for name in args.models:
         if name not in _zoo.HF_MODELS:
@@ -104,8 +113,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(run(name, args.rounds))
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
-            json.dump({"meta": {**machine(), "rounds": args.rounds}, "results": rows}, fh, indent=1, default=float)
+            json.dump({"meta": {**machine(), "capability": capability, "rounds": args.rounds}, "results": rows}, fh,
+                      indent=1, default=float)
+    print(f"CPU: {cpu} ({capability})")
     print(table(rows))
+    for r in rows:
+        fastest = min(r["variants"][v]["median_s"] for v in ("fp32", "amp-bf16"))
+        print(f"{r['model']}: autoprec-cpu {r['variants']['autoprec-cpu']['median_s'] / fastest:.3f}x the faster of FP32 "
+              f"and blanket BF16; priced with {r['profile']} (calibration {r['calibration_seconds']}s)")
+        for key, why in r["kept_fp32_for_speed"].items():
+            print(f"  kept FP32 for speed: {key}: {why.split('; calibrated here')[0]}")
     return rows
 
 

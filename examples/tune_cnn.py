@@ -1,7 +1,8 @@
 """Tune a small convolutional network for this machine's CPU and read what autoprec decided.
 
-A CPU runs BF16 convolutions and matmuls faster than FP32 (when they are large enough to pay for
-the casts), so the default target here is the CPU and the only 16-bit format is BF16. Pass
+The default target here is the CPU, and its 16-bit candidate is BF16: ``tune`` calibrates this
+CPU and gives a layer BF16 only where it measures faster than FP32, casts included (on a CPU
+without fast BF16 every layer stays FP32, and the report says why). Pass
 ``target="cuda"`` to ``autoprec.tune`` for a GPU policy (FP16 and BF16, with a tuned GradScaler).
 
 Run:  python examples/tune_cnn.py [--small]

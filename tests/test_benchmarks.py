@@ -90,3 +90,19 @@ def test_coverage_table_compares_reported_and_measured(tmp_path, capsys, one_thr
         assert r["flops_measured"] == r["flops_traced"] > 0
         assert r["gap"] == round(abs(r["reported"] - r["measured"]), 4) <= 0.02
     assert "| rnn | tests/models_coverage.py | cuda |" in capsys.readouterr().out
+
+def test_calibrate_benchmark_writes_the_profile_and_the_named_kernels(tmp_path):
+    """benchmarks/calibrate.py, at the smallest budget: a valid profile and every named kernel timed in each
+    format, as the READMEs cite them."""
+    import calibrate
+
+    from autoprec.profiles import profile_from_dict
+
+    out = tmp_path / "calibrate.json"
+    result = calibrate.main(["--seconds", "0.001", "--rounds", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert profile_from_dict(saved["profile"]).formats == ("fp32", "bf16")
+    assert len(saved["kernels_ms"]) == 6
+    assert all(set(v) == {"fp32", "bf16"} and min(v.values()) > 0 for v in saved["kernels_ms"].values())
+    assert "avx512_bf16" in saved["meta"]["capability"]

@@ -39,3 +39,18 @@ def test_rmsnorm_hazard_on_cuda_is_excluded_from_fp16():
     policy = autoprec.tune(model, batch, lambda o, b: loss_fn(o.cpu(), b.cpu()), progress=False, verify_steps=5)
     assert policy.layers["norm"].precision != "fp16"
     assert policy.layers["norm"].reason == "no gain" and not policy.emulated
+
+
+def test_calibration_on_the_gpu_measures_every_format(tmp_path):
+    """On a GPU, calibrate times FP32, FP16 and BF16 (synchronised), records the compute capability, and
+    the profile file it writes prices a CUDA-target tune, which says where its figures came from."""
+    from autoprec.profiles import save_profile
+
+    p = autoprec.calibrate("cuda", dtypes=["fp16", "bf16"], seconds=2.0, cache=False)
+    assert p.target == "cuda" and p.capability.startswith("sm_") and p.formats == ("fp32", "fp16", "bf16")
+    assert all(t > 0 for c in p.curves for s in c.seconds.values() for t in s)
+    path = tmp_path / "gpu.json"
+    save_profile(p, path)
+    model, batch, loss_fn = transformer_block(batch_size=8)
+    policy = autoprec.tune(model, batch, loss_fn, target="cuda", profile=str(path), progress=False, verify_steps=0)
+    assert policy.stats["profile_origin"] == "file" and policy.stats["capability"] == p.capability

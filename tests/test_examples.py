@@ -38,11 +38,12 @@ def test_tune_cnn_runs(capsys):
     assert policy.target == "cpu" and set(policy.assignment.values()) <= {"fp32", "bf16"}
     convs = {k: e for k, e in policy.layers.items() if e.op == "Conv2d"}
     assert len(convs) == 5
-    if torch.cpu._is_avx512_bf16_supported():  # at this size BF16 convolutions pay on a native-BF16 CPU
-        assert policy.low_precision_fraction() > 0.9
-        assert all(e.precision == "bf16" for e in convs.values()), policy.report()
-    else:  # elsewhere they are kept FP32 for speed, and say so
-        assert all(e.precision == "fp32" and e.reason == "no gain" for e in convs.values()), policy.report()
+    # priced with the suite's pinned profile of a native-BF16 CPU (conftest.py): at this size the larger
+    # convolutions pay in BF16, and every one kept FP32 says by how much BF16 would have been slower
+    assert policy.low_precision_fraction() > 0.5
+    assert {k for k, e in convs.items() if e.precision == "bf16"} >= {"res.0.0", "res.1.0"}
+    for e in convs.values():
+        assert e.precision == "bf16" or (e.reason == "no gain" and "not faster" in e.detail), e
     assert policy.verification is not None and policy.verification.passed
     assert policy.grad_scaler() is None  # BF16 only: no loss scaling
 

@@ -24,7 +24,8 @@ def test_public_surface_is_sorted_and_documented():
 
 
 @pytest.mark.parametrize("cls", [autoprec.BatchError, autoprec.ModelError, autoprec.OptionError,
-                                 autoprec.PolicyError, autoprec.FormatError], ids=lambda c: c.__name__)
+                                 autoprec.PolicyError, autoprec.ProfileError, autoprec.FormatError],
+                         ids=lambda c: c.__name__)
 def test_errors_share_one_root_and_their_builtin(cls):
     """Every autoprec error is an AutoprecError and the builtin it is."""
     assert issubclass(cls, autoprec.AutoprecError)

@@ -30,7 +30,8 @@ def test_probe_passes_grow_linearly_with_layers(depth):
 
 
 def test_cpu_target_never_picks_fp16_for_speed():
-    """On a CPU target FP16 has no fast kernels: allowed, measured, but never chosen."""
+    """FP16 on a CPU target is allowed and probed, but where the profile measures it slower than FP32 (the
+    pinned profile at these sizes) it is never chosen."""
     model, batch, loss_fn = mlp(batch_size=256)
     policy = autoprec.tune(model, batch, loss_fn, dtypes=["fp16"], progress=False, verify_steps=0)
     assert "fp16" not in policy.assignment.values()
@@ -38,7 +39,8 @@ def test_cpu_target_never_picks_fp16_for_speed():
 
 
 def test_cuda_target_uses_fp16_and_tuned_scale():
-    """On a CUDA target FP16 and BF16 cost the same; the loss scale follows the measured gradients."""
+    """On a CUDA target FP16 and BF16 cost the same (the pinned roofline); the loss scale follows the measured
+    gradients."""
     model, batch, loss_fn = transformer_block(batch_size=8)
     policy = autoprec.tune(model, batch, loss_fn, target="cuda", progress=False, verify_steps=5)
     assert "fp16" in policy.assignment.values()
@@ -163,38 +165,6 @@ def test_underflow_evidence_follows_the_loss_scale():
     assert tuned.layers["fc2"].precision == "fp16"
 
 
-def test_cpu_cost_model_keeps_attention_kernels_in_fp32():
-    """On this CPU, SDPA is slower in BF16 than in FP32 (measured): the CPU profile says so, CUDA's does not."""
-    from autoprec.costs import PROFILES, layer_cost
-    from autoprec.trace import Layer
-
-    sdpa = Layer("attn::scaled_dot_product_attention", "op", "scaled_dot_product_attention", (), ("sdpa",),
-                 ((8, 4, 128, 64),) * 3, ((8, 4, 128, 64),), flops=4 * 8 * 4 * 128 * 128 * 64,
-                 in_numel=3 * 262144, out_numel=262144, work_numel=262144, param_numel=0, calls=1)
-    assert layer_cost(sdpa, "bf16", PROFILES["cpu"]) > layer_cost(sdpa, "fp32", PROFILES["cpu"])
-    assert layer_cost(sdpa, "bf16", PROFILES["cuda"]) < layer_cost(sdpa, "fp32", PROFILES["cuda"])
-
-
-def _linear_layer(width: int, rows: int):
-    from autoprec.trace import Layer
-
-    return Layer("fc", "module", "Linear", (), ("linear",), ((rows, width),), ((rows, width),),
-                 flops=2 * rows * width * width, in_numel=rows * width, out_numel=rows * width,
-                 work_numel=rows * width, param_numel=width * width + width, calls=1)
-
-
-@pytest.mark.parametrize("width, rows, faster", [(16, 32, False), (64, 128, False), (128, 1024, True),
-                                                 (256, 1024, True)])
-def test_cpu_cost_model_follows_measured_linear_steps(width, rows, faster):
-    """The CPU profile predicts what was measured here (one thread, forward+backward of one Linear):
-    a BF16 region is slower than FP32 for a Linear(16, 16) on 32 rows (272 vs 69 us) and a Linear(64, 64)
-    on 128 rows (294 vs 113 us), faster at 1024 rows for widths 128 (878 vs 1319 us) and 256 (2684 vs 4823)."""
-    from autoprec.costs import PROFILES, layer_cost
-
-    lin = _linear_layer(width, rows)
-    assert (layer_cost(lin, "bf16", PROFILES["cpu"]) < layer_cost(lin, "fp32", PROFILES["cpu"])) is faster
-
-
 def test_cpu_target_keeps_layers_too_small_to_gain_in_fp32():
     """A CPU-target policy casts the wide layer and keeps the small one in FP32 with the reason "no gain"."""
     torch.manual_seed(0)
@@ -203,24 +173,6 @@ def test_cpu_target_keeps_layers_too_small_to_gain_in_fp32():
     assert policy.layers["0"].precision == "bf16"
     assert policy.layers["2"].precision == "fp32" and policy.layers["2"].reason == "no gain"
     assert policy.excluded() == {}  # "no gain" is not a numerical exclusion
-
-
-def test_cpu_cost_model_gives_accumulations_no_bfloat16_gain():
-    """Measured here: scatter_add/index_add gain nothing in BF16 on this CPU, so an accumulation stays FP32
-    ("no gain"), while a norm of the same size, which does run faster in BF16, may be cast."""
-    from autoprec.costs import PROFILES, layer_cost
-    from autoprec.trace import Layer
-
-    def layer(op: str, hazard: str, ops: tuple[str, ...]) -> Layer:
-        return Layer("m", "module", op, (hazard,), ops, ((20000, 16),), ((600, 16),), flops=0,
-                     in_numel=20000 * 16, out_numel=600 * 16, work_numel=20000 * 16, param_numel=0, calls=1)
-
-    cpu = PROFILES["cpu"]
-    # the ops torch_geometric's SumAggregation runs, as the trace records them
-    scatter = layer("SumAggregation", "accumulation", ("view", "expand_as", "new_zeros", "scatter_add_"))
-    assert layer_cost(scatter, "bf16", cpu) > layer_cost(scatter, "fp32", cpu)
-    norm = layer("LayerNorm", "variance/norm", ("layer_norm",))
-    assert layer_cost(norm, "bf16", cpu) < layer_cost(norm, "fp32", cpu)
 
 
 def test_activation_between_16bit_layers_follows_their_format():
@@ -237,20 +189,3 @@ def test_activation_between_16bit_layers_follows_their_format():
     with policy.autocast(model):
         assert model(x).dtype == torch.float32  # the last follower hands back what its producer would have
     assert policy.verification.passed
-
-
-def test_cuda_cost_model_gives_autocast_fp32_ops_no_gain():
-    """CUDA autocast runs layer_norm/softmax/pow in FP32 inside any region: such a layer gains nothing in 16-bit
-    on a CUDA target, while the same layer may on the CPU (where it really runs in BF16, measured faster)."""
-    from autoprec.costs import PROFILES, layer_cost
-    from autoprec.trace import Layer
-
-    ln = Layer("ln", "module", "LayerNorm", ("variance/norm",), ("layer_norm",), ((4096, 256),), ((4096, 256),),
-               flops=0, in_numel=4096 * 256, out_numel=4096 * 256, work_numel=4096 * 256, param_numel=512, calls=1)
-    relu = Layer("act", "module", "ReLU", (), ("relu",), ((4096, 256),), ((4096, 256),), flops=0,
-                 in_numel=4096 * 256, out_numel=4096 * 256, work_numel=4096 * 256, param_numel=0, calls=1)
-    cuda = PROFILES["cuda"]
-    assert layer_cost(ln, "bf16", cuda) > layer_cost(ln, "fp32", cuda)
-    assert layer_cost(ln, "bf16", cuda, casts=False) >= layer_cost(ln, "fp32", cuda)
-    assert layer_cost(relu, "bf16", cuda, casts=False) < layer_cost(relu, "fp32", cuda)
-    assert layer_cost(ln, "bf16", PROFILES["cpu"]) < layer_cost(ln, "fp32", PROFILES["cpu"])
