@@ -7,7 +7,11 @@ For each model, in one process:
 * **amp-bf16**: blanket ``torch.autocast("cpu", torch.bfloat16)``.
 * **bisect-fp16**: the segment bisection of onnxconverter-common's ``auto_convert_mixed_precision``
   over the leaf modules (``_bisection.py``), FP16, default ``GradScaler``.
-* **autoprec-gpu**: ``autoprec.tune(target="cuda")`` (FP16 and BF16 allowed), with its tuned scaler.
+* **autoprec-gpu**: ``autoprec.tune(target="cuda")`` (FP16 and BF16 allowed), with its tuned scaler,
+  priced with the built-in GPU roofline *without* its per-call (launch, region) costs: these models
+  are small (width 64) and on a real GPU launch-bound, where the estimate keeps everything FP32 for
+  speed; this column shows the numerical decisions a GPU policy makes at sizes where 16-bit pays.
+  ``--gpu-profile FILE`` prices it with a profile file instead (``autoprec calibrate`` on the GPU).
 * **autoprec-cpu**: ``autoprec.tune(target="cpu")`` (BF16), the policy for this machine's speed.
 
 Measured: fidelity on held-out batches against an FP64 copy of the model (loss relative error,
@@ -75,10 +79,22 @@ def machine() -> dict[str, Any]:
             "autoprec": autoprec.__version__, "timing_threads": 1}
 
 
+def gpu_profile(path: str | None = None) -> Any:
+    """The profile that prices the GPU policy: a file, or the roofline estimate without per-call costs."""
+    from autoprec.estimates import _GPU, roofline
+
+    if path is not None:
+        return path
+    return roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="GPU roofline without per-call costs")
+
+
+GPU_PROFILE: Any = None  # set by main
+
+
 def _tune(spec: _zoo.Spec, target: str) -> tuple[Any, dict[str, Any]]:
     t0 = time.perf_counter()
     policy = autoprec.tune(spec.model, spec.tune[0], spec.tune[1], target=target, optimizer=spec.optimizer,
-                           progress=False)
+                           progress=False, profile=gpu_profile(GPU_PROFILE) if target == "cuda" else None)
     wall = time.perf_counter() - t0
     st = policy.stats
     ver = policy.verification
@@ -302,7 +318,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads outside the timing (default 1, for repeatable tuning times on a shared machine)")
     p.add_argument("--from-json", nargs="+", default=None, help="print the tables of saved result files and exit")
+    p.add_argument("--gpu-profile", default=None,
+                   help="a profile file for the GPU policy (default: the roofline without per-call costs)")
     args = p.parse_args(argv)
+    global GPU_PROFILE
+    GPU_PROFILE = args.gpu_profile
     if args.from_json:
         results, meta = [], {}
         for path in args.from_json:
