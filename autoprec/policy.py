@@ -1,5 +1,6 @@
 """Stage 4, policy: the tuned result as plain data, saved as versioned JSON.
 
+Its records (layer entries, scaler settings, verification) are in :mod:`autoprec.records`.
 A policy is readable and editable by a person: keys are the model's own qualified names
 (``encoder.layers.3.attn.q``; a functional op in a module's own code is ``module.path::op``),
 precision names are ``"fp32" | "fp16" | "bf16"``, and every exclusion carries the evidence behind
@@ -20,139 +21,15 @@ import torch
 from torch import nn
 
 from .errors import DeviceWarning, OptionError, PolicyError
-from .formats import LOW_PRECISIONS, PRECISIONS
+from .formats import LOW_PRECISIONS
 from .modules import canonical_modules, leaves
+from .records import NOISE_MULTIPLE, LayerEntry, ScalerSettings, Verification
 from .trace import signatures_of
-from .validate import (FIX, bad, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
-                       check_str_map, check_strings)
+from .validate import FIX, bad, check_bool, check_choice, check_int, check_number, check_str_map, check_strings
 
 __all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "Verification", "Policy", "load"]
 
 SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class LayerEntry:
-    """One layer of a policy. Its fields are checked when it is built (:class:`PolicyError`).
-
-    Example:
-        >>> LayerEntry("bf16", flops=10).precision
-        'bf16'
-        >>> LayerEntry("fp8")
-        Traceback (most recent call last):
-        ...
-        autoprec.errors.PolicyError: LayerEntry field 'precision' is 'fp8' (str); allowed: one of 'fp32', 'fp16', 'bf16'; correct it (in the policy file, or the code that built the record) or re-run autoprec.tune for a new policy
-    """
-
-    precision: str
-    reason: str = "cast"           # "cast", or why the layer is FP32
-    detail: str = ""               # measured evidence
-    excluded: bool = False         # FP32 for a numerical reason measured on this layer
-    kind: str = "module"           # "module" | "op"
-    op: str = ""
-    hazards: tuple[str, ...] = ()
-    flops: int = 0                 # forward matmul/conv FLOPs per step
-    out_absmax: float = 0.0        # FP32 reference: largest |output|, over all tuning batches
-    grad_absmax: float = 0.0       # FP32 reference: largest |gradient| reaching its output
-    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # format -> probe figures
-
-    def __post_init__(self) -> None:
-        r = "LayerEntry"
-        check_choice(r, "precision", self.precision, PRECISIONS)
-        for name in ("reason", "detail", "op"):
-            check_str(r, name, getattr(self, name))
-        check_bool(r, "excluded", self.excluded)
-        check_choice(r, "kind", self.kind, ("module", "op"))
-        object.__setattr__(self, "hazards", check_strings(r, "hazards", self.hazards))
-        check_int(r, "flops", self.flops)
-        for name in ("out_absmax", "grad_absmax"):
-            object.__setattr__(self, name, check_number(r, name, getattr(self, name), finite=False))
-        figures = "an object of format -> {figure name: number}"
-        object.__setattr__(self, "measured", check_str_map(r, "measured", self.measured, lambda fmt, v: check_str_map(
-            r, f"measured[{fmt!r}]", v, lambda k, x: check_number(r, f"measured[{fmt!r}][{k!r}]", x, low=None,
-                                                                      finite=False), figures), figures))
-
-
-@dataclass(frozen=True)
-class ScalerSettings:
-    """GradScaler settings for FP16 layers, checked when built.
-
-    Example:
-        >>> ScalerSettings(init_scale=1024.0).growth_interval
-        2000
-    """
-
-    init_scale: float = 2.0 ** 16
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 2000
-
-    def __post_init__(self) -> None:
-        r = "ScalerSettings"
-        object.__setattr__(self, "init_scale", check_number(r, "init_scale", self.init_scale, strict=True))
-        object.__setattr__(self, "growth_factor", check_number(r, "growth_factor", self.growth_factor, low=1.0))
-        object.__setattr__(self, "backoff_factor", check_number(r, "backoff_factor", self.backoff_factor,
-                                                                strict=True, high=1.0))
-        check_int(r, "growth_interval", self.growth_interval, low=1)
-
-
-#: A policy passes verification when its loss gap is within ``max(bound, NOISE_MULTIPLE * noise_floor)``.
-NOISE_MULTIPLE = 2.0
-
-
-@dataclass(frozen=True)
-class Verification:
-    """Short training runs from identical weights and data: FP32 against the policy.
-
-    ``noise_floor`` is the gap between the FP32 run and FP32 from weights rounded to the policy's
-    16-bit format (0 where it was not needed: measured only when the gap exceeds ``bound``); the
-    verdict compares ``max_gap`` with :attr:`threshold`. A record that contradicts itself (passed
-    with a gap over the threshold) is refused.
-
-    Example:
-        >>> v = Verification(passed=True, steps=2, fp32_losses=(2.0, 1.0), policy_losses=(2.0, 1.1),
-        ...                  max_gap=0.05, bound=0.05, skipped_steps=0, longest_skip_run=0, rounds=1)
-        >>> v.threshold
-        0.05
-    """
-
-    passed: bool
-    steps: int
-    fp32_losses: tuple[float, ...]
-    policy_losses: tuple[float, ...]
-    max_gap: float                 # max |policy - fp32| / |fp32 loss at step 0|
-    bound: float                   # the bound asked for (tune's verify_tolerance)
-    skipped_steps: int
-    longest_skip_run: int
-    rounds: int                    # verification rounds (1 + back-offs)
-    note: str = ""
-    compiled: str = ""             # the torch.compile backend of the compiled run, "" where none ran
-    compiled_losses: tuple[float, ...] = ()
-    compiled_max_gap: float = 0.0
-    noise_floor: float = 0.0       # FP32 from 16-bit-rounded weights against FP32, same measure as max_gap
-
-    def __post_init__(self) -> None:
-        r = "Verification"
-        check_bool(r, "passed", self.passed)
-        for name, low in (("steps", 0), ("skipped_steps", 0), ("longest_skip_run", 0), ("rounds", 1)):
-            check_int(r, name, getattr(self, name), low=low)
-        object.__setattr__(self, "fp32_losses", check_numbers(r, "fp32_losses", self.fp32_losses))
-        for name in ("policy_losses", "compiled_losses"):
-            object.__setattr__(self, name, check_numbers(r, name, getattr(self, name), finite=False))
-        for name in ("max_gap", "compiled_max_gap", "noise_floor"):
-            object.__setattr__(self, name, check_number(r, name, getattr(self, name), finite=False))
-        object.__setattr__(self, "bound", check_number(r, "bound", self.bound, strict=True))
-        check_str(r, "note", self.note)
-        check_str(r, "compiled", self.compiled)
-        if self.passed and (self.max_gap > self.threshold or (self.compiled and self.compiled_max_gap > self.threshold)):
-            raise PolicyError(f"Verification is marked passed but its loss gap ({self.max_gap:g}, compiled "
-                              f"{self.compiled_max_gap:g}) exceeds its threshold {self.threshold:g} (bound "
-                              f"{self.bound:g}, noise floor {self.noise_floor:g}): the record contradicts itself; {FIX}")
-
-    @property
-    def threshold(self) -> float:
-        """The gap the verdict allows: the bound, or twice the measured noise floor where that is larger."""
-        return max(self.bound, NOISE_MULTIPLE * self.noise_floor)
 
 
 @dataclass(frozen=True)
