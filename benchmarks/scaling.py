@@ -115,13 +115,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default=os.path.join(HERE, "results", "scaling.json"))
     args = p.parse_args(argv)
     depths = args.depths or ([2, 4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
+    # the GPU target is priced with the roofline without per-call costs, as at sizes where 16-bit pays:
+    # with the estimate's launch costs these width-128 blocks stay FP32 and there would be no search
+    from autoprec.estimates import _GPU, roofline
+    profile = (roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="GPU roofline without per-call costs")
+               if args.target == "cuda" else None)
     logging.getLogger("autoprec").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
 
     # one throwaway run first: imports and first-call costs (torch.export, Optuna) are not depth's
     warm_model, warm_x, warm_loss = make(1, args.dim, args.batch)
     autoprec.tune(warm_model, warm_x, warm_loss, target=args.target, dtypes=args.dtypes, verify_steps=2,
-                  progress=False)
+                  progress=False, profile=profile)
 
     rows = []
     print("| blocks | layers | passes (probe+search+verify) | trials | seconds | ms/pass | "
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, x, loss_fn = make(depth, args.dim, args.batch)
         t0 = time.perf_counter()
         policy = autoprec.tune(model, x, loss_fn, target=args.target, dtypes=args.dtypes,
-                               verify_steps=args.verify_steps, progress=False)
+                               verify_steps=args.verify_steps, progress=False, profile=profile)
         secs = time.perf_counter() - t0
         st = policy.stats
         passes = st["probe_passes"] + st["search_passes"] + st["verify_passes"]
