@@ -59,7 +59,8 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
 
 
 def check_storage(storage: Any) -> None:
-    """Open an Optuna storage URL now, so a bad one fails before the probe, not after it.
+    """Open an Optuna storage (an RDB URL, ``"journal:PATH"`` or a storage object) now, so a bad one
+    fails before the probe, not after it.
 
     Example:
         >>> check_storage(None) is None
@@ -67,19 +68,26 @@ def check_storage(storage: Any) -> None:
         >>> check_storage("mysql://x")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        autoprec.errors.OptionError: storage='mysql://x' cannot be opened (...); use an Optuna storage URL such as 'sqlite:///study.db' in an existing folder
+        autoprec.errors.OptionError: storage='mysql://x' cannot be opened (...); use an Optuna storage URL such as 'sqlite:///study.db' in an existing folder, or 'journal:/path/to/study.log'
     """
     if storage is None:
         return
-    if not isinstance(storage, str):
-        raise OptionError(f"storage={storage!r} must be an Optuna storage URL such as 'sqlite:///study.db'")
     import optuna
 
+    from .storage import open_storage
+
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return
+    if not isinstance(storage, str):
+        raise OptionError(f"storage={storage!r} must be an Optuna storage URL such as 'sqlite:///study.db', "
+                          "'journal:/path/to/study.log' or an optuna storage object")
+    opened = open_storage(storage)  # a journal spec is checked here (OptionError naming the problem)
     try:
-        optuna.storages.get_storage(storage)
+        optuna.storages.get_storage(opened)
     except Exception as exc:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds for a bad URL
         raise OptionError(f"storage={storage!r} cannot be opened ({type(exc).__name__}: {str(exc)[:160]}); "
-                          "use an Optuna storage URL such as 'sqlite:///study.db' in an existing folder") from None
+                          "use an Optuna storage URL such as 'sqlite:///study.db' in an existing folder, or "
+                          "'journal:/path/to/study.log'") from None
 
 
 def check_model(model: Any) -> torch.device:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from .costs import DeviceProfile, cost_note, layer_cost
+from .storage import open_storage
 from .formats import info
 from .probe import Probe
 from .trace import Trace
@@ -277,7 +278,8 @@ def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[f
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
-                                    storage=storage, study_name=name, load_if_exists=storage is not None)
+                                    storage=open_storage(storage), study_name=name,
+                                    load_if_exists=storage is not None)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         for t in done:  # a resumed study: reuse what its finished trials measured
             if "loss_err" in t.user_attrs:

@@ -90,7 +90,7 @@ def _private_copy(model: nn.Module) -> nn.Module:
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
          dtypes: Iterable[str] | str | None = None, target: str | None = None, tolerance: float = 0.01,
          grad_tolerance: float = 0.05, verify_tolerance: float = 0.05, verify_steps: int = 20,
-         optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: str | None = None,
+         optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: Any = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
          verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
          strict: bool = False) -> Policy:
@@ -113,7 +113,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         verify_steps: training steps per verification run (0 skips verification).
         optimizer: factory ``params -> torch.optim.Optimizer`` for verification.
         n_trials: Optuna trials at most.
-        storage: an Optuna storage URL (``"sqlite:///study.db"``) to resume or share the study.
+        storage: where the search's Optuna study lives, to resume or share it: an RDB URL
+            (``"sqlite:///study.db"``), ``"journal:PATH"`` (a journal file several worker processes
+            can tune on at once, each reusing what the others measured) or an Optuna storage object.
         headroom: range margin: a layer whose FP32 maximum times ``headroom`` exceeds a format's
             range is not given that format, and the loss scale leaves this much room.
         progress: show progress bars on stderr.
