@@ -26,7 +26,7 @@ from .modules import canonical_modules
 from .runtime import Runtime
 from .trace import Trace
 
-__all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
+__all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "grad_norm", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
 
 log = logging.getLogger("autoprec.probe")
 
@@ -34,14 +34,25 @@ log = logging.getLogger("autoprec.probe")
 HIST_LO, HIST_HI = -160, 130
 
 
-def _hist(t: torch.Tensor) -> list[int]:
+_BINS = HIST_HI - HIST_LO
+
+
+def _hist(t: torch.Tensor) -> torch.Tensor:
+    """log2 histogram of the finite nonzero values of ``t``, on its device (no host sync)."""
     x = t.detach().float().abs().flatten()
-    x = x[(x > 0) & torch.isfinite(x)]
+    e = torch.frexp(x).exponent - 1  # floor(log2|x|), int32
+    e = e.clamp_(HIST_LO, HIST_HI - 1) - HIST_LO
+    e = torch.where((x > 0) & torch.isfinite(x), e, _BINS)  # zeros and Inf/NaN go to a bin that is dropped
+    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(e.numel())
+    return torch.zeros(_BINS + 1, dtype=torch.int64, device=x.device).index_add_(0, e, ones)[:_BINS]
+
+
+def _absmax(t: torch.Tensor) -> torch.Tensor:
+    """Largest finite |value| of ``t`` (0 for none), as a 0-d FP64 tensor on its device."""
+    x = t.detach()
     if x.numel() == 0:
-        return [0] * (HIST_HI - HIST_LO)
-    e = torch.frexp(x).exponent.to(torch.int64) - 1  # floor(log2|x|)
-    e = e.clamp(HIST_LO, HIST_HI - 1) - HIST_LO
-    return torch.bincount(e, minlength=HIST_HI - HIST_LO).tolist()
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
 
 
 @dataclass(frozen=True)
@@ -99,10 +110,12 @@ class Probe:
 
 
 class _RangeWatcher:
+    """Output and gradient ranges per layer, accumulated on the device; read once by :meth:`ranges`."""
+
     def __init__(self) -> None:
-        self.out: dict[str, list] = {}
-        self.grad: dict[str, list] = {}
-        self.nonfinite: dict[str, int] = {}
+        self.out: dict[str, list[torch.Tensor]] = {}
+        self.grad: dict[str, list[torch.Tensor]] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
         pass
@@ -111,30 +124,50 @@ class _RangeWatcher:
         for t in pytree.tree_leaves(raw):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 _merge(self.out, key, t)
-                self.nonfinite[key] = self.nonfinite.get(key, 0) + int((~torch.isfinite(t)).sum())
+                bad = (~torch.isfinite(t.detach())).sum()
+                self.nonfinite[key] = self.nonfinite[key] + bad if key in self.nonfinite else bad
         for t in pytree.tree_leaves(final):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
                 t.register_hook(lambda g, key=key: _merge(self.grad, key, g))
 
+    def ranges(self, nonfinite: dict[str, torch.Tensor]) -> dict[str, Ranges]:
+        """The layers' :class:`Ranges` (``nonfinite``: counts of the measured batch), read in one transfer each."""
+        keys = list(self.out)
+        if not keys:
+            return {}
+        dev = self.out[keys[0]][0].device
+        zero = [torch.zeros((), dtype=torch.float64, device=dev), torch.zeros(_BINS, dtype=torch.int64, device=dev)]
+        rows = [self.out[k] for k in keys] + [self.grad.get(k, zero) for k in keys]
+        amax = torch.stack([r[0].to(dev) for r in rows]).tolist()
+        hist = torch.stack([r[1].to(dev) for r in rows]).tolist()
+        bad = torch.stack([torch.as_tensor(nonfinite.get(k, 0), device=dev) for k in keys]).tolist()
+        n = len(keys)
+        return {k: Ranges(out_absmax=amax[i], out_hist=tuple(hist[i]), grad_absmax=amax[n + i],
+                          grad_hist=tuple(hist[n + i]), nonfinite=int(bad[i]))
+                for i, k in enumerate(keys)}
 
-def _merge(store: dict[str, list], key: str, t: torch.Tensor) -> None:
-    finite = t.detach()[torch.isfinite(t.detach())]
-    amax = float(finite.abs().max()) if finite.numel() else 0.0
-    hist = _hist(t)
+
+def _merge(store: dict[str, list[torch.Tensor]], key: str, t: torch.Tensor) -> None:
+    amax, hist = _absmax(t), _hist(t)
     if key in store:
         old = store[key]
-        store[key] = [max(old[0], amax), [a + b for a, b in zip(old[1], hist)]]
+        store[key] = [torch.maximum(old[0], amax), old[1] + hist]
     else:
         store[key] = [amax, hist]
 
 
 class _CountWatcher:
-    """Counts the non-finite values one layer emits in a measurement run."""
+    """Counts the non-finite values one layer emits in a measurement run (on the device: read once)."""
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.nonfinite = 0
+        self.count: torch.Tensor | int = 0
         self.dtypes: set[torch.dtype] = set()   # floating dtypes of the layer's own output
+
+    @property
+    def nonfinite(self) -> int:
+        """The count, as an int (one host sync)."""
+        return int(self.count)
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
         pass
@@ -144,7 +177,7 @@ class _CountWatcher:
             return
         for t in pytree.tree_leaves(raw):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.nonfinite += int((~torch.isfinite(t)).sum())
+                self.count = self.count + (~torch.isfinite(t.detach())).sum()
                 self.dtypes.add(t.dtype)
 
 
@@ -170,7 +203,11 @@ class Runner:
 
     def run(self, batch: Any, assignment: dict[str, str], *, scale: float = 1.0,
             watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Loss (detached) and parameter gradients (unscaled) of one pass."""
+        """Loss (detached) and parameter gradients (unscaled, FP32) of one pass.
+
+        The gradients are the parameters' own ``.grad`` tensors, taken off the parameters (no copy):
+        the caller owns them, and :func:`errors` may overwrite them (``reuse=True``).
+        """
         runtime = Runtime(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
                           device_type=self.device_type, emulate_fp16=self.emulate_fp16,
                           emulate_cuda=self.emulate_cuda, watcher=watcher,
@@ -187,28 +224,76 @@ class Runner:
                 (loss.float() * scale).backward()
         finally:
             runtime.remove()
-        grads = [None if p.grad is None else p.grad.detach().float() / scale for p in self.params]
+        grads = [None if p.grad is None else p.grad.detach().float() for p in self.params]
         for p in self.params:
             p.grad = None
+        if scale != 1.0:
+            torch._foreach_div_([g for g in grads if g is not None], scale)  # ours: taken off the parameters
         return loss.detach().float(), grads
 
 
 def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
-           ref_grads: Sequence[torch.Tensor | None]) -> tuple[float, float, bool]:
-    """(loss relative error, gradient relative L2 error, all finite) against a reference."""
-    finite = bool(torch.isfinite(loss)) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-    if not finite:
+           ref_grads: Sequence[torch.Tensor | None], *, reuse: bool = False,
+           ref_norm: torch.Tensor | None = None) -> tuple[float, float, bool]:
+    """(loss relative error, gradient relative L2 error, all finite) against a reference.
+
+    Computed on the gradients' device with fused reductions (``torch._foreach_*``) and read with
+    one host transfer. ``reuse=True`` overwrites ``grads`` with their difference to the reference
+    (for gradients nobody reads afterwards, as :class:`Runner` hands them out: it saves a copy of
+    every gradient); ``ref_norm`` is the reference's L2 norm (:func:`grad_norm`), when known.
+
+    Example:
+        >>> r = [torch.tensor([3.0, 4.0]), None]
+        >>> errors(torch.tensor(1.1), [torch.tensor([3.0, 4.5]), None], torch.tensor(1.0), r)
+        (0.10000002384185791, 0.1, True)
+        >>> errors(torch.tensor(1.0), [torch.tensor([float("inf"), 4.0]), None], torch.tensor(1.0), r)
+        (inf, inf, False)
+    """
+    got = [(g, r) for g, r in zip(grads, ref_grads) if r is not None and g is not None and r.numel()]
+    missing = [r for g, r in zip(grads, ref_grads) if r is not None and g is None and r.numel()]
+    if reuse:
+        diffs = [g for g, _ in got]
+        if diffs:
+            torch._foreach_sub_(diffs, [r for _, r in got])
+    else:
+        diffs = list(torch._foreach_sub([g for g, _ in got], [r for _, r in got])) if got else []
+    num = _norm(diffs + missing, loss)
+    den = grad_norm(ref_grads, loss) if ref_norm is None else ref_norm.to(num)
+    loss_err = (loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)
+    l_err, l_val, n, d = torch.stack([loss_err.double(), loss.double(), num, den]).tolist()  # the one sync
+    if not math.isfinite(l_val):
         return math.inf, math.inf, False
-    loss_err = float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12))
-    num = den = 0.0
-    for g, r in zip(grads, ref_grads):
-        if r is None:
-            continue
-        g = torch.zeros_like(r) if g is None else g
-        num += float(((g - r).double() ** 2).sum())
-        den += float((r.double() ** 2).sum())
-    grad_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-    return loss_err, grad_err, True
+    if not math.isfinite(n):  # a non-finite gradient, or a norm past the FP32 range: look closer
+        amax = torch.stack(torch._foreach_norm(diffs, math.inf)).tolist() if diffs else []
+        if not all(math.isfinite(a) for a in amax):  # a difference is finite iff its gradient is
+            return math.inf, math.inf, False
+        n = _exact_norm(diffs + missing)
+    if not math.isfinite(d):
+        d = _exact_norm([r for r in ref_grads if r is not None])
+    grad_err = n / d if d > 0 else (0.0 if n == 0 else math.inf)
+    return l_err, grad_err, True
+
+
+def _norm(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """L2 norm over all ``tensors`` as a 0-d FP64 tensor (per-tensor norms fused, combined in FP64)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64, device=like.device)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double())
+
+
+def _exact_norm(tensors: list[torch.Tensor]) -> float:
+    """L2 norm with FP64 squares (the slow path, for norms past the FP32 range)."""
+    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
+
+
+def grad_norm(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+    """L2 norm over all gradients (None skipped), a 0-d FP64 tensor on ``like``'s device.
+
+    Example:
+        >>> grad_norm([torch.tensor([3.0]), None, torch.tensor([4.0])], torch.zeros(()))
+        tensor(5., dtype=torch.float64)
+    """
+    return _norm([g for g in grads if g is not None and g.numel()], like)
 
 
 def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], formats: Sequence[str], *,
@@ -228,29 +313,27 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     """
     watcher = _RangeWatcher()
     ref_loss, ref_grads = None, None
-    param_hist = [0] * (HIST_HI - HIST_LO)
+    param_hist: torch.Tensor | None = None
     for i, batch in enumerate(batches):
         loss, grads = runner.run(batch, {}, watcher=watcher)
-        if not bool(torch.isfinite(loss)) or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+        present = [g for g in grads if g is not None and g.numel()]
+        amax = torch._foreach_norm(present, math.inf) if present else []
+        check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
+        if not all(math.isfinite(x) for x in check):
             raise ModelError(f"the model's FP32 loss or gradients are not finite on batch {i} "
-                             f"(loss={float(loss)}): autoprec cannot tune a model that is broken in FP32; "
+                             f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
                              "fix the model or the batch first")
-        for g in grads:
-            if g is not None:
-                param_hist = [a + b for a, b in zip(param_hist, _hist(g))]
+        for g in present:
+            param_hist = _hist(g) if param_hist is None else param_hist + _hist(g)
         if i == 0:
-            ref_loss, ref_grads = loss, grads
+            ref_loss, ref_grads, ref_amax = loss, grads, max(check[1:], default=0.0)
             ref_nonfinite = dict(watcher.nonfinite)  # what FP32 itself emits on the measured batch
-    ranges = {k: Ranges(out_absmax=watcher.out[k][0], out_hist=tuple(watcher.out[k][1]),
-                        grad_absmax=watcher.grad.get(k, [0.0])[0],
-                        grad_hist=tuple(watcher.grad.get(k, [0, [0] * (HIST_HI - HIST_LO)])[1]),
-                        nonfinite=ref_nonfinite.get(k, 0))
-              for k in watcher.out}
-    grad_absmax = max([r.grad_absmax for r in ranges.values()] +
-                      [float(g.abs().max()) for g in ref_grads if g is not None and g.numel()] + [0.0])
+    ranges = watcher.ranges(ref_nonfinite)
+    grad_absmax = max([r.grad_absmax for r in ranges.values()] + [ref_amax, 0.0])
     scale = suggest_scale(grad_absmax, headroom)
     measurements: dict[tuple[str, str], Measurement] = {}
     candidates = list(candidates)
+    ref_norm = grad_norm(ref_grads, ref_loss)
     for key in candidates:
         if progress is not None:
             progress(key)
@@ -263,13 +346,15 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
                 measurements[(key, fmt)] = Measurement(key, fmt, math.inf, math.inf, 0, False,
                                                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads)
+            loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
+            del loss, grads  # this pass's gradients go before the next pass makes its own
             full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
             measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite,
                                                    full_width=full)
     log.info("probed %d layers x %d formats in %d passes", len(candidates), len(formats), runner.passes)
+    hist = param_hist.tolist() if param_hist is not None else [0] * _BINS
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
-                 grad_absmax=grad_absmax, param_grad_hist=tuple(param_hist), passes=runner.passes,
+                 grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
 
 
