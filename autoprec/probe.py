@@ -263,43 +263,48 @@ def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: t
     l_err, l_val, n, d = torch.stack([loss_err.double(), loss.double(), num, den]).tolist()  # the one sync
     if not math.isfinite(l_val):
         return math.inf, math.inf, False
-    if not math.isfinite(n):  # a non-finite gradient, or a norm past the FP32 range: look closer
+    if not _TINY < n < math.inf:  # a non-finite gradient, or an FP32 sum of squares out of range: look closer
         amax = torch.stack(torch._foreach_norm(diffs, math.inf)).tolist() if diffs else []
         if not all(math.isfinite(a) for a in amax):  # a difference is finite iff its gradient is
             return math.inf, math.inf, False
-        n = _exact_norm(diffs + missing)
-    if not math.isfinite(d):
-        d = _exact_norm([r for r in ref_grads if r is not None])
+        n = float(_norm(diffs + missing, loss, torch.float64))
+    if not _TINY < d < math.inf:
+        d = float(grad_norm(ref_grads, loss, torch.float64))
     grad_err = n / d if d > 0 else (0.0 if n == 0 else math.inf)
     return l_err, grad_err, True
 
 
-def _norm(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """L2 norm over all ``tensors`` as a 0-d FP64 tensor (per-tensor norms fused, combined in FP64)."""
+#: below this, an FP32 norm may have lost elements whose squares underflow (|x| < ~1e-19): for n
+#: elements they add at most n * 1e-38 to the squares, negligible against 1e-24 up to n ~ 1e8
+_TINY = 1e-12
+
+
+def _norm(tensors: list[torch.Tensor], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """L2 norm over all ``tensors`` as a 0-d FP64 tensor: per-tensor norms fused (squares summed in
+    ``dtype``, default the tensors' own), combined in FP64."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64, device=like.device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)).double())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).double())
 
 
-def _exact_norm(tensors: list[torch.Tensor]) -> float:
-    """L2 norm with FP64 squares (the slow path, for norms past the FP32 range)."""
-    return math.sqrt(sum(float((t.double() ** 2).sum()) for t in tensors))
-
-
-def grad_norm(grads: Sequence[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+def grad_norm(grads: Sequence[torch.Tensor | None], like: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """L2 norm over all gradients (None skipped), a 0-d FP64 tensor on ``like``'s device.
 
     Example:
         >>> grad_norm([torch.tensor([3.0]), None, torch.tensor([4.0])], torch.zeros(()))
         tensor(5., dtype=torch.float64)
     """
-    return _norm([g for g in grads if g is not None and g.numel()], like)
+    return _norm([g for g in grads if g is not None and g.numel()], like, dtype)
 
 
 def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], formats: Sequence[str], *,
           headroom: float = 8.0, progress: Callable[[str], None] | None = None,
           skipped: dict[str, str] | None = None) -> Probe:
     """Measure ranges on every batch and the error of each candidate layer in each format.
+
+    ``progress(key)`` is called after every pass (``len(batches) + len(candidates) * len(formats)``
+    in all), with the layer the pass measured (``""`` for the FP32 reference passes).
 
     Example:
         >>> from autoprec.trace import trace
@@ -316,6 +321,8 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     param_hist: torch.Tensor | None = None
     for i, batch in enumerate(batches):
         loss, grads = runner.run(batch, {}, watcher=watcher)
+        if progress is not None:
+            progress("")
         present = [g for g in grads if g is not None and g.numel()]
         amax = torch._foreach_norm(present, math.inf) if present else []
         check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
@@ -335,19 +342,21 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     candidates = list(candidates)
     ref_norm = grad_norm(ref_grads, ref_loss)
     for key in candidates:
-        if progress is not None:
-            progress(key)
         for fmt in formats:
             counter = _CountWatcher(key)
             try:
                 loss, grads = runner.run(batches[0], {key: fmt}, scale=scale if fmt == "fp16" else 1.0,
                                          watcher=counter)
             except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
+                if progress is not None:
+                    progress(key)
                 measurements[(key, fmt)] = Measurement(key, fmt, math.inf, math.inf, 0, False,
                                                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 continue
             loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
             del loss, grads  # this pass's gradients go before the next pass makes its own
+            if progress is not None:
+                progress(key)
             full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
             measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite,
                                                    full_width=full)

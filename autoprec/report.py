@@ -83,7 +83,8 @@ def _markdown(policy: "Policy") -> str:
     if st:
         keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
                 "measured_loss_err", "measured_grad_err")
-        lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st))
+        lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st)
+                     + _memory(st))
     lines.append("")
     lines.append("## Verification")
     if ver is None:
@@ -134,6 +135,16 @@ def _markdown(policy: "Policy") -> str:
         note = "" if e.reason == "cast" else e.reason
         lines.append(f"| `{k or '(root)'}` | {e.op} | {e.precision} | {e.flops} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _memory(st: dict[str, Any]) -> str:
+    """``, peak memory 412 MiB (process RSS; probe 380, ...)``: tuning's peak above where it started."""
+    if "peak_memory_mb" not in st:
+        return ""
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in st.get("peak_memory_mb_by_stage", {}).items())
+    bound = "" if st.get("peak_memory_exact", True) else ", a lower bound"
+    return (f", peak memory {st['peak_memory_mb']:.0f} MiB above the start ({st.get('peak_memory_kind', '?')}{bound}"
+            + (f"; by stage: {stages}" if stages else "") + ")")
 
 
 def _log2(x: float) -> str:

@@ -28,6 +28,7 @@ from .trace import trace
 from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
 from .verify import verify
+from ._memory import PeakMemory
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -150,10 +151,12 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
+        meter = PeakMemory(device)  # on CUDA it resets the device's peak-memory statistics
+        meter.stage("copy")
         work = _private_copy(model)
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
-        with Progress(progress) as bar:
+        with Progress(progress, meter=meter) as bar:
             policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
                            verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                            optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
@@ -221,7 +224,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
-    bar.stage("probe", len(candidates))
+    bar.stage("probe", len(batches) + len(candidates) * len(formats), unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
                skipped=skipped)
     probe_passes = runner.passes
@@ -231,11 +234,16 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         fp16 = "fp16" in assignment.values()
         s = (scale or pr.loss_scale) if fp16 else 1.0
         loss, grads = runner.run(batches[0], dict(assignment), scale=s)
-        return errors(loss, grads, ref_loss, ref_grads)
+        return errors(loss, grads, ref_loss, ref_grads, reuse=True)
 
-    bar.stage("search", min(n_trials, len(candidates) + 1))
+    bar.stage("search", min(n_trials, len(candidates) + 1), unit="trial")
+
+    def searched(i: int, n: int) -> None:  # trial i of n (a resumed study starts past 0)
+        bar.plan(n)
+        bar.advance(max(0, i - bar.done))
+
     result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
-                    storage=storage, seed=seed, progress=lambda i, n: bar.advance())
+                    storage=storage, seed=seed, progress=searched)
     search_passes = runner.passes - probe_passes
 
     decisions = dict(result.decisions)
@@ -302,6 +310,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "scaler_predicted_skip_rate": scaler_choice.skip_rate if scaler_choice else 0.0,
         "fp32_grad_absmax": pr.grad_absmax,
     }
+    bar.close()  # the last stage ends: its count, time and peak memory go into the stats
+    stats.update(bar.summary())
     policy = dataclasses.replace(policy, verification=verification, stats=stats)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats["tuning_seconds"], 100 * policy.low_precision_fraction())
