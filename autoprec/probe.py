@@ -260,7 +260,7 @@ def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: t
     num = _norm(diffs + missing, loss)
     den = grad_norm(ref_grads, loss) if ref_norm is None else ref_norm.to(num)
     loss_err = (loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)
-    l_err, l_val, n, d = torch.stack([loss_err.double(), loss.double(), num, den]).tolist()  # the one sync
+    l_err, l_val, n, d = torch.stack([loss_err.double().reshape(()), loss.double().reshape(()), num, den]).tolist()
     if not math.isfinite(l_val):
         return math.inf, math.inf, False
     if not _TINY < n < math.inf:  # a non-finite gradient, or an FP32 sum of squares out of range: look closer
