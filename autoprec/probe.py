@@ -5,7 +5,9 @@ of the gradient flowing into it (log2 histograms, so underflow at any loss scale
 Then each candidate layer is run alone in each 16-bit format, the rest in FP32, on the first
 batch, and the error it adds at the loss and at the parameter gradients is measured, with the
 non-finite values it produced. Cost: ``len(batches) + candidates * formats`` forward+backward
-passes, linear in the number of layers.
+passes, linear in the number of layers. What a pass adds to its forward+backward is fused device
+work: the gradients are taken off the parameters (no copy), compared with the reference in place
+by ``torch._foreach_*`` reductions, and read with one host transfer (``benchmarks/probe_cost.py``).
 """
 
 from __future__ import annotations

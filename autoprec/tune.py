@@ -115,7 +115,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         storage: an Optuna storage URL (``"sqlite:///study.db"``) to resume or share the study.
         headroom: range margin: a layer whose FP32 maximum times ``headroom`` exceeds a format's
             range is not given that format, and the loss scale leaves this much room.
-        progress: show progress bars on stderr.
+        progress: show progress bars on stderr: per stage, the passes (trials, steps) done of those
+            planned, with an ETA from the measured time per pass.
         seed: seed for the study and for the dropout masks of every pass.
         verify_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``): the verified
             policy also trains compiled with it and must meet the same bound; None (default) skips it.
@@ -126,6 +127,11 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
     trains the model, or ``verify_steps=0``).
+
+    ``policy.stats`` records the passes, time and peak memory of each stage (``stages``,
+    ``peak_memory_mb``: bytes above those in use when ``tune`` started; on CUDA from
+    ``torch.cuda.max_memory_allocated``, whose peak ``tune`` resets: torch cannot restore a caller's
+    earlier peak; on a CPU from the process's resident set, see :mod:`autoprec._memory`).
 
     ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
     wrappers); the policy's keys are the names without the wrappers, and it fits both.

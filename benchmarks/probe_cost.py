@@ -12,7 +12,11 @@ and, for the shapes marked ``probe`` (default all but ``--large``), the whole pr
 both formats: wall time, passes, and the process's peak RSS above the RSS before the probe (each shape
 runs in a fresh subprocess, so ``ru_maxrss`` is that shape's own peak).
 
-Run:  python benchmarks/probe_cost.py [--shapes 2x128 6x384] [--large] [--samples 8] [--threads 1]
+With ``--tune SHAPE`` it also runs the whole ``autoprec.tune(..., target="cuda")`` on that shape (in a
+fresh process) and prints its time and peak memory per stage (``policy.stats``), and the process's
+peak RSS above the RSS before ``tune`` (``ru_maxrss``), as a multiple of the FP32 parameter bytes.
+
+Run:  python benchmarks/probe_cost.py [--shapes 2x128 6x384] [--large] [--samples 8] [--threads 1] [--tune 6x384]
       (--large adds 12x768 with the full 50257-token vocabulary, per-pass figures only)
 Writes benchmarks/results/probe_cost.json (``--out``).
 """
@@ -101,6 +105,30 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     return row
 
 
+def measure_tune(shape: str) -> dict[str, Any]:
+    """One whole tune of a shape (run in its own process): seconds, passes and peak memory, per stage."""
+    import transformers as tf
+
+    import autoprec
+
+    blocks, width, vocab = SHAPES[shape]
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64),
+                                             vocab_size=vocab, n_positions=128, resid_pdrop=0.0,
+                                             embd_pdrop=0.0, attn_pdrop=0.0)).float().train()
+    ids = torch.randint(0, vocab, (2, 128))
+    param_mb = 4 * sum(p.numel() for p in model.parameters()) / 2 ** 20
+    before = _rss()
+    t0 = time.perf_counter()
+    policy = autoprec.tune(model, {"input_ids": ids, "labels": ids.clone()}, target="cuda", progress=False)
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    st = policy.stats
+    return {"shape": shape, "param_mb": param_mb, "tune_s": secs, "peak_rss_mb": max(0, peak - before) / 2 ** 20,
+            "stats_peak_mb": st.get("peak_memory_mb"), "stats_peak_by_stage_mb": st.get("peak_memory_mb_by_stage"),
+            "stages": st.get("stages"), "passes": {k: st[k] for k in ("probe_passes", "search_passes", "verify_passes")}}
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["2x128", "4x256", "6x384"], choices=sorted(SHAPES))
@@ -108,10 +136,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--samples", type=int, default=8, help="candidate layers timed per shape")
     p.add_argument("--no-probe", action="store_true", help="per-pass figures only (no whole probe)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tune", choices=sorted(SHAPES), help="also run a whole tune of this shape")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one shape, print its JSON row
+    p.add_argument("--one-tune", help=argparse.SUPPRESS)  # internal: tune one shape, print its JSON row
     p.add_argument("--out", default=os.path.join(HERE, "results", "probe_cost.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.one_tune:
+        print(json.dumps(measure_tune(args.one_tune)))
+        return []
     if args.one:
         full = not args.no_probe and args.one != "12x768"
         print(json.dumps(measure(args.one, args.samples, full)))
@@ -132,9 +165,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         peak = f"{r['probe_peak_rss_mb']:.0f}" if "probe_s" in r else "-"
         print(f"| {shape} | {r['params'] / 1e6:.1f}M | {r['candidates']} | {r['plain_ms']:.0f} | {r['pass_ms']:.0f} | "
               f"{r['errors_ms']:.1f} | {r['errors_vs_plain']:.3f} | {probe_s} | {ratio} | {peak} |", flush=True)
+    tuned = None
+    if args.tune:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one-tune", args.tune, "--threads", str(args.threads)]
+        tuned = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        print(f"\nwhole tune of {args.tune} ({tuned['param_mb']:.0f} MiB of FP32 parameters): {tuned['tune_s']:.1f} s, "
+              f"passes {tuned['passes']}, process peak RSS {tuned['peak_rss_mb']:.0f} MiB above the start "
+              f"({tuned['peak_rss_mb'] / tuned['param_mb']:.1f}x the parameter bytes)")
+        if tuned["stages"]:
+            print("\n| stage | done / planned | seconds | peak MiB above the start |\n| --- | ---: | ---: | ---: |")
+            by = tuned["stats_peak_by_stage_mb"]
+            if "copy" in by:
+                print(f"| copy | - | - | {by['copy']:.0f} |")
+            for name, v in tuned["stages"].items():
+                print(f"| {name} | {v['done']} / {v['planned']} {v['unit']} | {v['seconds']:.1f} | "
+                      f"{v.get('peak_memory_mb', float('nan')):.0f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"rows": rows, "threads": args.threads, "torch": torch.__version__, "cores": os.cpu_count(),
+        json.dump({"rows": rows, "tune": tuned, "threads": args.threads, "torch": torch.__version__, "cores": os.cpu_count(),
                    "formats": ["bf16", "fp16"], "target": "cuda (emulated on this CPU)"}, fh, indent=1)
     return rows
 

@@ -88,7 +88,8 @@ def test_peak_memory_is_measured_per_stage_and_reported(one_thread, tmp_path):
     policy = autoprec.tune(model, x, target="cuda", verify_steps=2, progress=False)
     st = policy.stats
     assert list(st["peak_memory_mb_by_stage"]) == ["copy", "trace", "probe", "search", "reference run", "verify"]
-    assert st["peak_memory_mb"] == max(st["peak_memory_mb_by_stage"].values()) > 0
+    # >= 0, not > 0: in a process that has run bigger things, a small tune may reuse memory already resident
+    assert st["peak_memory_mb"] == max(st["peak_memory_mb_by_stage"].values()) >= 0
     assert st["peak_memory_kind"] == "process RSS"  # a CPU model
     line = next(ln for ln in policy.report().splitlines() if ln.startswith("- tuning:"))
     assert f"peak memory {st['peak_memory_mb']:.0f} MiB" in line and "by stage: copy" in line
