@@ -8,13 +8,14 @@ FP16), then, interleaved over a sample of candidate layers:
 - ``pass``: one probe pass (``Runner.run``: the layer in 16-bit, the rest FP32, the gradients handed back);
 - ``errors``: the per-pass error computation (``probe.errors``) against the FP32 reference;
 
-and, for the shapes marked ``probe`` (default all but ``--large``), the whole probe over every candidate in
-both formats: wall time, passes, and the process's peak RSS above the RSS before the probe (each shape
-runs in a fresh subprocess, so ``ru_maxrss`` is that shape's own peak).
+the peak RSS of those sampled passes above the RSS before them (model, trace and FP32 reference in
+place; the peak is reset with Linux's ``/proc/self/clear_refs`` in this benchmark's own process); and,
+for every shape but ``12x768``, the whole probe over every candidate in both formats: wall time, passes,
+and its peak RSS above the RSS before it (each shape runs in a fresh subprocess).
 
 With ``--tune SHAPE`` it also runs the whole ``autoprec.tune(..., target="cuda")`` on that shape (in a
 fresh process) and prints its time and peak memory per stage (``policy.stats``), and the process's
-peak RSS above the RSS before ``tune`` (``ru_maxrss``), as a multiple of the FP32 parameter bytes.
+peak RSS above the RSS before ``tune`` (VmHWM), as a multiple of the FP32 parameter bytes.
 
 Run:  python benchmarks/probe_cost.py [--shapes 2x128 6x384] [--large] [--samples 8] [--threads 1] [--tune 6x384]
       (--large adds 12x768 with the full 50257-token vocabulary, per-pass figures only)
@@ -24,9 +25,9 @@ Writes benchmarks/results/probe_cost.json (``--out``).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -45,6 +46,18 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its RSS now (Linux ``clear_refs``); return that RSS."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _rss()
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as fh:
+        return next(1024 * int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+
+
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2]
@@ -54,6 +67,7 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     """All figures of one shape (run in its own process)."""
     import transformers as tf
 
+    import autoprec.probe as P
     from autoprec.probe import Runner, errors, probe
     from autoprec.trace import trace
 
@@ -70,6 +84,11 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     formats = ("bf16", "fp16")
     runner = Runner(model, None, tr, device_type="cpu", emulate_fp16=True, emulate_cuda=True, seed=0)
     ref_loss, ref_grads = runner.run(batch, {})
+    # as the probe calls it: where errors() can overwrite the pass's gradients and take the reference's
+    # norm once (autoprec after issue 14), it does; earlier versions take neither
+    fused = "reuse" in inspect.signature(errors).parameters
+    kw = {"reuse": True, "ref_norm": P.grad_norm(ref_grads, ref_loss)} if fused else {}
+    before = _hwm_reset()  # the trace's own peak is not the passes'
     step = max(1, len(candidates) // samples)
     picked = candidates[::step][:samples]
     plain, passes, errs = [], [], []
@@ -83,7 +102,7 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
         loss, grads = runner.run(batch, {key: fmt})
         passes.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        errors(loss, grads, ref_loss, ref_grads)
+        errors(loss, grads, ref_loss, ref_grads, **kw)
         errs.append(time.perf_counter() - t0)
         del loss, grads
     row: dict[str, Any] = {
@@ -91,17 +110,17 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
         "param_mb": 4 * params / 2 ** 20, "candidates": len(candidates), "samples": len(picked),
         "plain_ms": 1e3 * _median(plain), "pass_ms": 1e3 * _median(passes), "errors_ms": 1e3 * _median(errs)}
     row["errors_vs_plain"] = row["errors_ms"] / row["plain_ms"]
+    row["passes_peak_rss_mb"] = max(0, _hwm() - before) / 2 ** 20  # above the model, its trace and a reference
     if full_probe:
         del ref_loss, ref_grads
-        before = _rss()
+        before = _hwm_reset()
         runner.passes = 0
         t0 = time.perf_counter()
         pr = probe(runner, [batch], candidates, formats)
         row["probe_s"] = time.perf_counter() - t0
         row["probe_passes"] = pr.passes
         row["probe_vs_plain"] = row["probe_s"] / (pr.passes * row["plain_ms"] / 1e3)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        row["probe_peak_rss_mb"] = max(0, peak - before) / 2 ** 20
+        row["probe_peak_rss_mb"] = max(0, _hwm() - before) / 2 ** 20
     return row
 
 
@@ -118,11 +137,11 @@ def measure_tune(shape: str) -> dict[str, Any]:
                                              embd_pdrop=0.0, attn_pdrop=0.0)).float().train()
     ids = torch.randint(0, vocab, (2, 128))
     param_mb = 4 * sum(p.numel() for p in model.parameters()) / 2 ** 20
-    before = _rss()
+    before = _hwm_reset()
     t0 = time.perf_counter()
     policy = autoprec.tune(model, {"input_ids": ids, "labels": ids.clone()}, target="cuda", progress=False)
     secs = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _hwm()
     st = policy.stats
     return {"shape": shape, "param_mb": param_mb, "tune_s": secs, "peak_rss_mb": max(0, peak - before) / 2 ** 20,
             "stats_peak_mb": st.get("peak_memory_mb"), "stats_peak_by_stage_mb": st.get("peak_memory_mb_by_stage"),
@@ -152,8 +171,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     shapes = list(args.shapes) + (["12x768"] if args.large and "12x768" not in args.shapes else [])
     rows = []
     print("| shape | params | candidates | plain fwd+bwd ms | probe pass ms | errors ms | errors / plain | "
-          "probe s (passes) | probe / (passes x plain) | probe peak RSS MB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "sampled passes' peak RSS MiB | probe s (passes) | probe / (passes x plain) | probe peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for shape in shapes:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", shape, "--samples", str(args.samples),
                "--threads", str(args.threads)] + (["--no-probe"] if args.no_probe else [])
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ratio = f"{r['probe_vs_plain']:.2f}" if "probe_s" in r else "-"
         peak = f"{r['probe_peak_rss_mb']:.0f}" if "probe_s" in r else "-"
         print(f"| {shape} | {r['params'] / 1e6:.1f}M | {r['candidates']} | {r['plain_ms']:.0f} | {r['pass_ms']:.0f} | "
-              f"{r['errors_ms']:.1f} | {r['errors_vs_plain']:.3f} | {probe_s} | {ratio} | {peak} |", flush=True)
+              f"{r['errors_ms']:.1f} | {r['errors_vs_plain']:.3f} | {r['passes_peak_rss_mb']:.0f} | {probe_s} | {ratio} | {peak} |", flush=True)
     tuned = None
     if args.tune:
         cmd = [sys.executable, os.path.abspath(__file__), "--one-tune", args.tune, "--threads", str(args.threads)]

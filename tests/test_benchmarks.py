@@ -90,3 +90,16 @@ def test_coverage_table_compares_reported_and_measured(tmp_path, capsys, one_thr
         assert r["flops_measured"] == r["flops_traced"] > 0
         assert r["gap"] == round(abs(r["reported"] - r["measured"]), 4) <= 0.02
     assert "| rnn | tests/models_coverage.py | cuda |" in capsys.readouterr().out
+
+
+def test_probe_cost_times_pass_and_errors_and_the_probe(tmp_path):
+    """The probe-cost benchmark, on the smallest GPT-2 shape: per-pass times, the whole probe's passes and peak."""
+    import probe_cost
+
+    out = tmp_path / "probe_cost.json"
+    rows = probe_cost.main(["--shapes", "2x128", "--samples", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and [r["shape"] for r in rows] == ["2x128"]
+    r = rows[0]
+    assert r["samples"] == 2 and min(r["plain_ms"], r["pass_ms"], r["errors_ms"]) > 0
+    assert r["probe_passes"] == 1 + 2 * r["candidates"] and r["probe_peak_rss_mb"] >= 0
