@@ -25,37 +25,13 @@ from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError
 from .formats import info
 from .modules import canonical_modules
+from .reductions import HIST_BINS, HIST_HI, HIST_LO, errors, finite_absmax, grad_norm, log2_hist
 from .runtime import Runtime
 from .trace import Trace
 
 __all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "grad_norm", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
 
 log = logging.getLogger("autoprec.probe")
-
-#: log2 histogram bounds: bucket i counts values with floor(log2|x|) == HIST_LO + i
-HIST_LO, HIST_HI = -160, 130
-
-
-_BINS = HIST_HI - HIST_LO
-
-
-def _hist(t: torch.Tensor) -> torch.Tensor:
-    """log2 histogram of the finite nonzero values of ``t``, on its device (no host sync)."""
-    x = t.detach().float().abs().flatten()
-    e = torch.frexp(x).exponent - 1  # floor(log2|x|), int32
-    e = e.clamp_(HIST_LO, HIST_HI - 1) - HIST_LO
-    e = torch.where((x > 0) & torch.isfinite(x), e, _BINS)  # zeros and Inf/NaN go to a bin that is dropped
-    ones = torch.ones((), dtype=torch.int64, device=x.device).expand(e.numel())
-    return torch.zeros(_BINS + 1, dtype=torch.int64, device=x.device).index_add_(0, e, ones)[:_BINS]
-
-
-def _absmax(t: torch.Tensor) -> torch.Tensor:
-    """Largest finite |value| of ``t`` (0 for none), as a 0-d FP64 tensor on its device."""
-    x = t.detach()
-    if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float64, device=x.device)
-    return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
-
 
 @dataclass(frozen=True)
 class Ranges:
@@ -138,7 +114,8 @@ class _RangeWatcher:
         if not keys:
             return {}
         dev = self.out[keys[0]][0].device
-        zero = [torch.zeros((), dtype=torch.float64, device=dev), torch.zeros(_BINS, dtype=torch.int64, device=dev)]
+        zero = [torch.zeros((), dtype=torch.float64, device=dev),
+                torch.zeros(HIST_BINS, dtype=torch.int64, device=dev)]
         rows = [self.out[k] for k in keys] + [self.grad.get(k, zero) for k in keys]
         amax = torch.stack([r[0].to(dev) for r in rows]).tolist()
         hist = torch.stack([r[1].to(dev) for r in rows]).tolist()
@@ -150,7 +127,7 @@ class _RangeWatcher:
 
 
 def _merge(store: dict[str, list[torch.Tensor]], key: str, t: torch.Tensor) -> None:
-    amax, hist = _absmax(t), _hist(t)
+    amax, hist = finite_absmax(t), log2_hist(t)
     if key in store:
         old = store[key]
         store[key] = [torch.maximum(old[0], amax), old[1] + hist]
@@ -234,72 +211,6 @@ class Runner:
         return loss.detach().float(), grads
 
 
-def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
-           ref_grads: Sequence[torch.Tensor | None], *, reuse: bool = False,
-           ref_norm: torch.Tensor | None = None) -> tuple[float, float, bool]:
-    """(loss relative error, gradient relative L2 error, all finite) against a reference.
-
-    Computed on the gradients' device with fused reductions (``torch._foreach_*``) and read with
-    one host transfer. ``reuse=True`` overwrites ``grads`` with their difference to the reference
-    (for gradients nobody reads afterwards, as :class:`Runner` hands them out: it saves a copy of
-    every gradient); ``ref_norm`` is the reference's L2 norm (:func:`grad_norm`), when known.
-
-    Example:
-        >>> r = [torch.tensor([3.0, 4.0]), None]
-        >>> errors(torch.tensor(1.1), [torch.tensor([3.0, 4.5]), None], torch.tensor(1.0), r)
-        (0.10000002384185791, 0.1, True)
-        >>> errors(torch.tensor(1.0), [torch.tensor([float("inf"), 4.0]), None], torch.tensor(1.0), r)
-        (inf, inf, False)
-    """
-    got = [(g, r) for g, r in zip(grads, ref_grads) if r is not None and g is not None and r.numel()]
-    missing = [r for g, r in zip(grads, ref_grads) if r is not None and g is None and r.numel()]
-    if reuse:
-        diffs = [g for g, _ in got]
-        if diffs:
-            torch._foreach_sub_(diffs, [r for _, r in got])
-    else:
-        diffs = list(torch._foreach_sub([g for g, _ in got], [r for _, r in got])) if got else []
-    num = _norm(diffs + missing, loss)
-    den = grad_norm(ref_grads, loss) if ref_norm is None else ref_norm.to(num)
-    loss_err = (loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12)
-    l_err, l_val, n, d = torch.stack([loss_err.double().reshape(()), loss.double().reshape(()), num, den]).tolist()
-    if not math.isfinite(l_val):
-        return math.inf, math.inf, False
-    if not _TINY < n < math.inf:  # a non-finite gradient, or an FP32 sum of squares out of range: look closer
-        amax = torch.stack(torch._foreach_norm(diffs, math.inf)).tolist() if diffs else []
-        if not all(math.isfinite(a) for a in amax):  # a difference is finite iff its gradient is
-            return math.inf, math.inf, False
-        n = float(_norm(diffs + missing, loss, torch.float64))
-    if not _TINY < d < math.inf:
-        d = float(grad_norm(ref_grads, loss, torch.float64))
-    grad_err = n / d if d > 0 else (0.0 if n == 0 else math.inf)
-    return l_err, grad_err, True
-
-
-#: below this, an FP32 norm may have lost elements whose squares underflow (|x| < ~1e-19): for n
-#: elements they add at most n * 1e-38 to the squares, negligible against 1e-24 up to n ~ 1e8
-_TINY = 1e-12
-
-
-def _norm(tensors: list[torch.Tensor], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """L2 norm over all ``tensors`` as a 0-d FP64 tensor: per-tensor norms fused (squares summed in
-    ``dtype``, default the tensors' own), combined in FP64."""
-    if not tensors:
-        return torch.zeros((), dtype=torch.float64, device=like.device)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).double())
-
-
-def grad_norm(grads: Sequence[torch.Tensor | None], like: torch.Tensor,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """L2 norm over all gradients (None skipped), a 0-d FP64 tensor on ``like``'s device.
-
-    Example:
-        >>> grad_norm([torch.tensor([3.0]), None, torch.tensor([4.0])], torch.zeros(()))
-        tensor(5., dtype=torch.float64)
-    """
-    return _norm([g for g in grads if g is not None and g.numel()], like, dtype)
-
-
 def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], formats: Sequence[str], *,
           headroom: float = 8.0, progress: Callable[[str], None] | None = None,
           skipped: dict[str, str] | None = None) -> Probe:
@@ -333,7 +244,7 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
                              f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
                              "fix the model or the batch first")
         for g in present:
-            param_hist = _hist(g) if param_hist is None else param_hist + _hist(g)
+            param_hist = log2_hist(g) if param_hist is None else param_hist + log2_hist(g)
         if i == 0:
             ref_loss, ref_grads, ref_amax = loss, grads, max(check[1:], default=0.0)
             ref_nonfinite = dict(watcher.nonfinite)  # what FP32 itself emits on the measured batch
@@ -363,7 +274,7 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
             measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite,
                                                    full_width=full)
     log.info("probed %d layers x %d formats in %d passes", len(candidates), len(formats), runner.passes)
-    hist = param_hist.tolist() if param_hist is not None else [0] * _BINS
+    hist = param_hist.tolist() if param_hist is not None else [0] * HIST_BINS
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
                  grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
