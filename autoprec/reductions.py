@@ -57,8 +57,9 @@ def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: t
 
     Computed on the gradients' device with fused reductions (``torch._foreach_*``) and read with
     one host transfer. ``reuse=True`` overwrites ``grads`` with their difference to the reference
-    (for gradients nobody reads afterwards, as :class:`autoprec.probe.Runner` hands them out: it saves a copy of
-    every gradient); ``ref_norm`` is the reference's L2 norm (:func:`grad_norm`), when known.
+    (for gradients nobody reads afterwards, as :class:`autoprec.probe.Runner` hands them out: it
+    saves a copy of every gradient); ``ref_norm`` is the reference's L2 norm (:func:`grad_norm`),
+    when known.
 
     Example:
         >>> r = [torch.tensor([3.0, 4.0]), None]
