@@ -93,6 +93,7 @@ def test_peak_memory_is_measured_per_stage_and_reported(one_thread, tmp_path):
     assert st["peak_memory_kind"] == "process RSS"  # a CPU model
     line = next(ln for ln in policy.report().splitlines() if ln.startswith("- tuning:"))
     assert f"peak memory {st['peak_memory_mb']:.0f} MiB" in line and "by stage: copy" in line
+    assert "peak memory by stage (MiB above the start): copy" in policy.report("html")
     policy.save(tmp_path / "p.json")
     assert autoprec.load(tmp_path / "p.json").stats == st
 
