@@ -138,13 +138,21 @@ def _markdown(policy: "Policy") -> str:
 
 
 def _memory(st: dict[str, Any]) -> str:
-    """``, peak memory 412 MiB (process RSS; probe 380, ...)``: tuning's peak above where it started."""
+    """``, peak memory 412 MiB (process RSS; by stage: probe 380, ...)``: tuning's peak above where it started.
+
+    Stats are free-form (a file may carry anything there): what is not a number is shown as it is.
+    """
     if "peak_memory_mb" not in st:
         return ""
-    stages = ", ".join(f"{k} {v:.0f}" for k, v in st.get("peak_memory_mb_by_stage", {}).items())
-    bound = "" if st.get("peak_memory_exact", True) else ", a lower bound"
-    return (f", peak memory {st['peak_memory_mb']:.0f} MiB above the start ({st.get('peak_memory_kind', '?')}{bound}"
+    by = st.get("peak_memory_mb_by_stage")
+    stages = ", ".join(f"{k} {_mib(v)}" for k, v in by.items()) if isinstance(by, dict) else ""
+    bound = ", a lower bound" if st.get("peak_memory_exact") is False else ""
+    return (f", peak memory {_mib(st['peak_memory_mb'])} MiB above the start ({st.get('peak_memory_kind', '?')}{bound}"
             + (f"; by stage: {stages}" if stages else "") + ")")
+
+
+def _mib(x: Any) -> str:
+    return f"{x:.0f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
 def _log2(x: float) -> str:

@@ -110,3 +110,13 @@ def test_the_meter_sees_memory_held_during_a_stage():
     m.finish()
     mb = m.stats()["peak_memory_mb_by_stage"]
     assert mb["big"] >= 250 and mb["small"] < 100, mb
+
+
+def test_a_hand_edited_memory_figure_still_renders():
+    """Stats are free-form in a file: a null peak or a list where the breakdown was renders as it is."""
+    from autoprec.policy import LayerEntry, Policy
+
+    p = Policy(layers={"fc": LayerEntry("bf16", flops=10)},
+               stats={"peak_memory_mb": None, "peak_memory_mb_by_stage": [1], "peak_memory_exact": "?"})
+    assert "peak memory None MiB above the start (?)" in p.report()
+    assert "peak memory by stage" not in p.report("html")
