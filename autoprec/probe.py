@@ -5,7 +5,9 @@ of the gradient flowing into it (log2 histograms, so underflow at any loss scale
 Then each candidate layer is run alone in each 16-bit format, the rest in FP32, on the first
 batch, and the error it adds at the loss and at the parameter gradients is measured, with the
 non-finite values it produced. Cost: ``len(batches) + candidates * formats`` forward+backward
-passes, linear in the number of layers.
+passes, linear in the number of layers. What a pass adds to its forward+backward is fused device
+work: the gradients are taken off the parameters (no copy), compared with the reference in place
+by ``torch._foreach_*`` reductions, and read with one host transfer (``benchmarks/probe_cost.py``).
 """
 
 from __future__ import annotations
@@ -23,26 +25,13 @@ from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError
 from .formats import info
 from .modules import canonical_modules
+from .reductions import HIST_BINS, HIST_HI, HIST_LO, errors, finite_absmax, grad_norm, log2_hist
 from .runtime import Runtime
 from .trace import Trace
 
-__all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
+__all__ = ["Ranges", "Measurement", "Probe", "Runner", "probe", "errors", "grad_norm", "evidence", "suggest_scale", "HIST_LO", "HIST_HI"]
 
 log = logging.getLogger("autoprec.probe")
-
-#: log2 histogram bounds: bucket i counts values with floor(log2|x|) == HIST_LO + i
-HIST_LO, HIST_HI = -160, 130
-
-
-def _hist(t: torch.Tensor) -> list[int]:
-    x = t.detach().float().abs().flatten()
-    x = x[(x > 0) & torch.isfinite(x)]
-    if x.numel() == 0:
-        return [0] * (HIST_HI - HIST_LO)
-    e = torch.frexp(x).exponent.to(torch.int64) - 1  # floor(log2|x|)
-    e = e.clamp(HIST_LO, HIST_HI - 1) - HIST_LO
-    return torch.bincount(e, minlength=HIST_HI - HIST_LO).tolist()
-
 
 @dataclass(frozen=True)
 class Ranges:
@@ -99,10 +88,12 @@ class Probe:
 
 
 class _RangeWatcher:
+    """Output and gradient ranges per layer, accumulated on the device; read once by :meth:`ranges`."""
+
     def __init__(self) -> None:
-        self.out: dict[str, list] = {}
-        self.grad: dict[str, list] = {}
-        self.nonfinite: dict[str, int] = {}
+        self.out: dict[str, list[torch.Tensor]] = {}
+        self.grad: dict[str, list[torch.Tensor]] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
         pass
@@ -111,30 +102,51 @@ class _RangeWatcher:
         for t in pytree.tree_leaves(raw):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 _merge(self.out, key, t)
-                self.nonfinite[key] = self.nonfinite.get(key, 0) + int((~torch.isfinite(t)).sum())
+                bad = (~torch.isfinite(t.detach())).sum()
+                self.nonfinite[key] = self.nonfinite[key] + bad if key in self.nonfinite else bad
         for t in pytree.tree_leaves(final):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
                 t.register_hook(lambda g, key=key: _merge(self.grad, key, g))
 
+    def ranges(self, nonfinite: dict[str, torch.Tensor]) -> dict[str, Ranges]:
+        """The layers' :class:`Ranges` (``nonfinite``: counts of the measured batch), read in one transfer each."""
+        keys = list(self.out)
+        if not keys:
+            return {}
+        dev = self.out[keys[0]][0].device
+        zero = [torch.zeros((), dtype=torch.float64, device=dev),
+                torch.zeros(HIST_BINS, dtype=torch.int64, device=dev)]
+        rows = [self.out[k] for k in keys] + [self.grad.get(k, zero) for k in keys]
+        amax = torch.stack([r[0].to(dev) for r in rows]).tolist()
+        hist = torch.stack([r[1].to(dev) for r in rows]).tolist()
+        bad = torch.stack([torch.as_tensor(nonfinite.get(k, 0), device=dev) for k in keys]).tolist()
+        n = len(keys)
+        return {k: Ranges(out_absmax=amax[i], out_hist=tuple(hist[i]), grad_absmax=amax[n + i],
+                          grad_hist=tuple(hist[n + i]), nonfinite=int(bad[i]))
+                for i, k in enumerate(keys)}
 
-def _merge(store: dict[str, list], key: str, t: torch.Tensor) -> None:
-    finite = t.detach()[torch.isfinite(t.detach())]
-    amax = float(finite.abs().max()) if finite.numel() else 0.0
-    hist = _hist(t)
+
+def _merge(store: dict[str, list[torch.Tensor]], key: str, t: torch.Tensor) -> None:
+    amax, hist = finite_absmax(t), log2_hist(t)
     if key in store:
         old = store[key]
-        store[key] = [max(old[0], amax), [a + b for a, b in zip(old[1], hist)]]
+        store[key] = [torch.maximum(old[0], amax), old[1] + hist]
     else:
         store[key] = [amax, hist]
 
 
 class _CountWatcher:
-    """Counts the non-finite values one layer emits in a measurement run."""
+    """Counts the non-finite values one layer emits in a measurement run (on the device: read once)."""
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.nonfinite = 0
+        self.count: torch.Tensor | int = 0
         self.dtypes: set[torch.dtype] = set()   # floating dtypes of the layer's own output
+
+    @property
+    def nonfinite(self) -> int:
+        """The count, as an int (one host sync)."""
+        return int(self.count)
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
         pass
@@ -144,7 +156,7 @@ class _CountWatcher:
             return
         for t in pytree.tree_leaves(raw):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.nonfinite += int((~torch.isfinite(t)).sum())
+                self.count = self.count + (~torch.isfinite(t.detach())).sum()
                 self.dtypes.add(t.dtype)
 
 
@@ -170,7 +182,11 @@ class Runner:
 
     def run(self, batch: Any, assignment: dict[str, str], *, scale: float = 1.0,
             watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-        """Loss (detached) and parameter gradients (unscaled) of one pass."""
+        """Loss (detached) and parameter gradients (unscaled, FP32) of one pass.
+
+        The gradients are the parameters' own ``.grad`` tensors, taken off the parameters (no copy):
+        the caller owns them, and :func:`errors` may overwrite them (``reuse=True``).
+        """
         runtime = Runtime(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
                           device_type=self.device_type, emulate_fp16=self.emulate_fp16,
                           emulate_cuda=self.emulate_cuda, watcher=watcher,
@@ -187,34 +203,21 @@ class Runner:
                 (loss.float() * scale).backward()
         finally:
             runtime.remove()
-        grads = [None if p.grad is None else p.grad.detach().float() / scale for p in self.params]
+        grads = [None if p.grad is None else p.grad.detach().float() for p in self.params]
         for p in self.params:
             p.grad = None
+        if scale != 1.0:
+            torch._foreach_div_([g for g in grads if g is not None], scale)  # ours: taken off the parameters
         return loss.detach().float(), grads
-
-
-def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
-           ref_grads: Sequence[torch.Tensor | None]) -> tuple[float, float, bool]:
-    """(loss relative error, gradient relative L2 error, all finite) against a reference."""
-    finite = bool(torch.isfinite(loss)) and all(g is None or bool(torch.isfinite(g).all()) for g in grads)
-    if not finite:
-        return math.inf, math.inf, False
-    loss_err = float((loss - ref_loss).abs() / ref_loss.abs().clamp_min(1e-12))
-    num = den = 0.0
-    for g, r in zip(grads, ref_grads):
-        if r is None:
-            continue
-        g = torch.zeros_like(r) if g is None else g
-        num += float(((g - r).double() ** 2).sum())
-        den += float((r.double() ** 2).sum())
-    grad_err = math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
-    return loss_err, grad_err, True
 
 
 def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], formats: Sequence[str], *,
           headroom: float = 8.0, progress: Callable[[str], None] | None = None,
           skipped: dict[str, str] | None = None) -> Probe:
     """Measure ranges on every batch and the error of each candidate layer in each format.
+
+    ``progress(key)`` is called after every pass (``len(batches) + len(candidates) * len(formats)``
+    in all), with the layer the pass measured (``""`` for the FP32 reference passes).
 
     Example:
         >>> from autoprec.trace import trace
@@ -228,48 +231,52 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     """
     watcher = _RangeWatcher()
     ref_loss, ref_grads = None, None
-    param_hist = [0] * (HIST_HI - HIST_LO)
+    param_hist: torch.Tensor | None = None
     for i, batch in enumerate(batches):
         loss, grads = runner.run(batch, {}, watcher=watcher)
-        if not bool(torch.isfinite(loss)) or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads):
+        if progress is not None:
+            progress("")
+        present = [g for g in grads if g is not None and g.numel()]
+        amax = torch._foreach_norm(present, math.inf) if present else []
+        check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
+        if not all(math.isfinite(x) for x in check):
             raise ModelError(f"the model's FP32 loss or gradients are not finite on batch {i} "
-                             f"(loss={float(loss)}): autoprec cannot tune a model that is broken in FP32; "
+                             f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
                              "fix the model or the batch first")
-        for g in grads:
-            if g is not None:
-                param_hist = [a + b for a, b in zip(param_hist, _hist(g))]
+        for g in present:
+            param_hist = log2_hist(g) if param_hist is None else param_hist + log2_hist(g)
         if i == 0:
-            ref_loss, ref_grads = loss, grads
+            ref_loss, ref_grads, ref_amax = loss, grads, max(check[1:], default=0.0)
             ref_nonfinite = dict(watcher.nonfinite)  # what FP32 itself emits on the measured batch
-    ranges = {k: Ranges(out_absmax=watcher.out[k][0], out_hist=tuple(watcher.out[k][1]),
-                        grad_absmax=watcher.grad.get(k, [0.0])[0],
-                        grad_hist=tuple(watcher.grad.get(k, [0, [0] * (HIST_HI - HIST_LO)])[1]),
-                        nonfinite=ref_nonfinite.get(k, 0))
-              for k in watcher.out}
-    grad_absmax = max([r.grad_absmax for r in ranges.values()] +
-                      [float(g.abs().max()) for g in ref_grads if g is not None and g.numel()] + [0.0])
+    ranges = watcher.ranges(ref_nonfinite)
+    grad_absmax = max([r.grad_absmax for r in ranges.values()] + [ref_amax, 0.0])
     scale = suggest_scale(grad_absmax, headroom)
     measurements: dict[tuple[str, str], Measurement] = {}
     candidates = list(candidates)
+    ref_norm = grad_norm(ref_grads, ref_loss)
     for key in candidates:
-        if progress is not None:
-            progress(key)
         for fmt in formats:
             counter = _CountWatcher(key)
             try:
                 loss, grads = runner.run(batches[0], {key: fmt}, scale=scale if fmt == "fp16" else 1.0,
                                          watcher=counter)
             except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
+                if progress is not None:
+                    progress(key)
                 measurements[(key, fmt)] = Measurement(key, fmt, math.inf, math.inf, 0, False,
                                                        error=f"{type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads)
+            loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
+            del loss, grads  # this pass's gradients go before the next pass makes its own
+            if progress is not None:
+                progress(key)
             full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
             measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite,
                                                    full_width=full)
     log.info("probed %d layers x %d formats in %d passes", len(candidates), len(formats), runner.passes)
+    hist = param_hist.tolist() if param_hist is not None else [0] * HIST_BINS
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
-                 grad_absmax=grad_absmax, param_grad_hist=tuple(param_hist), passes=runner.passes,
+                 grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
 
 

@@ -86,7 +86,8 @@ def _markdown(policy: "Policy") -> str:
     if st:
         keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
                 "measured_loss_err", "measured_grad_err")
-        lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st))
+        lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st)
+                     + _memory(st))
     lines += _device(st)
     ver = s["verification"]
     lines.append("")
@@ -168,6 +169,24 @@ def _device(st: dict[str, Any]) -> list[str]:
                      f"for {_num(sp.get('faster'))} of them"
                      + (" (layers stay FP32 where it is slower)" if speed < 1 else ""))
     return lines
+
+
+def _memory(st: dict[str, Any]) -> str:
+    """``, peak memory 412 MiB (process RSS; by stage: probe 380, ...)``: tuning's peak above where it started.
+
+    Stats are free-form (a file may carry anything there): what is not a number is shown as it is.
+    """
+    if "peak_memory_mb" not in st:
+        return ""
+    by = st.get("peak_memory_mb_by_stage")
+    stages = ", ".join(f"{k} {_mib(v)}" for k, v in by.items()) if isinstance(by, dict) else ""
+    bound = ", a lower bound" if st.get("peak_memory_exact") is False else ""
+    return (f", peak memory {_mib(st['peak_memory_mb'])} MiB above the start ({st.get('peak_memory_kind', '?')}{bound}"
+            + (f"; by stage: {stages}" if stages else "") + ")")
+
+
+def _mib(x: Any) -> str:
+    return f"{x:.0f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else str(x)
 
 
 def _log2(x: float) -> str:

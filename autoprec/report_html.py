@@ -119,7 +119,7 @@ def render_html(policy: "Policy") -> str:
         >>> "<svg" in render_html(Policy(layers={"fc": LayerEntry("bf16", measured={"bf16": {"loss_err": 0.0}})}))
         True
     """
-    from .report import summary
+    from .report import _mib, summary
 
     s = summary(policy)
     ver = policy.verification
@@ -142,7 +142,11 @@ def render_html(policy: "Policy") -> str:
     if st:
         items.append("tuning: " + ", ".join(f"{html.escape(k.replace('_', ' '))} {v:.4g}" if isinstance(v, float)
                                             else f"{html.escape(k.replace('_', ' '))} {html.escape(str(v))}"
-                                            for k, v in st.items()))
+                                            for k, v in st.items() if not isinstance(v, dict)))
+        by_stage = st.get("peak_memory_mb_by_stage")
+        if isinstance(by_stage, dict) and by_stage:
+            items.append("peak memory by stage (MiB above the start): "
+                         + ", ".join(f"{html.escape(str(k))} {html.escape(_mib(v))}" for k, v in by_stage.items()))
     excluded = [[k or "(root)", e["op"], ", ".join(e["hazards"]) or "-", e["reason"], e["detail"]]
                 for k, e in s["excluded"].items()]
     backed = [[k or "(root)", e["op"], e["detail"]] for k, e in s["backed_off"].items()]

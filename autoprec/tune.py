@@ -29,6 +29,7 @@ from .trace import trace
 from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
 from .verify import verify
+from ._memory import PeakMemory
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -118,7 +119,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             can tune on at once, each reusing what the others measured) or an Optuna storage object.
         headroom: range margin: a layer whose FP32 maximum times ``headroom`` exceeds a format's
             range is not given that format, and the loss scale leaves this much room.
-        progress: show progress bars on stderr.
+        progress: show progress bars on stderr: per stage, the passes (trials, steps) done of those
+            planned, with an ETA from the measured time per pass.
         seed: seed for the study and for the dropout masks of every pass.
         verify_compile: a ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``): the verified
             policy also trains compiled with it and must meet the same bound; None (default) skips it.
@@ -133,6 +135,11 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
     trains the model, or ``verify_steps=0``).
+
+    ``policy.stats`` records the passes, time and peak memory of each stage (``stages``,
+    ``peak_memory_mb``: bytes above those in use when ``tune`` started; on CUDA from
+    ``torch.cuda.max_memory_allocated``, whose peak ``tune`` resets: torch cannot restore a caller's
+    earlier peak; on a CPU from the process's resident set, see :mod:`autoprec._memory`).
 
     ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
     wrappers); the policy's keys are the names without the wrappers, and it fits both.
@@ -159,10 +166,12 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     started = time.perf_counter()
     with _preserve_global_state():
         prof = resolve_profile(profile, target=target, device=device, formats=formats)
+        meter = PeakMemory(device)  # on CUDA it resets the device's peak-memory statistics
+        meter.stage("copy")
         work = _private_copy(model)
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
-        with Progress(progress) as bar:
+        with Progress(progress, meter=meter) as bar:
             policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
                            verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                            optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
@@ -232,7 +241,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
-    bar.stage("probe", len(candidates))
+    bar.stage("probe", len(batches) + len(candidates) * len(formats), unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
                skipped=skipped)
     probe_passes = runner.passes
@@ -242,11 +251,16 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         fp16 = "fp16" in assignment.values()
         s = (scale or pr.loss_scale) if fp16 else 1.0
         loss, grads = runner.run(batches[0], dict(assignment), scale=s)
-        return errors(loss, grads, ref_loss, ref_grads)
+        return errors(loss, grads, ref_loss, ref_grads, reuse=True)
 
-    bar.stage("search", min(n_trials, len(candidates) + 1))
+    bar.stage("search", min(n_trials, len(candidates) + 1), unit="trial")
+
+    def searched(i: int, n: int) -> None:  # trial i of n (a resumed study starts past 0)
+        bar.plan(n)
+        bar.advance(max(0, i - bar.done))
+
     result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
-                    storage=storage, seed=seed, progress=lambda i, n: bar.advance())
+                    storage=storage, seed=seed, progress=searched)
     search_passes = runner.passes - probe_passes
 
     decisions = dict(result.decisions)
@@ -320,6 +334,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         # modelled FP32 step time of the matmul/conv layers over that in each format (< 1: slower)
         "format_speed": format_speed([tr.layer(k) for k in candidates], formats, profile),
     }
+    bar.close()  # the last stage ends: its count, time and peak memory go into the stats
+    stats.update(bar.summary())
     policy = dataclasses.replace(policy, verification=verification, stats=stats)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats["tuning_seconds"], 100 * policy.low_precision_fraction())

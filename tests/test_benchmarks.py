@@ -106,3 +106,15 @@ def test_calibrate_benchmark_writes_the_profile_and_the_named_kernels(tmp_path):
     assert len(saved["kernels_ms"]) == 6
     assert all(set(v) == {"fp32", "bf16"} and min(v.values()) > 0 for v in saved["kernels_ms"].values())
     assert "avx512_bf16" in saved["meta"]["capability"]
+
+def test_probe_cost_times_pass_and_errors_and_the_probe(tmp_path):
+    """The probe-cost benchmark, on the smallest GPT-2 shape: per-pass times, the whole probe's passes and peak."""
+    import probe_cost
+
+    out = tmp_path / "probe_cost.json"
+    rows = probe_cost.main(["--shapes", "2x128", "--samples", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and [r["shape"] for r in rows] == ["2x128"]
+    r = rows[0]
+    assert r["samples"] == 2 and min(r["plain_ms"], r["pass_ms"], r["errors_ms"]) > 0
+    assert r["probe_passes"] == 1 + 2 * r["candidates"] and r["probe_peak_rss_mb"] >= 0
