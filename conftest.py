@@ -22,12 +22,11 @@ def _pinned_device_profile(tmp_path_factory):
     roofline without per-call costs (every 16-bit matmul layer faster, however small: the tests of
     CUDA targets check numerical decisions on small models; tests of the cost model pass their
     profile). Any calibration caches into a temporary directory."""
-    from autoprec.estimates import _GPU, roofline
+    from autoprec.estimates import compute_bound
     from autoprec.profiles import save_profile
 
     cuda = str(tmp_path_factory.mktemp("profiles") / "cuda_no_call_costs.json")
-    save_profile(roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="test GPU: roofline, no per-call costs"),
-                 cuda)
+    save_profile(compute_bound(device="test GPU: roofline, no per-call costs"), cuda)
     mp = pytest.MonkeyPatch()
     mp.setenv("AUTOPREC_PROFILE", os.pathsep.join([PINNED_CPU, cuda]))
     mp.setenv("AUTOPREC_CACHE_DIR", str(tmp_path_factory.mktemp("autoprec-cache")))

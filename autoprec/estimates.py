@@ -11,7 +11,7 @@ from __future__ import annotations
 from .costs import ELEMENTWISE, KINDS, Curve, DeviceProfile
 from .ops import CUDA_FP32_OPS, HAZARD_OPS  # CUDA_FP32_OPS: CUDA autocast's FP32 list, one source
 
-__all__ = ["CPU_FP32_OPS", "CUDA_FP32_OPS", "estimate", "roofline"]
+__all__ = ["CPU_FP32_OPS", "CUDA_FP32_OPS", "compute_bound", "estimate", "roofline"]
 
 #: Assumptions, not measurements (no GPU was available to measure): an A100/H100-class GPU without
 #: TF32, FP32 matmul FLOP/s and FP16/BF16 tensor cores at ``low_speedup`` times that, memory
@@ -19,6 +19,19 @@ __all__ = ["CPU_FP32_OPS", "CUDA_FP32_OPS", "estimate", "roofline"]
 _GPU = {"fp32_flops": 19.5e12, "low_speedup": 8.0, "bandwidth": 1.5e12, "launch": 5e-6, "region": 20e-6}
 #: CPU autocast computes the losses (and prod, cdist) in FP32 whatever the region's format.
 CPU_FP32_OPS = frozenset(op for op, h in HAZARD_OPS.items() if h == "loss") | {"prod", "cdist"}
+
+
+def compute_bound(device: str = "GPU roofline without per-call costs") -> DeviceProfile:
+    """The CUDA estimate without its per-call (launch, region) costs: every 16-bit matmul layer priced
+    faster, however small. For benchmarks and tests that study numerical decisions on models so small
+    that, with launch costs, the estimate keeps them FP32.
+
+    Example:
+        >>> p = compute_bound()
+        >>> p.curves[0].at("fp32", 1e4) > p.curves[0].at("bf16", 1e4), p.origin
+        (True, 'estimate')
+    """
+    return roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device=device)
 
 
 def estimate(target: str) -> DeviceProfile:

@@ -89,7 +89,6 @@ def _markdown(policy: "Policy") -> str:
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st)
                      + _memory(st))
     lines += _device(st)
-    ver = s["verification"]
     lines.append("")
     lines.append("## Verification")
     if ver is None:

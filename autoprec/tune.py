@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import random
 import time
-import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -16,7 +14,7 @@ import torch
 from torch import nn
 
 from .batch import LossFn, split_batches
-from .errors import ModelError, VerificationError, VerificationWarning
+from .errors import ModelError
 from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
@@ -28,7 +26,7 @@ from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
-from .verify import verify
+from .verify import check_reference, unverified, verify
 from ._memory import PeakMemory
 from ._progress import Progress
 
@@ -178,44 +176,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                            headroom=float(headroom), seed=seed, bar=bar, started=started,
                            verify_compile=verify_compile, profile=prof)
     if policy.verification is not None and not policy.verification.passed:
-        _unverified(policy, strict)
+        unverified(policy, strict)
     return policy
-
-
-def _describe(optimizer: OptimizerFactory) -> str:
-    """``Adam(lr=0.001, eps=1e-08)``: the optimizer a factory makes, with its main settings."""
-    try:
-        opt = optimizer([nn.Parameter(torch.zeros(1))])
-    except Exception:  # a factory that wants the real parameters: name the factory instead
-        return getattr(optimizer, "__qualname__", repr(optimizer))
-    keys = ("lr", "eps", "momentum", "betas", "weight_decay")
-    return f"{type(opt).__name__}({', '.join(f'{k}={opt.defaults[k]}' for k in keys if k in opt.defaults)})"
-
-
-def _check_reference(curve: Any, steps: int, optimizer: OptimizerFactory) -> None:
-    """The FP32 reference trajectory must be finite: a policy cannot be verified against a diverging FP32 run."""
-    bad = next((i for i, x in enumerate(curve.losses) if not math.isfinite(x)), None)
-    if bad is None and len(curve.losses) == steps:
-        return
-    raise ModelError(
-        f"FP32 training diverged in verification: the loss is {curve.losses[bad]} at step {bad} of {steps} "
-        f"(losses {', '.join(f'{x:.4g}' for x in curve.losses[:bad + 1])}) with the verification optimizer "
-        f"{_describe(optimizer)}; no policy can be verified against it. Pass tune(..., optimizer=lambda params: "
-        f"...) with an optimizer and learning rate that train this model in FP32 (e.g. a smaller lr), or "
-        f"verify_steps=0 to skip verification")
-
-
-def _unverified(policy: Policy, strict: bool) -> None:
-    """A policy that failed verification is never returned quietly."""
-    v = policy.verification
-    msg = (f"the tuned policy FAILED verification after {v.rounds} round(s): largest loss gap {v.max_gap:.3g} "
-           f"against a threshold of {v.threshold:.3g} (bound {v.bound:g}, noise floor {v.noise_floor:.3g}), "
-           f"longest run of skipped steps {v.longest_skip_run}{'; ' + v.note if v.note else ''}. It is the safest "
-           f"policy found, not a verified one: see policy.report(); raise verify_tolerance if the gap is "
-           f"acceptable, or check the model and optimizer")
-    if strict:
-        raise VerificationError(msg, policy=policy)
-    warnings.warn(msg, VerificationWarning, stacklevel=3)
 
 
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
@@ -286,7 +248,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         bar.stage("reference run", verify_steps)
         fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
                                  scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance)
-        _check_reference(fp32_curve, verify_steps, optimizer)
+        check_reference(fp32_curve, verify_steps, optimizer)
     fp16_keys = [k for k, d in decisions.items() if d.precision == "fp16"]
     scaler = scaler_choice = None
     if fp16_keys:

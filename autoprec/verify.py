@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,11 +29,12 @@ import torch
 from torch import nn
 
 from .batch import LossFn
+from .errors import ModelError, VerificationError, VerificationWarning
 from .policy import NOISE_MULTIPLE, Policy, ScalerSettings, Verification, scaler_for
 from .search import Decision
 from .training import Curve, OptimizerFactory, train_curve
 
-__all__ = ["VerifyResult", "compare", "noise_floor", "verify"]
+__all__ = ["VerifyResult", "check_reference", "compare", "noise_floor", "unverified", "verify"]
 
 log = logging.getLogger("autoprec.verify")
 
@@ -108,8 +110,18 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     steps = len(fp32.losses)
     passes = 0
     note = ""
-    floor = 0.0
-    measured_floor = False
+    floors: list[float] = []  # the noise floor, once measured
+
+    def floor_for(policy: Policy, gap: float) -> float:
+        """The noise floor, measured once, and only when a finite gap exceeds the bound (0 until then)."""
+        nonlocal passes
+        low = [p for p in policy.assignment.values() if p != "fp32"]
+        if not floors and low and bound < gap < math.inf:
+            floors.append(noise_floor(model, batches, loss_fn, fp32, precision="bf16" if "bf16" in low else "fp16",
+                                      device_type=device_type, optimizer=optimizer, seed=seed))
+            passes += steps
+        return floors[0] if floors else 0.0
+
     for rounds in range(1, max_rounds + 1):
         policy = make_policy(decisions, scaler)
         amp = scaler_for(policy, device_type)
@@ -118,12 +130,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
                             scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
-        low = [p for p in policy.assignment.values() if p != "fp32"]
-        if bound < gap < math.inf and not measured_floor and low:
-            floor = noise_floor(model, batches, loss_fn, fp32, precision="bf16" if "bf16" in low else "fp16",
-                                device_type=device_type, optimizer=optimizer, seed=seed)
-            measured_floor = True
-            passes += steps
+        floor = floor_for(policy, gap)
         threshold = max(bound, NOISE_MULTIPLE * floor)
         passed = gap <= threshold and curve.longest_skip_run < max_skip_run
         verdict = Verification(passed=passed, steps=steps, fp32_losses=tuple(fp32.losses),
@@ -156,12 +163,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
                             compile_backend=compile_backend)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
-        low = [p for p in policy.assignment.values() if p != "fp32"]
-        if bound < gap < math.inf and not measured_floor and low:
-            floor = noise_floor(model, batches, loss_fn, fp32, precision="bf16" if "bf16" in low else "fp16",
-                                device_type=device_type, optimizer=optimizer, seed=seed)
-            passes += steps
-            verdict = dataclasses.replace(verdict, noise_floor=floor)
+        verdict = dataclasses.replace(verdict, noise_floor=floor_for(policy, gap))
         ok = gap <= verdict.threshold and curve.longest_skip_run < max_skip_run
         verdict = dataclasses.replace(
             verdict, passed=verdict.passed and ok, compiled=compile_backend, compiled_losses=tuple(curve.losses),
@@ -172,3 +174,58 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
             log.warning("the policy trained under torch.compile(backend=%r) failed verification (gap %.3g)",
                         compile_backend, gap)
     return VerifyResult(decisions=decisions, verification=verdict, scaler=scaler, passes=passes, policy=policy)
+
+
+def _describe(optimizer: OptimizerFactory) -> str:
+    """``Adam(lr=0.001, eps=1e-08)``: the optimizer a factory makes, with its main settings."""
+    try:
+        opt = optimizer([nn.Parameter(torch.zeros(1))])
+    except Exception:  # a factory that wants the real parameters: name the factory instead
+        return getattr(optimizer, "__qualname__", repr(optimizer))
+    keys = ("lr", "eps", "momentum", "betas", "weight_decay")
+    return f"{type(opt).__name__}({', '.join(f'{k}={opt.defaults[k]}' for k in keys if k in opt.defaults)})"
+
+
+def check_reference(curve: Any, steps: int, optimizer: OptimizerFactory) -> None:
+    """The FP32 reference trajectory must be finite: a policy cannot be verified against a diverging FP32 run.
+
+    Example:
+        >>> from autoprec.training import default_optimizer
+        >>> check_reference(Curve((2.0, 1.0), (1.0, 1.0)), 2, default_optimizer) is None
+        True
+        >>> check_reference(Curve((2.0, float("nan")), (1.0,)), 2, default_optimizer)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.ModelError: FP32 training diverged in verification: the loss is nan at step 1 of 2 ...
+    """
+    bad = next((i for i, x in enumerate(curve.losses) if not math.isfinite(x)), None)
+    if bad is None and len(curve.losses) == steps:
+        return
+    raise ModelError(
+        f"FP32 training diverged in verification: the loss is {curve.losses[bad]} at step {bad} of {steps} "
+        f"(losses {', '.join(f'{x:.4g}' for x in curve.losses[:bad + 1])}) with the verification optimizer "
+        f"{_describe(optimizer)}; no policy can be verified against it. Pass tune(..., optimizer=lambda params: "
+        f"...) with an optimizer and learning rate that train this model in FP32 (e.g. a smaller lr), or "
+        f"verify_steps=0 to skip verification")
+
+
+def unverified(policy: Policy, strict: bool) -> None:
+    """A policy that failed verification is never returned quietly: a warning, or with ``strict`` an error.
+
+    Example:
+        >>> v = Verification(passed=False, steps=1, fp32_losses=(1.0,), policy_losses=(2.0,), max_gap=1.0,
+        ...                  bound=0.05, skipped_steps=0, longest_skip_run=0, rounds=1)
+        >>> unverified(Policy(layers={}, verification=v), strict=True)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.VerificationError: the tuned policy FAILED verification after 1 round(s): ...
+    """
+    v = policy.verification
+    msg = (f"the tuned policy FAILED verification after {v.rounds} round(s): largest loss gap {v.max_gap:.3g} "
+           f"against a threshold of {v.threshold:.3g} (bound {v.bound:g}, noise floor {v.noise_floor:.3g}), "
+           f"longest run of skipped steps {v.longest_skip_run}{'; ' + v.note if v.note else ''}. It is the safest "
+           f"policy found, not a verified one: see policy.report(); raise verify_tolerance if the gap is "
+           f"acceptable, or check the model and optimizer")
+    if strict:
+        raise VerificationError(msg, policy=policy)
+    warnings.warn(msg, VerificationWarning, stacklevel=3)  # at tune's caller

@@ -81,11 +81,9 @@ def machine() -> dict[str, Any]:
 
 def gpu_profile(path: str | None = None) -> Any:
     """The profile that prices the GPU policy: a file, or the roofline estimate without per-call costs."""
-    from autoprec.estimates import _GPU, roofline
+    from autoprec.estimates import compute_bound
 
-    if path is not None:
-        return path
-    return roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="GPU roofline without per-call costs")
+    return path if path is not None else compute_bound()
 
 
 GPU_PROFILE: Any = None  # set by main

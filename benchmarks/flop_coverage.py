@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import _zoo  # noqa: E402
 
 import autoprec  # noqa: E402
+from autoprec.estimates import compute_bound  # noqa: E402
 from autoprec.batch import call_model  # noqa: E402
 from tests import models as test_models  # noqa: E402
 from tests.flopcount import DtypeFlops  # noqa: E402
@@ -95,16 +96,9 @@ def measured(policy: autoprec.Policy, model: torch.nn.Module, batch: Any) -> tup
     return counter.low_fraction(), sum(counter.flops.values())
 
 
-def gpu_profile():
-    """The GPU roofline estimate without per-call costs: every 16-bit matmul layer priced faster."""
-    from autoprec.estimates import _GPU, roofline
-
-    return roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="GPU roofline without per-call costs")
-
-
 def row(name: str, source: str, build: Build, target: str) -> dict:
     model, batch, loss_fn = build()
-    kw = {"target": "cpu"} if target == "cpu" else {"target": "cuda", "dtypes": ["bf16"], "profile": gpu_profile()}
+    kw = {"target": "cpu"} if target == "cpu" else {"target": "cuda", "dtypes": ["bf16"], "profile": compute_bound()}
     started = time.perf_counter()
     policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=0, **kw)
     seconds = time.perf_counter() - started

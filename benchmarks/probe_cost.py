@@ -63,20 +63,25 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2]
 
 
-def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
-    """All figures of one shape (run in its own process)."""
+def _gpt2(shape: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A random-init GPT-2 of ``shape`` (no dropout) and a batch of 2 x 128 token ids."""
     import transformers as tf
-
-    import autoprec.probe as P
-    from autoprec.probe import Runner, errors, probe
-    from autoprec.trace import trace
 
     blocks, width, vocab = SHAPES[shape]
     torch.manual_seed(0)
     model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64),
                                              vocab_size=vocab, n_positions=128, resid_pdrop=0.0,
                                              embd_pdrop=0.0, attn_pdrop=0.0)).float().train()
-    ids = torch.randint(0, vocab, (2, 128))
+    return model, torch.randint(0, vocab, (2, 128))
+
+
+def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
+    """All figures of one shape (run in its own process)."""
+    import autoprec.probe as P
+    from autoprec.probe import Runner, errors, probe
+    from autoprec.trace import trace
+
+    model, ids = _gpt2(shape)
     batch = {"input_ids": ids, "labels": ids.clone()}
     params = sum(p.numel() for p in model.parameters())
     tr = trace(model, batch, device_type="cpu")
@@ -105,6 +110,7 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
         errors(loss, grads, ref_loss, ref_grads, **kw)
         errs.append(time.perf_counter() - t0)
         del loss, grads
+    blocks, width, vocab = SHAPES[shape]
     row: dict[str, Any] = {
         "shape": shape, "blocks": blocks, "width": width, "vocab": vocab, "params": params,
         "param_mb": 4 * params / 2 ** 20, "candidates": len(candidates), "samples": len(picked),
@@ -126,16 +132,9 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
 
 def measure_tune(shape: str) -> dict[str, Any]:
     """One whole tune of a shape (run in its own process): seconds, passes and peak memory, per stage."""
-    import transformers as tf
-
     import autoprec
 
-    blocks, width, vocab = SHAPES[shape]
-    torch.manual_seed(0)
-    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64),
-                                             vocab_size=vocab, n_positions=128, resid_pdrop=0.0,
-                                             embd_pdrop=0.0, attn_pdrop=0.0)).float().train()
-    ids = torch.randint(0, vocab, (2, 128))
+    model, ids = _gpt2(shape)
     param_mb = 4 * sum(p.numel() for p in model.parameters()) / 2 ** 20
     before = _hwm_reset()
     t0 = time.perf_counter()

@@ -117,9 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     depths = args.depths or ([2, 4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
     # the GPU target is priced with the roofline without per-call costs, as at sizes where 16-bit pays:
     # with the estimate's launch costs these width-128 blocks stay FP32 and there would be no search
-    from autoprec.estimates import _GPU, roofline
-    profile = (roofline(**{**_GPU, "launch": 0.0, "region": 0.0}, device="GPU roofline without per-call costs")
-               if args.target == "cuda" else None)
+    from autoprec.estimates import compute_bound
+    profile = compute_bound() if args.target == "cuda" else None
     logging.getLogger("autoprec").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
 
