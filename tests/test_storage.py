@@ -53,8 +53,10 @@ def test_two_workers_share_one_journal_study(tmp_path):
     assert len(summaries) == 1  # one study: same model, batch, loss and settings
     study = optuna.load_study(study_name=summaries[0].study_name, storage=open_storage(journal))
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) >= max(w["trials"] for w in workers) and all("loss_err" in t.user_attrs for t in done)
-    assert len(done) > alone["trials"]  # both workers' trials are in the one study
+    assert all("loss_err" in t.user_attrs for t in done)
+    # the worker that finished last saw every trial of both (how they split the work depends on timing:
+    # one may find the whole budget measured by the other and run none)
+    assert len(study.trials) == max(w["trials"] for w in workers) >= alone["trials"]
     assert all(w["search_passes"] <= alone["search_passes"] for w in workers)  # none measured more than alone
     again = _tune(journal)
     assert again["assignment"] == alone["assignment"] and again["search_passes"] == 0
