@@ -28,6 +28,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+# Imported here, not where the study is made: importing optuna stores the ImportError of an optional
+# backend it lacks (redis), and that traceback's frames would pin whatever was on the stack at the
+# first import: the reference gradients and the model copy of the first tune, for good.
+import optuna
+
 from .costs import DeviceProfile, cost_note, layer_cost
 from .storage import open_storage
 from .formats import info
@@ -226,7 +231,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
                              seed)).encode())
     for g in probe.reference[1] if probe.reference else ():  # the FP32 gradients pin model, batch and loss
         if g is not None:
-            h.update(g.detach().cpu().contiguous().numpy().tobytes())
+            h.update(g.detach().cpu().contiguous().numpy())  # the buffer itself: no copy of its bytes
     digest = h.hexdigest()[:12]
     trials = _run_study(f"autoprec-{trace.fingerprint}-{digest}", n, greedy, evaluate, cache,
                         lambda k: cost_of(assignment(k)), tolerance, total32, n_trials=n_trials, storage=storage,
@@ -272,8 +277,6 @@ def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[f
     A study resumed from ``storage`` hands its finished trials' measurements to ``cache``. Optuna's
     log level is the caller's again afterwards.
     """
-    import optuna
-
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:

@@ -1,6 +1,6 @@
-"""Short training runs on a private copy of a model: the FP32 reference trajectory and policy runs.
+"""Short training runs: the FP32 reference trajectory and policy runs.
 
-Every run starts from a copy of the same weights, sees the same batches in the same order with
+Every run starts from the same weights (a snapshot restored after each run, or a private copy), sees the same batches in the same order with
 the same RNG seed per step (dropout masks agree), and uses a fresh optimizer from the same
 factory. The default optimizer is torch's ``Adam(lr=1e-3)`` as most training scripts use it.
 (Gradients that underflow in 16-bit are the probe's business: it compares every parameter's
@@ -20,6 +20,7 @@ from torch import nn
 from .batch import LossFn, call_model, compute_loss, seed_rng
 from .apply import apply
 from .policy import Policy
+from .snapshot import Snapshot
 
 __all__ = ["Curve", "OptimizerFactory", "default_optimizer", "train_curve"]
 
@@ -49,8 +50,12 @@ class Curve:
 def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, steps: int,
                 policy: Policy | None, device_type: str, scaler: torch.amp.GradScaler | None,
                 optimizer: OptimizerFactory, seed: int, on_step: Callable[[], None] | None = None,
-                compile_backend: str | None = None) -> Curve:
-    """Train a private copy of ``model`` for ``steps`` steps (``policy=None``: plain FP32).
+                compile_backend: str | None = None, snapshot: Snapshot | None = None) -> Curve:
+    """Train ``model`` for ``steps`` steps (``policy=None``: plain FP32); it ends as it started.
+
+    With a :class:`~autoprec.snapshot.Snapshot` of its trainable parameters and buffers, the model
+    itself is trained and the snapshot restored at the end, however the run ends: no copy of the
+    weights. Without one, a private copy is trained.
 
     The policy runs exactly as a user runs it: installed with :func:`autoprec.apply.apply` (and,
     with ``compile_backend``, the model compiled by ``torch.compile`` with that backend). The run
@@ -63,7 +68,8 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
         >>> len(c.losses), c.losses[2] < c.losses[0]
         (3, True)
     """
-    model = copy.deepcopy(model)
+    if snapshot is None:
+        model = copy.deepcopy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer(params)
     handle = apply(policy, model) if policy is not None else None
@@ -104,6 +110,11 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
     finally:
         if handle is not None:
             handle.remove()
+        for p in params:  # the run's gradients and optimizer state go before the next run makes its own
+            p.grad = None
+        del opt
+        if snapshot is not None:
+            snapshot.restore()
     return Curve(tuple(losses), tuple(gmax), skipped, longest)
 
 

@@ -28,6 +28,7 @@ from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
 from .verify import check_reference, unverified, verify
 from ._memory import PeakMemory
+from .snapshot import Snapshot
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -71,19 +72,49 @@ def _preserve_global_state() -> Iterator[None]:
 
 
 def _private_copy(model: nn.Module) -> nn.Module:
-    """A copy of the model without wrappers (compile, DDP, checkpoint, FSDP1) and without a policy."""
+    """A copy of the model without wrappers (compile, DDP, checkpoint, FSDP1) and without a policy.
+
+    Its parameters and buffers share storage with the caller's (plain ``nn.Parameter`` and tensor
+    buffers; other tensor types are copied): the copy has its own module objects, hooks and
+    ``.grad``, but no second set of weights. What changes those values (training runs, batch-norm
+    statistics) must restore them: see :mod:`autoprec.snapshot`.
+    """
     if any(c.__name__ == "FSDPModule" for m in model.modules() for c in type(m).__mro__):
         raise ModelError("tune cannot copy a model sharded by FSDP2's fully_shard (its parameters are "
                          "DTensors): tune the unsharded model (before fully_shard); the policy fits the sharded "
                          "one, see autoprec.fsdp_plan")
     links: dict[str, tuple[Any, str, nn.Module]] = {}
     inner = unwrap(model)
-    work = copy.deepcopy(inner)  # an installed policy does not come along (see autoprec.runtime)
+    memo: dict[int, Any] = {}
+    for p in inner.parameters():
+        if type(p) is nn.Parameter:
+            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+    for b in inner.buffers():
+        if type(b) is torch.Tensor:
+            memo[id(b)] = b.detach()
+    work = copy.deepcopy(inner, memo)  # an installed policy does not come along (see autoprec.runtime)
     canonical_modules(work, links)
     for holder, name, child in links.values():
         if holder is not None and unwrap(child) is not child:
             holder._modules[name] = unwrap(child)
     return work
+
+
+def _park(ref: dict[str, Any]) -> tuple[Snapshot, list[bool]]:
+    """Move ``ref["grads"]`` off the device (host memory, or a file for CPU tensors) and drop them."""
+    grads = ref.pop("grads")
+    present = [g is not None for g in grads]
+    parked = Snapshot([g for g in grads if g is not None])
+    parked.release()
+    return parked, present
+
+
+def _unpark(parked: tuple[Snapshot, list[bool]]) -> list[torch.Tensor | None]:
+    """The gradients :func:`_park` set aside, on their device again."""
+    snap, present = parked
+    fresh = iter(snap.fresh())
+    snap.close()
+    return [next(fresh) if here else None for here in present]
 
 
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
@@ -167,14 +198,21 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         meter = PeakMemory(device)  # on CUDA it resets the device's peak-memory statistics
         meter.stage("copy")
         work = _private_copy(model)
-        for i, b in enumerate(all_batches):
-            check_batch(work, b, loss_fn, i)
-        with Progress(progress, meter=meter) as bar:
-            policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
-                           verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
-                           optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
-                           headroom=float(headroom), seed=seed, bar=bar, started=started,
-                           verify_compile=verify_compile, profile=prof)
+        # what tuning may change in the storage it shares with the caller's model: the buffers
+        # (batch-norm statistics, in every pass) and, when it trains, the trainable parameters
+        trained = [p for p in work.parameters() if p.requires_grad] if verify_steps > 0 else []
+        with Snapshot(trained + list(work.buffers())) as snap:
+            try:
+                for i, b in enumerate(all_batches):
+                    check_batch(work, b, loss_fn, i)
+                with Progress(progress, meter=meter) as bar:
+                    policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device,
+                                   tol=tol, verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
+                                   optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
+                                   headroom=float(headroom), seed=seed, bar=bar, started=started,
+                                   verify_compile=verify_compile, profile=prof, snapshot=snap)
+            finally:
+                snap.restore()  # the caller's weights and buffers, bit for bit, however tuning ended
     if policy.verification is not None and not policy.verification.passed:
         unverified(policy, strict)
     return policy
@@ -183,7 +221,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile) -> Policy:
+          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
+          snapshot: Snapshot) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
 
@@ -208,12 +247,14 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                skipped=skipped)
     probe_passes = runner.passes
     ref_loss, ref_grads = pr.reference
+    ref: dict[str, Any] = {"grads": ref_grads}  # after the search, the reference gradients live here alone
+    del ref_grads
 
     def measure(assignment: dict[str, str], scale: float | None = None) -> tuple[float, float, bool]:
         fp16 = "fp16" in assignment.values()
         s = (scale or pr.loss_scale) if fp16 else 1.0
         loss, grads = runner.run(batches[0], dict(assignment), scale=s)
-        return errors(loss, grads, ref_loss, ref_grads, reuse=True)
+        return errors(loss, grads, ref_loss, ref["grads"], reuse=True)
 
     bar.stage("search", min(n_trials, len(candidates) + 1), unit="trial")
 
@@ -224,6 +265,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
                     storage=storage, seed=seed, progress=searched)
     search_passes = runner.passes - probe_passes
+    pr = dataclasses.replace(pr, reference=())  # parked while training: see _park
 
     decisions = dict(result.decisions)
 
@@ -243,11 +285,14 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                       tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
                       emulated=emulated)
 
-    fp32_curve = None
+    fp32_curve = parked = None
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
+        parked = _park(ref)  # off the device while the runs hold gradients and optimizer state
+        snapshot.restore()  # from the caller's state: the passes so far moved batch-norm statistics
         fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
-                                 scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance)
+                                 scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance,
+                                 snapshot=snapshot)
         check_reference(fp32_curve, verify_steps, optimizer)
     fp16_keys = [k for k, d in decisions.items() if d.precision == "fp16"]
     scaler = scaler_choice = None
@@ -262,11 +307,12 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         bar.stage("verify", verify_steps * (2 if verify_compile else 1))
         checked = verify(work, batches, loss_fn, decisions, result.order, fp32_curve, bound=verify_tolerance,
                          scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
-                         seed=seed, on_step=bar.advance, compile_backend=verify_compile)
+                         seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot)
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
+            ref["grads"] = _unpark(parked)
             scale = scaler.init_scale if scaler is not None else None
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
     else:

@@ -1,8 +1,8 @@
 """Stage 6, verify: short training runs, FP32 against the policy, from identical weights and data.
 
-Both runs start from copies of the same weights, see the same batches in the same order with the
-same RNG seed per step (dropout masks agree), and use the same optimizer. The policy run uses its
-GradScaler when it has FP16 layers. A policy passes when its losses stay finite, no run of
+Both runs start from the same weights (the caller's, restored from a snapshot after each run), see
+the same batches in the same order with the same RNG seed per step (dropout masks agree), and use
+the same optimizer. The policy run uses its GradScaler when it has FP16 layers. A policy passes when its losses stay finite, no run of
 ``max_skip_run`` or more scaler steps is skipped, and ``|loss_policy - loss_fp32| / |loss_fp32 at
 step 0|`` stays within the threshold at every step.
 
@@ -32,6 +32,7 @@ from .batch import LossFn
 from .errors import ModelError, VerificationError, VerificationWarning
 from .policy import NOISE_MULTIPLE, Policy, ScalerSettings, Verification, scaler_for
 from .search import Decision
+from .snapshot import Snapshot
 from .training import Curve, OptimizerFactory, train_curve
 
 __all__ = ["VerifyResult", "check_reference", "compare", "noise_floor", "unverified", "verify"]
@@ -53,8 +54,11 @@ def compare(fp32: Sequence[float], policy: Sequence[float]) -> float:
 
 def noise_floor(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, fp32: Curve, *, precision: str,
                 device_type: str, optimizer: OptimizerFactory, seed: int,
-                on_step: Callable[[], None] | None = None) -> float:
+                on_step: Callable[[], None] | None = None, snapshot: Snapshot | None = None) -> float:
     """The gap (as :func:`compare` measures it) between ``fp32`` and FP32 from weights rounded to ``precision``.
+
+    ``model`` ends as it started: rounded and trained in place and restored from ``snapshot``, or a
+    private copy without one.
 
     Example:
         >>> import torch
@@ -69,13 +73,18 @@ def noise_floor(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
         True
     """
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    rounded = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in rounded.parameters():
-            if p.is_floating_point():
-                p.copy_(p.to(dtype).to(p.dtype))
+    rounded = copy.deepcopy(model) if snapshot is None else model
+    try:
+        with torch.no_grad():
+            for p in rounded.parameters():
+                if p.is_floating_point():
+                    p.copy_(p.to(dtype).to(p.dtype))
+    except BaseException:
+        if snapshot is not None:
+            snapshot.restore()
+        raise
     curve = train_curve(rounded, batches, loss_fn, steps=len(fp32.losses), policy=None, device_type=device_type,
-                        scaler=None, optimizer=optimizer, seed=seed, on_step=on_step)
+                        scaler=None, optimizer=optimizer, seed=seed, on_step=on_step, snapshot=snapshot)
     return compare(fp32.losses, curve.losses)
 
 
@@ -94,7 +103,8 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
            order: Sequence[str], fp32: Curve, *, bound: float, scaler: ScalerSettings | None,
            make_policy: Callable[[Mapping[str, Decision], ScalerSettings | None], Policy], device_type: str,
            optimizer: OptimizerFactory, seed: int, max_skip_run: int = 3, max_rounds: int = 8,
-           on_step: Callable[[], None] | None = None, compile_backend: str | None = None) -> VerifyResult:
+           on_step: Callable[[], None] | None = None, compile_backend: str | None = None,
+           snapshot: Snapshot | None = None) -> VerifyResult:
     """Train the policy as ``fp32`` was trained and compare the curves; back off until it passes.
 
     Each round trains the :class:`Policy` that ``make_policy`` builds from the round's decisions,
@@ -118,7 +128,8 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         low = [p for p in policy.assignment.values() if p != "fp32"]
         if not floors and low and bound < gap < math.inf:
             floors.append(noise_floor(model, batches, loss_fn, fp32, precision="bf16" if "bf16" in low else "fp16",
-                                      device_type=device_type, optimizer=optimizer, seed=seed))
+                                      device_type=device_type, optimizer=optimizer, seed=seed,
+                                      snapshot=snapshot))
             passes += steps
         return floors[0] if floors else 0.0
 
@@ -127,7 +138,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         amp = scaler_for(policy, device_type)
         fp16 = amp is not None
         curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
-                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step)
+                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step, snapshot=snapshot)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         floor = floor_for(policy, gap)
@@ -160,7 +171,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         amp = scaler_for(policy, device_type)
         curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
                             scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step,
-                            compile_backend=compile_backend)
+                            compile_backend=compile_backend, snapshot=snapshot)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         verdict = dataclasses.replace(verdict, noise_floor=floor_for(policy, gap))
