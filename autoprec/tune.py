@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .batch import LossFn, split_batches
-from .errors import ModelError
+from .errors import ModelError, OptionError, RankError
 from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
@@ -22,6 +22,7 @@ from .costs import DeviceProfile, format_speed
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
+from .ranks import Ranks, current
 from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
@@ -159,31 +160,61 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     formats = check_formats(dtypes, target, device)
     check_batches(batches)
     check_storage(storage)
+    ranks = current(device)
+    if ranks.world > 1 and storage is not None:
+        raise OptionError(f"storage={storage!r} on {ranks.world} ranks: a tune under torch.distributed shares "
+                          "its trials through the process group, not an Optuna storage; pass storage=None, or "
+                          "run separate processes without a process group on one storage")
     tol = Tolerance(loss=float(tolerance), grad=float(grad_tolerance))
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
-        prof = resolve_profile(profile, target=target, device=device, formats=formats)
+        # a calibration is timed: rank 0's figures price every rank's search (the others wait)
+        prof = ranks.run(lambda: resolve_profile(profile, target=target, device=device, formats=formats)
+                         if ranks.rank == 0 else None, "resolving the device profile")[0]
         meter = PeakMemory(device)  # on CUDA it resets the device's peak-memory statistics
         meter.stage("copy")
         work = _private_copy(model)
         for i, b in enumerate(all_batches):
             check_batch(work, b, loss_fn, i)
-        with Progress(progress, meter=meter) as bar:
-            policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device, tol=tol,
-                           verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
-                           optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
-                           headroom=float(headroom), seed=seed, bar=bar, started=started,
-                           verify_compile=verify_compile, profile=prof)
+        with Progress(progress and ranks.rank == 0, meter=meter) as bar:
+            tuned: list[Policy] = []
+
+            def run() -> str:
+                tuned.append(_tune(work, all_batches, loss_fn, formats=formats, target=target, device=device,
+                                   tol=tol, verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
+                                   optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
+                                   headroom=float(headroom), seed=seed, bar=bar, started=started,
+                                   verify_compile=verify_compile, profile=prof, ranks=ranks))
+                return _outcome(tuned[0])
+
+            _agree(ranks.run(run, "tune"))  # one rank's failure raises on all; the ranks' policies must agree
+            policy = tuned[0]
     if policy.verification is not None and not policy.verification.passed:
         unverified(policy, strict)
     return policy
 
 
+def _outcome(policy: Policy) -> str:
+    """What every rank must agree on: the assignment, the scaler, the verdict and the trial count."""
+    ver = policy.verification
+    return repr((sorted(policy.assignment.items()), policy.scaler, policy.stats.get("trials"),
+                 None if ver is None else (ver.passed, ver.rounds)))
+
+
+def _agree(outcomes: list[str]) -> None:
+    if len(set(outcomes)) > 1:
+        other = next(r for r, o in enumerate(outcomes) if o != outcomes[0])
+        raise RankError(f"the ranks tuned different policies: rank 0 {outcomes[0][:300]}, rank {other} "
+                        f"{outcomes[other][:300]}; their measurements differ by more than float noise (different "
+                        "machines or thread counts?): tune on one process, or on ranks of one kind of machine")
+
+
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile) -> Policy:
+          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
+          ranks: Ranks) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
 
@@ -198,14 +229,18 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
     if profile.origin == "calibrated" and profile.target == device_type:  # the model's layers at their shapes
-        profile = with_layers(profile, [lay for lay in tr.layers if lay.key in candidates],
-                              canonical_modules(work), device=device)
+        timed = [lay for lay in tr.layers if lay.key in candidates]
+        profile = ranks.run(lambda: with_layers(profile, timed, canonical_modules(work), device=device)
+                            if ranks.rank == 0 else None, "timing the model's layers")[0]  # rank 0's timings
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
+    ranks.agree((tr.fingerprint, candidates, formats, target, tol, verify_tolerance, verify_steps, n_trials,
+                 headroom, seed, verify_compile, len(batches), profile.describe()), "the model's layers or tune's options",
+                "run tune with the same model, batches and options on every rank")
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
-    bar.stage("probe", len(batches) + len(candidates) * len(formats), unit="pass")
+    bar.stage("probe", len(batches) + len(ranks.share([(k, f) for k in candidates for f in formats])), unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
-               skipped=skipped)
+               skipped=skipped, ranks=ranks)
     probe_passes = runner.passes
     ref_loss, ref_grads = pr.reference
 
@@ -222,7 +257,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         bar.advance(max(0, i - bar.done))
 
     result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
-                    storage=storage, seed=seed, progress=searched)
+                    storage=storage, seed=seed, progress=searched, ranks=ranks)
     search_passes = runner.passes - probe_passes
 
     decisions = dict(result.decisions)
@@ -283,6 +318,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "measured_grad_err": float(measured[1]),
         "modelled_cost_ratio": round(result.cost / result.cost_fp32, 4) if result.cost_fp32 else 1.0,
         "fx_route": tr.fx_route,
+        "world_size": ranks.world,  # the passes above are this rank's
         "fx_nodes": tr.fx_nodes,
         "loss_scale_suggested": pr.loss_scale,
         "scaler_trials": scaler_choice.trials if scaler_choice else 0,
