@@ -143,6 +143,14 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
     wrappers); the policy's keys are the names without the wrappers, and it fits both.
 
+    Under ``torchrun`` (a ``torch.distributed`` default process group initialised before the call),
+    call ``tune`` on every rank with the same model, batches and options: the probe's layer passes
+    and the search's trials are split across the ranks (:mod:`autoprec.ranks`), the measurements
+    gathered, and every rank returns the policy one process would. Each rank runs the FP32
+    reference pass and the verification runs itself; ``stats`` counts this rank's passes, and
+    ``stats["world_size"]`` the ranks. Ranks given different inputs, or one rank failing, raise
+    :class:`~autoprec.RankError` on every rank; ``storage`` cannot be combined with ranks.
+
     Example:
         >>> import torch, autoprec
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
