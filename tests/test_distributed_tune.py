@@ -38,13 +38,16 @@ def _summary(policy: autoprec.Policy) -> dict:
 
 
 def _tune_on_rank(rank: int, storage: str) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
     model, batch, loss_fn = transformer_block(batch_size=8)
     refused = ""
     try:
         autoprec.tune(model, batch, loss_fn, storage=storage, **OPTIONS)
     except autoprec.OptionError as exc:
         refused = str(exc)
-    return {"refused": refused, **_summary(autoprec.tune(model, batch, loss_fn, **OPTIONS))}
+    ddp = DDP(model)  # as a training script has it: tune's private copy is unwrapped, its backward syncs nothing
+    return {"refused": refused, **_summary(autoprec.tune(ddp, batch, loss_fn, **OPTIONS))}
 
 
 def _close_rows(a: dict, b: dict) -> bool:
@@ -63,8 +66,9 @@ def _close_rows(a: dict, b: dict) -> bool:
 
 
 def test_two_ranks_return_the_single_process_policy_with_half_the_passes(tmp_path, one_thread):
-    """Two gloo ranks return the same policy as one process (assignment, scaler, trials, evidence), each
-    rank running half the probe's layer passes and its share of the search's; a storage is refused."""
+    """Two gloo ranks tuning a DDP-wrapped model return the same policy as one process (assignment, scaler,
+    trials, evidence), each running half the probe's layer passes and its share of the search's; a storage
+    is refused."""
     storage = f"journal:{tmp_path / 'study.log'}"
     r0, r1 = _run(_tune_on_rank, tmp_path, storage)
     model, batch, loss_fn = transformer_block(batch_size=8)
@@ -105,6 +109,35 @@ def test_ranks_with_different_inputs_fail_on_every_rank(tmp_path):
     """Ranks given different models/batches raise RankError on both (no hang, no silently mixed policy)."""
     for r in _run(_tune_other_batch, tmp_path):
         assert "differs between the ranks" in r["error"] and "same model, batch and loss on every rank" in r["error"]
+
+
+def _fail_on_rank_1(rank: int) -> dict:
+    from autoprec.ranks import current
+
+    ranks = current()
+    out = {"rank": ranks.rank, "world": ranks.world, "share": ranks.share(list(range(5))),
+           "gathered": ranks.gather(rank * 10)}
+
+    def work() -> int:
+        if rank == 1:
+            raise ValueError("no such layer")
+        return rank
+
+    try:
+        ranks.run(work, "the probe")
+    except Exception as exc:  # noqa: BLE001 - the test reports what each rank raised
+        out["raised"] = f"{type(exc).__name__}: {exc}"
+    out["after"] = ranks.gather("still in step")  # both ranks made the same collectives: none is left waiting
+    return out
+
+
+def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    """Work that fails on rank 1 raises its own error there and a RankError naming rank 1 on rank 0."""
+    r0, r1 = _run(_fail_on_rank_1, tmp_path)
+    assert [r0["share"], r1["share"]] == [[0, 2, 4], [1, 3]] and r0["gathered"] == r1["gathered"] == [0, 10]
+    assert r1["raised"] == "ValueError: no such layer"
+    assert r0["raised"].startswith("RankError: the probe failed on rank 1 of 2 (ValueError: no such layer)")
+    assert r0["after"] == r1["after"] == ["still in step"] * WORLD
 
 
 FACTORY = textwrap.dedent('''
