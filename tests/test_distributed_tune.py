@@ -111,6 +111,61 @@ def test_ranks_with_different_inputs_fail_on_every_rank(tmp_path):
         assert "differs between the ranks" in r["error"] and "same model, batch and loss on every rank" in r["error"]
 
 
+# (open layers, bound on k^2 / 1000, seed): studies that run past TPE's first, result-blind trials
+STUDIES = [(6, 0.01, 0), (40, 0.3, 2), (100, 1.0, 0)]
+
+
+def _study(n: int, bound: float, seed: int, ranks=None) -> dict:
+    """The search's study on a synthetic problem (error k^2 / 1000): what it asked for and what each rank measured."""
+    from autoprec.search import _run_study
+    from autoprec.split_search import run_split_study
+
+    measured: list[int] = []
+
+    def measure(k: int) -> tuple[float, float, bool]:
+        measured.append(k)
+        return (k * k / 1000, 0.0, True)
+
+    def feasible(r: tuple[float, float, bool]) -> bool:
+        return r[0] <= bound
+
+    def value(k: int, r: tuple[float, float, bool]) -> float:
+        return -float(k) if feasible(r) else 1000.0 + r[0]
+
+    cache: dict = {}
+
+    def evaluate(k: int) -> tuple[float, float, bool]:  # as autoprec.search's: k = 0 is FP32, no pass
+        if k not in cache:
+            cache[k] = measure(k) if k else (0.0, 0.0, True)
+        return cache[k]
+
+    if ranks is None:
+        trials = _run_study("s", n, n // 2, evaluate, cache, value, n_trials=30, storage=None, seed=seed,
+                            progress=None)
+    else:
+        trials = run_split_study(n, n // 2, measure, cache, value, feasible, n_trials=30, seed=seed, ranks=ranks)
+    return {"trials": trials, "asked": sorted(cache), "measured": measured}
+
+
+def _studies_on_rank(rank: int) -> dict:
+    from autoprec.ranks import current
+
+    return {spec: _study(*spec, ranks=current()) for spec in STUDIES}
+
+
+def test_the_split_study_asks_what_one_process_asks(tmp_path):
+    """On two ranks the search's study asks for the same k as in one process, trial for trial, also past
+    TPE's result-blind first trials; each k is measured by one rank, and few predictions go unused."""
+    r0, r1 = _run(_studies_on_rank, tmp_path)
+    for spec in STUDIES:
+        alone, a, b = _study(*spec), r0[spec], r1[spec]
+        assert a["trials"] == b["trials"] == alone["trials"] and a["asked"] == b["asked"] == alone["asked"]
+        both = a["measured"] + b["measured"]
+        assert len(both) == len(set(both)), "a k was measured twice"
+        assert set(alone["measured"]) <= set(both) and len(both) <= len(alone["measured"]) + 3, spec
+        assert abs(len(a["measured"]) - len(b["measured"])) <= 1
+
+
 def _fail_on_rank_1(rank: int) -> dict:
     from autoprec.ranks import current
 
