@@ -242,7 +242,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                             if ranks.rank == 0 else None, "timing the model's layers")[0]  # rank 0's timings
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
     ranks.agree((tr.fingerprint, candidates, formats, target, tol, verify_tolerance, verify_steps, n_trials,
-                 headroom, seed, verify_compile, len(batches), profile.describe()), "the model's layers or tune's options",
+                 headroom, seed, verify_compile, len(batches)), "the model's layers or tune's options",
                 "run tune with the same model, batches and options on every rank")
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
@@ -320,13 +320,13 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "probe_passes": probe_passes,
         "search_passes": search_passes + (1 if verification is not None and verification.rounds > 1 else 0),
         "verify_passes": verify_passes,
+        "world_size": ranks.world,  # the passes above are this rank's (autoprec.ranks)
         "trials": result.trials,
         "candidates": len(candidates),
         "measured_loss_err": float(measured[0]),
         "measured_grad_err": float(measured[1]),
         "modelled_cost_ratio": round(result.cost / result.cost_fp32, 4) if result.cost_fp32 else 1.0,
         "fx_route": tr.fx_route,
-        "world_size": ranks.world,  # the passes above are this rank's
         "fx_nodes": tr.fx_nodes,
         "loss_scale_suggested": pr.loss_scale,
         "scaler_trials": scaler_choice.trials if scaler_choice else 0,

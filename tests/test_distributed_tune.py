@@ -224,3 +224,4 @@ def test_cli_under_torchrun_writes_one_policy(tmp_path):
     assert autoprec.load(tmp_path / "ranks.json").assignment == autoprec.load(tmp_path / "one.json").assignment
     assert ranks["stats"]["world_size"] == WORLD and alone["stats"]["world_size"] == 1
     assert ranks["stats"]["probe_passes"] < alone["stats"]["probe_passes"]
+    assert "(passes: one rank's of 2, tuned under torch.distributed)" in autoprec.load(tmp_path / "ranks.json").report()
