@@ -17,7 +17,7 @@ from .calibration import calibrate
 from .costs import DeviceProfile
 from .distributed import fsdp_plan
 from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, ModelError, OptionError,
-                     PolicyError, ProfileError, VerificationError, VerificationWarning)
+                     PolicyError, ProfileError, RankError, VerificationError, VerificationWarning)
 from .policy import LayerEntry, Policy, ScalerSettings, Verification, load
 from .profiles import load_profile
 from .tune import tune
@@ -36,6 +36,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "ProfileError",
+    "RankError",
     "ScalerSettings",
     "Verification",
     "VerificationError",

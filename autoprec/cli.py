@@ -16,7 +16,8 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 __all__ = ["main", "profile_table"]
 
@@ -29,6 +30,7 @@ _EPILOG = """exit codes: 0 ok (diff: same), 1 diff: policies differ, 2 bad comma
 examples:
   autoprec calibrate --device cuda --dtypes fp16,bf16 --out h100.json   # on the GPU
   autoprec tune mypkg.models:make --out policy.json --target cuda --profile h100.json
+  torchrun --nproc-per-node 4 -m autoprec tune mypkg.models:make --out policy.json   # passes split over 4 ranks
   autoprec report policy.json --format html --out report.html
   autoprec diff old.json new.json"""
 
@@ -72,7 +74,36 @@ def _unpack(made: Any) -> tuple[Any, Any, Any]:
                       f"'model' and 'batch' (and optionally 'loss_fn'); it returned {type(made).__name__}")
 
 
+@contextmanager
+def _process_group() -> Iterator[int]:
+    """Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set, no process group yet): a process group for
+    the command (gloo on a CPU, NCCL where CUDA is), destroyed at the end. Yields this process's rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if "RANK" not in os.environ or world < 2:
+        yield 0
+        return
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # pragma: no cover - main() called from a script that made its own group
+        yield dist.get_rank()
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # each rank its own GPU, for the factory's model and NCCL's objects
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+
+
 def _cmd_tune(args: argparse.Namespace) -> int:
+    with _process_group() as rank:
+        return _tune_and_write(args, rank)
+
+
+def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     import autoprec
 
     model, batch, loss_fn = _unpack(_load_factory(args.factory)())
@@ -86,10 +117,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     try:
         policy = autoprec.tune(model, batch, loss_fn, **kwargs)
     except autoprec.VerificationError as exc:
-        print(f"autoprec: {exc}; --strict: {args.out} not written", file=sys.stderr)
+        if rank == 0:
+            print(f"autoprec: {exc}; --strict: {args.out} not written", file=sys.stderr)
         return EXIT_UNVERIFIED
-    policy.save(args.out)
     ver = policy.verification
+    if rank != 0:  # every rank holds the same policy: rank 0 writes it and reports
+        return EXIT_UNVERIFIED if ver is not None and not ver.passed else EXIT_OK
+    policy.save(args.out)
     verdict = "not run" if ver is None else ("passed" if ver.passed else "FAILED")
     excluded = policy.excluded()
     print(f"wrote {args.out}: {len(policy.layers)} layers, {100 * policy.low_precision_fraction():.1f}% of "
@@ -239,7 +273,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="tune a model and write its policy",
                        description="Tune the model a factory builds. The factory (no arguments) returns "
-                                   "(model, batch), (model, batch, loss_fn) or a dict with those keys.")
+                                   "(model, batch), (model, batch, loss_fn) or a dict with those keys. Under "
+                                   "torchrun every rank runs the factory (it must build the same model and batch) "
+                                   "and a share of the passes; rank 0 writes the policy.")
     t.add_argument("factory", help="pkg.module:function or path/to/file.py:function")
     t.add_argument("--out", required=True, help="where to write the policy JSON")
     t.add_argument("--dtypes", help="16-bit formats allowed, comma separated (bf16,fp16); default: what the "

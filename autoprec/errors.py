@@ -10,6 +10,7 @@ builtin it is, so ``except ValueError`` keeps working for callers who do not kno
     ├── FormatError(RuntimeError)     a precision format the device cannot run
     ├── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
     ├── ProfileError(ValueError)      a device profile is corrupt, of an unknown version, or for another target
+    ├── RankError(RuntimeError)       a tune on several ranks: one rank failed, or their inputs or results differ
     └── VerificationError(RuntimeError)  ``tune(strict=True)``: the policy failed verification
 
 Outcomes that are not errors but must not pass unnoticed are warnings of class
@@ -23,7 +24,7 @@ Outcomes that are not errors but must not pass unnoticed are warnings of class
 from __future__ import annotations
 
 __all__ = ["AutoprecError", "AutoprecWarning", "BatchError", "DeviceWarning", "FormatError", "ModelError", "OptionError",
-           "PolicyError", "ProfileError", "VerificationError", "VerificationWarning"]
+           "PolicyError", "ProfileError", "RankError", "VerificationError", "VerificationWarning"]
 
 
 class AutoprecError(Exception):
@@ -57,6 +58,13 @@ class FormatError(AutoprecError, RuntimeError):
 
 class PolicyError(AutoprecError, ValueError):
     """A policy file or object is invalid, of an unknown schema version, or does not fit the model."""
+
+
+class RankError(AutoprecError, RuntimeError):
+    """A tune on several ranks (``torchrun``): one rank failed, or the ranks' inputs or results differ.
+
+    Raised on every rank, so that none waits in a collective for a rank that stopped.
+    """
 
 
 class VerificationError(AutoprecError, RuntimeError):

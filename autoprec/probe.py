@@ -22,9 +22,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .batch import LossFn, call_model, compute_loss, seed_rng
-from .errors import ModelError
+from .errors import ModelError, RankError
 from .formats import info
 from .modules import canonical_modules
+from .ranks import Ranks
 from .reductions import HIST_BINS, HIST_HI, HIST_LO, errors, finite_absmax, grad_norm, log2_hist
 from .runtime import Runtime
 from .trace import Trace
@@ -213,11 +214,16 @@ class Runner:
 
 def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], formats: Sequence[str], *,
           headroom: float = 8.0, progress: Callable[[str], None] | None = None,
-          skipped: dict[str, str] | None = None) -> Probe:
+          skipped: dict[str, str] | None = None, ranks: Ranks | None = None) -> Probe:
     """Measure ranges on every batch and the error of each candidate layer in each format.
 
     ``progress(key)`` is called after every pass (``len(batches) + len(candidates) * len(formats)``
     in all), with the layer the pass measured (``""`` for the FP32 reference passes).
+
+    With ``ranks`` of several processes (:mod:`autoprec.ranks`), every rank runs the FP32 reference
+    passes (each needs the ranges and reference gradients itself) and its share of the
+    ``(candidate, format)`` passes; the measurements are gathered, so every rank returns them all.
+    ``Probe.passes`` counts this rank's passes.
 
     Example:
         >>> from autoprec.trace import trace
@@ -229,55 +235,88 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
         >>> p.get("0", "bf16").finite
         True
     """
+    ranks = ranks or Ranks()
     watcher = _RangeWatcher()
-    ref_loss, ref_grads = None, None
-    param_hist: torch.Tensor | None = None
-    for i, batch in enumerate(batches):
-        loss, grads = runner.run(batch, {}, watcher=watcher)
-        if progress is not None:
-            progress("")
-        present = [g for g in grads if g is not None and g.numel()]
-        amax = torch._foreach_norm(present, math.inf) if present else []
-        check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
-        if not all(math.isfinite(x) for x in check):
-            raise ModelError(f"the model's FP32 loss or gradients are not finite on batch {i} "
-                             f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
-                             "fix the model or the batch first")
-        for g in present:
-            param_hist = log2_hist(g) if param_hist is None else param_hist + log2_hist(g)
-        if i == 0:
-            ref_loss, ref_grads, ref_amax = loss, grads, max(check[1:], default=0.0)
-            ref_nonfinite = dict(watcher.nonfinite)  # what FP32 itself emits on the measured batch
-    ranges = watcher.ranges(ref_nonfinite)
+    state: dict[str, Any] = {}
+
+    def reference() -> tuple[float, float]:
+        param_hist: torch.Tensor | None = None
+        for i, batch in enumerate(batches):
+            loss, grads = runner.run(batch, {}, watcher=watcher)
+            if progress is not None:
+                progress("")
+            present = [g for g in grads if g is not None and g.numel()]
+            amax = torch._foreach_norm(present, math.inf) if present else []
+            check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
+            if not all(math.isfinite(x) for x in check):
+                raise ModelError(f"the model's FP32 loss or gradients are not finite on batch {i} "
+                                 f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
+                                 "fix the model or the batch first")
+            for g in present:
+                param_hist = log2_hist(g) if param_hist is None else param_hist + log2_hist(g)
+            if i == 0:
+                state.update(loss=loss, grads=grads, amax=max(check[1:], default=0.0),
+                             nonfinite=dict(watcher.nonfinite))  # what FP32 itself emits on the measured batch
+        state["hist"] = param_hist
+        if ranks.world == 1:  # nothing to compare with: no host read
+            return 0.0, 0.0
+        return float(state["loss"]), float(grad_norm(state["grads"], state["loss"]))
+
+    refs = ranks.run(reference, "the probe's FP32 reference pass")
+    _same_reference(refs)
+    ref_loss, ref_grads, ref_amax = state["loss"], state["grads"], state["amax"]
+    ranges = watcher.ranges(state["nonfinite"])
     grad_absmax = max([r.grad_absmax for r in ranges.values()] + [ref_amax, 0.0])
     scale = suggest_scale(grad_absmax, headroom)
-    measurements: dict[tuple[str, str], Measurement] = {}
-    candidates = list(candidates)
     ref_norm = grad_norm(ref_grads, ref_loss)
-    for key in candidates:
-        for fmt in formats:
-            counter = _CountWatcher(key)
-            try:
-                loss, grads = runner.run(batches[0], {key: fmt}, scale=scale if fmt == "fp16" else 1.0,
-                                         watcher=counter)
-            except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
-                if progress is not None:
-                    progress(key)
-                measurements[(key, fmt)] = Measurement(key, fmt, math.inf, math.inf, 0, False,
-                                                       error=f"{type(exc).__name__}: {str(exc)[:200]}")
-                continue
-            loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
-            del loss, grads  # this pass's gradients go before the next pass makes its own
+    candidates = list(candidates)
+    pairs = [(key, fmt) for key in candidates for fmt in formats]
+
+    def measure_share() -> dict[tuple[str, str], Measurement]:
+        out = {}
+        for key, fmt in ranks.share(pairs):
+            out[(key, fmt)] = _measure(runner, batches[0], key, fmt, scale if fmt == "fp16" else 1.0,
+                                       ref_loss, ref_grads, ref_norm)
             if progress is not None:
                 progress(key)
-            full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
-            measurements[(key, fmt)] = Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite,
-                                                   full_width=full)
-    log.info("probed %d layers x %d formats in %d passes", len(candidates), len(formats), runner.passes)
-    hist = param_hist.tolist() if param_hist is not None else [0] * HIST_BINS
+        return out
+
+    gathered: dict[tuple[str, str], Measurement] = {}
+    for part in ranks.run(measure_share, "the probe"):
+        gathered.update(part)
+    measurements = {pair: gathered[pair] for pair in pairs}
+    log.info("probed %d layers x %d formats in %d passes (rank %d of %d)", len(candidates), len(formats),
+             runner.passes, ranks.rank, ranks.world)
+    hist = state["hist"].tolist() if state["hist"] is not None else [0] * HIST_BINS
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
                  grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
+
+
+def _measure(runner: Runner, batch: Any, key: str, fmt: str, scale: float, ref_loss: torch.Tensor,
+             ref_grads: list[torch.Tensor | None], ref_norm: Any) -> Measurement:
+    """One pass: ``key`` alone in ``fmt``, the rest FP32, against the FP32 reference."""
+    counter = _CountWatcher(key)
+    try:
+        loss, grads = runner.run(batch, {key: fmt}, scale=scale, watcher=counter)
+    except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
+        return Measurement(key, fmt, math.inf, math.inf, 0, False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+    loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
+    del loss, grads  # this pass's gradients go before the next pass makes its own
+    full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
+    return Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite, full_width=full)
+
+
+def _same_reference(refs: list[tuple[float, float]]) -> None:
+    """Every rank's FP32 loss and gradient norm on the first batch agree (up to float noise)."""
+    loss0, norm0 = refs[0]
+    for r, (loss, norm) in enumerate(refs[1:], 1):
+        if not (math.isclose(loss, loss0, rel_tol=1e-5, abs_tol=1e-12)
+                and math.isclose(norm, norm0, rel_tol=1e-5, abs_tol=1e-12)):
+            raise RankError(f"the FP32 loss on the first batch differs between the ranks: rank 0 has {loss0:.8g} "
+                            f"(gradient norm {norm0:.8g}), rank {r} has {loss:.8g} ({norm:.8g}); tuning on several "
+                            "ranks needs the same model, batch and loss on every rank: pass rank 0's batch to all "
+                            "(e.g. torch.distributed.broadcast_object_list) and seed the model's initialisation")
 
 
 def evidence(result: Probe, key: str) -> dict[str, dict[str, float]]:

@@ -86,8 +86,10 @@ def _markdown(policy: "Policy") -> str:
     if st:
         keys = ("tuning_seconds", "probe_passes", "search_passes", "verify_passes", "trials",
                 "measured_loss_err", "measured_grad_err")
+        ranks = st.get("world_size", 1)
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st)
-                     + _memory(st))
+                     + (f" (passes: one rank's of {ranks}, tuned under torch.distributed)"
+                        if isinstance(ranks, int) and ranks > 1 else "") + _memory(st))
     lines += _device(st)
     lines.append("")
     lines.append("## Verification")

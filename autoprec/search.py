@@ -37,6 +37,7 @@ from .costs import DeviceProfile, cost_note, layer_cost
 from .storage import open_storage
 from .formats import info
 from .probe import Probe
+from .ranks import Ranks
 from .trace import Trace
 
 __all__ = ["Tolerance", "Decision", "SearchResult", "search"]
@@ -162,11 +163,13 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
 
 def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfile, tolerance: Tolerance,
            headroom: float = 8.0, n_trials: int = 30, storage: str | None = None, seed: int = 0,
-           progress: Callable[[int, int], None] | None = None) -> SearchResult:
+           progress: Callable[[int, int], None] | None = None, ranks: Ranks | None = None) -> SearchResult:
     """Assign a format to every layer (see the module docstring for how).
 
     ``measure(assignment)`` runs one forward+backward under an assignment and returns
-    ``(loss_err, grad_err, finite)`` against FP32.
+    ``(loss_err, grad_err, finite)`` against FP32. With ``ranks`` of several processes the trials'
+    passes are split across them (:mod:`autoprec.split_search`; no ``storage`` then) and every
+    rank returns the result one process would.
     """
     decisions: dict[str, Decision] = {}
     best_fmt: dict[str, str] = {}
@@ -233,9 +236,25 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
         if g is not None:
             h.update(g.detach().cpu().contiguous().numpy())  # the buffer itself: no copy of its bytes
     digest = h.hexdigest()[:12]
-    trials = _run_study(f"autoprec-{trace.fingerprint}-{digest}", n, greedy, evaluate, cache,
-                        lambda k: cost_of(assignment(k)), tolerance, total32, n_trials=n_trials, storage=storage,
-                        seed=seed, progress=progress)
+
+    def feasible(result: tuple[float, float, bool]) -> bool:
+        return result[2] and tolerance.within(result[0], result[1])
+
+    def value(k: int, result: tuple[float, float, bool]) -> float:
+        """The objective: the modelled cost of a feasible k, else worse than any feasible one."""
+        if feasible(result):
+            return cost_of(assignment(k))
+        # infeasible: worse than any feasible assignment, and worse the further out of bounds
+        return total32 * (2.0 + min(tolerance.score(result[0], result[1]), 1e6) if result[2] else 1e7)
+
+    if ranks is not None and ranks.world > 1:
+        from .split_search import run_split_study
+
+        trials = run_split_study(n, greedy, lambda k: measure(assignment(k)), cache, value, feasible,
+                                 n_trials=n_trials, seed=seed, ranks=ranks, progress=progress)
+    else:
+        trials = _run_study(f"autoprec-{trace.fingerprint}-{digest}", n, greedy, evaluate, cache, value,
+                            n_trials=n_trials, storage=storage, seed=seed, progress=progress)
     feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]
     k_best = min(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))[0] if feasible else 0
     loss_err, grad_err, _ = evaluate(k_best)
@@ -269,9 +288,9 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
 
 
 def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[float, float, bool]],
-               cache: dict[int, tuple[float, float, bool]], cost_of: Callable[[int], float], tolerance: Tolerance,
-               total32: float, *, n_trials: int, storage: str | None, seed: int,
-               progress: Callable[[int, int], None] | None) -> int:
+               cache: dict[int, tuple[float, float, bool]],
+               value: Callable[[int, tuple[float, float, bool]], float], *, n_trials: int, storage: str | None,
+               seed: int, progress: Callable[[int, int], None] | None) -> int:
     """TPE over k in [0, n], seeded with the greedy guess; returns the number of trials in the study.
 
     A study resumed from ``storage`` hands its finished trials' measurements to ``cache``. Optuna's
@@ -295,16 +314,13 @@ def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[f
 
         def objective(trial: "optuna.Trial") -> float:
             k = trial.suggest_int("k", 0, n)
-            loss_err, grad_err, finite = evaluate(k)
-            trial.set_user_attr("loss_err", loss_err)
-            trial.set_user_attr("grad_err", grad_err)
-            trial.set_user_attr("finite", finite)
+            result = evaluate(k)
+            trial.set_user_attr("loss_err", result[0])
+            trial.set_user_attr("grad_err", result[1])
+            trial.set_user_attr("finite", result[2])
             if progress is not None:
                 progress(len(study.trials), budget + len(done))
-            if finite and tolerance.within(loss_err, grad_err):
-                return cost_of(k)
-            # infeasible: worse than any feasible assignment, and worse the further out of bounds
-            return total32 * (2.0 + min(tolerance.score(loss_err, grad_err), 1e6) if finite else 1e7)
+            return value(k, result)
 
         if budget:
             study.optimize(objective, n_trials=budget, gc_after_trial=False)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .batch import LossFn, split_batches
-from .errors import ModelError
+from .errors import ModelError, OptionError, RankError
 from .modules import canonical_modules, unwrap
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
@@ -22,6 +22,7 @@ from .costs import DeviceProfile, format_speed
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
+from .ranks import Ranks, current
 from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
@@ -173,6 +174,14 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     ``model`` may be wrapped (``torch.compile``, DDP, ``nn.DataParallel``, activation-checkpoint
     wrappers); the policy's keys are the names without the wrappers, and it fits both.
 
+    Under ``torchrun`` (a ``torch.distributed`` default process group initialised before the call),
+    call ``tune`` on every rank with the same model, batches and options: the probe's layer passes
+    and the search's trials are split across the ranks (:mod:`autoprec.ranks`), the measurements
+    gathered, and every rank returns the policy one process would. Each rank runs the FP32
+    reference pass and the verification runs itself; ``stats`` counts this rank's passes, and
+    ``stats["world_size"]`` the ranks. Ranks given different inputs, or one rank failing, raise
+    :class:`~autoprec.RankError` on every rank; ``storage`` cannot be combined with ranks.
+
     Example:
         >>> import torch, autoprec
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -190,11 +199,18 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     formats = check_formats(dtypes, target, device)
     check_batches(batches)
     check_storage(storage)
+    ranks = current(device)
+    if ranks.world > 1 and storage is not None:
+        raise OptionError(f"storage={storage!r} on {ranks.world} ranks: a tune under torch.distributed shares "
+                          "its trials through the process group, not an Optuna storage; pass storage=None, or "
+                          "run separate processes without a process group on one storage")
     tol = Tolerance(loss=float(tolerance), grad=float(grad_tolerance))
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with _preserve_global_state():
-        prof = resolve_profile(profile, target=target, device=device, formats=formats)
+        # a calibration is timed: rank 0's figures price every rank's search (the others wait)
+        prof = ranks.run(lambda: resolve_profile(profile, target=target, device=device, formats=formats)
+                         if ranks.rank == 0 else None, "resolving the device profile")[0]
         meter = PeakMemory(device)  # on CUDA it resets the device's peak-memory statistics
         meter.stage("copy")
         work = _private_copy(model)
@@ -205,12 +221,20 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             try:
                 for i, b in enumerate(all_batches):
                     check_batch(work, b, loss_fn, i)
-                with Progress(progress, meter=meter) as bar:
-                    policy = _tune(work, all_batches, loss_fn, formats=formats, target=target, device=device,
-                                   tol=tol, verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
-                                   optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
-                                   headroom=float(headroom), seed=seed, bar=bar, started=started,
-                                   verify_compile=verify_compile, profile=prof, snapshot=snap)
+                with Progress(progress and ranks.rank == 0, meter=meter) as bar:
+                    tuned: list[Policy] = []
+
+                    def run() -> str:
+                        tuned.append(_tune(work, all_batches, loss_fn, formats=formats, target=target, device=device,
+                                           tol=tol, verify_tolerance=float(verify_tolerance),
+                                           verify_steps=verify_steps, optimizer=optimizer or default_optimizer,
+                                           n_trials=n_trials, storage=storage, headroom=float(headroom), seed=seed,
+                                           bar=bar, started=started, verify_compile=verify_compile, profile=prof,
+                                           ranks=ranks, snapshot=snap))
+                        return _outcome(tuned[0])
+
+                    _agree(ranks.run(run, "tune"))  # one rank's failure raises on all; the ranks' policies must agree
+                    policy = tuned[0]
             finally:
                 snap.restore()  # the caller's weights and buffers, bit for bit, however tuning ended
     if policy.verification is not None and not policy.verification.passed:
@@ -218,11 +242,26 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     return policy
 
 
+def _outcome(policy: Policy) -> str:
+    """What every rank must agree on: the assignment, the scaler, the verdict and the trial count."""
+    ver = policy.verification
+    return repr((sorted(policy.assignment.items()), policy.scaler, policy.stats.get("trials"),
+                 None if ver is None else (ver.passed, ver.rounds)))
+
+
+def _agree(outcomes: list[str]) -> None:
+    if len(set(outcomes)) > 1:
+        other = next(r for r, o in enumerate(outcomes) if o != outcomes[0])
+        raise RankError(f"the ranks tuned different policies: rank 0 {outcomes[0][:300]}, rank {other} "
+                        f"{outcomes[other][:300]}; their measurements differ by more than float noise (different "
+                        "machines or thread counts?): tune on one process, or on ranks of one kind of machine")
+
+
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
           bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
-          snapshot: Snapshot) -> Policy:
+          ranks: Ranks, snapshot: Snapshot) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
 
@@ -237,14 +276,18 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         else:
             skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
     if profile.origin == "calibrated" and profile.target == device_type:  # the model's layers at their shapes
-        profile = with_layers(profile, [lay for lay in tr.layers if lay.key in candidates],
-                              canonical_modules(work), device=device)
+        timed = [lay for lay in tr.layers if lay.key in candidates]
+        profile = ranks.run(lambda: with_layers(profile, timed, canonical_modules(work), device=device)
+                            if ranks.rank == 0 else None, "timing the model's layers")[0]  # rank 0's timings
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
+    ranks.agree((tr.fingerprint, candidates, formats, target, tol, verify_tolerance, verify_steps, n_trials,
+                 headroom, seed, verify_compile, len(batches)), "the model's layers or tune's options",
+                "run tune with the same model, batches and options on every rank")
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
-    bar.stage("probe", len(batches) + len(candidates) * len(formats), unit="pass")
+    bar.stage("probe", len(batches) + len(ranks.share([(k, f) for k in candidates for f in formats])), unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
-               skipped=skipped)
+               skipped=skipped, ranks=ranks)
     probe_passes = runner.passes
     ref_loss, ref_grads = pr.reference
     ref: dict[str, Any] = {"grads": ref_grads}  # after the search, the reference gradients live here alone
@@ -263,7 +306,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         bar.advance(max(0, i - bar.done))
 
     result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
-                    storage=storage, seed=seed, progress=searched)
+                    storage=storage, seed=seed, progress=searched, ranks=ranks)
     search_passes = runner.passes - probe_passes
     pr = dataclasses.replace(pr, reference=())  # parked while training: see _park
 
@@ -323,6 +366,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "probe_passes": probe_passes,
         "search_passes": search_passes + (1 if verification is not None and verification.rounds > 1 else 0),
         "verify_passes": verify_passes,
+        "world_size": ranks.world,  # the passes above are this rank's (autoprec.ranks)
         "trials": result.trials,
         "candidates": len(candidates),
         "measured_loss_err": float(measured[0]),
