@@ -20,7 +20,17 @@ The default policy target is a GPU in BF16 (``--target cuda --dtypes bf16``), tu
 this width the CPU cost model rightly finds no gain in BF16 and the search would have nothing to
 search; the GPU target exercises every stage with one candidate format per layer.
 
+With ``--gpt2`` it tunes GPT-2 shapes instead (``blocks x width``, vocabulary 50257, batch 2 x 128
+tokens, random init, dropout off, ``target="cuda"`` with its default formats FP16 and BF16, default
+settings otherwise), each in a fresh process (after a throwaway tune of a tiny model, so that the
+libraries tune loads are resident before the measurement), and prints per shape: tuning time as a multiple of one
+plain FP32 forward+backward, the passes of each stage, the process's peak RSS during ``tune`` above
+the RSS before it (the caller's model already loaded) as a multiple of the FP32 parameter bytes,
+and the same for three plain FP32 training steps with ``Adam`` (measured in a process of its own),
+which is what the user's own training holds.
+
 Run:  python benchmarks/scaling.py [--quick] [--depths 4 8 16 32 64] [--target cpu|cuda] [--dtypes bf16 fp16]
+      python benchmarks/scaling.py --gpt2 [2x128 4x256 6x384 8x512 12x768]
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -98,6 +109,113 @@ def linear_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
+GPT2_SHAPES = ["2x128", "4x256", "6x384", "8x512", "12x768"]
+
+
+def gpt2(shape: str, vocab: int = 50257) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A random-init GPT-2 of ``shape`` (``blocks x width``, dropout off) and a batch of 2 x 128 tokens."""
+    import transformers as tf
+
+    blocks, width = (int(v) for v in shape.split("x"))
+    torch.manual_seed(0)
+    config = tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64), vocab_size=vocab,
+                           n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = tf.GPT2LMHeadModel(config).float().train()
+    ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(1))
+    return model, {"input_ids": ids, "labels": ids.clone()}
+
+
+def _hwm_reset() -> int:
+    """Reset this process's peak RSS (VmHWM) to its RSS now (Linux ``clear_refs``); return that RSS."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as fh:
+        return next(1024 * int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
+
+
+def gpt2_step(shape: str) -> dict[str, Any]:
+    """Plain FP32 training of one shape (own process): fwd+bwd seconds, peak RSS of three Adam steps."""
+    model, batch = gpt2(shape)
+    before = _hwm_reset()  # memory first, from the state tune starts in: no earlier pass freed memory to reuse
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+    peak = max(0, _hwm() - before) / 2 ** 20
+    del opt
+    model, batch = gpt2(shape)  # the tuned weights, for the timing
+    times = []
+    for _ in range(4):  # the first is a warm-up
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return {"params": sum(p.numel() for p in model.parameters()), "plain_s": sorted(times[1:])[1],
+            "step_peak_mb": peak}
+
+
+def gpt2_tune(shape: str) -> dict[str, Any]:
+    """One whole ``tune(..., target="cuda")`` of a shape (own process): seconds, passes, peak memory."""
+    # a throwaway tune of a tiny model first: the libraries tune loads (torch.export, Optuna, ...) are
+    # resident memory of their own, paid once per process, not the model's
+    tiny, tx, tloss = make(1, 16, 4)
+    autoprec.tune(tiny, tx, tloss, target="cuda", verify_steps=2, progress=False)
+    model, batch = gpt2(shape)
+    before = _hwm_reset()
+    t0 = time.perf_counter()
+    policy = autoprec.tune(model, batch, target="cuda", progress=False)
+    secs = time.perf_counter() - t0
+    st = policy.stats
+    return {"tune_s": secs, "tune_peak_mb": max(0, _hwm() - before) / 2 ** 20,
+            "peak_by_stage_mb": st["peak_memory_mb_by_stage"], "probe_passes": st["probe_passes"],
+            "search_passes": st["search_passes"], "verify_passes": st["verify_passes"], "trials": st["trials"],
+            "candidates": st["candidates"], "layers": len(policy.layers),
+            "low_fraction": policy.low_precision_fraction(),
+            "stage_seconds": {k: v["seconds"] for k, v in st["stages"].items()}}
+
+
+def gpt2_main(shapes: list[str], threads: int, out: str) -> dict[str, Any]:
+    """The GPT-2 table: each shape's plain step and whole tune in fresh processes."""
+    def run(flag: str, shape: str) -> dict[str, Any]:
+        cmd = [sys.executable, os.path.abspath(__file__), flag, shape, "--threads", str(threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if res.returncode:
+            raise SystemExit(f"{flag} {shape} failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    rows = []
+    print("| shape | params | FP32 MiB | plain fwd+bwd s | tune s | tune / plain | probe passes (candidates) | "
+          "search passes | verify passes | tune peak RSS / params | Adam step peak RSS / params | 16-bit FLOPs |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for shape in shapes:
+        row = {"shape": shape, **run("--one-step", shape), **run("--one-tune", shape)}
+        row["param_mb"] = 4 * row["params"] / 2 ** 20
+        row["tune_vs_plain"] = row["tune_s"] / row["plain_s"]
+        rows.append(row)
+        print(f"| {shape} | {row['params'] / 1e6:.1f}M | {row['param_mb']:.0f} | {row['plain_s']:.2f} | "
+              f"{row['tune_s']:.0f} | {row['tune_vs_plain']:.0f} | {row['probe_passes']} ({row['candidates']}) | "
+              f"{row['search_passes']} | {row['verify_passes']} | {row['tune_peak_mb'] / row['param_mb']:.1f}x | "
+              f"{row['step_peak_mb'] / row['param_mb']:.1f}x | {100 * row['low_fraction']:.0f}% |", flush=True)
+    if len(rows) >= 2:
+        blocks = [int(r["shape"].split("x")[0]) for r in rows]
+        k = fit_exponent(blocks, [r["probe_passes"] for r in rows])
+        print(f"\nprobe passes ~ blocks^{k:.2f}")
+    else:
+        k = math.nan
+    result = {"model": "gpt2", "vocab": 50257, "batch": [2, 128], "target": "cuda", "threads": threads,
+              "rows": rows, "probe_passes_exponent": k, "torch": torch.__version__, "cores": os.cpu_count()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=None, help="block counts (default 4 8 16 32 64)")
@@ -112,8 +230,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="candidate formats (FP16 is emulated on a CPU)")
     p.add_argument("--verify-steps", type=int, default=20)
     p.add_argument("--quick", action="store_true", help="depths 2 4 8 16")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "scaling.json"))
+    p.add_argument("--gpt2", nargs="*", metavar="SHAPE", default=None,
+                   help=f"GPT-2 shapes instead of the MLP stack (default {' '.join(GPT2_SHAPES)})")
+    p.add_argument("--one-step", help=argparse.SUPPRESS)  # internal: one GPT-2 shape's plain training
+    p.add_argument("--one-tune", help=argparse.SUPPRESS)  # internal: one GPT-2 shape's tune
+    p.add_argument("--out", default=None, help="JSON output (default results/scaling.json, scaling_gpt2.json)")
     args = p.parse_args(argv)
+    if args.one_step or args.one_tune:
+        torch.set_num_threads(args.threads)
+        logging.getLogger("autoprec").setLevel(logging.WARNING)
+        print(json.dumps(gpt2_step(args.one_step) if args.one_step else gpt2_tune(args.one_tune)))
+        return {}
+    if args.gpt2 is not None:
+        return gpt2_main(args.gpt2 or GPT2_SHAPES, args.threads,
+                         args.out or os.path.join(HERE, "results", "scaling_gpt2.json"))
+    args.out = args.out or os.path.join(HERE, "results", "scaling.json")
     depths = args.depths or ([2, 4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
     # the GPU target is priced with the roofline without per-call costs, as at sizes where 16-bit pays:
     # with the estimate's launch costs these width-128 blocks stay FP32 and there would be no search
