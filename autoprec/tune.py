@@ -22,6 +22,7 @@ from .costs import DeviceProfile, format_speed
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
+from .roles import Sharing, roles, units
 from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
@@ -92,7 +93,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: Any = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
          verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
-         strict: bool = False) -> Policy:
+         strict: bool = False, share_roles: bool = True) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -129,6 +130,10 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         strict: raise :class:`~autoprec.VerificationError` when the policy fails verification even
             after backing off; by default the policy is returned with a
             :class:`~autoprec.VerificationWarning`, and its report says FAILED on its first line.
+        share_roles: probe the layers that play one role in repeated blocks (``h.*.attn.c_attn``) as
+            a group first, one pass casting all of them, and split only where that measurement is
+            not clearly inside the bound or a member differs (:mod:`autoprec.roles`); False probes
+            every layer alone.
 
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
@@ -153,7 +158,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     """
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
-                  optimizer=optimizer, verify_compile=verify_compile, strict=strict)
+                  optimizer=optimizer, verify_compile=verify_compile, strict=strict, share_roles=share_roles)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
@@ -174,7 +179,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                            verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                            optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
                            headroom=float(headroom), seed=seed, bar=bar, started=started,
-                           verify_compile=verify_compile, profile=prof)
+                           verify_compile=verify_compile, profile=prof, share_roles=share_roles)
     if policy.verification is not None and not policy.verification.passed:
         unverified(policy, strict)
     return policy
@@ -183,7 +188,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
 def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile) -> Policy:
+          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
+          share_roles: bool) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
 
@@ -203,9 +209,11 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
-    bar.stage("probe", len(batches) + len(candidates) * len(formats), unit="pass")
+    share = Sharing(loss=tol.loss, grad=tol.grad) if share_roles else None
+    planned = len(units(candidates, roles(tr, candidates))) if share is not None else len(candidates)
+    bar.stage("probe", len(batches) + planned * len(formats), unit="pass")  # a role that splits adds passes
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
-               skipped=skipped)
+               skipped=skipped, share=share)
     probe_passes = runner.passes
     ref_loss, ref_grads = pr.reference
 
