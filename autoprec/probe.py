@@ -13,9 +13,11 @@ per role and format casting every member at once, and the group's errors stand f
 only where they are clearly inside the bound: they bound the member's own error from above. Where
 not, the role is split down to the members that differ (:mod:`autoprec.roles` says how and why);
 a member's row records the role (``Measurement.group``). GPT-2 small for CUDA: 99 candidates,
-199 passes alone, XXX shared (``benchmarks/probe_cost.py --passes``). What a pass adds to its forward+backward is fused device
-work: the gradients are taken off the parameters (no copy), compared with the reference in place
-by ``torch._foreach_*`` reductions, and read with one host transfer (``benchmarks/probe_cost.py``).
+199 passes alone, 23 shared (``benchmarks/probe_cost.py --passes``).
+
+What a pass adds to its forward+backward is fused device work: the gradients are taken off the
+parameters (no copy), compared with the reference in place by ``torch._foreach_*`` reductions, and
+read with one host transfer (``benchmarks/probe_cost.py``).
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ class _CountWatcher:
         """The counts per layer, as ints (one host sync)."""
         keys = list(self.count)
         got = torch.stack([self.count[k].to(self.count[keys[0]].device) for k in keys]).tolist() if keys else []
-        return {k: int(got[keys.index(k)]) if k in self.count else 0 for k in self.dtypes}
+        counts = dict(zip(keys, got))
+        return {k: int(counts.get(k, 0)) for k in self.dtypes}
 
     def full_width(self, key: str) -> bool:
         """Whether ``key``'s output came out FP32/FP64 although its region was 16-bit."""

@@ -88,6 +88,10 @@ def _markdown(policy: "Policy") -> str:
                 "measured_loss_err", "measured_grad_err")
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st)
                      + _memory(st))
+    if st.get("probe_shared"):
+        lines.append(f"- probe: {st['probe_shared']} of {st.get('probe_measurements', '?')} layer measurements come "
+                     f"from {st.get('probe_roles', '?')} roles of repeated blocks probed as groups: those figures "
+                     "are the group's, a bound on the layer's own (its evidence says \"at most\")")
     lines += _device(st)
     lines.append("")
     lines.append("## Verification")

@@ -287,6 +287,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "verify_passes": verify_passes,
         "trials": result.trials,
         "candidates": len(candidates),
+        "probe_roles": len({m.group for m in pr.measurements.values() if m.members > 1}),
+        "probe_shared": sum(m.members > 1 for m in pr.measurements.values()),  # rows that are a role's bound
+        "probe_measurements": len(pr.measurements),
         "measured_loss_err": float(measured[0]),
         "measured_grad_err": float(measured[1]),
         "modelled_cost_ratio": round(result.cost / result.cost_fp32, 4) if result.cost_fp32 else 1.0,

@@ -151,6 +151,8 @@ def test_outlier_decisions_name_the_overflow_and_the_shared_bound():
     assert member.precision == "fp16" and member.reason == "cast"
     assert member.measured["bf16"]["shared"] == 6.0 and member.measured["fp16"]["shared"] == 3.0
     assert "layers of role blocks.*.fc1 cast at once" in member.detail, member.detail
+    assert "roles of repeated blocks probed as groups" in policy.report()
+    assert "roles of repeated blocks" not in tuned("outlier_stack", False).report()
 
 
 @pytest.mark.parametrize("name", ["outlier_stack", "gpt2"], ids=["outlier_stack", "gpt2"])
