@@ -35,7 +35,8 @@ from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError
 from .formats import info
 from .modules import canonical_modules
-from .roles import Sharing, roles, units
+from .passes import Measure, Measurement
+from .roles import Sharing, measure_role, roles, units
 from .reductions import HIST_BINS, HIST_HI, HIST_LO, errors, finite_absmax, grad_norm, log2_hist
 from .runtime import Runtime
 from .trace import Trace
@@ -62,22 +63,6 @@ class Ranges:
             return 0.0
         cut = math.floor(math.log2(limit / scale)) - HIST_LO
         return sum(hist[: max(0, min(cut, len(hist)))]) / total
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """The error one layer adds when it alone runs in ``precision``."""
-
-    key: str
-    precision: str
-    loss_err: float          # |loss - ref| / |ref|
-    grad_err: float          # ||g - g_ref|| / ||g_ref|| over all parameter gradients
-    nonfinite: int           # Inf/NaN values in the layer's own output
-    finite: bool             # loss and all gradients finite
-    error: str | None = None  # the exception, when the layer cannot run in this format
-    full_width: bool = False  # its output came out FP32 in the 16-bit region: it computes in FP32 itself
-    group: str = ""          # the role whose one pass measured it with others (errors: a bound, not its own)
-    members: int = 1         # the layers that pass cast at once (1: measured alone)
 
 
 @dataclass(frozen=True)
@@ -146,37 +131,6 @@ def _merge(store: dict[str, list[torch.Tensor]], key: str, t: torch.Tensor) -> N
         store[key] = [torch.maximum(old[0], amax), old[1] + hist]
     else:
         store[key] = [amax, hist]
-
-
-class _CountWatcher:
-    """Counts the non-finite values each cast layer emits in a measurement run (on the device: read once)."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        self.count: dict[str, torch.Tensor] = {}
-        self.dtypes: dict[str, set[torch.dtype]] = {k: set() for k in keys}  # floating dtypes of its own output
-
-    def read(self) -> dict[str, int]:
-        """The counts per layer, as ints (one host sync)."""
-        keys = list(self.count)
-        got = torch.stack([self.count[k].to(self.count[keys[0]].device) for k in keys]).tolist() if keys else []
-        counts = dict(zip(keys, got))
-        return {k: int(counts.get(k, 0)) for k in self.dtypes}
-
-    def full_width(self, key: str) -> bool:
-        """Whether ``key``'s output came out FP32/FP64 although its region was 16-bit."""
-        return bool(self.dtypes[key]) and self.dtypes[key] <= {torch.float32, torch.float64}
-
-    def enter(self, key: str, kind: str, inputs: tuple) -> None:
-        pass
-
-    def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
-        if key not in self.dtypes:
-            return
-        for t in pytree.tree_leaves(raw):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                bad = (~torch.isfinite(t.detach())).sum()
-                self.count[key] = self.count[key] + bad if key in self.count else bad
-                self.dtypes[key].add(t.dtype)
 
 
 class Runner:
@@ -274,85 +228,20 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     scale = suggest_scale(grad_absmax, headroom)
     candidates = list(candidates)
     groups = roles(runner.trace, candidates) if share is not None else {}
-    measure = _Measure(runner, batches[0], ref_loss, ref_grads, scale, progress)
+    measure = Measure(runner, batches[0], ref_loss, ref_grads, scale, progress)
     measurements: dict[tuple[str, str], Measurement] = {}
     for name, members in units(candidates, groups):
         for fmt in formats:
             if len(members) == 1:
                 measurements[(name, fmt)] = measure.alone(name, fmt)
             else:
-                measurements.update(_shared(measure, name, members, fmt, share, ranges, headroom))
+                measurements.update(measure_role(measure, name, members, fmt, share, ranges, headroom))
     log.info("probed %d layers (%d roles) x %d formats in %d passes", len(candidates), len(groups), len(formats),
              runner.passes)
     hist = param_hist.tolist() if param_hist is not None else [0] * HIST_BINS
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
                  grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
-
-
-class _Measure:
-    """One measurement pass: the given layers cast to one format, the rest FP32, against the reference."""
-
-    def __init__(self, runner: Runner, batch: Any, ref_loss: torch.Tensor, ref_grads: list, scale: float,
-                 progress: Callable[[str], None] | None) -> None:
-        self.runner, self.batch, self.scale, self.progress = runner, batch, scale, progress
-        self.ref = (ref_loss, ref_grads, grad_norm(ref_grads, ref_loss))
-
-    def run(self, name: str, keys: Sequence[str],
-            fmt: str) -> tuple[tuple[float, float, bool], dict[str, int], _CountWatcher] | str:
-        """``((loss_err, grad_err, finite), non-finite counts per key, watcher)``, or the exception's text."""
-        counter = _CountWatcher(keys)
-        try:
-            loss, grads = self.runner.run(self.batch, {k: fmt for k in keys},
-                                          scale=self.scale if fmt == "fp16" else 1.0, watcher=counter)
-        except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
-            if self.progress is not None:
-                self.progress(name)
-            return f"{type(exc).__name__}: {str(exc)[:200]}"
-        ref_loss, ref_grads, ref_norm = self.ref
-        errs = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
-        del loss, grads  # this pass's gradients go before the next pass makes its own
-        if self.progress is not None:
-            self.progress(name)
-        return errs, counter.read(), counter
-
-    def alone(self, key: str, fmt: str) -> Measurement:
-        """The measurement of ``key`` alone in ``fmt``."""
-        got = self.run(key, (key,), fmt)
-        if isinstance(got, str):
-            return Measurement(key, fmt, math.inf, math.inf, 0, False, error=got)
-        (loss_err, grad_err, finite), counts, counter = got
-        return Measurement(key, fmt, loss_err, grad_err, counts[key], finite, full_width=counter.full_width(key))
-
-
-def _shared(measure: _Measure, name: str, members: Sequence[str], fmt: str, share: Sharing,
-            ranges: dict[str, Ranges], headroom: float) -> dict[tuple[str, str], Measurement]:
-    """The measurements of one role in ``fmt``: as a group where it is clearly safe, split elsewhere."""
-    top = info(fmt).max
-    misfit = [k for k in members if k in ranges and ranges[k].out_absmax * headroom > top]
-    rest = tuple(k for k in members if k not in misfit)
-    todo = ([rest] if rest else []) + [(k,) for k in misfit]
-    out: dict[tuple[str, str], Measurement] = {}
-    while todo:
-        part = todo.pop(0)
-        if len(part) == 1:
-            out[(part[0], fmt)] = measure.alone(part[0], fmt)
-            continue
-        got = measure.run(name, part, fmt)
-        if isinstance(got, str):
-            todo[0:0] = share.split(part, math.inf, math.inf, False, failed=True)
-            continue
-        (loss_err, grad_err, finite), counts, counter = got
-        culprit = next((k for k in part if counts[k] > (ranges[k].nonfinite if k in ranges else 0)), None)
-        if culprit is None and share.accepts(loss_err, grad_err, finite):
-            for k in part:
-                out[(k, fmt)] = Measurement(k, fmt, loss_err, grad_err, counts[k], finite,
-                                            full_width=counter.full_width(k), group=name, members=len(part))
-        else:
-            todo[0:0] = share.split(part, loss_err, grad_err, finite, culprit=culprit)
-    log.debug("role %s in %s: %d members, %d measured as a group", name, fmt, len(members),
-              sum(m.members > 1 for m in out.values()))
-    return out
 
 
 def evidence(result: Probe, key: str) -> dict[str, dict[str, float]]:

@@ -40,13 +40,21 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
+from .formats import info
 from .trace import Trace
 
-__all__ = ["Sharing", "role_of", "roles", "units"]
+if TYPE_CHECKING:
+    from .passes import Measure, Measurement
+    from .probe import Ranges
+
+__all__ = ["Sharing", "measure_role", "role_of", "roles", "units"]
+
+log = logging.getLogger("autoprec.roles")
 
 
 @dataclass(frozen=True)
@@ -162,4 +170,48 @@ def units(candidates: Sequence[str], groups: Mapping[str, tuple[str, ...]]) -> l
         elif name not in seen:
             seen.add(name)
             out.append((name, groups[name]))
+    return out
+
+
+def measure_role(measure: Measure, name: str, members: Sequence[str], fmt: str, share: Sharing,
+                 ranges: Mapping[str, Ranges], headroom: float) -> dict[tuple[str, str], Measurement]:
+    """The measurements of one role in ``fmt``: from group passes where they are clearly safe, split
+    elsewhere down to members measured alone (see the module docstring).
+
+    ``measure``: the probe's :class:`autoprec.passes.Measure`; ``ranges``: the FP32 reference's.
+
+    Example (three equal layers, one role, well inside the bound: one pass after the reference):
+        >>> import torch
+        >>> from autoprec.passes import Measure
+        >>> from autoprec.probe import Runner
+        >>> from autoprec.trace import trace
+        >>> m, x = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)]), torch.randn(4, 8)
+        >>> r = Runner(m, None, trace(m, x, device_type="cpu"), device_type="cpu", emulate_fp16=True, seed=0)
+        >>> loss, grads = r.run(x, {})
+        >>> measure = Measure(r, x, loss, grads, 1.0, None)
+        >>> rows = measure_role(measure, "*", ["0", "1", "2"], "fp16", Sharing(), {}, 8.0)
+        >>> sorted((k, m.members) for (k, _), m in rows.items()), r.passes
+        ([('0', 3), ('1', 3), ('2', 3)], 2)
+    """
+    top = info(fmt).max
+    misfit = [k for k in members if k in ranges and ranges[k].out_absmax * headroom > top]
+    rest = tuple(k for k in members if k not in misfit)
+    todo = ([rest] if rest else []) + [(k,) for k in misfit]
+    out: dict[tuple[str, str], Measurement] = {}
+    while todo:
+        part = todo.pop(0)
+        if len(part) == 1:
+            out[(part[0], fmt)] = measure.alone(part[0], fmt)
+            continue
+        got = measure.run(name, part, fmt)
+        if isinstance(got, str):
+            todo[0:0] = share.split(part, math.inf, math.inf, False, failed=True)
+            continue
+        culprit = next((k for k in part if got.nonfinite[k] > (ranges[k].nonfinite if k in ranges else 0)), None)
+        if culprit is None and share.accepts(got.loss_err, got.grad_err, got.finite):
+            out.update({(k, fmt): got.row(k, fmt, name, len(part)) for k in part})
+        else:
+            todo[0:0] = share.split(part, got.loss_err, got.grad_err, got.finite, culprit=culprit)
+    log.debug("role %s in %s: %d members, %d measured in a group", name, fmt, len(members),
+              sum(m.members > 1 for m in out.values()))
     return out

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(r)
         a, s = r["alone"], r["shared"]
         same = "yes" if not r["differing"] else "NO: " + ", ".join(r["differing"])
-        print(f"| {name} | {r['layers']} | {r['shared_members']} | {a['probe_passes']} | {s['probe_passes']} | {same} | "
+        print(f"| {name} | {r['layers']} | {r['shared_members']} | {a['probe_passes']} | {s['probe_passes']} | "
+              f"{same} | "
               f"{a['heldout_loss_err']:.2e} / {s['heldout_loss_err']:.2e} | "
               f"{a['heldout_grad_err']:.2e} / {s['heldout_grad_err']:.2e} | {a['verified']} / {s['verified']} |",
               flush=True)
