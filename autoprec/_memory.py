@@ -39,7 +39,8 @@ def release() -> None:
     ``max_memory_allocated`` does not count them).
 
     Example:
-        >>> release()
+        >>> release() is None
+        True
     """
     gc.collect()
     if _TRIM is not None:

@@ -23,7 +23,7 @@ def _number(value: Any) -> bool:
 
 def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
                   headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None,
-                  strict: Any = False) -> None:
+                  strict: Any = False, share_roles: Any = True) -> None:
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
@@ -45,7 +45,7 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
         raise OptionError(f"n_trials={n_trials!r} must be a positive integer")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise OptionError(f"seed={seed!r} must be a non-negative integer")
-    for name, value in (("progress", progress), ("strict", strict)):
+    for name, value in (("progress", progress), ("strict", strict), ("share_roles", share_roles)):
         if not isinstance(value, bool):
             raise OptionError(f"{name}={value!r} must be True or False")
     if optimizer is not None and not callable(optimizer):

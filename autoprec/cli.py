@@ -111,7 +111,7 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
                                   grad_tolerance=args.grad_tolerance, verify_steps=args.verify_steps,
                                   storage=args.storage, seed=args.seed, progress=not args.quiet,
                                   verify_tolerance=args.verify_tolerance, strict=args.strict,
-                                  profile=args.profile)
+                                  profile=args.profile, share_roles=not args.no_share_roles)
     if args.budget is not None:
         kwargs["n_trials"] = args.budget
     try:
@@ -293,6 +293,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--profile", help="device profile JSON from 'autoprec calibrate' for the target device "
                                      "(default: calibrate here, or the built-in CUDA estimate)")
+    t.add_argument("--no-share-roles", action="store_true",
+                   help="probe every layer alone, not the roles of repeated blocks as groups first")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     t.set_defaults(func=_cmd_tune)

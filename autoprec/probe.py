@@ -5,9 +5,19 @@ of the gradient flowing into it (log2 histograms, so underflow at any loss scale
 Then each candidate layer is run alone in each 16-bit format, the rest in FP32, on the first
 batch, and the error it adds at the loss and at the parameter gradients is measured, with the
 non-finite values it produced. Cost: ``len(batches) + candidates * formats`` forward+backward
-passes, linear in the number of layers. What a pass adds to its forward+backward is fused device
-work: the gradients are taken off the parameters (no copy), compared with the reference in place
-by ``torch._foreach_*`` reductions, and read with one host transfer (``benchmarks/probe_cost.py``).
+passes, linear in the number of layers.
+
+With ``share`` (what :func:`autoprec.tune` passes), layers playing one role in repeated blocks
+(``h.*.attn.c_attn``: same path pattern, kind and shapes) are measured as a group first, one pass
+per role and format casting every member at once, and the group's errors stand for each member
+only where they are clearly inside the bound: they bound the member's own error from above. Where
+not, the role is split down to the members that differ (:mod:`autoprec.roles` says how and why);
+a member's row records the role (``Measurement.group``). GPT-2 small for CUDA: 99 candidates,
+199 passes alone, 23 shared (``benchmarks/probe_cost.py --passes``).
+
+What a pass adds to its forward+backward is fused device work: the gradients are taken off the
+parameters (no copy), compared with the reference in place by ``torch._foreach_*`` reductions, and
+read with one host transfer (``benchmarks/probe_cost.py``).
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError, RankError
 from .formats import info
 from .modules import canonical_modules
+from .passes import Measure, Measurement
 from .ranks import Ranks
+from .roles import Sharing, measure_role, roles, units
 from .reductions import HIST_BINS, HIST_HI, HIST_LO, errors, finite_absmax, grad_norm, log2_hist
 from .runtime import Runtime
 from .trace import Trace
@@ -52,20 +64,6 @@ class Ranges:
             return 0.0
         cut = math.floor(math.log2(limit / scale)) - HIST_LO
         return sum(hist[: max(0, min(cut, len(hist)))]) / total
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """The error one layer adds when it alone runs in ``precision``."""
-
-    key: str
-    precision: str
-    loss_err: float          # |loss - ref| / |ref|
-    grad_err: float          # ||g - g_ref|| / ||g_ref|| over all parameter gradients
-    nonfinite: int           # Inf/NaN values in the layer's own output
-    finite: bool             # loss and all gradients finite
-    error: str | None = None  # the exception, when the layer cannot run in this format
-    full_width: bool = False  # its output came out FP32 in the 16-bit region: it computes in FP32 itself
 
 
 @dataclass(frozen=True)
@@ -136,31 +134,6 @@ def _merge(store: dict[str, list[torch.Tensor]], key: str, t: torch.Tensor) -> N
         store[key] = [amax, hist]
 
 
-class _CountWatcher:
-    """Counts the non-finite values one layer emits in a measurement run (on the device: read once)."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self.count: torch.Tensor | int = 0
-        self.dtypes: set[torch.dtype] = set()   # floating dtypes of the layer's own output
-
-    @property
-    def nonfinite(self) -> int:
-        """The count, as an int (one host sync)."""
-        return int(self.count)
-
-    def enter(self, key: str, kind: str, inputs: tuple) -> None:
-        pass
-
-    def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
-        if key != self.key:
-            return
-        for t in pytree.tree_leaves(raw):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.count = self.count + (~torch.isfinite(t.detach())).sum()
-                self.dtypes.add(t.dtype)
-
-
 class Runner:
     """Runs one forward+backward of a (private) model under a precision assignment.
 
@@ -214,15 +187,19 @@ class Runner:
 
 def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], formats: Sequence[str], *,
           headroom: float = 8.0, progress: Callable[[str], None] | None = None,
-          skipped: dict[str, str] | None = None, ranks: Ranks | None = None) -> Probe:
+          skipped: dict[str, str] | None = None, share: Sharing | None = None,
+          ranks: Ranks | None = None) -> Probe:
     """Measure ranges on every batch and the error of each candidate layer in each format.
 
-    ``progress(key)`` is called after every pass (``len(batches) + len(candidates) * len(formats)``
-    in all), with the layer the pass measured (``""`` for the FP32 reference passes).
+    ``share``: probe the roles of repeated blocks as groups first, split where its thresholds say
+    (:mod:`autoprec.roles`); None measures every layer alone. ``progress(key)`` is called after every
+    pass (without sharing ``len(batches) + len(candidates) * len(formats)`` in all), with the layer
+    or role the pass measured (``""`` for the FP32 reference passes).
 
     With ``ranks`` of several processes (:mod:`autoprec.ranks`), every rank runs the FP32 reference
-    passes (each needs the ranges and reference gradients itself) and its share of the
-    ``(candidate, format)`` passes; the measurements are gathered, so every rank returns them all.
+    passes (each needs the ranges and reference gradients itself) and its share of the ``(layer or
+    role, format)`` measurements (a role's splits stay on the rank that measured the role); the
+    measurements are gathered, so every rank returns them all.
     ``Probe.passes`` counts this rank's passes.
 
     Example:
@@ -268,43 +245,30 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     ranges = watcher.ranges(state["nonfinite"])
     grad_absmax = max([r.grad_absmax for r in ranges.values()] + [ref_amax, 0.0])
     scale = suggest_scale(grad_absmax, headroom)
-    ref_norm = grad_norm(ref_grads, ref_loss)
     candidates = list(candidates)
-    pairs = [(key, fmt) for key in candidates for fmt in formats]
+    groups = roles(runner.trace, candidates) if share is not None else {}
+    measure = Measure(runner, batches[0], ref_loss, ref_grads, scale, progress)
+    work = [(name, tuple(members), fmt) for name, members in units(candidates, groups) for fmt in formats]
 
-    def measure_share() -> dict[tuple[str, str], Measurement]:
-        out = {}
-        for key, fmt in ranks.share(pairs):
-            out[(key, fmt)] = _measure(runner, batches[0], key, fmt, scale if fmt == "fp16" else 1.0,
-                                       ref_loss, ref_grads, ref_norm)
-            if progress is not None:
-                progress(key)
+    def measure_share() -> list[tuple[int, dict[tuple[str, str], Measurement]]]:
+        out = []
+        for i, (name, members, fmt) in ranks.share(list(enumerate(work))):
+            if len(members) == 1:
+                out.append((i, {(name, fmt): measure.alone(name, fmt)}))
+            else:
+                out.append((i, measure_role(measure, name, list(members), fmt, share, ranges, headroom)))
         return out
 
-    gathered: dict[tuple[str, str], Measurement] = {}
+    parts: dict[int, dict[tuple[str, str], Measurement]] = {}
     for part in ranks.run(measure_share, "the probe"):
-        gathered.update(part)
-    measurements = {pair: gathered[pair] for pair in pairs}
-    log.info("probed %d layers x %d formats in %d passes (rank %d of %d)", len(candidates), len(formats),
-             runner.passes, ranks.rank, ranks.world)
+        parts.update(part)
+    measurements = {pair: m for i in range(len(work)) for pair, m in parts[i].items()}  # in the order of the work
+    log.info("probed %d layers (%d roles) x %d formats in %d passes (rank %d of %d)", len(candidates), len(groups),
+             len(formats), runner.passes, ranks.rank, ranks.world)
     hist = state["hist"].tolist() if state["hist"] is not None else [0] * HIST_BINS
     return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
                  grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
                  formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
-
-
-def _measure(runner: Runner, batch: Any, key: str, fmt: str, scale: float, ref_loss: torch.Tensor,
-             ref_grads: list[torch.Tensor | None], ref_norm: Any) -> Measurement:
-    """One pass: ``key`` alone in ``fmt``, the rest FP32, against the FP32 reference."""
-    counter = _CountWatcher(key)
-    try:
-        loss, grads = runner.run(batch, {key: fmt}, scale=scale, watcher=counter)
-    except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
-        return Measurement(key, fmt, math.inf, math.inf, 0, False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
-    loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
-    del loss, grads  # this pass's gradients go before the next pass makes its own
-    full = bool(counter.dtypes) and counter.dtypes <= {torch.float32, torch.float64}
-    return Measurement(key, fmt, loss_err, grad_err, counter.nonfinite, finite, full_width=full)
 
 
 def _same_reference(refs: list[tuple[float, float]]) -> None:
@@ -337,6 +301,8 @@ def evidence(result: Probe, key: str) -> dict[str, dict[str, float]]:
         if m is None:
             continue
         row = {"loss_err": m.loss_err, "grad_err": m.grad_err, "nonfinite": float(m.nonfinite)}
+        if m.members > 1:  # the errors are its role's, measured with this many layers cast at once
+            row["shared"] = float(m.members)
         if rng is not None:
             half_sub = info(fmt).subnormal / 2
             scale = result.loss_scale if fmt == "fp16" else 1.0

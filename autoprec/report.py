@@ -90,6 +90,10 @@ def _markdown(policy: "Policy") -> str:
         lines.append("- tuning: " + ", ".join(f"{k.replace('_', ' ')} {_num(st[k])}" for k in keys if k in st)
                      + (f" (passes: one rank's of {ranks}, tuned under torch.distributed)"
                         if isinstance(ranks, int) and ranks > 1 else "") + _memory(st))
+    if st.get("probe_shared"):
+        lines.append(f"- probe: {st['probe_shared']} of {st.get('probe_measurements', '?')} layer measurements come "
+                     f"from {st.get('probe_roles', '?')} roles of repeated blocks probed as groups: those figures "
+                     "are the group's, a bound on the layer's own (its evidence says \"at most\")")
     lines += _device(st)
     lines.append("")
     lines.append("## Verification")

@@ -95,7 +95,20 @@ class SearchResult:
 
 
 def _fmt_err(m) -> str:
-    return f"loss err {m.loss_err:.3g}, grad err {m.grad_err:.3g}"
+    text = f"loss err {m.loss_err:.3g}, grad err {m.grad_err:.3g}"
+    if m.members > 1:  # a role's group measurement: a bound on this layer's own error
+        text += f" (at most: {m.members} layers of role {m.group} cast at once)"
+    return text
+
+
+def _estimate(tolerance: Tolerance, m) -> float:
+    """A layer's own error as a fraction of the bound: a role's group figure shared out in quadrature.
+
+    The greedy guess adds the layers' errors in quadrature; a group of ``n`` members measured at
+    ``s`` is what ``n`` members of ``s / sqrt(n)`` each add up to, so ordering and guess do not
+    count the group's error ``n`` times. (Whether a format is allowed at all uses the bound itself.)
+    """
+    return tolerance.score(m.loss_err, m.grad_err) / math.sqrt(m.members)
 
 
 def _underflow(probe: Probe, rng, fmt: str) -> float:
@@ -182,8 +195,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
             continue
         usable[layer.key] = fmts
         best_fmt[layer.key] = min(fmts, key=lambda f: (round(layer_cost(layer, f, profile), 6),
-                                                       tolerance.score(probe.get(layer.key, f).loss_err,
-                                                                       probe.get(layer.key, f).grad_err)))
+                                                       _estimate(tolerance, probe.get(layer.key, f))))
     _tie(trace, decisions, usable, best_fmt)
 
     cost32 = {lay.key: layer_cost(lay, "fp32", profile) for lay in trace.layers}
@@ -192,8 +204,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
         return cost32[key] - layer_cost(trace.layer(key), best_fmt[key], profile)
 
     def sensitivity(key: str) -> float:
-        m = probe.get(key, best_fmt[key])
-        return tolerance.score(m.loss_err, m.grad_err)
+        return _estimate(tolerance, probe.get(key, best_fmt[key]))
 
     # tied groups move together: order by group, key = the group's first member
     units = _groups(trace, list(best_fmt))

@@ -23,6 +23,7 @@ from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
 from .ranks import Ranks, current
+from .roles import Sharing, roles, units
 from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
@@ -124,7 +125,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: Any = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
          verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
-         strict: bool = False) -> Policy:
+         strict: bool = False, share_roles: bool = True) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -161,6 +162,10 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         strict: raise :class:`~autoprec.VerificationError` when the policy fails verification even
             after backing off; by default the policy is returned with a
             :class:`~autoprec.VerificationWarning`, and its report says FAILED on its first line.
+        share_roles: probe the layers that play one role in repeated blocks (``h.*.attn.c_attn``) as
+            a group first, one pass casting all of them, and split only where that measurement is
+            not clearly inside the bound or a member differs (:mod:`autoprec.roles`); False probes
+            every layer alone.
 
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
@@ -193,7 +198,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     """
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
-                  optimizer=optimizer, verify_compile=verify_compile, strict=strict)
+                  optimizer=optimizer, verify_compile=verify_compile, strict=strict, share_roles=share_roles)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
@@ -230,7 +235,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                                            verify_steps=verify_steps, optimizer=optimizer or default_optimizer,
                                            n_trials=n_trials, storage=storage, headroom=float(headroom), seed=seed,
                                            bar=bar, started=started, verify_compile=verify_compile, profile=prof,
-                                           ranks=ranks, snapshot=snap))
+                                           ranks=ranks, snapshot=snap, share_roles=share_roles))
                         return _outcome(tuned[0])
 
                     _agree(ranks.run(run, "tune"))  # one rank's failure raises on all; the ranks' policies must agree
@@ -261,7 +266,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
           bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
-          ranks: Ranks, snapshot: Snapshot) -> Policy:
+          ranks: Ranks, snapshot: Snapshot, share_roles: bool) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
 
@@ -285,9 +290,12 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                 "run tune with the same model, batches and options on every rank")
     runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
                     seed=seed)
-    bar.stage("probe", len(batches) + len(ranks.share([(k, f) for k in candidates for f in formats])), unit="pass")
+    share = Sharing(loss=tol.loss, grad=tol.grad) if share_roles else None
+    planned = len(units(candidates, roles(tr, candidates))) if share is not None else len(candidates)
+    # this rank's share of the measurements (as autoprec.probe deals them); a role that splits adds passes
+    bar.stage("probe", len(batches) + len(ranks.share(range(planned * len(formats)))), unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
-               skipped=skipped, ranks=ranks)
+               skipped=skipped, share=share, ranks=ranks)
     probe_passes = runner.passes
     ref_loss, ref_grads = pr.reference
     ref: dict[str, Any] = {"grads": ref_grads}  # after the search, the reference gradients live here alone
@@ -369,6 +377,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "world_size": ranks.world,  # the passes above are this rank's (autoprec.ranks)
         "trials": result.trials,
         "candidates": len(candidates),
+        "probe_roles": len({m.group for m in pr.measurements.values() if m.members > 1}),
+        "probe_shared": sum(m.members > 1 for m in pr.measurements.values()),  # rows that are a role's bound
+        "probe_measurements": len(pr.measurements),
         "measured_loss_err": float(measured[0]),
         "measured_grad_err": float(measured[1]),
         "modelled_cost_ratio": round(result.cost / result.cost_fp32, 4) if result.cost_fp32 else 1.0,

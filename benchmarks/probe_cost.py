@@ -17,9 +17,17 @@ With ``--tune SHAPE`` it also runs the whole ``autoprec.tune(..., target="cuda")
 fresh process) and prints its time and peak memory per stage (``policy.stats``), and the process's
 peak RSS above the RSS before ``tune`` (VmHWM), as a multiple of the FP32 parameter bytes.
 
+With ``--passes SHAPE ...`` it counts instead the probe passes with and without structure sharing
+(:mod:`autoprec.roles`): the shared probe is run, the probe without sharing costs ``1 + candidates x 2``
+passes by construction (each layer alone in each format). With ``--decide`` it also runs ``tune``
+(``verify_steps=0``, priced by the launch-free roofline, as the tests do) with and without sharing
+and compares every layer's decision; do this on ``12x64`` (12 blocks as GPT-2 small, narrow): at
+12 x 768 the probe without sharing takes minutes.
+
 Run:  python benchmarks/probe_cost.py [--shapes 2x128 6x384] [--large] [--samples 8] [--threads 1] [--tune 6x384]
       (--large adds 12x768 with the full 50257-token vocabulary, per-pass figures only)
-Writes benchmarks/results/probe_cost.json (``--out``).
+      python benchmarks/probe_cost.py --passes 12x64 12x768 --decide   (passes with and without sharing)
+Writes benchmarks/results/probe_cost.json (``--out``; ``--passes``: probe_passes.json).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 import torch
 
 SHAPES = {"2x128": (2, 128, 1000), "4x256": (4, 256, 1000), "6x384": (6, 384, 1000),
-          "12x768": (12, 768, 50257)}
+          "12x64": (12, 64, 1000), "12x768": (12, 768, 50257)}
 
 
 def _rss() -> int:
@@ -147,6 +155,70 @@ def measure_tune(shape: str) -> dict[str, Any]:
             "stages": st.get("stages"), "passes": {k: st[k] for k in ("probe_passes", "search_passes", "verify_passes")}}
 
 
+def measure_passes(shape: str, decide: bool) -> dict[str, Any]:
+    """Probe passes of one shape with and without sharing (run in its own process); with ``decide``,
+    whether ``tune`` decides every layer alike both ways."""
+    import autoprec
+    from autoprec.estimates import compute_bound
+    from autoprec.probe import Runner, probe
+    from autoprec.roles import Sharing, roles
+    from autoprec.trace import trace
+
+    model, ids = _gpt2(shape)
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    tr = trace(model, batch, device_type="cpu")
+    candidates = [lay.key for lay in tr.layers if lay.flops > 0 or lay.hazards]
+    formats = ("fp16", "bf16")
+    runner = Runner(model, None, tr, device_type="cpu", emulate_fp16=True, emulate_cuda=True, seed=0)
+    t0 = time.perf_counter()
+    pr = probe(runner, [batch], candidates, formats, share=Sharing())  # tune's default bounds
+    row: dict[str, Any] = {"shape": shape, "candidates": len(candidates), "roles": len(roles(tr, candidates)),
+                           "passes_alone": 1 + len(candidates) * len(formats), "passes_shared": pr.passes,
+                           "shared_probe_s": time.perf_counter() - t0,
+                           "measured_as_group": sum(m.members > 1 for m in pr.measurements.values())}
+    row["shared_vs_alone"] = row["passes_shared"] / row["passes_alone"]
+    if decide:
+        prof = compute_bound(device="launch-free roofline")
+        got = {}
+        for share in (True, False):
+            pol = autoprec.tune(model, batch, target="cuda", dtypes=list(formats), progress=False, verify_steps=0,
+                                profile=prof, share_roles=share)
+            got[share] = pol
+            row[f"tune_probe_passes_{'shared' if share else 'alone'}"] = pol.stats["probe_passes"]
+        same = {k: (e.precision, e.reason) == (got[False].layers[k].precision, got[False].layers[k].reason)
+                for k, e in got[True].layers.items()}
+        row["same_decisions"] = all(same.values())
+        row["differing"] = [k for k, v in same.items() if not v]
+        row["cast_16bit"] = sum(e.precision != "fp32" for e in got[True].layers.values())
+        row["layers"] = len(same)
+    return row
+
+
+def main_passes(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ``--passes`` table."""
+    rows = []
+    print("| shape | candidates | roles | probe passes alone | shared | shared / alone | same decisions (16-bit) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for shape in args.passes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--one-passes", shape, "--threads", str(args.threads)]
+        cmd += ["--decide"] if args.decide and shape != "12x768" else []
+        r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        rows.append(r)
+        same = (f"{'yes' if r['same_decisions'] else 'NO: ' + ', '.join(r['differing'])} "
+                f"({r['cast_16bit']} of {r['layers']})") if "same_decisions" in r else "-"
+        print(f"| {shape} | {r['candidates']} | {r['roles']} | {r['passes_alone']} | {r['passes_shared']} | "
+              f"{r['shared_vs_alone']:.1%} | {same} |", flush=True)
+    out = args.out if args.out != _DEFAULT_OUT else os.path.join(HERE, "results", "probe_passes.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump({"rows": rows, "threads": args.threads, "torch": torch.__version__, "formats": ["fp16", "bf16"],
+                   "target": "cuda (emulated on this CPU)", "batch": "2 x 128 tokens"}, fh, indent=1)
+    return rows
+
+
+_DEFAULT_OUT = os.path.join(HERE, "results", "probe_cost.json")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=["2x128", "4x256", "6x384"], choices=sorted(SHAPES))
@@ -157,9 +229,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--tune", choices=sorted(SHAPES), help="also run a whole tune of this shape")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one shape, print its JSON row
     p.add_argument("--one-tune", help=argparse.SUPPRESS)  # internal: tune one shape, print its JSON row
-    p.add_argument("--out", default=os.path.join(HERE, "results", "probe_cost.json"))
+    p.add_argument("--passes", nargs="+", choices=sorted(SHAPES), help="count probe passes with and without sharing")
+    p.add_argument("--decide", action="store_true", help="with --passes: compare tune's decisions both ways")
+    p.add_argument("--one-passes", help=argparse.SUPPRESS)  # internal: count one shape, print its JSON row
+    p.add_argument("--out", default=_DEFAULT_OUT)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.one_passes:
+        print(json.dumps(measure_passes(args.one_passes, args.decide)))
+        return []
+    if args.passes:
+        return main_passes(args)
     if args.one_tune:
         print(json.dumps(measure_tune(args.one_tune)))
         return []

@@ -6,10 +6,13 @@ the residual add) for depths 4 -> 64 and prints, per depth, the layers, the forw
 ``y = c * depth^k`` by least squares in log-log space and prints the exponent ``k`` for passes and
 for wall time.
 
-Passes are what autoprec's algorithm controls: the probe runs an FP32 reference and then each
-candidate layer alone in each format (about one pass per layer here), the search at most
-``n_trials`` (30) passes, verification a fixed ``2 x verify_steps``; so passes grow linearly with
-depth, with a constant offset. Each pass runs the whole model, whose cost also grows linearly with
+Passes are what autoprec's algorithm controls: the probe runs an FP32 reference and then, probing
+each candidate layer alone, one pass per layer and format; the search at most ``n_trials`` (30)
+passes, verification a fixed ``2 x verify_steps``. With structure sharing (``tune``'s default,
+:mod:`autoprec.roles`) the blocks' layers are probed as one group per role and format, split only
+where a group is not clearly inside the bound, so the probe's passes stop growing with depth where
+the groups hold; the column "probe alone" is what probing every layer alone costs (``1 + candidates
+x formats``, by construction). Each pass runs the whole model, whose cost also grows linearly with
 depth, so wall time grows as passes x time per pass: towards k ~ 2 once the per-pass cost is no
 longer dominated by fixed overhead.
 
@@ -259,9 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   progress=False, profile=profile)
 
     rows = []
-    print("| blocks | layers | passes (probe+search+verify) | trials | seconds | ms/pass | "
+    print("| blocks | layers | passes (probe+search+verify) | probe alone | trials | seconds | ms/pass | "
           "plain FP32 fwd+bwd ms | 16-bit FLOPs |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for depth in depths:
         model, x, loss_fn = make(depth, args.dim, args.batch)
         t0 = time.perf_counter()
@@ -273,11 +276,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = {"blocks": depth, "layers": len(policy.layers), "passes": passes, "probe_passes": st["probe_passes"],
                "search_passes": st["search_passes"], "verify_passes": st["verify_passes"], "trials": st["trials"],
                "seconds": secs, "ms_per_pass": 1e3 * secs / max(passes, 1),
-               "low_fraction": policy.low_precision_fraction()}
+               "low_fraction": policy.low_precision_fraction(),
+               "probe_passes_alone": 1 + st["candidates"] * len(policy.formats)}
         row["plain_ms"] = 1e3 * plain_pass_seconds(model, x, loss_fn)
         rows.append(row)
         print(f"| {depth} | {row['layers']} | {passes} ({st['probe_passes']}+{st['search_passes']}+"
-              f"{st['verify_passes']}) | {st['trials']} | {secs:.1f} | {row['ms_per_pass']:.1f} | "
+              f"{st['verify_passes']}) | {row['probe_passes_alone']} | {st['trials']} | {secs:.1f} | {row['ms_per_pass']:.1f} | "
               f"{row['plain_ms']:.1f} | {100 * row['low_fraction']:.0f}% |", flush=True)
     xs = [r["blocks"] for r in rows]
     k_passes = fit_exponent(xs, [r["passes"] for r in rows])

@@ -118,3 +118,32 @@ def test_probe_cost_times_pass_and_errors_and_the_probe(tmp_path):
     r = rows[0]
     assert r["samples"] == 2 and min(r["plain_ms"], r["pass_ms"], r["errors_ms"]) > 0
     assert r["probe_passes"] == 1 + 2 * r["candidates"] and r["probe_peak_rss_mb"] >= 0
+
+
+def test_probe_cost_counts_passes_with_and_without_sharing(tmp_path):
+    """``--passes``: the shared probe's passes against ``1 + candidates x 2``, and tune decides alike both ways."""
+    import probe_cost
+
+    out = tmp_path / "probe_passes.json"
+    rows = probe_cost.main(["--passes", "2x128", "--decide", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and [r["shape"] for r in rows] == ["2x128"]
+    r = rows[0]
+    assert r["roles"] == 8 and r["passes_alone"] == 1 + 2 * r["candidates"]
+    assert r["passes_shared"] < r["passes_alone"] and r["tune_probe_passes_shared"] == r["passes_shared"]
+    assert r["tune_probe_passes_alone"] == r["passes_alone"]
+    assert r["same_decisions"] is True and r["differing"] == []
+
+
+def test_sharing_benchmark_compares_both_tunes(tmp_path, one_thread):
+    """The sharing benchmark tunes a two-block GPT-2 both ways: same decisions, fewer probe passes, held-out figures."""
+    import sharing
+
+    out = tmp_path / "sharing.json"
+    rows = sharing.main(["--models", "gpt2", "--verify-steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == rows
+    r = rows[0]
+    assert r["differing"] == [] and r["shared_members"] > 0
+    assert r["shared"]["probe_passes"] < r["alone"]["probe_passes"]
+    for tag in ("shared", "alone"):
+        assert not r[tag]["heldout_nonfinite"] and r[tag]["heldout_loss_err"] >= 0

@@ -20,13 +20,18 @@ def _deep_mlp(depth: int, width: int = 128, seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize("depth", [2, 4, 8], ids=["d2", "d4", "d8"])
 def test_probe_passes_grow_linearly_with_layers(depth):
-    """Probe passes = batches + candidate layers x formats: linear in depth."""
+    """Probe passes with every layer alone = batches + candidate layers x formats: linear in depth; sharing the
+    Linears' role (one group pass per format where it is clearly safe) decides alike in no more passes."""
     model = _deep_mlp(depth)
-    policy = autoprec.tune(model, torch.randn(256, 128), progress=False, verify_steps=0,
-                           dtypes=["fp16", "bf16"], target="cuda")
+    x = torch.randn(256, 128)
+    policy = autoprec.tune(model, x, progress=False, verify_steps=0, dtypes=["fp16", "bf16"], target="cuda",
+                           share_roles=False)
     assert policy.stats["candidates"] == depth  # the Linears; Tanh has no FLOPs and no hazard
     assert policy.stats["probe_passes"] == 1 + depth * 2
     assert policy.stats["search_passes"] <= min(30, depth + 1)
+    shared = autoprec.tune(model, x, progress=False, verify_steps=0, dtypes=["fp16", "bf16"], target="cuda")
+    assert shared.assignment == policy.assignment
+    assert shared.stats["probe_passes"] <= policy.stats["probe_passes"]
 
 
 def test_cpu_target_never_picks_fp16_for_speed():

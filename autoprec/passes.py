@@ -1,0 +1,146 @@
+"""One probe measurement pass: some layers cast to one format, the rest FP32, compared with FP32.
+
+:class:`Measure` runs a pass through the probe's :class:`~autoprec.probe.Runner` and hands back an
+:class:`Outcome`: the errors at the loss and the gradients, and per cast layer the non-finite values
+it emitted and whether its output came back full width. A layer measured alone gets its own
+:class:`Measurement` row; a role measured as a group (:mod:`autoprec.roles`) gives each member a
+row carrying the group's errors, marked with the role and the number of layers cast at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .reductions import errors, grad_norm
+
+if TYPE_CHECKING:
+    from .probe import Runner
+
+__all__ = ["Measurement", "CountWatcher", "Outcome", "Measure"]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The error one layer adds when it alone runs in ``precision``."""
+
+    key: str
+    precision: str
+    loss_err: float          # |loss - ref| / |ref|
+    grad_err: float          # ||g - g_ref|| / ||g_ref|| over all parameter gradients
+    nonfinite: int           # Inf/NaN values in the layer's own output
+    finite: bool             # loss and all gradients finite
+    error: str | None = None  # the exception, when the layer cannot run in this format
+    full_width: bool = False  # its output came out FP32 in the 16-bit region: it computes in FP32 itself
+    group: str = ""          # the role whose one pass measured it with others (errors: a bound, not its own)
+    members: int = 1         # the layers that pass cast at once (1: measured alone)
+
+
+class CountWatcher:
+    """Counts the non-finite values each cast layer emits in a measurement run (on the device: read once).
+
+    Example:
+        >>> w = CountWatcher(["fc"])
+        >>> w.exit("fc", "module", torch.tensor([1.0, float("inf")]), None)
+        >>> w.read(), w.full_width("fc")
+        ({'fc': 1}, True)
+    """
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.count: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, set[torch.dtype]] = {k: set() for k in keys}  # floating dtypes of its own output
+
+    def read(self) -> dict[str, int]:
+        """The counts per layer, as ints (one host sync)."""
+        keys = list(self.count)
+        got = torch.stack([self.count[k].to(self.count[keys[0]].device) for k in keys]).tolist() if keys else []
+        counts = dict(zip(keys, got))
+        return {k: int(counts.get(k, 0)) for k in self.dtypes}
+
+    def full_width(self, key: str) -> bool:
+        """Whether ``key``'s output came out FP32/FP64 although its region was 16-bit."""
+        return bool(self.dtypes[key]) and self.dtypes[key] <= {torch.float32, torch.float64}
+
+    def enter(self, key: str, kind: str, inputs: tuple) -> None:
+        pass
+
+    def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
+        if key not in self.dtypes:
+            return
+        for t in pytree.tree_leaves(raw):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                bad = (~torch.isfinite(t.detach())).sum()
+                self.count[key] = self.count[key] + bad if key in self.count else bad
+                self.dtypes[key].add(t.dtype)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one pass measured: errors against FP32, and per cast layer its non-finite count and width."""
+
+    loss_err: float
+    grad_err: float
+    finite: bool                  # loss and all gradients finite
+    nonfinite: dict[str, int]     # cast layer -> Inf/NaN values in its own output
+    full_width: dict[str, bool]   # cast layer -> its output came back FP32 from the 16-bit region
+
+    def row(self, key: str, fmt: str, group: str = "", members: int = 1) -> Measurement:
+        """The :class:`Measurement` of ``key`` from this pass (``group``: the role it was measured with).
+
+        Example:
+            >>> o = Outcome(0.001, 0.002, True, {"h.0.fc": 0, "h.1.fc": 0}, {"h.0.fc": False, "h.1.fc": False})
+            >>> o.row("h.1.fc", "bf16", "h.*.fc", 2).members
+            2
+        """
+        return Measurement(key, fmt, self.loss_err, self.grad_err, self.nonfinite[key], self.finite,
+                           full_width=self.full_width[key], group=group, members=members)
+
+
+class Measure:
+    """Runs measurement passes on the probe's first batch against its FP32 reference.
+
+    Example:
+        >>> from autoprec.probe import Runner
+        >>> from autoprec.trace import trace
+        >>> m, x = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()), torch.ones(4, 8)
+        >>> r = Runner(m, None, trace(m, x, device_type="cpu"), device_type="cpu", emulate_fp16=True, seed=0)
+        >>> ref_loss, ref_grads = r.run(x, {})
+        >>> Measure(r, x, ref_loss, ref_grads, 1.0, None).alone("0", "bf16").finite
+        True
+    """
+
+    def __init__(self, runner: Runner, batch: Any, ref_loss: torch.Tensor, ref_grads: list, scale: float,
+                 progress: Callable[[str], None] | None) -> None:
+        self.runner, self.batch, self.scale, self.progress = runner, batch, scale, progress
+        self.ref = (ref_loss, ref_grads, grad_norm(ref_grads, ref_loss))
+
+    def run(self, name: str, keys: Sequence[str], fmt: str) -> Outcome | str:
+        """One pass with ``keys`` in ``fmt`` (FP16 at the loss scale); the exception's text where it cannot run.
+
+        ``name`` (the layer or role measured) goes to the progress callback.
+        """
+        counter = CountWatcher(keys)
+        try:
+            loss, grads = self.runner.run(self.batch, {k: fmt for k in keys},
+                                          scale=self.scale if fmt == "fp16" else 1.0, watcher=counter)
+        except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
+            if self.progress is not None:
+                self.progress(name)
+            return f"{type(exc).__name__}: {str(exc)[:200]}"
+        ref_loss, ref_grads, ref_norm = self.ref
+        loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
+        del loss, grads  # this pass's gradients go before the next pass makes its own
+        if self.progress is not None:
+            self.progress(name)
+        return Outcome(loss_err, grad_err, finite, counter.read(), {k: counter.full_width(k) for k in keys})
+
+    def alone(self, key: str, fmt: str) -> Measurement:
+        """The measurement of ``key`` alone in ``fmt``."""
+        got = self.run(key, (key,), fmt)
+        if isinstance(got, str):
+            return Measurement(key, fmt, math.inf, math.inf, 0, False, error=got)
+        return got.row(key, fmt)
