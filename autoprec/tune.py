@@ -1,4 +1,4 @@
-"""``autoprec.tune``: trace -> probe -> search -> policy -> verify, on a private copy of the model."""
+"""``autoprec.tune``: trace -> probe -> search -> policy -> verify, on a private model over the caller's weights."""
 
 from __future__ import annotations
 
@@ -129,7 +129,12 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
-        model: an FP32 ``nn.Module``; it is never changed (autoprec works on a private copy).
+        model: an FP32 ``nn.Module``; it ends as it started, bit for bit. autoprec works on a private
+            model (its own modules, hooks and gradients) over the same weight storage: no second
+            copy of the weights. The training runs of verification change those weights in place
+            and put them back from a snapshot kept off the device (host memory for a GPU model, a
+            temporary file for a CPU model), on every exit, errors and Ctrl-C included; a thread
+            that uses the model while ``tune`` runs sees the training run's weights.
         batch: what the model takes: a tensor, a tuple/list (positional) or a dict (keyword).
         loss_fn: ``loss_fn(output, batch) -> scalar``; default: the model's own loss where it
             returns one, else a fixed random projection of the outputs.
