@@ -225,3 +225,42 @@ def test_cli_under_torchrun_writes_one_policy(tmp_path):
     assert ranks["stats"]["world_size"] == WORLD and alone["stats"]["world_size"] == 1
     assert ranks["stats"]["probe_passes"] < alone["stats"]["probe_passes"]
     assert "(passes: one rank's of 2, tuned under torch.distributed)" in autoprec.load(tmp_path / "ranks.json").report()
+
+
+def _blocks(depth: int = 4):
+    """Pre-LN residual MLP blocks (the structure-sharing case: one role per block layer)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fc1, self.fc2 = nn.LayerNorm(32), nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block() for _ in range(depth)], nn.Linear(32, 4))
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def _tune_blocks_on_rank(rank: int) -> dict:
+    model, x = _blocks()
+    return _summary(autoprec.tune(model, x, **OPTIONS))
+
+
+def test_two_ranks_share_the_roles_of_repeated_blocks(tmp_path, one_thread):
+    """With structure sharing, the ranks deal out the (role or layer, format) measurements: the single-process
+    policy on both, and the probe's measurement passes of one process split between them."""
+    r0, r1 = _run(_tune_blocks_on_rank, tmp_path)
+    model, x = _blocks()
+    policy = autoprec.tune(model, x, **OPTIONS)
+    alone = _summary(policy)
+    assert policy.stats["probe_shared"] > 0  # roles were measured as groups
+    for r in (r0, r1):
+        assert r["assignment"] == alone["assignment"] and _close_rows(r["evidence"], alone["evidence"])
+    measured = [r["counts"]["probe_passes"] - 1 for r in (r0, r1)]  # without each rank's reference pass
+    assert sum(measured) == alone["counts"]["probe_passes"] - 1 and min(measured) >= 1
