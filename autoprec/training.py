@@ -119,8 +119,9 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
 
 
 def _absmax(params: Sequence[torch.Tensor]) -> float:
-    vals = [p.grad.detach().abs().max() for p in params if p.grad is not None and p.grad.numel()]
-    if not vals:
+    """Largest |gradient| (0 when none or not finite): fused max-norms, no ``abs()`` copy of a gradient."""
+    grads = [p.grad.detach() for p in params if p.grad is not None and p.grad.numel()]
+    if not grads:
         return 0.0
-    m = float(torch.stack(vals).max())
+    m = float(torch.stack([n.float() for n in torch._foreach_norm(grads, math.inf)]).max())
     return m if math.isfinite(m) else 0.0
