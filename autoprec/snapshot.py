@@ -29,11 +29,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
-__all__ = ["Snapshot"]
+__all__ = ["Snapshot", "park", "unpark"]
 
 log = logging.getLogger("autoprec.snapshot")
 
@@ -130,3 +130,27 @@ class Snapshot:
 
     def __del__(self) -> None:  # a snapshot dropped without close() leaves no file behind
         self._close_file()
+
+
+def park(ref: dict[str, Any]) -> tuple[Snapshot, list[bool]]:
+    """Move ``ref["grads"]`` off the device (host memory, or a file for CPU tensors) and drop them.
+
+    Example:
+        >>> ref = {"grads": [torch.ones(2), None]}
+        >>> parked = park(ref)
+        >>> "grads" in ref, unpark(parked)
+        (False, [tensor([1., 1.]), None])
+    """
+    grads = ref.pop("grads")
+    present = [g is not None for g in grads]
+    parked = Snapshot([g for g in grads if g is not None])
+    parked.release()
+    return parked, present
+
+
+def unpark(parked: tuple[Snapshot, list[bool]]) -> list[torch.Tensor | None]:
+    """The gradients :func:`park` set aside, on their device again (see its example)."""
+    snap, present = parked
+    fresh = iter(snap.fresh())
+    snap.close()
+    return [next(fresh) if here else None for here in present]

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import random
 import time
-from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .batch import LossFn, split_batches
-from .errors import ModelError, OptionError, RankError
-from .modules import canonical_modules, unwrap
+from .errors import OptionError, RankError
+from .isolation import preserve_global_state, private_model
+from .modules import canonical_modules
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
 from .costs import DeviceProfile, format_speed
@@ -30,93 +28,12 @@ from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
 from .verify import check_reference, unverified, verify
 from ._memory import PeakMemory
-from .snapshot import Snapshot
+from .snapshot import Snapshot, park, unpark
 from ._progress import Progress
 
 __all__ = ["tune"]
 
 log = logging.getLogger("autoprec.tune")
-
-
-@contextmanager
-def _preserve_global_state() -> Iterator[None]:
-    """Run tuning with grad on and autocast off; restore every global RNG, grad and autocast state."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    py = random.getstate()
-    try:
-        import numpy as np
-        npst = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        np, npst = None, None
-    grad = torch.is_grad_enabled()
-    cache = torch.is_autocast_cache_enabled()
-    autocast = {d: torch.is_autocast_enabled(d) for d in ("cpu", "cuda")}
-    try:
-        torch.set_grad_enabled(True)  # a caller's no_grad() must not reach the probe's backward passes
-        # nor a caller's autocast the FP32 reference: every region sets its own precision. The cache of
-        # cast weights goes too: inside a caller's autocast it would outlive our optimizer steps.
-        for d in autocast:
-            torch.set_autocast_enabled(d, False)
-        torch.set_autocast_cache_enabled(False)
-        yield
-    finally:
-        for d, on in autocast.items():
-            torch.set_autocast_enabled(d, on)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-        random.setstate(py)
-        if np is not None:
-            np.random.set_state(npst)
-        torch.set_grad_enabled(grad)
-        torch.set_autocast_cache_enabled(cache)
-
-
-def _private_copy(model: nn.Module) -> nn.Module:
-    """A copy of the model without wrappers (compile, DDP, checkpoint, FSDP1) and without a policy.
-
-    Its parameters and buffers share storage with the caller's (plain ``nn.Parameter`` and tensor
-    buffers; other tensor types are copied): the copy has its own module objects, hooks and
-    ``.grad``, but no second set of weights. What changes those values (training runs, batch-norm
-    statistics) must restore them: see :mod:`autoprec.snapshot`.
-    """
-    if any(c.__name__ == "FSDPModule" for m in model.modules() for c in type(m).__mro__):
-        raise ModelError("tune cannot copy a model sharded by FSDP2's fully_shard (its parameters are "
-                         "DTensors): tune the unsharded model (before fully_shard); the policy fits the sharded "
-                         "one, see autoprec.fsdp_plan")
-    links: dict[str, tuple[Any, str, nn.Module]] = {}
-    inner = unwrap(model)
-    memo: dict[int, Any] = {}
-    for p in inner.parameters():
-        if type(p) is nn.Parameter:
-            memo[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-    for b in inner.buffers():
-        if type(b) is torch.Tensor:
-            memo[id(b)] = b.detach()
-    work = copy.deepcopy(inner, memo)  # an installed policy does not come along (see autoprec.runtime)
-    canonical_modules(work, links)
-    for holder, name, child in links.values():
-        if holder is not None and unwrap(child) is not child:
-            holder._modules[name] = unwrap(child)
-    return work
-
-
-def _park(ref: dict[str, Any]) -> tuple[Snapshot, list[bool]]:
-    """Move ``ref["grads"]`` off the device (host memory, or a file for CPU tensors) and drop them."""
-    grads = ref.pop("grads")
-    present = [g is not None for g in grads]
-    parked = Snapshot([g for g in grads if g is not None])
-    parked.release()
-    return parked, present
-
-
-def _unpark(parked: tuple[Snapshot, list[bool]]) -> list[torch.Tensor | None]:
-    """The gradients :func:`_park` set aside, on their device again."""
-    snap, present = parked
-    fresh = iter(snap.fresh())
-    snap.close()
-    return [next(fresh) if here else None for here in present]
 
 
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
@@ -217,13 +134,13 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     tol = Tolerance(loss=float(tolerance), grad=float(grad_tolerance))
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
-    with _preserve_global_state():
+    with preserve_global_state():
         # a calibration is timed: rank 0's figures price every rank's search (the others wait)
         prof = ranks.run(lambda: resolve_profile(profile, target=target, device=device, formats=formats)
                          if ranks.rank == 0 else None, "resolving the device profile")[0]
         meter = PeakMemory(device)  # on CUDA it resets the device's peak-memory statistics
         meter.stage("copy")
-        work = _private_copy(model)
+        work = private_model(model)
         # what tuning may change in the storage it shares with the caller's model: the buffers
         # (batch-norm statistics, in every pass) and, when it trains, the trainable parameters
         trained = [p for p in work.parameters() if p.requires_grad] if verify_steps > 0 else []
@@ -321,7 +238,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
                     storage=storage, seed=seed, progress=searched, ranks=ranks)
     search_passes = runner.passes - probe_passes
-    pr = dataclasses.replace(pr, reference=())  # parked while training: see _park
+    pr = dataclasses.replace(pr, reference=())  # parked while training: see autoprec.snapshot.park
 
     decisions = dict(result.decisions)
 
@@ -344,7 +261,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     fp32_curve = parked = None
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
-        parked = _park(ref)  # off the device while the runs hold gradients and optimizer state
+        parked = park(ref)  # off the device while the runs hold gradients and optimizer state
         snapshot.restore()  # from the caller's state: the passes so far moved batch-norm statistics
         fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
                                  scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance,
@@ -368,7 +285,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
-            ref["grads"] = _unpark(parked)
+            ref["grads"] = unpark(parked)
             scale = scaler.init_scale if scaler is not None else None
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
     else:

@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-import autoprec
 from autoprec.snapshot import Snapshot
-from autoprec.tune import _private_copy
+from autoprec.isolation import private_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_private_model_shares_the_callers_storage_not_its_objects():
     """The private model's parameters and buffers alias the caller's storage; modules, Parameters and .grad are its own."""
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    work = _private_copy(model)
+    work = private_model(model)
     for (n, p), q in zip(model.named_parameters(), work.parameters()):
         assert q is not p and q.data_ptr() == p.data_ptr(), n
     for b, c in zip(model.buffers(), work.buffers()):
@@ -37,7 +36,7 @@ def test_private_model_keeps_tied_weights_tied():
     emb = nn.Embedding(10, 4)
     head = nn.Linear(4, 10, bias=False)
     head.weight = emb.weight
-    work = _private_copy(nn.Sequential(emb, head))
+    work = private_model(nn.Sequential(emb, head))
     assert work[0].weight is work[1].weight and work[0].weight is not emb.weight
 
 
