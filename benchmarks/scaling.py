@@ -141,9 +141,9 @@ def _hwm() -> int:
         return next(1024 * int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
 
 
-def gpt2_step(shape: str) -> dict[str, Any]:
+def gpt2_step(shape: str, vocab: int) -> dict[str, Any]:
     """Plain FP32 training of one shape (own process): fwd+bwd seconds, peak RSS of three Adam steps."""
-    model, batch = gpt2(shape)
+    model, batch = gpt2(shape, vocab)
     before = _hwm_reset()  # memory first, from the state tune starts in: no earlier pass freed memory to reuse
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(3):
@@ -152,7 +152,7 @@ def gpt2_step(shape: str) -> dict[str, Any]:
         opt.step()
     peak = max(0, _hwm() - before) / 2 ** 20
     del opt
-    model, batch = gpt2(shape)  # the tuned weights, for the timing
+    model, batch = gpt2(shape, vocab)  # the initial weights again, for the timing
     times = []
     for _ in range(4):  # the first is a warm-up
         t0 = time.perf_counter()
@@ -163,16 +163,16 @@ def gpt2_step(shape: str) -> dict[str, Any]:
             "step_peak_mb": peak}
 
 
-def gpt2_tune(shape: str) -> dict[str, Any]:
+def gpt2_tune(shape: str, vocab: int, verify_steps: int) -> dict[str, Any]:
     """One whole ``tune(..., target="cuda")`` of a shape (own process): seconds, passes, peak memory."""
     # a throwaway tune of a tiny model first: the libraries tune loads (torch.export, Optuna, ...) are
     # resident memory of their own, paid once per process, not the model's
     tiny, tx, tloss = make(1, 16, 4)
     autoprec.tune(tiny, tx, tloss, target="cuda", verify_steps=2, progress=False)
-    model, batch = gpt2(shape)
+    model, batch = gpt2(shape, vocab)
     before = _hwm_reset()
     t0 = time.perf_counter()
-    policy = autoprec.tune(model, batch, target="cuda", progress=False)
+    policy = autoprec.tune(model, batch, target="cuda", progress=False, verify_steps=verify_steps)
     secs = time.perf_counter() - t0
     st = policy.stats
     return {"tune_s": secs, "tune_peak_mb": max(0, _hwm() - before) / 2 ** 20,
@@ -183,10 +183,11 @@ def gpt2_tune(shape: str) -> dict[str, Any]:
             "stage_seconds": {k: v["seconds"] for k, v in st["stages"].items()}}
 
 
-def gpt2_main(shapes: list[str], threads: int, out: str) -> dict[str, Any]:
+def gpt2_main(shapes: list[str], threads: int, out: str, vocab: int = 50257, verify_steps: int = 20) -> dict[str, Any]:
     """The GPT-2 table: each shape's plain step and whole tune in fresh processes."""
     def run(flag: str, shape: str) -> dict[str, Any]:
-        cmd = [sys.executable, os.path.abspath(__file__), flag, shape, "--threads", str(threads)]
+        cmd = [sys.executable, os.path.abspath(__file__), flag, shape, "--threads", str(threads), "--vocab", str(vocab),
+               "--verify-steps", str(verify_steps)]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if res.returncode:
             raise SystemExit(f"{flag} {shape} failed:\n{res.stderr[-3000:]}")
@@ -211,7 +212,8 @@ def gpt2_main(shapes: list[str], threads: int, out: str) -> dict[str, Any]:
         print(f"\nprobe passes ~ blocks^{k:.2f}")
     else:
         k = math.nan
-    result = {"model": "gpt2", "vocab": 50257, "batch": [2, 128], "target": "cuda", "threads": threads,
+    result = {"model": "gpt2", "vocab": vocab, "batch": [2, 128], "target": "cuda", "threads": threads,
+              "verify_steps": verify_steps,
               "rows": rows, "probe_passes_exponent": k, "torch": torch.__version__, "cores": os.cpu_count()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="depths 2 4 8 16")
     p.add_argument("--gpt2", nargs="*", metavar="SHAPE", default=None,
                    help=f"GPT-2 shapes instead of the MLP stack (default {' '.join(GPT2_SHAPES)})")
+    p.add_argument("--vocab", type=int, default=50257, help="GPT-2 vocabulary (with --gpt2)")
     p.add_argument("--one-step", help=argparse.SUPPRESS)  # internal: one GPT-2 shape's plain training
     p.add_argument("--one-tune", help=argparse.SUPPRESS)  # internal: one GPT-2 shape's tune
     p.add_argument("--out", default=None, help="JSON output (default results/scaling.json, scaling_gpt2.json)")
@@ -242,11 +245,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.one_step or args.one_tune:
         torch.set_num_threads(args.threads)
         logging.getLogger("autoprec").setLevel(logging.WARNING)
-        print(json.dumps(gpt2_step(args.one_step) if args.one_step else gpt2_tune(args.one_tune)))
+        print(json.dumps(gpt2_step(args.one_step, args.vocab) if args.one_step
+                         else gpt2_tune(args.one_tune, args.vocab, args.verify_steps)))
         return {}
     if args.gpt2 is not None:
         return gpt2_main(args.gpt2 or GPT2_SHAPES, args.threads,
-                         args.out or os.path.join(HERE, "results", "scaling_gpt2.json"))
+                         args.out or os.path.join(HERE, "results", "scaling_gpt2.json"), args.vocab, args.verify_steps)
     args.out = args.out or os.path.join(HERE, "results", "scaling.json")
     depths = args.depths or ([2, 4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
     # the GPU target is priced with the roofline without per-call costs, as at sizes where 16-bit pays:

@@ -147,3 +147,19 @@ def test_sharing_benchmark_compares_both_tunes(tmp_path, one_thread):
     assert r["shared"]["probe_passes"] < r["alone"]["probe_passes"]
     for tag in ("shared", "alone"):
         assert not r[tag]["heldout_nonfinite"] and r[tag]["heldout_loss_err"] >= 0
+
+
+def test_scaling_gpt2_tunes_each_shape_in_a_fresh_process(tmp_path):
+    """``scaling.py --gpt2`` on two tiny shapes: passes per stage, time against a plain pass, peak memory rows."""
+    import scaling
+
+    out = tmp_path / "scaling_gpt2.json"
+    result = scaling.main(["--gpt2", "1x32", "2x32", "--vocab", "64", "--verify-steps", "2", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result)) and saved["vocab"] == 64 and saved["verify_steps"] == 2
+    rows = saved["rows"]
+    assert [r["shape"] for r in rows] == ["1x32", "2x32"]
+    for r in rows:
+        assert r["verify_passes"] == 4 and r["probe_passes"] >= 1 and r["tune_s"] > 0 and r["plain_s"] > 0
+        assert r["tune_peak_mb"] >= 0 and r["step_peak_mb"] >= 0 and set(r["peak_by_stage_mb"]) >= {"probe", "verify"}
+    assert rows[1]["candidates"] > rows[0]["candidates"]  # a deeper model, more layers
