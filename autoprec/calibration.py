@@ -86,7 +86,13 @@ def machine(device: torch.device) -> tuple[str, str]:
     bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
     amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     cap = torch.backends.cpu.get_cpu_capability()
-    return name, f"{cap}, avx512_bf16 {'yes' if bf16 else 'no'}, amx {'yes' if amx else 'no'}"
+    out = f"{cap}, avx512_bf16 {'yes' if bf16 else 'no'}, amx {'yes' if amx else 'no'}"
+    # oneDNN's ISA limit (read by oneDNN when it starts): AVX512_CORE turns off its AVX512-BF16 and AMX
+    # kernels, and BF16 matmuls then run 5x slower than FP32 on a CPU that has both. Another configuration.
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if isa and isa.strip().upper() != "ALL":
+        out += f", oneDNN max ISA {isa.strip().upper()}"
+    return name, out
 
 
 def _key(device: torch.device) -> tuple[str, str, str]:

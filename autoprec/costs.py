@@ -12,6 +12,12 @@ backward) costs, in seconds:
   small casts: measured) and the casts of its floating inputs and outputs (per element,
   measured), unless they are handed over uncast.
 
+:func:`layer_cost` prices a layer alone, with all its casts. A whole assignment is priced per
+*edge* of the handoff graph (:class:`StepCost`): the runtime hands a 16-bit output on uncast to
+the layers it feeds, so a cast is paid where producer and consumer run in different formats, and
+at the model's own edges (an input that comes from no handing-over layer, an output that leaves
+the layers), not around every 16-bit layer.
+
 Ops that a 16-bit region computes in FP32 on the target (``full_width_ops``: CUDA autocast's FP32
 list, the losses under CPU autocast) are priced at their FP32 rate there: such a layer pays the
 casts and gains nothing. Nothing here assumes a format is fast: every speed is a profile figure,
@@ -23,11 +29,12 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import Iterable, Mapping
 
 from .ops import HAZARD_OPS
 from .trace import Layer
 
-__all__ = ["Curve", "DeviceProfile", "ORIGINS", "cost_note", "format_speed", "layer_cost", "shape_key"]
+__all__ = ["Curve", "DeviceProfile", "ORIGINS", "StepCost", "cost_note", "format_speed", "layer_cost", "shape_key"]
 
 #: Where a profile's figures come from.
 ORIGINS = ("calibrated", "file", "estimate")
@@ -252,3 +259,90 @@ def format_speed(layers: list[Layer], formats: tuple[str, ...], profile: DeviceP
         out[f] = {"speed": round(sum(t32) / sum(t), 4) if heavy else 1.0,
                   "faster": sum(a < b for a, b in zip(t, t32)), "layers": len(heavy)}
     return out
+
+
+class StepCost:
+    """The modelled step time of a whole assignment, its casts priced per edge of the handoff graph.
+
+    ``handoff`` maps a layer to the layers its output flows into when that is all it flows into
+    (:attr:`autoprec.trace.Trace.handoff`); the runtime hands such a layer's 16-bit output on uncast,
+    and each consumer casts it on entry only if it runs in another format. So, per layer in format ``p``:
+
+    * its inputs from handing-over producers cost a cast for the share of producers in another
+      format (an FP32 consumer casts a 16-bit producer's output up; a 16-bit one casts the rest
+      down); inputs from no such producer (the model's input, a layer whose output also goes
+      elsewhere) arrive FP32 and cost a cast in a 16-bit layer;
+    * a 16-bit layer whose output does not only feed layers hands it back FP32: one more cast.
+
+    A layer with no handoff edges costs what :func:`layer_cost` says with its casts. Layers an
+    assignment leaves out count as FP32.
+
+    Example:
+        >>> def lay(key, rows, width, flops):
+        ...     return Layer(key, "module", "Linear" if flops else "GELU", (), ("linear",) if flops else ("gelu",),
+        ...                  ((rows, width),), ((rows, width),), flops=flops, in_numel=rows * width,
+        ...                  out_numel=rows * width, work_numel=rows * width, param_numel=0, calls=1)
+        >>> from autoprec.estimates import estimate
+        >>> chain = [lay("a", 4096, 1024, 2 * 4096 * 1024 ** 2), lay("b", 4096, 1024, 0),
+        ...          lay("c", 4096, 1024, 2 * 4096 * 1024 ** 2)]
+        >>> cost = StepCost(chain, {"a": ("b",), "b": ("c",)}, estimate("cuda"))
+        >>> cost.cast_numel({"a": "bf16", "b": "fp32", "c": "bf16"}) // (4096 * 1024)  # a in, b in, c in, c out
+        4
+        >>> cost.cast_numel({"a": "bf16", "b": "bf16", "c": "bf16"}) // (4096 * 1024)  # a in, c out
+        2
+    """
+
+    def __init__(self, layers: Iterable[Layer], handoff: Mapping[str, Iterable[str]], profile: DeviceProfile) -> None:
+        self.profile = profile
+        self.layers = {lay.key: lay for lay in layers}
+        self.consumers = {k: tuple(c for c in v if c in self.layers) for k, v in handoff.items() if k in self.layers}
+        self.consumers = {k: v for k, v in self.consumers.items() if v}
+        producers: dict[str, list[str]] = {}
+        for p, cs in self.consumers.items():
+            for c in cs:
+                producers.setdefault(c, []).append(p)
+        self.producers = {k: tuple(v) for k, v in producers.items()}
+        self._body: dict[tuple[str, str], float] = {}
+
+    def body(self, key: str, precision: str) -> float:
+        """Seconds of ``key`` in ``precision`` with its region, without any cast."""
+        got = self._body.get((key, precision))
+        if got is None:
+            got = self._body[key, precision] = layer_cost(self.layers[key], precision, self.profile, casts=False)
+        return got
+
+    def _casts(self, key: str, a: Mapping[str, str]) -> tuple[float, float]:
+        """(seconds, elements) of the casts ``key`` pays under ``a``: on its input edges, and its output's."""
+        lay, p = self.layers[key], a.get(key, "fp32")
+        seconds = elements = 0.0
+        producers = self.producers.get(key, ())
+        if producers:
+            share = lay.in_numel / len(producers)
+            for q in producers:
+                fq = a.get(q, "fp32")
+                if fq != p:
+                    elements += share
+                    seconds += share * self.profile.cast[p if p != "fp32" else fq]
+        elif p != "fp32":
+            elements += lay.in_numel
+            seconds += lay.in_numel * self.profile.cast[p]
+        if p != "fp32" and key not in self.consumers:
+            elements += lay.out_numel
+            seconds += lay.out_numel * self.profile.cast[p]
+        return seconds, elements
+
+    def of(self, key: str, a: Mapping[str, str]) -> float:
+        """Seconds of layer ``key`` under assignment ``a``: its work, region, and the casts it pays."""
+        return self.body(key, a.get(key, "fp32")) + self._casts(key, a)[0]
+
+    def local(self, key: str, a: Mapping[str, str]) -> float:
+        """The part of the step time that depends on the format of ``key``: its own, and its consumers'."""
+        return self.of(key, a) + sum(self.of(c, a) for c in self.consumers.get(key, ()))
+
+    def total(self, a: Mapping[str, str]) -> float:
+        """Modelled seconds of one training step of all the layers under ``a``."""
+        return sum(self.of(key, a) for key in self.layers)
+
+    def cast_numel(self, a: Mapping[str, str]) -> int:
+        """Elements cast per step under ``a`` (each cast once forward, its gradient once backward)."""
+        return round(sum(self._casts(key, a)[1] for key in self.layers))

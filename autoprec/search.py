@@ -11,10 +11,14 @@ The probe shrinks and orders the space before Optuna sees it:
    greedy guess from the per-layer errors (``enqueue_trial``). Each trial's assignment is measured
    for real (one forward+backward), so the objective is the modelled cost of a configuration
    whose *measured* error is within the bound.
-4. Layers with no matmul work and no hazard (activations, dropout, pooling) *follow*: one whose
-   inputs all come handed over from layers in one 16-bit format runs in that format too, as under
-   autocast, instead of casting up and back down between them. Followers are part of every
-   trial's assignment, so their error is in the measured total.
+4. Every assignment is priced per edge of the handoff graph (:class:`autoprec.costs.StepCost`):
+   a cast is paid where a producer and its consumer run in different formats, not around every
+   16-bit layer. So a cheap layer between 16-bit layers (a norm, an activation, a dropout) that is
+   not faster in 16-bit alone may still *join* its neighbours' format: for each trial's
+   assignment, such layers take (runs of them together, then one by one, until nothing changes)
+   the format of a neighbour where that lowers the modelled step time, the casts on their edges
+   included. Only formats the probe allowed numerically join (a layer without hazard and without
+   matmul work, never probed alone, *follows*); their error is part of every trial's measured total.
 
 Measured here: TPE over ``k`` reached 99-100% of the greedy solution in 30 trials at 50-200
 layers, where raw per-layer categorical TPE reached 39-75% after 300.
@@ -33,7 +37,7 @@ from typing import Callable, Mapping, Sequence
 # first import: the reference gradients and the model copy of the first tune, for good.
 import optuna
 
-from .costs import DeviceProfile, cost_note, layer_cost
+from .costs import DeviceProfile, StepCost, cost_note, layer_cost
 from .storage import open_storage
 from .formats import info
 from .probe import Probe
@@ -121,14 +125,16 @@ def _underflow(probe: Probe, rng, fmt: str) -> float:
 
 
 def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, headroom: float,
-            key: str) -> tuple[list[str], str, Decision | None]:
-    """Formats ``key`` may use and why the others were refused, or the decision pinning it to FP32."""
+            key: str) -> tuple[list[str], str, Decision | None, list[str]]:
+    """Formats ``key`` may use and why the others were refused, or the decision pinning it to FP32;
+    and the formats refused only because the layer alone is not faster in them (it may still join
+    neighbours in such a format: see :func:`_joiners`)."""
     layer = trace.layer(key)
     if key in probe.skipped:
         return [], "", Decision(key, "fp32", "no gain", f"{probe.skipped[key]}; "
-                                                    f"{cost_note(layer, probe.formats, profile)}")
+                                                    f"{cost_note(layer, probe.formats, profile)}"), list(probe.formats)
     base = layer_cost(layer, "fp32", profile)
-    ok, failures = [], []
+    ok, failures, slower = [], [], []
     for fmt in probe.formats:
         m = probe.get(key, fmt)
         rng = probe.ranges.get(key)
@@ -159,19 +165,20 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
                                                  f"{cost_note(layer, (fmt,), profile)}"))
         elif layer_cost(layer, fmt, profile) >= base:  # never chosen for speed where it is not faster
             failures.append((9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}"))
+            slower.append(fmt)
         else:
             ok.append(fmt)
     failures.sort()
     refused = "; ".join(f[3] for f in failures)
     if ok:
-        return ok, refused, None
+        return ok, refused, None, []
     if not failures:
         return [], "", Decision(key, "fp32", "no gain", "no 16-bit format probed; "
-                                                        f"{cost_note(layer, probe.formats, profile)}")
+                                                        f"{cost_note(layer, probe.formats, profile)}"), []
     reason = failures[0][2]
     hazard = ", ".join(layer.hazards)
     detail = f"[{hazard}] {refused}" if hazard else refused
-    return [], refused, Decision(key, "fp32", reason, detail, excluded=reason != "no gain")
+    return [], refused, Decision(key, "fp32", reason, detail, excluded=reason != "no gain"), slower
 
 
 def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfile, tolerance: Tolerance,
@@ -188,10 +195,13 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     best_fmt: dict[str, str] = {}
     usable: dict[str, list[str]] = {}
     refused: dict[str, str] = {}
+    joinable: dict[str, list[str]] = {}
     for layer in trace.layers:
-        fmts, refused[layer.key], pinned = _usable(trace, probe, profile, tolerance, headroom, layer.key)
+        fmts, refused[layer.key], pinned, slower = _usable(trace, probe, profile, tolerance, headroom, layer.key)
         if pinned is not None:
             decisions[layer.key] = pinned
+            if slower and not pinned.excluded:
+                joinable[layer.key] = slower
             continue
         usable[layer.key] = fmts
         best_fmt[layer.key] = min(fmts, key=lambda f: (round(layer_cost(layer, f, profile), 6),
@@ -211,17 +221,20 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
     order = tuple(k for g in units for k in g)
 
-    follow, followers = _followers(trace, probe, profile)
+    edges = StepCost(trace.layers, trace.handoff, profile)
+    tied = {k for g in trace.tied for k in g}
+    join = _joiners(trace, {k: v for k, v in joinable.items() if k not in tied}, edges)
+    assigned: dict[int, dict[str, str]] = {}
 
     def assignment(k: int) -> dict[str, str]:
-        chosen = {key: best_fmt[key] for g in units[:k] for key in g}
-        return follow({**{key: d.precision for key, d in decisions.items()}, **chosen,
-                       **{key: "fp32" for g in units[k:] for key in g}})
+        if k not in assigned:
+            chosen = {key: best_fmt[key] for g in units[:k] for key in g}
+            assigned[k] = join({**{key: d.precision for key, d in decisions.items()}, **chosen,
+                                **{key: "fp32" for g in units[k:] for key in g}})
+        return dict(assigned[k])
 
     def cost_of(a: Mapping[str, str]) -> float:
-        # a follower in 16-bit gets its inputs handed over and hands its output on: no casts of its own
-        return sum(layer_cost(trace.layer(key), p, profile, casts=not (key in followers and p != "fp32"))
-                   for key, p in a.items())
+        return edges.total(a)
 
     total32 = sum(cost32.values())
     cache: dict[int, tuple[float, float, bool]] = {}
@@ -242,7 +255,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     # a stored study is reused only for the same model, batch and loss (their FP32 loss and gradients),
     # open layers, formats, bound and seed: anything else would hand back measurements of another problem
     h = hashlib.sha256(repr((probe.ref_loss, [(k, best_fmt[k]) for k in order], probe.formats, tolerance,
-                             seed)).encode())
+                             seed, sorted(joinable.items()))).encode())
     for g in probe.reference[1] if probe.reference else ():  # the FP32 gradients pin model, batch and loss
         if g is not None:
             h.update(g.detach().cpu().contiguous().numpy())  # the buffer itself: no copy of its bytes
@@ -269,8 +282,10 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]
     k_best = min(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))[0] if feasible else 0
     loss_err, grad_err, _ = evaluate(k_best)
+    cast_units = {x for g in units[:k_best] for x in g}
+    position = {key: i for i, g in enumerate(units) for key in g}
     for key in order:
-        if key in {x for g in units[:k_best] for x in g}:
+        if key in cast_units:
             detail = f"{best_fmt[key]}: {_fmt_err(probe.get(key, best_fmt[key]))}"
             others = [f"{f}: {_fmt_err(probe.get(key, f))}" for f in usable[key] if f != best_fmt[key]]
             if others:
@@ -280,15 +295,44 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
             decisions[key] = Decision(key, best_fmt[key], "cast", detail)
         else:
             m = probe.get(key, best_fmt[key])
-            decisions[key] = Decision(key, "fp32", "combined error",
-                                      f"alone in {best_fmt[key]}: {_fmt_err(m)}; casting it too put the "
-                                      f"measured total over the bound", excluded=True)
+            # left out for cost where an assignment casting it was measured within the bound: not numerics
+            wider = [k for k, _ in feasible if k > position[key]]
+            if wider:
+                k2 = min(wider)
+                decisions[key] = Decision(
+                    key, "fp32", "no gain",
+                    f"alone in {best_fmt[key]}: {_fmt_err(m)}; casting the first {k2} layers with it was measured "
+                    f"within the bound, but the modelled step time is {_ms(cost_of(assignment(k2)))} against "
+                    f"{_ms(cost_of(assignment(k_best)))} with {k_best} cast (casts priced per edge); "
+                    f"{cost_note(trace.layer(key), (best_fmt[key],), profile)}")
+            else:
+                decisions[key] = Decision(key, "fp32", "combined error",
+                                          f"alone in {best_fmt[key]}: {_fmt_err(m)}; casting it too put the "
+                                          f"measured total over the bound", excluded=True)
     final = assignment(k_best)
     for key, d in list(decisions.items()):
-        if final[key] != d.precision:  # a follower
-            decisions[key] = Decision(key, final[key], "cast",
-                                      f"follows: its inputs come in {final[key]} from "
-                                      f"{', '.join(sorted(_producers(trace, key)))}, handed over uncast")
+        fmt = final[key]
+        if fmt != d.precision:  # joined its neighbours
+            producers = edges.producers.get(key, ())
+            a32 = {**final, key: "fp32"}
+            priced = (f"with the casts on its edges, it and the layers it feeds cost {_ms(edges.local(key, final))} "
+                      f"in {fmt} against {_ms(edges.local(key, a32))} in fp32")
+            if key in probe.skipped:
+                from_ = [p for p in producers if final.get(p) == fmt]
+                detail = (f"follows: its inputs come in {fmt} from {', '.join(sorted(from_))}, handed over uncast; "
+                          if from_ and len(from_) == len(producers) else f"joins its neighbours in {fmt}; ")
+                detail += f"{probe.skipped[key]}; {priced}"
+            else:
+                m = probe.get(key, fmt)
+                detail = f"joins its neighbours in {fmt}: {fmt}: {_fmt_err(m)} alone (within the bound); {priced}"
+            decisions[key] = Decision(key, fmt, "cast", detail)
+        elif key in joinable and d.reason == "no gain" and any(
+                final.get(n, "fp32") != "fp32" for n in (*edges.producers.get(key, ()), *edges.consumers.get(key, ()))):
+            alt = {**final, key: joinable[key][0]}
+            decisions[key] = Decision(key, d.precision, d.reason,
+                                      f"{d.detail}; beside its neighbours in this policy, with the casts on its "
+                                      f"edges, it and the layers it feeds cost {_ms(edges.local(key, final))} in fp32 "
+                                      f"against {_ms(edges.local(key, alt))} in {joinable[key][0]}", d.excluded)
     decisions = {lay.key: decisions[lay.key] for lay in trace.layers}
     history = tuple(sorted((k, cost_of(assignment(k)), v[0], v[1]) for k, v in cache.items()))
     log.info("search: %d open layers, %d trials, cast %d, loss err %.3g, grad err %.3g",
@@ -363,42 +407,87 @@ def _tie(trace: Trace, decisions: dict[str, Decision], usable: dict[str, list[st
             best_fmt[k] = fmt
 
 
-def _producers(trace: Trace, key: str) -> list[str]:
-    return [p for p, consumers in trace.handoff.items() if key in consumers]
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g} ms"
 
 
-def _followers(trace: Trace, probe: Probe,
-               profile: DeviceProfile) -> tuple[Callable[[dict[str, str]], dict[str, str]], frozenset[str]]:
-    """The rule that gives a follower layer the 16-bit format all its producers share.
+def _joiners(trace: Trace, candidates: Mapping[str, Sequence[str]],
+             edges: StepCost) -> Callable[[dict[str, str]], dict[str, str]]:
+    """The rule that moves cheap layers into their neighbours' format where the edges' casts pay for it.
 
-    Followers: layers with no matmul work and no hazard (the probe's ``skipped``: activations,
-    dropout, max pooling; never probed alone, their 16-bit error is in each trial's measured total)
-    that some layer hands its output to, and that the cost model finds cheaper in that format
-    without casts.
-    A probed layer refused only on cost never follows: it carries its own rounding error, which
-    the search's order does not account for. Chains of followers (activation -> dropout) are
-    resolved in execution order.
+    ``candidates``: layer -> the 16-bit formats the probe allows it (or, never probed alone, that it
+    may follow) although it is not faster in them alone. Moves, each taken only where it makes the
+    modelled step time strictly smaller (so that this ends), repeated until none is left:
+
+    * a *run* of candidates that hand over to each other (a norm, then an activation) takes a format
+      of the layers around it, each member that may (one cheap layer alone between a 16-bit layer
+      and another cheap layer gains nothing: the cast just moves);
+    * then each candidate in execution order takes FP32 or a format one of its neighbours runs in,
+      whichever gives it and the layers it feeds the least modelled time (:meth:`StepCost.local`).
     """
-    candidates = []
-    for lay in trace.layers:
-        key = lay.key
-        producers = _producers(trace, key)
-        if key not in probe.skipped or not producers:
-            continue
-        fmts = [f for f in probe.formats
-                if layer_cost(lay, f, profile, casts=False) < layer_cost(lay, "fp32", profile)]
-        if fmts:
-            candidates.append((key, producers, fmts))
+    order = [lay.key for lay in trace.layers if lay.key in candidates]
+    runs = _runs(order, edges)
+
+    def around(members: Sequence[str], a: Mapping[str, str]) -> set[str]:
+        inside = set(members)
+        return {a.get(n, "fp32") for k in members for n in (*edges.producers.get(k, ()), *edges.consumers.get(k, ()))
+                if n not in inside}
+
+    def priced(members: Sequence[str], a: Mapping[str, str]) -> float:
+        touched = dict.fromkeys([*members, *(c for k in members for c in edges.consumers.get(k, ()))])
+        return sum(edges.of(k, a) for k in touched)
 
     def apply(assignment: dict[str, str]) -> dict[str, str]:
         out = dict(assignment)
-        for key, producers, fmts in candidates:
-            formats = {out.get(p) for p in producers}
-            if len(formats) == 1 and next(iter(formats)) in fmts:
-                out[key] = next(iter(formats))
+        for _ in range(8):
+            changed = False
+            for run in runs:
+                best, best_cost = {k: out.get(k, "fp32") for k in run}, priced(run, out)
+                for fmt in sorted(around(run, out) | {"fp32"}):
+                    trial = {**out, **{k: fmt for k in run if fmt == "fp32" or fmt in candidates[k]}}
+                    cost = priced(run, trial)
+                    if cost < best_cost * (1 - 1e-9):
+                        best, best_cost = {k: trial[k] for k in run}, cost
+                changed |= any(out.get(k, "fp32") != f for k, f in best.items())
+                out.update(best)
+            for key in order:
+                current = out.get(key, "fp32")
+                best, best_cost = current, edges.local(key, out)
+                for fmt in ["fp32", *(f for f in candidates[key] if f in around([key], out))]:
+                    if fmt == current:
+                        continue
+                    out[key] = fmt
+                    cost = edges.local(key, out)
+                    if cost < best_cost * (1 - 1e-9):
+                        best, best_cost = fmt, cost
+                out[key] = best
+                changed |= best != current
+            if not changed:
+                break
         return out
 
-    return apply, frozenset(key for key, _, _ in candidates)
+    return apply
+
+
+def _runs(order: Sequence[str], edges: StepCost) -> list[list[str]]:
+    """The candidates connected by handoff edges among themselves, groups of two or more, in execution order."""
+    inside = set(order)
+    parent = {k: k for k in order}
+
+    def root(k: str) -> str:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    for k in order:
+        for c in edges.consumers.get(k, ()):
+            if c in inside:
+                parent[root(c)] = root(k)
+    groups: dict[str, list[str]] = {}
+    for k in order:
+        groups.setdefault(root(k), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _groups(trace: Trace, open_keys: Sequence[str]) -> list[list[str]]:

@@ -86,6 +86,24 @@ def test_calibration_is_cached_per_machine(cache, monkeypatch):
     assert len(os.listdir(cache)) == 2
 
 
+@pytest.mark.parametrize("var", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_a_onednn_isa_limit_is_another_machine_configuration(monkeypatch, var):
+    """A oneDNN ISA limit (AVX512_CORE: no AVX512-BF16/AMX kernels, BF16 matmuls far slower) is part of the
+    capability and of the cache key: a calibration measured under one limit is never reused under another."""
+    from autoprec.calibration import _cache_file
+    cpu = torch.device("cpu")
+    for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(v, raising=False)
+    plain, plain_file = machine(cpu)[1], _cache_file(cpu)
+    monkeypatch.setenv(var, "ALL")  # oneDNN's default: the same configuration
+    assert (machine(cpu)[1], _cache_file(cpu)) == (plain, plain_file)
+    monkeypatch.setenv(var, "avx512_core")
+    limited, limited_file = machine(cpu)[1], _cache_file(cpu)
+    assert limited == f"{plain}, oneDNN max ISA AVX512_CORE" and limited_file != plain_file
+    monkeypatch.setenv(var, "AVX2")
+    assert _cache_file(cpu) not in (plain_file, limited_file)
+
+
 def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
     """AUTOPREC_CACHE_DIR wins; else XDG_CACHE_HOME/autoprec; else ~/.cache/autoprec."""
     monkeypatch.setenv("AUTOPREC_CACHE_DIR", str(tmp_path / "a"))

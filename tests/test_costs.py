@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import autoprec
-from autoprec.costs import Curve, DeviceProfile, layer_cost, shape_key
+from autoprec.costs import Curve, DeviceProfile, StepCost, layer_cost, shape_key
 from autoprec.estimates import estimate
 from autoprec.profiles import load_profile, profile_from_dict, profile_to_dict, save_profile
 from autoprec.timing import monotone
-from autoprec.trace import Layer
+from autoprec.trace import Layer, trace
 
 PINNED_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cpu_profile.json")
 
@@ -163,3 +163,94 @@ def test_report_renders_device_stats_it_did_not_write(stats):
     report = policy.report()
     assert "x the FP32 speed" not in report
     assert ("speed figures" in report) == isinstance(stats["profile_origin"], str)
+
+
+def _keyed(layer: Layer, key: str) -> Layer:
+    return dataclasses.replace(layer, key=key)
+
+
+def _chain() -> tuple[list[Layer], dict[str, tuple[str, ...]]]:
+    """Linear -> LayerNorm -> GELU -> Linear, 4096 rows of 256, each handing its output to the next."""
+    layers = [_keyed(_linear(4096, 256), "fc1"), _keyed(_elementwise(4096), "norm"),
+              _keyed(_elementwise(4096, "GELU", ("gelu",), ()), "act"), _keyed(_linear(4096, 256), "fc2")]
+    return layers, {"fc1": ("norm",), "norm": ("act",), "act": ("fc2",)}
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_step_cost_prices_casts_per_edge(name):
+    """A cast is paid on an edge whose ends run in different formats and at the model's own edges: layers
+    without edges cost what layer_cost says with their casts; a 16-bit chain pays one cast in and one out."""
+    profile = PROFILES[name]()
+    layers, handoff = _chain()
+    alone = StepCost(layers, {}, profile)
+    edges = StepCost(layers, handoff, profile)
+    n = 4096 * 256
+    for a in ({k.key: "fp32" for k in layers}, {"fc1": "bf16", "norm": "fp32", "act": "fp32", "fc2": "bf16"},
+              {k.key: "bf16" for k in layers}):
+        assert alone.total(a) == pytest.approx(sum(layer_cost(lay, a[lay.key], profile) for lay in layers))
+    matmuls_only = {"fc1": "bf16", "norm": "fp32", "act": "fp32", "fc2": "bf16"}
+    assert edges.cast_numel({k.key: "fp32" for k in layers}) == 0
+    assert edges.cast_numel(matmuls_only) == 4 * n        # fc1 in, norm in (up), fc2 in (down), fc2 out
+    assert edges.cast_numel({k.key: "bf16" for k in layers}) == 2 * n   # fc1 in, fc2 out
+    assert edges.cast_numel({**matmuls_only, "norm": "bf16"}) == 4 * n  # the cast only moves to act's input
+    # one 16-bit layer alone pays its casts as layer_cost prices them
+    lone = {"fc1": "bf16", "norm": "fp32", "act": "fp32", "fc2": "fp32"}
+    assert edges.of("fc1", lone) + edges.of("norm", lone) - edges.body("norm", "fp32") == pytest.approx(
+        layer_cost(layers[0], "bf16", profile))
+
+
+def _norm_chain(norm: type[nn.Module] = nn.LayerNorm, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 1024), norm(1024), nn.GELU(), nn.Linear(1024, 256)), torch.randn(1024, 256)
+
+
+class _ShiftedNorm(nn.LayerNorm):
+    """A LayerNorm of its input plus 512: in BF16 the shift swallows the input's fraction (the probe excludes it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + 512.0)
+
+
+def test_cheap_layers_between_16bit_layers_join_them():
+    """On a profile where BF16 matmuls pay, the LayerNorm and GELU between two BF16 Linears run BF16 too (the
+    norm is not faster alone, but in FP32 it would cost the casts on both its edges); the modelled casts drop,
+    and no decision is a numerical exclusion."""
+    model, x = _norm_chain()
+    policy = autoprec.tune(model, x, progress=False, verify_steps=0)
+    assert policy.assignment == {"0": "bf16", "1": "bf16", "2": "bf16", "3": "bf16"}
+    assert [policy.layers[k].reason for k in "0123"] == ["cast"] * 4
+    assert policy.layers["1"].detail.startswith("joins its neighbours in bf16")
+    assert policy.layers["2"].detail.startswith("follows")
+    assert policy.excluded() == {}
+    tr = trace(model, x, device_type="cpu")
+    edges = StepCost(tr.layers, tr.handoff, load_profile(PINNED_CPU))
+    matmuls_only = {**policy.assignment, "1": "fp32", "2": "fp32"}
+    assert edges.cast_numel(policy.assignment) < edges.cast_numel(matmuls_only)
+    assert edges.total(policy.assignment) < edges.total(matmuls_only)
+
+
+def test_a_norm_the_probe_excludes_never_joins():
+    """The same chain with a norm that BF16 breaks: the norm stays FP32 as a numerical exclusion with the
+    probe's evidence; the GELU after it gains nothing in BF16 (the cast only moves) and says so, not excluded."""
+    model, x = _norm_chain(_ShiftedNorm)
+    policy = autoprec.tune(model, x, progress=False, verify_steps=0)
+    assert policy.layers["0"].precision == policy.layers["3"].precision == "bf16"
+    norm, act = policy.layers["1"], policy.layers["2"]
+    assert norm.precision == "fp32" and norm.excluded and norm.reason.startswith("error at")
+    assert "variance/norm" in norm.detail and "bound" in norm.detail
+    assert act.precision == "fp32" and act.reason == "no gain" and not act.excluded
+    assert "step time fp32" in act.detail
+    assert set(policy.excluded()) == {"1"}
+
+
+def test_nothing_joins_where_bf16_is_slower(tmp_path):
+    """On a profile where BF16 runs 3x slower than FP32, the chain stays FP32 throughout, for speed ("no gain",
+    with each format's cost), never as a numerical exclusion or a combined error."""
+    model, x = _norm_chain()
+    path = tmp_path / "no-native-bf16.json"
+    save_profile(_scaled(load_profile(PINNED_CPU), "bf16", 3.0), path)
+    policy = autoprec.tune(model, x, progress=False, verify_steps=0, profile=str(path))
+    assert set(policy.assignment.values()) == {"fp32"}
+    assert policy.excluded() == {}
+    for e in policy.layers.values():
+        assert e.reason == "no gain" and "step time fp32" in e.detail

@@ -170,14 +170,33 @@ def test_underflow_evidence_follows_the_loss_scale():
     assert tuned.layers["fc2"].precision == "fp16"
 
 
+class _TwoHeads(nn.Module):
+    """A wide and a small Linear side by side on the model's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide, self.small = nn.Linear(256, 256), nn.Linear(256, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.wide(x), self.small(x)], -1)
+
+
 def test_cpu_target_keeps_layers_too_small_to_gain_in_fp32():
-    """A CPU-target policy casts the wide layer and keeps the small one in FP32 with the reason "no gain"."""
+    """A CPU-target policy casts the wide layer and keeps the small one in FP32 with the reason "no gain";
+    a small layer fed by a 16-bit one joins its format instead where that spares the cast of its input."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4))
+    model = _TwoHeads()
     policy = autoprec.tune(model, torch.randn(1024, 256), progress=False, verify_steps=0)
-    assert policy.layers["0"].precision == "bf16"
-    assert policy.layers["2"].precision == "fp32" and policy.layers["2"].reason == "no gain"
+    assert policy.layers["wide"].precision == "bf16"
+    assert policy.layers["small"].precision == "fp32" and policy.layers["small"].reason == "no gain"
+    assert "step time fp32" in policy.layers["small"].detail
     assert policy.excluded() == {}  # "no gain" is not a numerical exclusion
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 4))
+    policy = autoprec.tune(chain, torch.randn(1024, 256), progress=False, verify_steps=0)
+    assert [policy.layers[k].precision for k in "012"] == ["bf16"] * 3
+    assert policy.layers["2"].detail.startswith("joins its neighbours in bf16")
+    assert policy.excluded() == {}
 
 
 def test_activation_between_16bit_layers_follows_their_format():
