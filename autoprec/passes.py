@@ -50,9 +50,11 @@ class CountWatcher:
         ({'fc': 1}, True)
     """
 
-    def __init__(self, keys: Iterable[str]) -> None:
+    def __init__(self, keys: Iterable[str], *, sdpa_paths: bool = False) -> None:
         self.count: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, set[torch.dtype]] = {k: set() for k in keys}  # floating dtypes of its own output
+        self.sdpa_paths = sdpa_paths  # ask torch which SDPA kernel runs (the policy's own device, not emulated)
+        self.wide: set[str] = set()   # layers torch ran on a path that computes 16-bit inputs in FP32
 
     def read(self) -> dict[str, int]:
         """The counts per layer, as ints (one host sync)."""
@@ -62,11 +64,13 @@ class CountWatcher:
         return {k: int(counts.get(k, 0)) for k in self.dtypes}
 
     def full_width(self, key: str) -> bool:
-        """Whether ``key``'s output came out FP32/FP64 although its region was 16-bit."""
-        return bool(self.dtypes[key]) and self.dtypes[key] <= {torch.float32, torch.float64}
+        """Whether ``key`` computed in FP32 although its region was 16-bit: its output came out FP32/FP64,
+        or torch chose SDPA's math kernel for it, which computes half/bfloat16 inputs in FP32."""
+        return key in self.wide or (bool(self.dtypes[key]) and self.dtypes[key] <= {torch.float32, torch.float64})
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
-        pass
+        if self.sdpa_paths and kind == "op" and key in self.dtypes and _is_sdpa(key) and _math_sdpa(*inputs):
+            self.wide.add(key)
 
     def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
         if key not in self.dtypes:
@@ -76,6 +80,30 @@ class CountWatcher:
                 bad = (~torch.isfinite(t.detach())).sum()
                 self.count[key] = self.count[key] + bad if key in self.count else bad
                 self.dtypes[key].add(t.dtype)
+
+
+def _is_sdpa(key: str) -> bool:
+    return key.rpartition("::")[2].startswith("scaled_dot_product_attention")
+
+
+def _math_sdpa(args: tuple, kwargs: dict) -> bool:
+    """Whether torch runs this ``scaled_dot_product_attention`` call on its math kernel (on a CPU: a mask
+    that requires grad, dropout), which computes half/bfloat16 inputs in FP32.
+
+    Example:
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> _math_sdpa((q, q, q), {}), _math_sdpa((q, q, q, torch.zeros(4, 4, requires_grad=True)), {})
+        (False, True)
+    """
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = {**dict(zip(names, args)), **kwargs}
+    try:
+        choice = torch._fused_sdp_choice(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
+                                         float(bound.get("dropout_p", 0.0)), bool(bound.get("is_causal", False)),
+                                         scale=bound.get("scale"))
+        return torch.is_grad_enabled() and choice == int(torch.nn.attention.SDPBackend.MATH)
+    except Exception:  # noqa: BLE001 - an older torch or an unusual call: no claim either way
+        return False
 
 
 @dataclass(frozen=True)
@@ -123,7 +151,8 @@ class Measure:
 
         ``name`` (the layer or role measured) goes to the progress callback.
         """
-        counter = CountWatcher(keys)
+        # on the policy's own device torch's SDPA kernel choice is known; emulating CUDA, the GPU's is not this
+        counter = CountWatcher(keys, sdpa_paths=not self.runner.emulate_cuda)
         try:
             loss, grads = self.runner.run(self.batch, {k: fmt for k in keys},
                                           scale=self.scale if fmt == "fp16" else 1.0, watcher=counter)

@@ -160,8 +160,9 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
             note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
             failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
         elif m.full_width:
-            failures.append((9, fmt, "no gain", f"{fmt}: its output comes back FP32 from a {fmt} region (it "
-                                                 "computes in FP32 itself): 16-bit would only add casts; "
+            failures.append((9, fmt, "no gain", f"{fmt}: it computes in FP32 itself in a {fmt} region (its output "
+                                                 "comes back FP32, or torch runs it on a kernel that computes "
+                                                 "16-bit inputs in FP32): 16-bit would only add casts; "
                                                  f"{cost_note(layer, (fmt,), profile)}"))
         elif layer_cost(layer, fmt, profile) >= base:  # never chosen for speed where it is not faster
             failures.append((9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}"))

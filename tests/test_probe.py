@@ -130,3 +130,39 @@ def test_ranges_match_a_direct_log2_histogram():
     assert pr.ranges["1"].out_hist == tuple(expect)
     assert pr.ranges["1"].out_absmax == pytest.approx(float(out.abs().max()))
     assert sum(pr.ranges["1"].out_hist) == int((out != 0).sum()) < out.numel()  # ReLU zeros are not counted
+
+
+class _BiasAttention(nn.Module):
+    """Attention with a mask as T5 has it: a learned position bias (a parameter that requires grad)."""
+
+    def __init__(self, learned: bool) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+        bias = torch.randn(1, 2, 8, 8)
+        if learned:
+            self.bias = nn.Parameter(bias)
+        else:
+            self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], 8, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.out(att.transpose(1, 2).reshape(x.shape[0], 8, 32))
+
+
+@pytest.mark.parametrize("learned,emulate_cuda,wide", [(True, False, True), (False, False, False), (True, True, False)],
+                         ids=["learned-mask-cpu", "constant-mask-cpu", "learned-mask-cuda-emulated"])
+def test_sdpa_on_the_math_kernel_counts_as_computing_in_fp32(learned, emulate_cuda, wide):
+    """On the CPU, an SDPA whose mask requires grad runs torch's math kernel, which computes BF16 inputs in FP32:
+    the probe's measurement says it computes in FP32 itself (no gain, no claim of 16-bit FLOPs). A constant mask
+    runs the BF16 flash kernel; emulating CUDA, the GPU's kernel choice is not the CPU's, so no claim is made."""
+    from autoprec.passes import Measure
+
+    torch.manual_seed(0)
+    model, x = _BiasAttention(learned), torch.randn(4, 8, 32)
+    tr = trace(model, x, device_type="cpu")
+    key = next(lay.key for lay in tr.layers if "scaled_dot_product_attention" in lay.key)
+    runner = Runner(model, None, tr, device_type="cpu", emulate_fp16=True, seed=0, emulate_cuda=emulate_cuda)
+    ref_loss, ref_grads = runner.run(x, {})
+    outcome = Measure(runner, x, ref_loss, ref_grads, 1.0, None).run(key, (key,), "bf16")
+    assert outcome.full_width[key] is wide

@@ -155,7 +155,7 @@ def test_rmsnorm_for_cuda_gains_nothing_in_16_bit_as_cuda_autocast_runs_it():
     assert policy.layers["fc1"].precision == "fp16"
     norm = policy.layers["norm"]
     assert norm.precision == "fp32" and norm.reason == "no gain" and not norm.excluded, norm.detail
-    assert "fp16: its output comes back FP32" in norm.detail and "bf16: its output comes back FP32" in norm.detail
+    assert "fp16: it computes in FP32 itself" in norm.detail and "bf16: it computes in FP32 itself" in norm.detail
     assert norm.measured["fp16"]["nonfinite"] == 0
     assert "evidence **emulated**" in policy.report()
 
