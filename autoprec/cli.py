@@ -95,7 +95,10 @@ def _process_group() -> Iterator[int]:
     try:
         yield dist.get_rank()
     finally:
-        dist.destroy_process_group()
+        try:  # no rank tears the group down while a peer's last collective is in flight (gloo aborted a
+            dist.barrier()  # rank with "terminate called without an active exception" when one did)
+        finally:
+            dist.destroy_process_group()
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
