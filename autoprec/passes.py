@@ -9,6 +9,7 @@ row carrying the group's errors, marked with the role and the number of layers c
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
@@ -20,6 +21,8 @@ from .reductions import errors, grad_norm
 
 if TYPE_CHECKING:
     from .probe import Runner
+
+log = logging.getLogger("autoprec.probe")
 
 __all__ = ["Measurement", "CountWatcher", "Outcome", "Measure"]
 
@@ -102,7 +105,8 @@ def _math_sdpa(args: tuple, kwargs: dict) -> bool:
                                          float(bound.get("dropout_p", 0.0)), bool(bound.get("is_causal", False)),
                                          scale=bound.get("scale"))
         return torch.is_grad_enabled() and choice == int(torch.nn.attention.SDPBackend.MATH)
-    except Exception:  # noqa: BLE001 - an older torch or an unusual call: no claim either way
+    except (AttributeError, KeyError, RuntimeError, TypeError) as exc:  # an older torch, an unusual call
+        log.debug("no SDPA kernel choice for this call (%s): not flagged as computing in FP32", exc)
         return False
 
 

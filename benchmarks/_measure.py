@@ -9,7 +9,9 @@ the dtypes of the aten ops that actually execute (see :class:`PrecisionFlopCount
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -521,3 +523,11 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else math.nan
+
+
+def write_json(path: str, result: Any) -> Any:
+    """Write a benchmark's ``result`` to ``path`` (its folder made if missing), indented; returns ``result``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    return result

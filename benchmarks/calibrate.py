@@ -18,7 +18,6 @@ and the named kernels).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,9 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
 
+from _measure import write_json  # noqa: E402
 from autoprec.calibration import calibrate, machine  # noqa: E402
 from autoprec.cli import profile_table  # noqa: E402
 from autoprec.formats import to_dtype  # noqa: E402
@@ -139,10 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"meta": {"cpu": cpu, "capability": capability, "torch": torch.__version__, "threads": args.threads,
                        "calibration_seconds": round(profile.seconds, 3), "rounds": args.rounds},
               "profile": profile_to_dict(profile), "kernels_ms": kernels}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import autoprec
+from _measure import write_json  # noqa: E402
+from probe_cost import _hwm, _hwm_reset  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -126,19 +128,6 @@ def gpt2(shape: str, vocab: int = 50257) -> tuple[nn.Module, dict[str, torch.Ten
     model = tf.GPT2LMHeadModel(config).float().train()
     ids = torch.randint(0, vocab, (2, 128), generator=torch.Generator().manual_seed(1))
     return model, {"input_ids": ids, "labels": ids.clone()}
-
-
-def _hwm_reset() -> int:
-    """Reset this process's peak RSS (VmHWM) to its RSS now (Linux ``clear_refs``); return that RSS."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm() -> int:
-    with open("/proc/self/status") as fh:
-        return next(1024 * int(line.split()[1]) for line in fh if line.startswith("VmHWM"))
 
 
 def gpt2_step(shape: str, vocab: int) -> dict[str, Any]:
@@ -215,10 +204,7 @@ def gpt2_main(shapes: list[str], threads: int, out: str, vocab: int = 50257, ver
     result = {"model": "gpt2", "vocab": vocab, "batch": [2, 128], "target": "cuda", "threads": threads,
               "verify_steps": verify_steps,
               "rows": rows, "probe_passes_exponent": k, "torch": torch.__version__, "cores": os.cpu_count()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    return result
+    return write_json(out, result)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -308,10 +294,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                           "ms_per_pass": k_pass_time},
               "exponents_largest": k_tail, "passes_linear_fit": {"per_layer": slope, "intercept": icept},
               "torch": torch.__version__, "cores": os.cpu_count()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":
