@@ -1,5 +1,7 @@
 """Doctest collection skips the integrations whose optional framework is not installed; tests and
-doctests price formats with a fixed device profile, not with timings of a busy machine."""
+doctests price formats with a fixed device profile, not with timings of a busy machine, and ``tune``
+times no training steps unless a test asks for it (``measure_speed=True``): the measured step race
+(:mod:`autoprec.step_speed`) may change what ships, and a test's decisions must not hang on timings."""
 
 import importlib.util
 import os
@@ -21,7 +23,8 @@ def _pinned_device_profile(tmp_path_factory):
     on wall-clock time: CPU targets with ``PINNED_CPU``, CUDA targets with the built-in estimate's
     roofline without per-call costs (every 16-bit matmul layer faster, however small: the tests of
     CUDA targets check numerical decisions on small models; tests of the cost model pass their
-    profile). Any calibration caches into a temporary directory."""
+    profile). Any calibration caches into a temporary directory. ``$AUTOPREC_MEASURE_SPEED=0``: tune's
+    step timing is off by default (a test that checks it passes ``measure_speed=True``)."""
     from autoprec.estimates import compute_bound
     from autoprec.profiles import save_profile
 
@@ -29,6 +32,7 @@ def _pinned_device_profile(tmp_path_factory):
     save_profile(compute_bound(device="test GPU: roofline, no per-call costs"), cuda)
     mp = pytest.MonkeyPatch()
     mp.setenv("AUTOPREC_PROFILE", os.pathsep.join([PINNED_CPU, cuda]))
+    mp.setenv("AUTOPREC_MEASURE_SPEED", "0")
     mp.setenv("AUTOPREC_CACHE_DIR", str(tmp_path_factory.mktemp("autoprec-cache")))
     yield
     mp.undo()

@@ -18,7 +18,7 @@ from .costs import DeviceProfile
 from .distributed import fsdp_plan
 from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, ModelError, OptionError,
                      PolicyError, ProfileError, RankError, VerificationError, VerificationWarning)
-from .policy import LayerEntry, Policy, ScalerSettings, Verification, load
+from .policy import LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
 from .profiles import load_profile
 from .tune import tune
 
@@ -38,6 +38,7 @@ __all__ = [
     "ProfileError",
     "RankError",
     "ScalerSettings",
+    "StepSpeed",
     "Verification",
     "VerificationError",
     "VerificationWarning",

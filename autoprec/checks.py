@@ -23,7 +23,7 @@ def _number(value: Any) -> bool:
 
 def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
                   headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None,
-                  strict: Any = False, share_roles: Any = True) -> None:
+                  strict: Any = False, share_roles: Any = True, measure_speed: Any = None) -> None:
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
@@ -48,6 +48,9 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
     for name, value in (("progress", progress), ("strict", strict), ("share_roles", share_roles)):
         if not isinstance(value, bool):
             raise OptionError(f"{name}={value!r} must be True or False")
+    if measure_speed is not None and not isinstance(measure_speed, bool):
+        raise OptionError(f"measure_speed={measure_speed!r} must be True, False or None (None: on, unless "
+                          "$AUTOPREC_MEASURE_SPEED is 0)")
     if optimizer is not None and not callable(optimizer):
         raise OptionError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, "
                           "e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)")

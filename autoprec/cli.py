@@ -115,6 +115,8 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
                                   storage=args.storage, seed=args.seed, progress=not args.quiet,
                                   verify_tolerance=args.verify_tolerance, strict=args.strict,
                                   profile=args.profile, share_roles=not args.no_share_roles)
+    if args.no_measure_speed:
+        kwargs["measure_speed"] = False
     if args.budget is not None:
         kwargs["n_trials"] = args.budget
     try:
@@ -138,16 +140,29 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
         print(f"  speed figures: {policy.stats['profile']}")
     for fmt, sp in sorted(policy.stats.get("format_speed", {}).items()):
         if sp["speed"] < 1:
-            print(f"  {fmt} is slower than FP32 here ({1 / sp['speed']:.3g}x the time over the matmul/conv layers): "
-                  f"{sp['layers'] - sp['faster']} of {sp['layers']} of them stay FP32 for speed")
+            print(f"  modelled per layer (device profile, matmul/conv layers alone, not the step): {fmt} takes "
+                  f"{1 / sp['speed']:.3g}x the FP32 time over them; {sp['layers'] - sp['faster']} of {sp['layers']} "
+                  "stay FP32 for speed")
     for key, e in policy.layers.items():
         if e.reason == "verification back-off":
             print(f"  backed off {key or '(root)'}: moved to FP32 by verification (not measured on the layer)")
+    _print_speed(policy)
     if ver is not None and not ver.passed:
         print(f"autoprec: the policy in {args.out} FAILED verification (loss gap {ver.max_gap:.3g}, threshold "
               f"{ver.threshold:.3g}): exit code {EXIT_UNVERIFIED}; see 'autoprec report {args.out}'", file=sys.stderr)
         return EXIT_UNVERIFIED
     return EXIT_OK
+
+
+def _print_speed(policy: Any) -> None:
+    """What the policy buys, last: the figures behind it, then the speed line itself as the final line."""
+    from .step_speed import speed_lines
+
+    lines = speed_lines(policy)
+    for line in lines[1:]:
+        print(f"  {line}")
+    if lines:
+        print(lines[0])
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -298,6 +313,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "(default: calibrate here, or the built-in CUDA estimate)")
     t.add_argument("--no-share-roles", action="store_true",
                    help="probe every layer alone, not the roles of repeated blocks as groups first")
+    t.add_argument("--no-measure-speed", action="store_true",
+                   help="time no training steps: the speed figure is the device profile's (default: FP32, blanket "
+                        "autocast and the policy are timed on the tuning batch when this device is the target)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     t.set_defaults(func=_cmd_tune)

@@ -23,11 +23,12 @@ from torch import nn
 from .errors import DeviceWarning, OptionError, PolicyError
 from .formats import LOW_PRECISIONS
 from .modules import canonical_modules, leaves
-from .records import NOISE_MULTIPLE, LayerEntry, ScalerSettings, Verification
+from .records import NOISE_MULTIPLE, LayerEntry, ScalerSettings, StepSpeed, Verification
 from .trace import signatures_of
 from .validate import FIX, bad, check_bool, check_choice, check_int, check_number, check_str_map, check_strings
 
-__all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "Verification", "Policy", "load"]
+__all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification", "Policy",
+           "load"]
 
 SCHEMA_VERSION = 1
 
@@ -62,6 +63,7 @@ class Policy:
     stats: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     emulated: bool = False  # the evidence was measured on a CPU emulating the CUDA target (autoprec.emulation)
+    speed: StepSpeed | None = None  # the training step's time against FP32 and blanket autocast (autoprec.step_speed)
 
     def __post_init__(self) -> None:
         r = "Policy"
@@ -90,6 +92,8 @@ class Policy:
             raise PolicyError(f"unknown policy schema version {self.schema_version!r}: this autoprec reads version "
                               f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
         check_bool(r, "emulated", self.emulated)  # absent in files written before the field: False
+        if self.speed is not None and not isinstance(self.speed, StepSpeed):
+            raise bad(r, "speed", self.speed, "null or an autoprec.StepSpeed")
         object.__setattr__(self, "unseen", check_str_map(
             r, "unseen", self.unseen, lambda k, v: check_int(r, f"unseen[{k!r}]", v),
             "an object of module path -> FLOP count (a non-negative integer)"))
@@ -165,6 +169,8 @@ class Policy:
             values["scaler"] = _record(ScalerSettings, data["scaler"], "scaler")
         if data.get("verification") is not None:
             values["verification"] = _record(Verification, data["verification"], "verification")
+        if data.get("speed") is not None:
+            values["speed"] = _record(StepSpeed, data["speed"], "speed")
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> None:

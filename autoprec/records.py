@@ -6,6 +6,7 @@ from a file, so a policy written by hand is held to the same rules as one read f
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 
 from .errors import PolicyError
@@ -13,7 +14,7 @@ from .formats import PRECISIONS
 from .validate import (FIX, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
                        check_str_map, check_strings)
 
-__all__ = ["NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "Verification"]
+__all__ = ["NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification"]
 
 
 @dataclass(frozen=True)
@@ -138,3 +139,65 @@ class Verification:
     def threshold(self) -> float:
         """The gap the verdict allows: the bound, or twice the measured noise floor where that is larger."""
         return max(self.bound, NOISE_MULTIPLE * self.noise_floor)
+
+
+@dataclass(frozen=True)
+class StepSpeed:
+    """What one training step costs with the policy, against FP32 and blanket ``torch.autocast``.
+
+    ``source`` is ``"measured"`` where ``tune`` timed real training steps (forward, backward and
+    the optimizer's step) of the model on its tuning batch, on the device it tunes for: ``seconds``
+    holds each variant's step time in every interleaved round (``"fp32"``, ``"autocast bf16"``,
+    ``"policy"``, and the alternatives the policy was raced against). Otherwise it is
+    ``"modelled"`` and ``seconds`` is empty. ``modelled`` is the device profile's figure for the
+    policy's step time over FP32's (``profile`` names where that profile comes from), so that
+    measured against modelled shows the calibration's error on this model.
+
+    ``blanket`` says, per format, why every layer in that format (blanket autocast) is not
+    numerically safe here: the first layer the probe found failing in it and why, or the error of
+    all layers cast together; ``""`` where it is safe. ``chosen`` names the assignment that ships
+    (``"search"``: the search's own; else the alternative measured clearly faster). ``note`` says
+    how the figures were taken.
+
+    Example:
+        >>> s = StepSpeed("measured", modelled=0.66, seconds={"fp32": (0.05, 0.046, 0.047), "policy": (0.04, 0.041, 0.05)})
+        >>> s.median("policy"), round(s.ratio("policy", "fp32"), 3), round(s.spread("fp32"), 6)
+        (0.041, 0.872, 0.002)
+    """
+
+    source: str                    # "measured" | "modelled"
+    modelled: float                # modelled policy step time / FP32 step time (device profile)
+    profile: str = ""              # where the profile behind ``modelled`` comes from
+    seconds: dict[str, tuple[float, ...]] = field(default_factory=dict)  # variant -> step seconds per round
+    blanket: dict[str, str] = field(default_factory=dict)  # format -> why blanket is not safe ("" = safe)
+    chosen: str = "search"
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        r = "StepSpeed"
+        check_choice(r, "source", self.source, ("measured", "modelled"))
+        object.__setattr__(self, "modelled", check_number(r, "modelled", self.modelled))
+        for name in ("profile", "chosen", "note"):
+            check_str(r, name, getattr(self, name))
+        times = "an object of variant -> list of step seconds (finite, > 0; at least one)"
+
+        def rounds(name: str, v: object) -> tuple[float, ...]:
+            out = check_numbers(r, f"seconds[{name!r}]", v)
+            if not out or min(out) <= 0:
+                raise PolicyError(f"StepSpeed field seconds[{name!r}] is {list(out)!r}; allowed: {times}; {FIX}")
+            return out
+        object.__setattr__(self, "seconds", check_str_map(r, "seconds", self.seconds, rounds, times))
+        object.__setattr__(self, "blanket", check_str_map(r, "blanket", self.blanket))
+
+    def median(self, variant: str) -> float:
+        """Median step seconds of ``variant`` over its rounds."""
+        return statistics.median(self.seconds[variant])
+
+    def spread(self, variant: str) -> float:
+        """Half the range of ``variant``'s rounds: the figure's +- in seconds."""
+        times = self.seconds[variant]
+        return (max(times) - min(times)) / 2
+
+    def ratio(self, variant: str, base: str) -> float:
+        """``variant``'s median step time over ``base``'s (< 1: ``variant`` is faster)."""
+        return self.median(variant) / self.median(base)

@@ -11,7 +11,7 @@ from .errors import OptionError
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["render", "summary"]
+__all__ = ["render", "speed_block", "summary"]
 
 
 def summary(policy: "Policy") -> dict[str, Any]:
@@ -53,6 +53,7 @@ def summary(policy: "Policy") -> dict[str, Any]:
             "note": ver.note},
         "stats": dict(policy.stats),
         "assignment": policy.assignment,
+        **_speed_summary(policy),
     }
 
 
@@ -64,6 +65,7 @@ def _markdown(policy: "Policy") -> str:
                  f"threshold of {_num(ver['threshold'])}): not a verified policy", ""]
     else:
         lines = ["# autoprec policy report", ""]
+    lines += speed_block(policy)
     lines.append(f"- target device: **{s['target']}**; formats allowed: {', '.join(s['formats']) or '-'}")
     if s["emulated"]:
         lines.append(f"- evidence **emulated**: measured on a CPU that runs the 16-bit layers as {s['target'].upper()} "
@@ -151,6 +153,27 @@ def _markdown(policy: "Policy") -> str:
         note = "" if e.reason == "cast" else e.reason
         lines.append(f"| `{k or '(root)'}` | {e.op} | {e.precision} | {e.flops} | {note} |")
     return "\n".join(lines) + "\n"
+
+
+def _speed_summary(policy: "Policy") -> dict[str, Any]:
+    """``speed`` (the policy's step-time record, or None) and ``speed_lines`` (what the report says first)."""
+    from dataclasses import asdict
+
+    from .step_speed import speed_lines
+    return {"speed": None if policy.speed is None else asdict(policy.speed), "speed_lines": speed_lines(policy)}
+
+
+def speed_block(policy: "Policy") -> list[str]:
+    """The report's first lines: what the policy buys (:func:`autoprec.step_speed.speed_lines`), in Markdown.
+
+    Example:
+        >>> from autoprec.policy import Policy
+        >>> speed_block(Policy(layers={}, stats={"modelled_cost_ratio": 0.5, "profile_origin": "calibrated"}))
+        ['**modelled: policy step time 0.50x FP32 (calibrated here, not measured)**', '']
+    """
+    from .step_speed import speed_lines
+    lines = speed_lines(policy)
+    return [f"**{lines[0]}**", "", *(f"- {line}" for line in lines[1:])] if lines else []
 
 
 def _device(st: dict[str, Any]) -> list[str]:

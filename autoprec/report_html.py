@@ -164,6 +164,7 @@ th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-a
 th {{ background: #f3f3f3; }} code {{ background: #f6f6f6; }}
 </style></head><body>
 <h1>autoprec policy report{": FAILED verification" if ver is not None and not ver.passed else ""}</h1>
+{"".join(f"<p>{'<b>' * (i == 0)}{html.escape(line)}{'</b>' * (i == 0)}</p>" for i, line in enumerate(s["speed_lines"]))}
 <ul>{"".join(f"<li>{i}</li>" for i in items)}</ul>
 <h2>Verification: FP32 vs policy loss</h2>
 {curves}

@@ -91,6 +91,8 @@ class SearchResult:
     cost: float
     cost_fp32: float
     history: tuple[tuple[int, float, float, float], ...] = field(default_factory=tuple)  # (k, cost, loss_err, grad_err)
+    runner_up: dict[str, str] = field(default_factory=dict)  # the next cheapest assignment measured within the bound
+    unsafe: dict[str, dict[str, str]] = field(default_factory=dict)  # format -> layer -> why it fails numerically there
 
     @property
     def assignment(self) -> dict[str, str]:
@@ -125,10 +127,11 @@ def _underflow(probe: Probe, rng, fmt: str) -> float:
 
 
 def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, headroom: float,
-            key: str) -> tuple[list[str], str, Decision | None, list[str]]:
+            key: str, unsafe: dict[str, dict[str, str]]) -> tuple[list[str], str, Decision | None, list[str]]:
     """Formats ``key`` may use and why the others were refused, or the decision pinning it to FP32;
     and the formats refused only because the layer alone is not faster in them (it may still join
-    neighbours in such a format: see :func:`_joiners`)."""
+    neighbours in such a format: see :func:`_joiners`). The formats it fails in for a numerical
+    reason go into ``unsafe`` (format -> layer -> ``"reason: detail"``)."""
     layer = trace.layer(key)
     if key in probe.skipped:
         return [], "", Decision(key, "fp32", "no gain", f"{probe.skipped[key]}; "
@@ -170,6 +173,9 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
         else:
             ok.append(fmt)
     failures.sort()
+    for rank, fmt, why, text in failures:
+        if rank < 9:  # a numerical failure, not "no gain"
+            unsafe.setdefault(fmt, {})[key] = f"{why}: {text}"
     refused = "; ".join(f[3] for f in failures)
     if ok:
         return ok, refused, None, []
@@ -197,8 +203,10 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     usable: dict[str, list[str]] = {}
     refused: dict[str, str] = {}
     joinable: dict[str, list[str]] = {}
+    unsafe: dict[str, dict[str, str]] = {}
     for layer in trace.layers:
-        fmts, refused[layer.key], pinned, slower = _usable(trace, probe, profile, tolerance, headroom, layer.key)
+        fmts, refused[layer.key], pinned, slower = _usable(trace, probe, profile, tolerance, headroom, layer.key,
+                                                           unsafe)
         if pinned is not None:
             decisions[layer.key] = pinned
             if slower and not pinned.excluded:
@@ -281,7 +289,9 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
         trials = _run_study(f"autoprec-{trace.fingerprint}-{digest}", n, greedy, evaluate, cache, value,
                             n_trials=n_trials, storage=storage, seed=seed, progress=progress)
     feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]
-    k_best = min(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))[0] if feasible else 0
+    ranked = sorted(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))
+    k_best = ranked[0][0] if feasible else 0
+    runner_up = assignment(ranked[1][0]) if len(ranked) > 1 else {}
     loss_err, grad_err, _ = evaluate(k_best)
     cast_units = {x for g in units[:k_best] for x in g}
     position = {key: i for i, g in enumerate(units) for key in g}
@@ -340,7 +350,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
              n, trials, k_best, loss_err, grad_err)
     return SearchResult(decisions=decisions, order=order, k=k_best, trials=trials,
                         loss_err=loss_err, grad_err=grad_err, cost=cost_of(assignment(k_best)),
-                        cost_fp32=total32, history=history)
+                        cost_fp32=total32, history=history, runner_up=runner_up, unsafe=unsafe)
 
 
 def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[float, float, bool]],

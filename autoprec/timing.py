@@ -68,6 +68,32 @@ class Clock:
                 times[k].append(self.once(f))
         return {k: min(v) for k, v in times.items()}
 
+    def rounds(self, fns: Mapping[str, Callable[[], None]], *, least: int = 3, most: int = 9,
+               warmup: int = 1) -> dict[str, list[float]]:
+        """Seconds of each closure in every round: ``warmup`` untimed calls of each first, then rounds
+        that call every closure once, the order rotating by one each round (load on the machine and
+        whatever a call leaves behind hit them alike): at least ``least`` rounds, and more while the
+        deadline allows, up to ``most``. For medians and spreads of whole steps (see
+        :mod:`autoprec.step_speed`).
+
+        Example:
+            >>> clock = Clock(torch.device("cpu"), time.perf_counter())  # no time left: ``least`` rounds
+            >>> {k: len(v) for k, v in clock.rounds({"a": lambda: None, "b": lambda: None}).items()}
+            {'a': 3, 'b': 3}
+        """
+        names = list(fns)
+        for _ in range(warmup):
+            for k in names:
+                self.once(fns[k])
+        times: dict[str, list[float]] = {k: [] for k in names}
+        r = 0
+        while r < least or (r < most and self.left() > 0):
+            shift = r % max(len(names), 1)
+            for k in names[shift:] + names[:shift]:
+                times[k].append(self.once(fns[k]))
+            r += 1
+        return times
+
     def paired(self, a: Callable[[], None], b: Callable[[], None], reps: int = 15, slice_s: float = 0.4) -> float:
         """Median over rounds of ``a``'s time minus ``b``'s, the two run back to back (in turn first):
         a small difference between two steps that load on the machine slows alike."""

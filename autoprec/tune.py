@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Iterable, Mapping
 
@@ -16,7 +17,7 @@ from .isolation import preserve_global_state, private_model
 from .modules import canonical_modules
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
-from .costs import DeviceProfile, format_speed
+from .costs import DeviceProfile, StepCost, format_speed
 from .formats import check_formats, resolve_target
 from .policy import LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
@@ -29,6 +30,8 @@ from .training import OptimizerFactory, default_optimizer, train_curve
 from .verify import check_reference, unverified, verify
 from ._memory import PeakMemory
 from .snapshot import Snapshot, park, unpark
+from .step_speed import (adopt, blanket, first_failure, measured_record, modelled_record, profile_label, race,
+                         retime)
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -42,7 +45,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: Any = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
          verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
-         strict: bool = False, share_roles: bool = True) -> Policy:
+         strict: bool = False, share_roles: bool = True, measure_speed: bool | None = None) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -88,6 +91,14 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             a group first, one pass casting all of them, and split only where that measurement is
             not clearly inside the bound or a member differs (:mod:`autoprec.roles`); False probes
             every layer alone.
+        measure_speed: time real training steps (forward, backward, optimizer step) on the tuning
+            batch when the tuning device is the target: FP32, blanket ``torch.autocast`` in each format,
+            the policy and the assignments the probe also allows, interleaved, medians
+            (:mod:`autoprec.step_speed`; a few seconds). An alternative measured clearly faster than the
+            search's choice ships instead, before verification; ``policy.speed`` keeps the figures
+            beside the modelled ones. None (default): on, unless ``$AUTOPREC_MEASURE_SPEED`` is ``0``
+            (the test suite's setting: decisions that do not hang on timings). For another target the
+            figure is the device profile's, labelled so.
 
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
@@ -120,10 +131,12 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     """
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
-                  optimizer=optimizer, verify_compile=verify_compile, strict=strict, share_roles=share_roles)
+                  optimizer=optimizer, verify_compile=verify_compile, strict=strict, share_roles=share_roles,
+                  measure_speed=measure_speed)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
+    timing = speed_measured(measure_speed) and target == device.type
     check_batches(batches)
     check_storage(storage)
     ranks = current(device)
@@ -143,7 +156,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         work = private_model(model)
         # what tuning may change in the storage it shares with the caller's model: the buffers
         # (batch-norm statistics, in every pass) and, when it trains, the trainable parameters
-        trained = [p for p in work.parameters() if p.requires_grad] if verify_steps > 0 else []
+        trained = [p for p in work.parameters() if p.requires_grad] if verify_steps > 0 or timing else []
         with Snapshot(trained + list(work.buffers())) as snap:
             try:
                 for i, b in enumerate(all_batches):
@@ -157,7 +170,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                                            verify_steps=verify_steps, optimizer=optimizer or default_optimizer,
                                            n_trials=n_trials, storage=storage, headroom=float(headroom), seed=seed,
                                            bar=bar, started=started, verify_compile=verify_compile, profile=prof,
-                                           ranks=ranks, snapshot=snap, share_roles=share_roles))
+                                           ranks=ranks, snapshot=snap, share_roles=share_roles,
+                                           timing=timing))
                         return _outcome(tuned[0])
 
                     _agree(ranks.run(run, "tune"))  # one rank's failure raises on all; the ranks' policies must agree
@@ -167,6 +181,26 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     if policy.verification is not None and not policy.verification.passed:
         unverified(policy, strict)
     return policy
+
+
+def _modelled(tr: Any, profile: DeviceProfile, policy: Policy, result: Any) -> float:
+    """The device profile's step time of ``policy``'s assignment over FP32's (casts priced per edge)."""
+    return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32 if result.cost_fp32 else 1.0
+
+
+def speed_measured(option: bool | None) -> bool:
+    """Whether ``tune(measure_speed=option)`` times training steps: the option, else ``$AUTOPREC_MEASURE_SPEED``
+    (``0``, ``false``, ``no`` or ``off``: not), else yes.
+
+    Example:
+        >>> import os; from unittest import mock
+        >>> with mock.patch.dict(os.environ, {"AUTOPREC_MEASURE_SPEED": "0"}):
+        ...     speed_measured(None), speed_measured(True)
+        (False, True)
+    """
+    if option is not None:
+        return option
+    return os.environ.get("AUTOPREC_MEASURE_SPEED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _outcome(policy: Policy) -> str:
@@ -188,7 +222,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
           bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
-          ranks: Ranks, snapshot: Snapshot, share_roles: bool) -> Policy:
+          ranks: Ranks, snapshot: Snapshot, share_roles: bool, timing: bool) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
 
@@ -258,10 +292,37 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                       tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
                       emulated=emulated)
 
-    fp32_curve = parked = None
+    measured = (result.loss_err, result.grad_err)
+    order, parked_box = result.order, []
+
+    def hold_off() -> None:  # the reference gradients, off the device while runs hold gradients and optimizer state
+        if not parked_box:
+            parked_box.append(park(ref))
+
+    raced = None
+    if timing:  # before verification, so that verification verifies what ships
+        bar.stage("step timing", 1)
+        snapshot.restore()
+        keys = [lay.key for lay in tr.layers]
+        alternatives = {f"all {f}": blanket(keys, f, result.unsafe.get(f, {}), tr.tied) for f in formats}
+        alternatives.update({"runner-up": result.runner_up} if result.runner_up else {})
+        probe_scale = ScalerSettings(init_scale=pr.loss_scale)
+        raced = ranks.run(lambda: race(
+            work, batches, loss_fn, search=result.assignment, alternatives=alternatives, unsafe=result.unsafe,
+            measure=measure, within=tol.within, make=lambda a: make_policy(adopt(decisions, a, ""), probe_scale),
+            formats=formats, device_type=device_type, optimizer=optimizer, seed=seed, snapshot=snapshot,
+            before_timing=hold_off) if ranks.rank == 0 else None, "timing training steps")[0]  # rank 0's decides
+        bar.advance()
+        if raced.chosen != "search":
+            decisions = adopt(decisions, raced.assignment, f"moved by the measured step race: {raced.note}")
+            order = (*order, *(k for k, d in decisions.items() if d.reason == "cast" and k not in order))
+            measured = raced.errors
+    fp32_curve = parked = speed = None
+    label = profile_label(profile.origin, target, profile.source)
     if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
-        parked = park(ref)  # off the device while the runs hold gradients and optimizer state
+        hold_off()
+        parked = parked_box[0]
         snapshot.restore()  # from the caller's state: the passes so far moved batch-norm statistics
         fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
                                  scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance,
@@ -275,15 +336,20 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                                 backoff_factor=scaler_choice.backoff_factor)
     verification = None
     verify_passes = verify_steps if fp32_curve is not None else 0
-    measured = (result.loss_err, result.grad_err)
     if fp32_curve is not None:
         bar.stage("verify", verify_steps * (2 if verify_compile else 1))
-        checked = verify(work, batches, loss_fn, decisions, result.order, fp32_curve, bound=verify_tolerance,
+        checked = verify(work, batches, loss_fn, decisions, order, fp32_curve, bound=verify_tolerance,
                          scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
                          seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot)
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes
+        if raced is not None and verification.rounds > 1:  # what ships changed: time it again
+            speed = ranks.run(lambda: retime(work, batches, loss_fn, policy, raced, why=verification.note,
+                                             modelled=_modelled(tr, profile, policy, result), profile=label,
+                                             formats=formats, device_type=device_type, optimizer=optimizer,
+                                             seed=seed, snapshot=snapshot) if ranks.rank == 0 else None,
+                              "timing training steps")[0]
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
             ref["grads"] = unpark(parked)
             scale = scaler.init_scale if scaler is not None else None
@@ -304,7 +370,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "probe_measurements": len(pr.measurements),
         "measured_loss_err": float(measured[0]),
         "measured_grad_err": float(measured[1]),
-        "modelled_cost_ratio": round(result.cost / result.cost_fp32, 4) if result.cost_fp32 else 1.0,
+        "modelled_cost_ratio": round(_modelled(tr, profile, policy, result), 4),  # of the policy that ships
         "fx_route": tr.fx_route,
         "fx_nodes": tr.fx_nodes,
         "loss_scale_suggested": pr.loss_scale,
@@ -321,7 +387,14 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     }
     bar.close()  # the last stage ends: its count, time and peak memory go into the stats
     stats.update(bar.summary())
-    policy = dataclasses.replace(policy, verification=verification, stats=stats)
+    if speed is None and raced is not None:
+        speed = measured_record(raced, modelled=stats["modelled_cost_ratio"], profile=label)
+    elif speed is None:
+        speed = modelled_record(stats["modelled_cost_ratio"], label,
+                                {f: first_failure(result.unsafe.get(f, {})) for f in formats},
+                                f"target {target}, tuned on {device_type}" if target != device_type
+                                else "step timing switched off (measure_speed=False or $AUTOPREC_MEASURE_SPEED=0)")
+    policy = dataclasses.replace(policy, verification=verification, stats=stats, speed=speed)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats["tuning_seconds"], 100 * policy.low_precision_fraction())
     return policy
