@@ -155,7 +155,8 @@ class StepSpeed:
 
     ``blanket`` says, per format, why every layer in that format (blanket autocast) is not
     numerically safe here: the first layer the probe found failing in it and why, or the error of
-    all layers cast together; ``""`` where it is safe. ``chosen`` names the assignment that ships
+    all layers cast together; ``""`` where it is safe (every layer alone and all together within
+    the bound; "not shown safe: ..." where verification had to back the policy off). ``chosen`` names the assignment that ships
     (``"search"``: the search's own; else the alternative measured clearly faster). ``note`` says
     how the figures were taken.
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .policy import Policy
 
 __all__ = ["Race", "adopt", "blanket", "choose", "clearly_faster", "first_failure", "measured_record", "modelled_record",
-           "profile_label", "race", "retime", "speed_lines", "time_steps"]
+           "profile_label", "race", "retime", "speed_lines", "time_steps", "unproven"]
 
 log = logging.getLogger("autoprec.step_speed")
 
@@ -235,7 +235,8 @@ def race(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, se
     notes = [f"{k} not timed ({v})" for k, v in dropped.items()]
     if "search" not in seconds:  # the policy itself could not be timed: nothing to choose from
         return Race(seconds, "search", {}, (math.nan, math.nan), verdicts, "; ".join(notes))
-    chosen = choose(seconds, "search", [n for n in ("fp32", *policies) if n != "search"])
+    fp32_search = all(p == "fp32" for p in search.values())  # then "fp32" is no other assignment
+    chosen = choose(seconds, "search", [n for n in ("fp32", *policies) if n != "search" and not (n == "fp32" and fp32_search)])
     if chosen != "search":
         notes.insert(0, f"the search's assignment lost the measured race to {'all FP32' if chosen == 'fp32' else chosen}"
                         f": {_ms(seconds[chosen])} against {_ms(seconds['search'])} a step, beyond the rounds' spread")
@@ -270,6 +271,20 @@ def first_failure(failing: Mapping[str, str]) -> str:
     key, why = next(iter(failing.items()))
     more = f" (and {len(failing) - 1} more layer{'s' if len(failing) > 2 else ''})" if len(failing) > 1 else ""
     return f"{key or '(root)'}, {why[:160]}{more}"
+
+
+#: The verdict of a format that no layer fails in, when verification had to back off the policy itself.
+UNPROVEN = "not shown safe: verification backed off this policy's own cast layers, and blanket casts more"
+
+
+def unproven(verdicts: Mapping[str, str]) -> dict[str, str]:
+    """``verdicts`` after a verification that backed the policy off: "safe" (``""``) is no longer shown.
+
+    Example:
+        >>> unproven({"bf16": "", "fp16": "attn, overflow"})["fp16"]
+        'attn, overflow'
+    """
+    return {f: v or UNPROVEN for f, v in verdicts.items()}
 
 
 def _ms(rounds: Sequence[float]) -> str:
@@ -336,6 +351,8 @@ def speed_lines(policy: "Policy") -> list[str]:
 
 def _verdict(s: StepSpeed, fmt: str) -> str:
     name, auto = fmt.upper(), f"autocast {fmt}"
+    if s.blanket[fmt] == UNPROVEN:
+        return f"blanket {name} is {UNPROVEN}"
     if s.blanket[fmt]:
         return f"blanket {name} fails: {s.blanket[fmt]}"
     if auto in s.seconds and clearly_faster(s.seconds[auto], s.seconds["policy"]):

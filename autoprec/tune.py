@@ -31,7 +31,7 @@ from .verify import check_reference, unverified, verify
 from ._memory import PeakMemory
 from .snapshot import Snapshot, park, unpark
 from .step_speed import (adopt, blanket, first_failure, measured_record, modelled_record, profile_label, race,
-                         retime)
+                         retime, unproven)
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -313,6 +313,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             formats=formats, device_type=device_type, optimizer=optimizer, seed=seed, snapshot=snapshot,
             before_timing=hold_off) if ranks.rank == 0 else None, "timing training steps")[0]  # rank 0's decides
         bar.advance()
+        search_passes = runner.passes - probe_passes  # with the alternatives' measurements (rank 0's)
         if raced.chosen != "search":
             decisions = adopt(decisions, raced.assignment, f"moved by the measured step race: {raced.note}")
             order = (*order, *(k for k, d in decisions.items() if d.reason == "cast" and k not in order))
@@ -345,7 +346,10 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes
         if raced is not None and verification.rounds > 1:  # what ships changed: time it again
-            speed = ranks.run(lambda: retime(work, batches, loss_fn, policy, raced, why=verification.note,
+            moved = sum(d.reason == "verification back-off" for d in decisions.values())
+            raced = dataclasses.replace(raced, blanket=unproven(raced.blanket))
+            speed = ranks.run(lambda: retime(work, batches, loss_fn, policy, raced,
+                                             why=f"verification backed off {moved} layer(s)",
                                              modelled=_modelled(tr, profile, policy, result), profile=label,
                                              formats=formats, device_type=device_type, optimizer=optimizer,
                                              seed=seed, snapshot=snapshot) if ranks.rank == 0 else None,
@@ -388,6 +392,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     bar.close()  # the last stage ends: its count, time and peak memory go into the stats
     stats.update(bar.summary())
     if speed is None and raced is not None:
+        if verification is not None and not verification.passed:
+            raced = dataclasses.replace(raced, blanket=unproven(raced.blanket))
         speed = measured_record(raced, modelled=stats["modelled_cost_ratio"], profile=label)
     elif speed is None:
         speed = modelled_record(stats["modelled_cost_ratio"], label,

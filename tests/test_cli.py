@@ -57,6 +57,24 @@ def test_tune_writes_a_loadable_policy(workdir):
     assert policy.verification is not None and policy.layers
 
 
+@pytest.mark.parametrize("flags,first", [((), "policy step time "), (("--no-measure-speed",), "modelled: policy step time ")],
+                         ids=["timed", "no-measure-speed"])
+def test_tune_ends_with_the_speed_line(workdir, flags, first):
+    """The last line printed is what the policy buys: measured step times, or with --no-measure-speed the
+    modelled figure, labelled; the per-layer modelled figure comes before it, labelled as such."""
+    import os
+
+    res = subprocess.run([sys.executable, "-m", "autoprec", "tune", "factories:make", "--out", "s.json", "--quiet",
+                          "--verify-steps", "2", *flags], cwd=workdir, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "AUTOPREC_MEASURE_SPEED": "1"})
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.splitlines()[-1]
+    assert last.startswith(first)
+    assert ("(measured here, median of " in last) if not flags else ("not measured: step timing switched off" in last)
+    assert all(line.startswith("  modelled per layer (device profile") for line in res.stdout.splitlines()
+               if "slower than FP32" in line or "x the FP32 time over them" in line)
+
+
 def test_tune_accepts_a_file_factory_and_dtypes(workdir):
     """A path/to/file.py:factory spec, a 3-tuple factory, --dtypes and --target work."""
     res = _run("tune", str(workdir / "factories.py") + ":make_wide", "--out", "q.json", "--quiet",

@@ -96,6 +96,23 @@ def test_two_ranks_return_the_single_process_policy_with_half_the_passes(tmp_pat
     assert sum(searched) == alone["counts"]["search_passes"] and abs(searched[0] - searched[1]) <= 1
 
 
+def _timed_on_rank(rank: int) -> dict:
+    from dataclasses import asdict
+
+    model, batch, loss_fn = transformer_block(batch_size=2, seq_len=16)
+    policy = autoprec.tune(model, batch, loss_fn, target="cpu", progress=False, verify_steps=2, n_trials=4,
+                           measure_speed=True)
+    return {"assignment": policy.assignment, "speed": asdict(policy.speed)}
+
+
+def test_rank_0s_step_timing_decides_for_every_rank(tmp_path):
+    """With step timing on, every rank ships the same assignment and carries rank 0's measured figures."""
+    r0, r1 = _run(_timed_on_rank, tmp_path)
+    assert r0["assignment"] == r1["assignment"]
+    assert r0["speed"] == r1["speed"] and r0["speed"]["source"] == "measured"
+    assert {"fp32", "policy"} <= set(r0["speed"]["seconds"])
+
+
 def _tune_other_batch(rank: int) -> dict:
     model, batch, loss_fn = transformer_block(batch_size=8, seed=rank)  # each rank its own data: not one problem
     try:
