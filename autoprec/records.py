@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .errors import PolicyError
 from .formats import PRECISIONS
-from .validate import (FIX, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
+from .validate import (FIX, bad, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
                        check_str_map, check_strings)
 
 __all__ = ["NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification"]
@@ -185,7 +185,7 @@ class StepSpeed:
         def rounds(name: str, v: object) -> tuple[float, ...]:
             out = check_numbers(r, f"seconds[{name!r}]", v)
             if not out or min(out) <= 0:
-                raise PolicyError(f"StepSpeed field seconds[{name!r}] is {list(out)!r}; allowed: {times}; {FIX}")
+                raise bad(r, f"seconds[{name!r}]", v, times)
             return out
         object.__setattr__(self, "seconds", check_str_map(r, "seconds", self.seconds, rounds, times))
         object.__setattr__(self, "blanket", check_str_map(r, "blanket", self.blanket))

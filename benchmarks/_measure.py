@@ -13,7 +13,6 @@ import json
 import math
 import os
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -472,53 +471,49 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
                optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> dict[str, list[float]]:
     """Seconds per training step (forward, backward, optimizer step) for each variant.
 
-    One CPU thread, variants interleaved (the order rotates every round) so that load on the machine
-    hits them alike; each variant trains its own copy with its precision installed once. A model on
-    a GPU is synchronised before and after each step, so a step's time is its GPU time.
+    One CPU thread, variants interleaved (the order rotates every round: autoprec's
+    ``Clock.rounds``, which ``tune``'s own step timing uses) so that load on the machine hits them
+    alike; each variant trains its own copy with its precision installed once. A model on a GPU is
+    synchronised before and after each step, so a step's time is its GPU time.
     """
-    cuda = next(model.parameters()).is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    from autoprec.timing import Clock
+
+    device = next(model.parameters()).device
     optimizer = optimizer or (lambda p: torch.optim.Adam(p, lr=1e-4))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    state = []
-    for v in variants:
+    handles, steps = [], {}
+
+    def step_of(v: Variant) -> Callable[[], None]:
         m = copy.deepcopy(model)
         handle = v.install(m) if v.install is not None else None
-        state.append((v, m, optimizer(m.parameters()), v.scaler(), handle))
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
+        handles.append(handle)
+        opt, scaler, count = optimizer(m.parameters()), v.scaler(), [0]
 
-    def one(v: Variant, m: nn.Module, opt: torch.optim.Optimizer, scaler: Any, handle: Any, i: int) -> float:
-        batch, loss_fn = samples[i % len(samples)]
-        sync()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with (nullcontext() if handle is not None else v.context(m)):
-            loss = loss_of(call_model(m, batch), batch, loss_fn)
-        if scaler is not None:
-            scaler.scale(loss.float()).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.float().backward()
-            opt.step()
-        sync()
-        return time.perf_counter() - t0
+        def one() -> None:
+            batch, loss_fn = samples[count[0] % len(samples)]
+            count[0] += 1
+            opt.zero_grad(set_to_none=True)
+            with (nullcontext() if handle is not None else v.context(m)):
+                loss = loss_of(call_model(m, batch), batch, loss_fn)
+            if scaler is not None:
+                scaler.scale(loss.float()).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.float().backward()
+                opt.step()
+        return one
 
     try:
-        for i in range(warmup):
-            for st in state:
-                one(*st, i)
-        for r in range(rounds):
-            k = r % len(state)
-            for st in state[k:] + state[:k]:
-                times[st[0].name].append(one(*st, r))
+        for v in variants:
+            steps[v.name] = step_of(v)
+        return Clock(device, 0.0).rounds(steps, least=rounds, most=rounds, warmup=warmup)
     finally:
         torch.set_num_threads(threads)
-        for st in state:
-            if st[4] is not None:
-                st[4].remove()
-    return times
+        for h in handles:
+            if h is not None:
+                h.remove()
 
 
 def median(xs: list[float]) -> float:

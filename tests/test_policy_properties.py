@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import autoprec
-from autoprec import LayerEntry, Policy, ScalerSettings, Verification
+from autoprec import LayerEntry, Policy, ScalerSettings, StepSpeed, Verification
 from autoprec.policy import SCHEMA_VERSION
 from autoprec.validate import FIX
 from tests.models import transformer_block
@@ -108,6 +108,19 @@ def verifications(draw):
                         compiled_max_gap=draw(gap) if compiled else 0.0, noise_floor=floor)
 
 
+step_rounds = st.lists(st.floats(min_value=1e-9, max_value=1e6), min_size=1, max_size=5).map(tuple)
+speeds = st.one_of(st.none(), st.builds(
+    StepSpeed,
+    source=st.sampled_from(["measured", "modelled"]),
+    modelled=st.floats(min_value=0.0, max_value=1e6),
+    profile=some_text,
+    seconds=st.dictionaries(st.one_of(st.sampled_from(["fp32", "autocast bf16", "policy", "runner-up"]), any_text),
+                            step_rounds, max_size=4),
+    blanket=st.dictionaries(st.sampled_from(PRECISIONS[1:]), some_text, max_size=2),
+    chosen=some_text,
+    note=some_text,
+))
+
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 100), 2 ** 100), st.floats(allow_nan=False),
                         some_text)
 json_value = st.recursive(json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
@@ -127,6 +140,7 @@ policies = st.builds(
     verification=st.one_of(st.none(), verifications()),
     stats=st.dictionaries(any_text, json_value, max_size=5),
     emulated=st.booleans(),
+    speed=speeds,
 )
 
 
@@ -146,6 +160,7 @@ def test_save_load_round_trip_and_stable_text(policy):
         assert loaded == policy
         assert loaded.layers == policy.layers and list(loaded.layers) == list(policy.layers)  # the model's order
         assert loaded.scaler == policy.scaler and loaded.verification == policy.verification
+        assert loaded.speed == policy.speed
         assert loaded.assignment == policy.assignment
         assert _save_text(loaded, second) == text
         assert sorted(p.name for p in pathlib.Path(tmp).iterdir()) == ["a.json", "b.json"]  # no *.tmp left
@@ -181,12 +196,13 @@ def real_policy_text() -> str:
 
 
 def test_real_policy_file_has_what_the_fuzzer_mutates():
-    """The fuzz seed exercises every part of the schema: op keys, hazards, measured figures, scaler, verification."""
+    """The fuzz seed exercises every part of the schema: op keys, hazards, measured figures, scaler, verification,
+    the speed record."""
     data = json.loads(real_policy_text())
     assert any("::" in k for k in data["layers"])
     assert any(e["hazards"] for e in data["layers"].values())
     assert any(e["measured"] for e in data["layers"].values())
-    assert data["scaler"] is not None and data["verification"] is not None and data["stats"]
+    assert data["scaler"] is not None and data["verification"] is not None and data["stats"] and data["speed"]
 
 
 class _Dup:
@@ -368,7 +384,7 @@ def test_fuzzed_policy_file_loads_or_raises_policy_error(raw):
         assert _save_text(again, pathlib.Path(tmp, "b.json")) == text
 
 
-_WHERE = r"(?:(?:policy|layer '.*'|scaler|verification): )?"
+_WHERE = r"(?:(?:policy|layer '.*'|scaler|verification|speed): )?"
 _FIX = re.escape(FIX)
 #: Every form a PolicyError from ``load`` takes: a file that is not a policy, or one field named with the
 #: value found, what is allowed, and the fix.
@@ -380,7 +396,7 @@ MESSAGE_FORMS = {
     "not an object": r"a policy is a JSON object, got \w+: is this a policy file\?",
     "schema version": r"unknown policy schema version .*: this autoprec reads version 1; re-run autoprec.tune "
                       r"to make a new policy",
-    "field": _WHERE + r"(?:LayerEntry|ScalerSettings|Verification|Policy) field .+ is .+ \(\w+\); allowed: .+; " + _FIX,
+    "field": _WHERE + r"(?:LayerEntry|ScalerSettings|Verification|StepSpeed|Policy) field .+ is .+ \(\w+\); allowed: .+; " + _FIX,
     "unknown fields": _WHERE + r"unknown fields \[.*\]; a \w+ has \[.*\]; " + _FIX,
     "missing fields": _WHERE + r"required fields \[.*\] are missing; " + _FIX,
     "record not an object": _WHERE + r"expected an object of \w+ fields, got .+; " + _FIX,

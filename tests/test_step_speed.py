@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import autoprec
 from autoprec import LayerEntry, Policy, StepSpeed
@@ -105,8 +107,8 @@ def test_step_speed_round_trips_and_bad_rounds_are_refused(tmp_path):
     data = json.loads((tmp_path / "p.json").read_text())
     data["speed"]["seconds"]["fp32"] = [0.01, -1]
     (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(autoprec.PolicyError, match=r"speed: StepSpeed field seconds\['fp32'\] is \[0.01, -1.0\]; "
-                                                   r"allowed: an object of variant -> list of step seconds"):
+    with pytest.raises(autoprec.PolicyError, match=r"speed: StepSpeed field \"seconds\['fp32'\]\" is \[0.01, -1\] "
+                                                   r"\(list\); allowed: an object of variant -> list of step seconds"):
         autoprec.load(tmp_path / "bad.json")
     with pytest.raises(autoprec.PolicyError, match="StepSpeed field 'source' is 'guessed'"):
         StepSpeed("guessed", 0.5)
@@ -191,3 +193,16 @@ def test_retime_times_the_shipped_policy_and_says_why(one_thread):
     assert set(s.seconds) == {"fp32", "autocast bf16", "policy"} and s.note == "re-timed after verification backed off 2"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert speed_lines(Policy(layers={}, formats=("bf16",), speed=s))[0].endswith(f"; blanket BF16 is {UNPROVEN}")
+
+
+@settings(max_examples=100, deadline=None)
+@given(source=st.sampled_from(["measured", "modelled"]), modelled=st.floats(0.0, 1e3),
+       seconds=st.dictionaries(st.sampled_from(["fp32", "policy", "autocast bf16", "autocast fp16", "x"]),
+                               st.lists(st.floats(1e-6, 10.0), min_size=1, max_size=4).map(tuple)),
+       blanket_=st.dictionaries(st.sampled_from(["bf16", "fp16", "fp8?"]), st.text(max_size=8)),
+       formats=st.lists(st.sampled_from(["fp16", "bf16"]), unique=True).map(tuple))
+def test_speed_lines_render_any_valid_record(source, modelled, seconds, blanket_, formats):
+    """Any record a file may hold renders: a first line that says measured or modelled, no exception."""
+    speed = StepSpeed(source, modelled, seconds=seconds, blanket=blanket_)
+    lines = speed_lines(Policy(layers={}, formats=formats, speed=speed))
+    assert lines[0].startswith(("policy step time ", "modelled: policy step time "))
