@@ -156,7 +156,7 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
 
 def _print_speed(policy: Any) -> None:
     """What the policy buys, last: the figures behind it, then the speed line itself as the final line."""
-    from .step_speed import speed_lines
+    from .speed_lines import speed_lines
 
     lines = speed_lines(policy)
     for line in lines[1:]:

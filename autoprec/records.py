@@ -156,12 +156,13 @@ class StepSpeed:
     ``blanket`` says, per format, why every layer in that format (blanket autocast) is not
     numerically safe here: the first layer the probe found failing in it and why, or the error of
     all layers cast together; ``""`` where it is safe (every layer alone and all together within
-    the bound; "not shown safe: ..." where verification had to back the policy off). ``chosen`` names the assignment that ships
-    (``"search"``: the search's own; else the alternative measured clearly faster). ``note`` says
-    how the figures were taken.
+    the bound; "not shown safe: ..." where verification had to back the policy off). ``chosen``
+    names the assignment that ships (``"search"``: the search's own; else the alternative measured
+    clearly faster). ``note`` says how the figures were taken.
 
     Example:
-        >>> s = StepSpeed("measured", modelled=0.66, seconds={"fp32": (0.05, 0.046, 0.047), "policy": (0.04, 0.041, 0.05)})
+        >>> s = StepSpeed("measured", modelled=0.66,
+        ...               seconds={"fp32": (0.05, 0.046, 0.047), "policy": (0.04, 0.041, 0.05)})
         >>> s.median("policy"), round(s.ratio("policy", "fp32"), 3), round(s.spread("fp32"), 6)
         (0.041, 0.872, 0.002)
     """

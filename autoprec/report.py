@@ -159,7 +159,7 @@ def _speed_summary(policy: "Policy") -> dict[str, Any]:
     """``speed`` (the policy's step-time record, or None) and ``speed_lines`` (what the report says first)."""
     from dataclasses import asdict
 
-    from .step_speed import speed_lines
+    from .speed_lines import speed_lines
     return {"speed": None if policy.speed is None else asdict(policy.speed), "speed_lines": speed_lines(policy)}
 
 
@@ -171,7 +171,7 @@ def speed_block(policy: "Policy") -> list[str]:
         >>> speed_block(Policy(layers={}, stats={"modelled_cost_ratio": 0.5, "profile_origin": "calibrated"}))
         ['**modelled: policy step time 0.50x FP32 (calibrated here, not measured)**', '']
     """
-    from .step_speed import speed_lines
+    from .speed_lines import speed_lines
     lines = speed_lines(policy)
     return [f"**{lines[0]}**", "", *(f"- {line}" for line in lines[1:])] if lines else []
 

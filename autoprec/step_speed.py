@@ -13,8 +13,8 @@ ships instead, and verification then verifies it. The steps train the caller's w
 place: a :class:`~autoprec.snapshot.Snapshot` puts it back. They draw dropout masks from forked,
 seeded generators, never the global RNG.
 
-:func:`speed_lines` writes the figures as the lines a user reads first (CLI, Markdown and HTML
-reports); for another target than the tuning device the figure is the device profile's, labelled so.
+:mod:`autoprec.speed_lines` writes the figures as the lines a user reads first (CLI, Markdown and
+HTML reports); for another target than the tuning device the figure is the device profile's.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from .formats import to_dtype
 from .records import StepSpeed
 from .search import Decision
 from .snapshot import Snapshot
+from .speed_lines import clearly_faster, first_failure, step_ms
 from .timing import Clock
 
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["Race", "adopt", "blanket", "choose", "clearly_faster", "first_failure", "measured_record", "modelled_record",
-           "profile_label", "race", "retime", "speed_lines", "time_steps", "unproven"]
+__all__ = ["BUDGET_S", "Race", "adopt", "blanket", "choose", "measured_record", "race", "retime", "time_steps"]
 
 log = logging.getLogger("autoprec.step_speed")
 
@@ -136,22 +136,6 @@ def time_steps(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None,
     return {k: tuple(v) for k, v in times.items() if k not in bad}, bad
 
 
-def clearly_faster(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether rounds ``a`` are clearly faster than rounds ``b``: the medians differ by more than the two
-    spreads (half of each one's range) together, so that the rounds' own scatter cannot explain it.
-
-    Example:
-        >>> clearly_faster([1.0, 1.1, 1.05], [1.4, 1.5, 1.45])
-        True
-        >>> clearly_faster([1.0, 1.8, 1.05], [1.3, 1.5, 1.45])  # one slow round: within the scatter
-        False
-    """
-    if not a or not b:
-        return False
-    spread = (max(a) - min(a)) / 2 + (max(b) - min(b)) / 2
-    return statistics.median(b) - statistics.median(a) > spread
-
-
 def choose(seconds: Mapping[str, Sequence[float]], current: str, alternatives: Sequence[str]) -> str:
     """The alternative with the least median among those clearly faster than ``current``; else ``current``.
 
@@ -164,7 +148,8 @@ def choose(seconds: Mapping[str, Sequence[float]], current: str, alternatives: S
     return min(faster, key=lambda a: statistics.median(seconds[a])) if faster else current
 
 
-def blanket(keys: Sequence[str], fmt: str, unsafe: Mapping[str, str], tied: Sequence[Sequence[str]] = ()) -> dict[str, str]:
+def blanket(keys: Sequence[str], fmt: str, unsafe: Mapping[str, str],
+            tied: Sequence[Sequence[str]] = ()) -> dict[str, str]:
     """Every layer in ``fmt``, except those the probe found failing in it (and the layers sharing their weights).
 
     Example:
@@ -183,8 +168,8 @@ def adopt(decisions: Mapping[str, Decision], assignment: Mapping[str, str], why:
 
     Example:
         >>> d = {"a": Decision("a", "fp32", "no gain", "bf16: not faster (modelled)")}
-        >>> adopt(d, {"a": "bf16"}, "measured faster")["a"]
-        Decision(key='a', precision='bf16', reason='cast', detail='measured faster; bf16: not faster (modelled)', excluded=False)
+        >>> adopt(d, {"a": "bf16"}, "measured faster")["a"].detail
+        'measured faster; bf16: not faster (modelled)'
     """
     out = dict(decisions)
     for key, d in decisions.items():
@@ -210,12 +195,26 @@ def race(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, se
          alternatives: Mapping[str, Mapping[str, str]], unsafe: Mapping[str, Mapping[str, str]],
          measure: Callable[[Mapping[str, str]], tuple[float, float, bool]], within: Callable[[float, float], bool],
          make: Callable[[Mapping[str, str]], "Policy"], formats: Sequence[str], device_type: str,
-         optimizer: Callable, seed: int, snapshot: Snapshot,
-         before_timing: Callable[[], None] = lambda: None) -> Race:
+         optimizer: Callable, seed: int, snapshot: Snapshot, before_timing: Callable[[], None] = lambda: None,
+         seconds: float = BUDGET_S) -> Race:
     """Time the search's assignment against FP32, blanket autocast in each format and the
     ``alternatives`` that measure within the bound (``measure``: one forward+backward each), and
     choose what ships (:func:`choose`; all FP32 is always an alternative). ``before_timing`` runs
-    between the two (to move what the measuring needed off the device)."""
+    between the two (to move what the measuring needed off the device); ``seconds`` bounds the
+    timed rounds beyond the first three (:func:`time_steps`).
+
+    Example:
+        >>> from autoprec.policy import LayerEntry, Policy
+        >>> from autoprec.training import default_optimizer
+        >>> m, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(32, 16)
+        >>> with Snapshot(list(m.parameters())) as snap:
+        ...     r = race(m, [x], None, search={"0": "fp32"}, alternatives={"all bf16": {"0": "bf16"}}, unsafe={},
+        ...              measure=lambda a: (0.0, 0.0, True), within=lambda loss, grad: True,
+        ...              make=lambda a: Policy(layers={k: LayerEntry(v) for k, v in a.items()}), formats=("bf16",),
+        ...              device_type="cpu", optimizer=default_optimizer, seed=0, snapshot=snap, seconds=0.0)
+        >>> sorted(r.seconds), r.chosen in ("search", "all bf16"), r.blanket
+        (['all bf16', 'autocast bf16', 'fp32', 'search'], True, {'bf16': ''})
+    """
     verdicts = {fmt: first_failure(unsafe.get(fmt, {})) for fmt in formats}
     policies: dict[str, Any] = {"search": make(search)}
     errors: dict[str, tuple[float, float]] = {"fp32": (0.0, 0.0)}
@@ -230,66 +229,49 @@ def race(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, se
             verdicts[fmt] = f"all layers together, loss err {loss_err:.3g}, grad err {grad_err:.3g}: over the bound"
     before_timing()
     variants: dict[str, Any] = {"fp32": None, **{f"autocast {f}": f for f in formats}, **policies}
-    seconds, dropped = time_steps(model, batches, loss_fn, variants, device_type=device_type, optimizer=optimizer,
-                                  seed=seed, snapshot=snapshot)
+    timed, dropped = time_steps(model, batches, loss_fn, variants, device_type=device_type, optimizer=optimizer,
+                                seed=seed, snapshot=snapshot, seconds=seconds)
     notes = [f"{k} not timed ({v})" for k, v in dropped.items()]
-    if "search" not in seconds:  # the policy itself could not be timed: nothing to choose from
-        return Race(seconds, "search", {}, (math.nan, math.nan), verdicts, "; ".join(notes))
+    if "search" not in timed:  # the policy itself could not be timed: nothing to choose from
+        return Race(timed, "search", {}, (math.nan, math.nan), verdicts, "; ".join(notes))
     fp32_search = all(p == "fp32" for p in search.values())  # then "fp32" is no other assignment
-    chosen = choose(seconds, "search", [n for n in ("fp32", *policies) if n != "search" and not (n == "fp32" and fp32_search)])
+    others = [n for n in ("fp32", *policies) if n != "search" and not (n == "fp32" and fp32_search)]
+    chosen = choose(timed, "search", others)
     if chosen != "search":
-        notes.insert(0, f"the search's assignment lost the measured race to {'all FP32' if chosen == 'fp32' else chosen}"
-                        f": {_ms(seconds[chosen])} against {_ms(seconds['search'])} a step, beyond the rounds' spread")
+        winner = "all FP32" if chosen == "fp32" else chosen
+        notes.insert(0, f"the search's assignment lost the measured race to {winner}: {step_ms(timed[chosen])} "
+                        f"against {step_ms(timed['search'])} a step, beyond the rounds' spread")
         log.info("step race: %s", notes[0])
     assignment = {k: "fp32" for k in search} if chosen == "fp32" else dict(alternatives.get(chosen, {}))
-    return Race(seconds, chosen, assignment, errors.get(chosen, (math.nan, math.nan)), verdicts, "; ".join(notes))
+    return Race(timed, chosen, assignment, errors.get(chosen, (math.nan, math.nan)), verdicts, "; ".join(notes))
 
 
 def retime(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, policy: "Policy", raced: Race, *,
            modelled: float, profile: str, why: str, formats: Sequence[str], device_type: str, optimizer: Callable,
-           seed: int, snapshot: Snapshot) -> StepSpeed:
+           seed: int, snapshot: Snapshot, seconds: float = BUDGET_S) -> StepSpeed:
     """The shipped ``policy`` timed again against FP32 and blanket autocast (after verification changed
-    it: ``why``), with the race's verdicts and what it decided in the note."""
+    it: ``why``), with the race's verdicts and what it decided in the note.
+
+    Example:
+        >>> from autoprec.policy import LayerEntry, Policy
+        >>> from autoprec.training import default_optimizer
+        >>> m, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(32, 16)
+        >>> raced = Race({}, "search", {}, (0.0, 0.0), {"bf16": ""}, "")
+        >>> with Snapshot(list(m.parameters())) as snap:
+        ...     s = retime(m, [x], None, Policy(layers={"0": LayerEntry("fp32")}), raced, modelled=1.0, profile="p",
+        ...                why="a back-off", formats=("bf16",), device_type="cpu", optimizer=default_optimizer,
+        ...                seed=0, snapshot=snap, seconds=0.0)
+        >>> sorted(s.seconds), s.note
+        (['autocast bf16', 'fp32', 'policy'], 're-timed after a back-off')
+    """
     variants = {"fp32": None, **{f"autocast {f}": f for f in formats}, "policy": policy}
     seconds, dropped = time_steps(model, batches, loss_fn, variants, device_type=device_type, optimizer=optimizer,
-                                  seed=seed, snapshot=snapshot)
+                                  seed=seed, snapshot=snapshot, seconds=seconds)
     note = "; ".join([f"re-timed after {why}", *(f"{k} not timed ({v})" for k, v in dropped.items()),
                       *([f"before: {raced.note}"] if raced.note else [])])
     return StepSpeed("measured", modelled=modelled, profile=profile, seconds=seconds, blanket=dict(raced.blanket),
                      chosen=raced.chosen, note=note)
 
-
-def first_failure(failing: Mapping[str, str]) -> str:
-    """``"<layer>, <why>"`` of the first layer failing in a format, and how many more do; "" when none.
-
-    Example:
-        >>> first_failure({"h.0.attn::softmax": "overflow: bf16: 3 non-finite outputs", "lm_head": "range: ..."})
-        'h.0.attn::softmax, overflow: bf16: 3 non-finite outputs (and 1 more layer)'
-    """
-    if not failing:
-        return ""
-    key, why = next(iter(failing.items()))
-    more = f" (and {len(failing) - 1} more layer{'s' if len(failing) > 2 else ''})" if len(failing) > 1 else ""
-    return f"{key or '(root)'}, {why[:160]}{more}"
-
-
-#: The verdict of a format that no layer fails in, when verification had to back off the policy itself.
-UNPROVEN = "not shown safe: verification backed off this policy's own cast layers, and blanket casts more"
-
-
-def unproven(verdicts: Mapping[str, str]) -> dict[str, str]:
-    """``verdicts`` after a verification that backed the policy off: "safe" (``""``) is no longer shown.
-
-    Example:
-        >>> unproven({"bf16": "", "fp16": "attn, overflow"})["fp16"]
-        'attn, overflow'
-    """
-    return {f: v or UNPROVEN for f, v in verdicts.items()}
-
-
-def _ms(rounds: Sequence[float]) -> str:
-    ms = statistics.median(rounds) * 1e3
-    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
 
 
 def measured_record(raced: Race, *, modelled: float, profile: str) -> StepSpeed:
@@ -307,79 +289,3 @@ def measured_record(raced: Race, *, modelled: float, profile: str) -> StepSpeed:
                      chosen=raced.chosen, note=raced.note)
 
 
-def speed_lines(policy: "Policy") -> list[str]:
-    """What the policy buys, first line first: measured step times where ``tune`` timed them, else the
-    modelled figure with its source; then the blanket formats' verdicts, the modelled figure beside the
-    measured one, and how the race decided. Empty for a policy without figures.
-
-    Example:
-        >>> from autoprec.policy import Policy
-        >>> s = StepSpeed("measured", 0.7, "calibrated here", {"fp32": (0.040, 0.041, 0.042),
-        ...               "autocast bf16": (0.030, 0.031, 0.032), "policy": (0.034, 0.035, 0.036)}, blanket={"bf16": ""})
-        >>> for line in speed_lines(Policy(layers={}, formats=("bf16",), speed=s)):
-        ...     print(line)
-        policy step time 0.85x FP32, 1.13x blanket BF16 autocast (measured here, median of 3 steps: policy 35 ms, FP32 41 ms, autocast bf16 31 ms); blanket BF16 is numerically safe here and 13% faster: use it
-        modelled 0.70x FP32 by the device profile (calibrated here); measured 0.85x: the profile's error on this model
-        >>> speed_lines(Policy(layers={}, stats={"modelled_cost_ratio": 0.66, "profile_origin": "estimate"}, target="cuda"))
-        ['modelled: policy step time 0.66x FP32 (built-in CUDA estimate, not measured)']
-    """
-    s = policy.speed
-    if s is None:
-        ratio, origin = policy.stats.get("modelled_cost_ratio"), policy.stats.get("profile_origin")
-        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
-            return []
-        return [f"modelled: policy step time {ratio:.2f}x FP32 ({profile_label(origin, policy.target)}, not measured)"]
-    fmts = [f for f in (*policy.formats, *s.blanket) if f in s.blanket or f"autocast {f}" in s.seconds]
-    fmts = list(dict.fromkeys(fmts))
-    if s.source != "measured" or "policy" not in s.seconds or "fp32" not in s.seconds:
-        why = f": {s.note}" if s.note else ""
-        return ["; ".join([f"modelled: policy step time {s.modelled:.2f}x FP32 ({s.profile}, not measured{why})",
-                           *(f"blanket {f.upper()} fails: {s.blanket[f]}" for f in fmts if s.blanket.get(f))])]
-    auto = [f for f in fmts if f"autocast {f}" in s.seconds]
-    head = f"policy step time {s.ratio('policy', 'fp32'):.2f}x FP32" + "".join(
-        f", {s.ratio('policy', f'autocast {f}'):.2f}x blanket {f.upper()} autocast" for f in auto)
-    shown = ["policy", "fp32", *(f"autocast {f}" for f in auto)]
-    head += (f" (measured here, median of {len(s.seconds['policy'])} steps: "
-             + ", ".join(f"{'FP32' if k == 'fp32' else k} {_ms(s.seconds[k])}" for k in shown) + ")")
-    lines = ["; ".join([head, *(_verdict(s, f) for f in fmts if f in s.blanket)])]
-    lines.append(f"modelled {s.modelled:.2f}x FP32 by the device profile ({s.profile}); measured "
-                 f"{s.ratio('policy', 'fp32'):.2f}x: the profile's error on this model")
-    if s.note:
-        lines.append(s.note)
-    return lines
-
-
-def _verdict(s: StepSpeed, fmt: str) -> str:
-    name, auto = fmt.upper(), f"autocast {fmt}"
-    if s.blanket[fmt] == UNPROVEN:
-        return f"blanket {name} is {UNPROVEN}"
-    if s.blanket[fmt]:
-        return f"blanket {name} fails: {s.blanket[fmt]}"
-    if auto in s.seconds and clearly_faster(s.seconds[auto], s.seconds["policy"]):
-        gain = s.ratio("policy", auto) - 1
-        return f"blanket {name} is numerically safe here and {100 * gain:.0f}% faster: use it"
-    return f"blanket {name} is numerically safe here, and not clearly faster than the policy"
-
-
-def profile_label(origin: Any, target: str, source: str = "") -> str:
-    """Where a modelled figure comes from, in words.
-
-    Example:
-        >>> profile_label("estimate", "cuda"), profile_label("file", "cpu", "h100.json")
-        ('built-in CUDA estimate', 'profile file h100.json')
-    """
-    if origin == "estimate":
-        return f"built-in {target.upper()} estimate"
-    if origin == "calibrated":
-        return "calibrated here"
-    return f"profile file {source}".strip() if origin == "file" else "device profile"
-
-
-def modelled_record(modelled: float, profile: str, blanket: Mapping[str, str], why: str) -> StepSpeed:
-    """The policy's :class:`StepSpeed` where no step was timed (``why``).
-
-    Example:
-        >>> modelled_record(0.66, "built-in CUDA estimate", {}, "target cuda, tuned on cpu").source
-        'modelled'
-    """
-    return StepSpeed("modelled", modelled=modelled, profile=profile, blanket=dict(blanket), note=why)

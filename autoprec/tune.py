@@ -30,8 +30,8 @@ from .training import OptimizerFactory, default_optimizer, train_curve
 from .verify import check_reference, unverified, verify
 from ._memory import PeakMemory
 from .snapshot import Snapshot, park, unpark
-from .step_speed import (adopt, blanket, first_failure, measured_record, modelled_record, profile_label, race,
-                         retime, unproven)
+from .speed_lines import first_failure, modelled_record, profile_label, unproven
+from .step_speed import adopt, blanket, measured_record, race, retime
 from ._progress import Progress
 
 __all__ = ["tune"]
@@ -185,7 +185,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
 
 def _modelled(tr: Any, profile: DeviceProfile, policy: Policy, result: Any) -> float:
     """The device profile's step time of ``policy``'s assignment over FP32's (casts priced per edge)."""
-    return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32 if result.cost_fp32 else 1.0
+    if not result.cost_fp32:
+        return 1.0
+    return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32
 
 
 def speed_measured(option: bool | None) -> bool:

@@ -29,6 +29,7 @@ import _zoo
 from _measure import write_json
 
 import autoprec
+from autoprec.speed_lines import speed_lines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +70,7 @@ def run(name: str, verify_steps: int) -> dict[str, Any]:
             "measured_ratio": round(s.ratio("policy", "fp32"), 3) if "policy" in s.seconds else None,
             "modelled_ratio": round(s.modelled, 3), "profile": policy.stats.get("profile"), "chosen": s.chosen,
             "blanket": dict(s.blanket), "low_precision_fraction": round(policy.low_precision_fraction(), 3),
-            "speed_lines": autoprec.step_speed.speed_lines(policy)}
+            "speed_lines": speed_lines(policy)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -78,7 +79,8 @@ def table(rows: list[dict[str, Any]]) -> str:
            "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
     for r in rows:
         ms = r["step_ms"]
-        out.append(f"| {r['model']} | {ms.get('fp32', '-')} | {ms.get('policy', '-')} | {ms.get('autocast bf16', '-')} | "
+        out.append(f"| {r['model']} | {ms.get('fp32', '-')} | {ms.get('policy', '-')} | "
+                   f"{ms.get('autocast bf16', '-')} | "
                    f"{r['measured_ratio']} | {r['modelled_ratio']} | {r['chosen']} | "
                    f"{100 * r['low_precision_fraction']:.0f}% | {r['blanket'].get('bf16') or 'safe'} |")
     return "\n".join(out)

@@ -163,3 +163,16 @@ def test_scaling_gpt2_tunes_each_shape_in_a_fresh_process(tmp_path):
         assert r["verify_passes"] == 4 and r["probe_passes"] >= 1 and r["tune_s"] > 0 and r["plain_s"] > 0
         assert r["tune_peak_mb"] >= 0 and r["step_peak_mb"] >= 0 and set(r["peak_by_stage_mb"]) >= {"probe", "verify"}
     assert rows[1]["candidates"] > rows[0]["candidates"]  # a deeper model, more layers
+
+
+def test_step_ratio_sets_measured_beside_modelled(tmp_path, one_thread):
+    """The step-ratio benchmark tunes a small BERT with timing on and writes both ratios and every variant's step."""
+    import step_ratio
+
+    out = tmp_path / "step_ratio.json"
+    rows = step_ratio.main(["--models", "bert-128", "--verify-steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == rows
+    r = rows[0]
+    assert {"fp32", "autocast bf16", "policy"} <= set(r["step_ms"]) and r["rounds"] >= 3
+    assert r["measured_ratio"] is not None and r["modelled_ratio"] > 0
+    assert r["speed_lines"][0].startswith("policy step time ")

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import autoprec
 from autoprec import LayerEntry, Policy, StepSpeed
 from autoprec.search import Decision
-from autoprec.step_speed import adopt, blanket, choose, clearly_faster, first_failure, measured_record, Race, speed_lines
+from autoprec.speed_lines import UNPROVEN, clearly_faster, first_failure, speed_lines, unproven
+from autoprec.step_speed import Race, adopt, blanket, choose, measured_record
 from tests.models import mlp, rotary_model
 
 FAST, SLOW = (0.010, 0.0101, 0.0102), (0.013, 0.0131, 0.0132)
@@ -180,7 +181,7 @@ def test_retime_times_the_shipped_policy_and_says_why(one_thread):
     """After a back-off the shipped policy is timed again beside FP32 and autocast; the note says why; the
     weights are restored."""
     from autoprec.snapshot import Snapshot
-    from autoprec.step_speed import UNPROVEN, retime, unproven
+    from autoprec.step_speed import retime
     from autoprec.training import default_optimizer
 
     model, batch, loss_fn = mlp()
@@ -190,7 +191,8 @@ def test_retime_times_the_shipped_policy_and_says_why(one_thread):
     with Snapshot(list(model.parameters())) as snap:
         s = retime(model, [batch], loss_fn, policy, race, modelled=0.9, profile="p", why="verification backed off 2",
                    formats=("bf16",), device_type="cpu", optimizer=default_optimizer, seed=0, snapshot=snap)
-    assert set(s.seconds) == {"fp32", "autocast bf16", "policy"} and s.note == "re-timed after verification backed off 2"
+    assert set(s.seconds) == {"fp32", "autocast bf16", "policy"}
+    assert s.note == "re-timed after verification backed off 2"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert speed_lines(Policy(layers={}, formats=("bf16",), speed=s))[0].endswith(f"; blanket BF16 is {UNPROVEN}")
 
