@@ -139,6 +139,8 @@ def _verdict(s: StepSpeed, fmt: str) -> str:
     if auto in s.seconds and clearly_faster(s.seconds[auto], s.seconds["policy"]):
         gain = s.ratio("policy", auto) - 1
         return f"blanket {name} is numerically safe here and {100 * gain:.0f}% faster: use it"
+    if auto in s.seconds and clearly_faster(s.seconds["policy"], s.seconds[auto]):
+        return f"blanket {name} is numerically safe here, and its step takes {100 * (s.ratio(auto, 'policy') - 1):.0f}% longer"
     return f"blanket {name} is numerically safe here, and not clearly faster than the policy"
 
 def step_ms(rounds: Sequence[float]) -> str:

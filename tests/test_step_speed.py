@@ -208,3 +208,10 @@ def test_speed_lines_render_any_valid_record(source, modelled, seconds, blanket_
     speed = StepSpeed(source, modelled, seconds=seconds, blanket=blanket_)
     lines = speed_lines(Policy(layers={}, formats=formats, speed=speed))
     assert lines[0].startswith(("policy step time ", "modelled: policy step time "))
+
+
+def test_speed_line_says_how_much_longer_a_slower_blanket_step_takes():
+    """Blanket autocast clearly slower than the policy is named with the extra time its step takes."""
+    p = _policy(source="measured", modelled=0.8, seconds={"fp32": SLOW, "autocast bf16": SLOW, "policy": FAST},
+                blanket={"bf16": ""})
+    assert speed_lines(p)[0].endswith("; blanket BF16 is numerically safe here, and its step takes 30% longer")
