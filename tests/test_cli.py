@@ -27,11 +27,17 @@ FACTORY = textwrap.dedent('''
         return "not a model"
 
     def unverifiable():
+        # tests.models.unverifiable_tanh (this file runs outside the repository): BF16-valued weights and batch
+        # make the noise floor exactly 0, so a bound of 1e-9 fails on every CPU
         torch.manual_seed(0)
         layers = []
         for _ in range(12):
             layers += [nn.Linear(64, 64), nn.Tanh()]
-        return nn.Sequential(*layers), torch.randn(128, 64)
+        model = nn.Sequential(*layers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+        return model, torch.randn(128, 64).bfloat16().float()
 ''')
 
 
@@ -167,6 +173,19 @@ def test_html_report_is_well_formed_with_both_charts(workdir):
     bars = sum(len(e.measured) for e in policy.layers.values() if e.measured)
     assert parser.tags["rect"] == bars
     assert parser.tags["table"] >= 1
+
+
+def test_the_unverifiable_factory_is_the_test_models_one():
+    """The CLI's unverifiable factory builds tests.models.unverifiable_tanh: BF16-valued weights, a zero noise floor."""
+    import torch
+
+    from tests.models import unverifiable_tanh
+    scope: dict = {}
+    exec(FACTORY, scope)
+    (model, x), (ref, ref_x) = scope["unverifiable"](), unverifiable_tanh()
+    assert torch.equal(x, ref_x) and torch.equal(x, x.bfloat16().float())
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, a.bfloat16().float()), k
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])

@@ -3,7 +3,6 @@ a member differs, and ``tune`` decides every layer as it does probing each layer
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from autoprec.probe import Runner, probe
 from autoprec.roles import Sharing, role_of, roles
 from autoprec.trace import trace
 from tests.models import HAZARD_FACTORIES
-from tests.test_tune_hazards import forward_backward, rel_errors
+from tests.helpers import cached, forward_backward, rel_errors
 
 
 class _Block(nn.Module):
@@ -78,7 +77,7 @@ def gpt2(seed: int = 0, *, blocks: int = 4, width: int = 64, vocab: int = 1000):
 MODELS = {**HAZARD_FACTORIES, "outlier_stack": outlier_stack, "gpt2": gpt2}
 
 
-@functools.lru_cache(maxsize=None)
+@cached
 def tuned(name: str, share: bool, verify_steps: int = 0) -> autoprec.Policy:
     """One tune per (model, sharing, verify steps), for CUDA (emulated here) in FP16 and BF16."""
     model, batch, loss_fn = MODELS[name]()
