@@ -99,6 +99,13 @@ def check_model(model: Any) -> torch.device:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"tune needs a torch.nn.Module, got {type(model).__name__}")
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ModelError(f"{len(meta)} parameter(s) or buffer(s) of {type(model).__name__} are on the 'meta' device "
+                         f"({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): they hold no values, and "
+                         "autoprec measures the model's real weights, on any target; materialise them first: "
+                         "model.to_empty(device='cpu'), then initialise or load the weights "
+                         "(model.load_state_dict(...)), then tune")
     floating = [p for p in model.parameters() if p.is_floating_point()]
     if not floating:
         raise ModelError(f"{type(model).__name__} has no floating-point parameters: there is nothing to tune; "

@@ -132,6 +132,11 @@ def _nan(scale: float):
     return model, batch, ce
 
 
+def _meta():
+    model, batch, ce = mlp()
+    return model.to("meta"), batch, ce
+
+
 def _no_params():
     _, batch, ce = mlp()
     return nn.Sequential(nn.ReLU(), nn.Flatten()), batch, ce
@@ -169,6 +174,10 @@ CASES: dict[str, tuple] = {
                           ["nan", "broken in FP32", "fix the model or the batch"]),
     "model_overflows_in_fp32": (lambda: _nan(1e38), lambda m, b, f: (m, b, f, {}), autoprec.ModelError,
                                 ["broken in FP32"]),
+    "model_on_meta": (_meta, lambda m, b, f: (m, b, f, {}), autoprec.ModelError,
+                      ["'meta' device", "fc1.weight", "no values", "model.to_empty(device='cpu')", "load_state_dict"]),
+    "model_on_meta_target_cpu": (_meta, lambda m, b, f: (m, b, f, {"target": "cpu"}), autoprec.ModelError,
+                                 ["'meta' device", "on any target", "model.to_empty(device='cpu')"]),
     "model_is_a_function": (_mlp_parts, lambda m, b, f: (lambda x: m(x), b, f, {}), autoprec.ModelError,
                             ["function", "torch.nn.Module"]),
     "model_is_none": (_mlp_parts, lambda m, b, f: (None, b, f, {}), autoprec.ModelError,
