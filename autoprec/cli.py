@@ -93,7 +93,8 @@ def _user_error(exc: BaseException) -> str:
     if own or frames:
         f = (own or frames)[-1]
         path = os.path.abspath(f.filename)
-        where = f" (at {os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path}:{f.lineno} in {f.name})"
+        path = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+        where = f" (at {path}:{f.lineno} in {f.name})"
     return f"{type(exc).__name__}: {str(exc)[:300]}{where}"
 
 
