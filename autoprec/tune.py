@@ -151,7 +151,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                 for i, b in enumerate(all_batches):
                     check_batch(work, b, loss_fn, i)
                 with Progress(progress and ranks.rank == 0, meter=meter,
-                              stages=_STAGES[:None if verify_steps > 0 else 3]) as bar:
+                              stages=_STAGES if verify_steps > 0 else _STAGES[:3]) as bar:
                     tuned: list[Policy] = []
 
                     def run() -> str:
