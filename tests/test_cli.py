@@ -203,3 +203,53 @@ def test_a_policy_that_fails_verification_exits_5(workdir, strict):
         import autoprec
         assert autoprec.load(out).verification.passed is False
         assert "verification FAILED" in res.stdout
+
+
+USER_FACTORIES = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    def _load(path):
+        raise ValueError(f"no checkpoint at {path!r}")
+
+
+    def raises():
+        model = nn.Linear(4, 4)
+        _load("weights.pt")
+        return model, torch.randn(2, 4)
+
+
+    def on_meta():
+        with torch.device("meta"):
+            model = nn.Linear(4, 4)
+        return model, torch.randn(2, 4)
+''')
+
+
+@pytest.mark.parametrize("args,code,needles", [
+    (["user:raises"], 2, ["factory 'user:raises' raised ValueError: no checkpoint at 'weights.pt'",
+                          "(at user.py:7 in _load)", "fix the factory"]),
+    (["broken_import:make"], 2, ["importing 'broken_import' raised RuntimeError: boom (at broken_import.py:2 in "
+                                 "<module>)"]),
+    (["user:on_meta"], 3, ["ModelError", "'meta' device", "model.to_empty(device='cpu')"]),
+    (["user:on_meta", "--target", "cpu"], 3, ["ModelError", "'meta' device", "on any target"]),
+], ids=["factory-raises", "module-raises", "model-on-meta", "model-on-meta-target-cpu"])
+def test_the_users_own_failures_are_reported_as_theirs(tmp_path, args, code, needles):
+    """A factory (or its module) that raises is a bad factory, exit 2, naming the error and its line in the
+    user's file; a model on 'meta' is refused, exit 3, with what to do; never 'a bug?', never a traceback."""
+    (tmp_path / "user.py").write_text(USER_FACTORIES)
+    (tmp_path / "broken_import.py").write_text("import torch\nraise RuntimeError('boom')\n")
+    res = _run("tune", *args, "--out", "x.json", "--quiet", cwd=tmp_path)
+    assert res.returncode == code, (res.stdout, res.stderr)
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+    assert "Traceback" not in res.stderr and "a bug?" not in res.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_debug_shows_the_factorys_own_traceback(tmp_path):
+    """--debug shows the traceback of the factory's exception, down to the user's line."""
+    (tmp_path / "user.py").write_text(USER_FACTORIES)
+    res = _run("--debug", "tune", "user:raises", "--out", "x.json", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" in res.stderr and 'user.py", line 7, in _load' in res.stderr
