@@ -50,3 +50,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """``autoprec.integrations`` on first use, so ``import autoprec`` imports no training framework."""
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.integrations")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

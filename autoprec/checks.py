@@ -6,7 +6,7 @@ Everything here runs before any long work: at most one forward (with its loss) p
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -102,6 +102,13 @@ def check_model(model: Any) -> torch.device:
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"tune needs a torch.nn.Module, got {type(model).__name__}")
+    meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ModelError(f"{len(meta)} parameter(s) or buffer(s) of {type(model).__name__} are on the 'meta' device "
+                         f"({', '.join(meta[:3])}{', ...' if len(meta) > 3 else ''}): they hold no values, and "
+                         "autoprec measures the model's real weights, on any target; materialise them first: "
+                         "model.to_empty(device='cpu'), then initialise or load the weights "
+                         "(model.load_state_dict(...)), then tune")
     floating = [p for p in model.parameters() if p.is_floating_point()]
     if not floating:
         raise ModelError(f"{type(model).__name__} has no floating-point parameters: there is nothing to tune; "
@@ -122,12 +129,17 @@ def check_model(model: Any) -> torch.device:
 def check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int) -> None:
     """One FP32 forward and loss: the batch fits, the loss is a finite scalar that depends on the model.
 
+    A non-finite loss from a batch that holds NaN or Inf is a :class:`BatchError` naming each such
+    tensor by its path (``batch['pixel_values']``, ``batches[0][1]``); a model that masks them (a
+    finite loss) is accepted.
+
     Example:
         >>> check_batch(torch.nn.Linear(2, 1), torch.ones(3, 3), None, 0)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         autoprec.errors.BatchError: the model cannot take batch 0 (RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x3 and 2x1)); pass what the model takes: ...
     """
+    nonfinite = _nonfinite(batch, index)
     try:
         out = call_model(model, batch)
     except Exception as exc:  # noqa: BLE001 - any failure here is the batch's
@@ -142,11 +154,54 @@ def check_batch(model: nn.Module, batch: Any, loss_fn: LossFn | None, index: int
         raise BatchError(f"loss_fn failed on batch {index} ({type(exc).__name__}: {str(exc)[:200]}); it is "
                          "called as loss_fn(output, batch) and must return a scalar tensor") from exc
     if not bool(torch.isfinite(loss)):
+        if nonfinite:  # the batch's NaN/Inf, not the model, is what broke the loss
+            raise BatchError(f"{_which(index)} holds non-finite values ({'; '.join(nonfinite)}), and the FP32 loss "
+                             f"on it is {float(loss.detach())}: autoprec measures each format's error against FP32 "
+                             "on it, and a NaN or Inf leaves nothing to compare; clean the data first (drop those "
+                             "samples, or replace the values: torch.nan_to_num), or mask them in the model so that "
+                             "the loss stays finite")
         raise ModelError(f"the FP32 loss on batch {index} is {float(loss.detach())}: autoprec cannot tune a model "
                          "that is broken in FP32; fix the model or the batch first")
     if not loss.requires_grad:
         raise BatchError(f"the loss on batch {index} does not depend on the model's trainable parameters "
                          "(it has no grad_fn): compute it from the model's output, without .detach() or .item()")
+
+
+def _which(index: int) -> str:
+    """How the caller names batch ``index`` of tune's list: ``batch``, then ``batches=``'s entries."""
+    return "the batch" if index == 0 else f"batch {index} (batches[{index - 1}])"
+
+
+def _tensors(batch: Any, path: str, depth: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor in ``batch`` with its path in it: ``batch[1]``, ``batch['pixel_values']``."""
+    if isinstance(batch, torch.Tensor):
+        yield path, batch
+    elif depth < 16 and isinstance(batch, Mapping):
+        for key, value in batch.items():
+            yield from _tensors(value, f"{path}[{key!r}]", depth + 1)
+    elif depth < 16 and isinstance(batch, (list, tuple)):
+        for i, value in enumerate(batch):
+            yield from _tensors(value, f"{path}[{i}]", depth + 1)
+
+
+def _nonfinite(batch: Any, index: int) -> list[str]:
+    """``'batch[1]: 3 NaN and 0 Inf of 256 values'`` for each floating tensor of the batch that holds any.
+
+    Example:
+        >>> _nonfinite({"ids": torch.ones(2, dtype=torch.long), "x": torch.tensor([1.0, float("nan")])}, 0)
+        ["batch['x']: 1 NaN and 0 Inf of 2 values"]
+        >>> _nonfinite([torch.ones(1), torch.tensor([float("inf")])], 2)
+        ['batches[1][1]: 0 NaN and 1 Inf of 1 values']
+    """
+    found = []
+    for path, t in _tensors(batch, "batch" if index == 0 else f"batches[{index - 1}]"):
+        if t.is_meta:
+            raise BatchError(f"{path} is on the 'meta' device: it holds no values; pass a batch of real data")
+        if t.is_floating_point() or t.is_complex():  # an integer tensor cannot hold NaN or Inf
+            nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+            if nan or inf:
+                found.append(f"{path}: {nan} NaN and {inf} Inf of {t.numel()} values")
+    return found
 
 
 def check_batches(batches: Iterable[Any] | None) -> None:

@@ -55,14 +55,47 @@ def _load_factory(spec: str) -> Any:
             mod_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
+    except _UsageError:
+        raise
     except FileNotFoundError:
         raise _UsageError(f"factory file {target!r} does not exist") from None
     except ImportError as exc:
         raise _UsageError(f"cannot import {target!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the factory's own module failed: the user's code, not autoprec
+        raise _UsageError(f"importing {target!r} raised {_user_error(exc)}") from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise _UsageError(f"{target!r} has no callable {name!r}")
     return factory
+
+
+def _make(spec: str) -> tuple[Any, Any, Any]:
+    """Run the factory ``spec`` names: (model, batch, loss_fn); its own exception is a bad factory (exit 2)."""
+    factory = _load_factory(spec)
+    try:
+        made = factory()
+    except Exception as exc:  # noqa: BLE001 - the user's code failed, not autoprec: say where, no autoprec trace
+        raise _UsageError(f"factory {spec!r} raised {_user_error(exc)}; fix the factory (--debug shows the "
+                          "traceback)") from exc
+    return _unpack(made)
+
+
+def _user_error(exc: BaseException) -> str:
+    """``ValueError: message (at path/file.py:12 in make)``: the error and its deepest frame in the user's
+    own code (not in autoprec, the standard library or an installed package, where there is one)."""
+    import sysconfig
+
+    libraries = tuple(os.path.abspath(p) + os.sep for p in {os.path.dirname(os.path.abspath(__file__)),
+                                                            *sysconfig.get_paths().values()})
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    own = [f for f in frames if not os.path.abspath(f.filename).startswith(libraries)]
+    where = ""
+    if own or frames:
+        f = (own or frames)[-1]
+        path = os.path.abspath(f.filename)
+        path = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+        where = f" (at {path}:{f.lineno} in {f.name})"
+    return f"{type(exc).__name__}: {str(exc)[:300]}{where}"
 
 
 def _unpack(made: Any) -> tuple[Any, Any, Any]:
@@ -109,7 +142,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     import autoprec
 
-    model, batch, loss_fn = _unpack(_load_factory(args.factory)())
+    model, batch, loss_fn = _make(args.factory)
     kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
                                   grad_tolerance=args.grad_tolerance, verify_steps=args.verify_steps,
                                   storage=args.storage, seed=args.seed, progress=not args.quiet,
@@ -368,6 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except _UsageError as exc:
+        if args.debug and exc.__cause__ is not None:  # the factory's own traceback
+            cause = exc.__cause__
+            traceback.print_exception(type(cause), cause, cause.__traceback__)
         print(f"autoprec: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except AutoprecError as exc:

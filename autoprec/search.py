@@ -196,7 +196,8 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
     ``measure(assignment)`` runs one forward+backward under an assignment and returns
     ``(loss_err, grad_err, finite)`` against FP32. With ``ranks`` of several processes the trials'
     passes are split across them (:mod:`autoprec.split_search`; no ``storage`` then) and every
-    rank returns the result one process would.
+    rank returns the result one process would. ``progress(i, n)`` states the plan before the first
+    trial (``n`` trials in all, ``i`` of them done already by a resumed study), then counts each trial.
     """
     decisions: dict[str, Decision] = {}
     best_fmt: dict[str, str] = {}
@@ -377,6 +378,8 @@ def _run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[f
             for guess in dict.fromkeys([greedy, n]):
                 study.enqueue_trial({"k": guess})
         budget = max(0, min(n_trials, n + 1) - len(done))
+        if progress is not None:  # the plan, before the first trial
+            progress(len(done), budget + len(done))
 
         def objective(trial: "optuna.Trial") -> float:
             k = trial.suggest_int("k", 0, n)

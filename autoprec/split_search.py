@@ -64,6 +64,8 @@ def run_split_study(n: int, greedy: int, measure: Callable[[int], Result], cache
         study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed))
         for guess in dict.fromkeys([greedy, n]):
             study.enqueue_trial({"k": guess})
+        if progress is not None:  # the plan, before the first trial
+            progress(0, budget)
         for i in range(budget):
             trial = study.ask()
             k = trial.suggest_int("k", 0, n)

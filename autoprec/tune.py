@@ -38,6 +38,8 @@ __all__ = ["tune"]
 
 log = logging.getLogger("autoprec.tune")
 
+_STAGES = ("trace", "probe", "search", "reference run", "verify")  # the last two only with verify_steps > 0
+
 
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
          dtypes: Iterable[str] | str | None = None, target: str | None = None, tolerance: float = 0.01,
@@ -161,7 +163,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             try:
                 for i, b in enumerate(all_batches):
                     check_batch(work, b, loss_fn, i)
-                with Progress(progress and ranks.rank == 0, meter=meter) as bar:
+                with Progress(progress and ranks.rank == 0, meter=meter,
+                              stages=_STAGES if verify_steps > 0 else _STAGES[:3]) as bar:
                     tuned: list[Policy] = []
 
                     def run() -> str:
@@ -251,7 +254,10 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
     share = Sharing(loss=tol.loss, grad=tol.grad) if share_roles else None
     planned = len(units(candidates, roles(tr, candidates))) if share is not None else len(candidates)
     # this rank's share of the measurements (as autoprec.probe deals them); a role that splits adds passes
-    bar.stage("probe", len(batches) + len(ranks.share(range(planned * len(formats)))), unit="pass")
+    probe_plan = len(batches) + len(ranks.share(range(planned * len(formats))))
+    bar.expect({"probe": probe_plan, "search": min(n_trials, len(candidates) + 1), "reference run": verify_steps,
+                "verify": verify_steps * (2 if verify_compile else 1)})  # the search's is its most: its plan follows
+    bar.stage("probe", probe_plan, unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
                skipped=skipped, share=share, ranks=ranks)
     probe_passes = runner.passes
@@ -265,9 +271,9 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         loss, grads = runner.run(batches[0], dict(assignment), scale=s)
         return errors(loss, grads, ref_loss, ref["grads"], reuse=True)
 
-    bar.stage("search", min(n_trials, len(candidates) + 1), unit="trial")
+    bar.stage("search", None, unit="trial")  # its bar opens when the search states its plan: what the probe left open
 
-    def searched(i: int, n: int) -> None:  # trial i of n (a resumed study starts past 0)
+    def searched(i: int, n: int) -> None:  # trial i of n (a resumed study starts past 0; i = 0 states the plan)
         bar.plan(n)
         bar.advance(max(0, i - bar.done))
 

@@ -35,7 +35,7 @@ from .search import Decision
 from .snapshot import Snapshot
 from .training import Curve, OptimizerFactory, train_curve
 
-__all__ = ["VerifyResult", "check_reference", "compare", "noise_floor", "unverified", "verify"]
+__all__ = ["VerifyResult", "check_reference", "compare", "judge", "noise_floor", "unverified", "verify"]
 
 log = logging.getLogger("autoprec.verify")
 
@@ -50,6 +50,26 @@ def compare(fp32: Sequence[float], policy: Sequence[float]) -> float:
         return math.inf
     base = max(abs(fp32[0]), 1e-12)
     return round(max(abs(a - b) for a, b in zip(fp32, policy)) / base, 12)
+
+
+def judge(gap: float, *, bound: float, floor: float, longest_skip_run: int,
+          max_skip_run: int = 3) -> tuple[bool, float]:
+    """The verdict on one policy run: ``(passed, threshold)``.
+
+    The threshold is ``bound``, or ``NOISE_MULTIPLE`` times the run's noise ``floor`` where that is
+    larger; the run passes when its gap is within it and no run of ``max_skip_run`` or more scaler
+    steps was skipped. An infinite gap (a non-finite loss) fails whatever the floor.
+
+    Example:
+        >>> judge(0.08, bound=0.05, floor=0.0, longest_skip_run=0)
+        (False, 0.05)
+        >>> judge(0.08, bound=0.05, floor=0.045, longest_skip_run=0)  # the floor explains the gap
+        (True, 0.09)
+        >>> judge(0.01, bound=0.05, floor=0.0, longest_skip_run=3)
+        (False, 0.05)
+    """
+    threshold = max(bound, NOISE_MULTIPLE * floor)
+    return gap <= threshold and longest_skip_run < max_skip_run, threshold
 
 
 def noise_floor(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, fp32: Curve, *, precision: str,
@@ -142,8 +162,8 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         floor = floor_for(policy, gap)
-        threshold = max(bound, NOISE_MULTIPLE * floor)
-        passed = gap <= threshold and curve.longest_skip_run < max_skip_run
+        passed, threshold = judge(gap, bound=bound, floor=floor, longest_skip_run=curve.longest_skip_run,
+                                  max_skip_run=max_skip_run)
         verdict = Verification(passed=passed, steps=steps, fp32_losses=tuple(fp32.losses),
                                policy_losses=tuple(curve.losses), max_gap=gap, bound=bound,
                                skipped_steps=curve.skipped, longest_skip_run=curve.longest_skip_run,
@@ -175,7 +195,8 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         verdict = dataclasses.replace(verdict, noise_floor=floor_for(policy, gap))
-        ok = gap <= verdict.threshold and curve.longest_skip_run < max_skip_run
+        ok = judge(gap, bound=bound, floor=verdict.noise_floor, longest_skip_run=curve.longest_skip_run,
+                   max_skip_run=max_skip_run)[0]
         verdict = dataclasses.replace(
             verdict, passed=verdict.passed and ok, compiled=compile_backend, compiled_losses=tuple(curve.losses),
             compiled_max_gap=gap,

@@ -7,7 +7,7 @@ Every factory takes a ``seed`` and returns ``(model, batch, loss_fn)``:
   can be assigned per module and per functional op inside a module's forward.
 * ``batch`` is what the model takes: a tensor (``model(batch)``), a tuple of
   positional args (``model(*batch)``) or a dict of kwargs (``model(**batch)``).
-  Use :func:`call_model` to apply a model to a batch.
+  Use :func:`call_model` (autoprec's own, re-exported) to apply a model to a batch.
 * ``loss_fn(output, batch) -> scalar tensor``, or ``None`` when the model
   returns its own scalar loss. Loss functions cast the output to float32 first,
   so a hazard always comes from the model, never from the loss.
@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoprec.batch import call_model
+
 Batch = Any
 LossFn = Optional[Callable[[Any, Batch], torch.Tensor]]
 ModelSpec = Tuple[nn.Module, Batch, LossFn]
@@ -52,6 +54,7 @@ FP16_MAX = 65504.0
 __all__ = [
     "FP16_MAX",
     "call_model",
+    "unverifiable_tanh",
     "scatter_gnn",
     "rmsnorm_model",
     "unscaled_attention",
@@ -84,15 +87,6 @@ __all__ = [
     "SpectralConv2d",
     "FNO",
 ]
-
-
-def call_model(model: nn.Module, batch: Batch) -> Any:
-    """Apply ``model`` to ``batch`` (tensor, tuple of positional args, or dict of kwargs)."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 class _seeded:
@@ -437,6 +431,22 @@ def mlp(seed: int = 0, batch_size: int = 64) -> ModelSpec:
         x = torch.randn(batch_size, 128)
         labels = torch.randint(0, 10, (batch_size,))
     return model.train(), x, _ce_loss_fn(labels)
+
+
+def unverifiable_tanh(depth: int = 12) -> tuple[nn.Module, torch.Tensor]:
+    """``depth`` x (Linear(64, 64), Tanh) whose weights and batch are BF16 values (exactly representable), for
+    a verification built to fail: FP32 training from weights rounded to BF16 is then the FP32 run itself, so the
+    noise floor is exactly 0 on every CPU, and any BF16 layer left in the policy leaves a loss gap over it."""
+    with _seeded(0):
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(64, 64), nn.Tanh()]
+        model = nn.Sequential(*layers)
+        x = torch.randn(128, 64).bfloat16().float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model, x
 
 
 class CNN(nn.Module):

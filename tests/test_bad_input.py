@@ -21,7 +21,7 @@ from torch import nn
 import autoprec
 from autoprec import LayerEntry, Policy
 from autoprec.trace import module_signatures
-from tests.models import MLP, mlp
+from tests.models import MLP, mlp, scatter_gnn
 
 PACKAGE = pathlib.Path(autoprec.__file__).resolve().parent
 QUICK = {"progress": False, "verify_steps": 2}
@@ -132,6 +132,21 @@ def _nan(scale: float):
     return model, batch, ce
 
 
+def _meta():
+    model, batch, ce = mlp()
+    return model.to("meta"), batch, ce
+
+
+def _with(batch: torch.Tensor, value: float, at=(0, 0)) -> torch.Tensor:
+    batch = batch.clone()
+    batch[at] = value
+    return batch
+
+
+def _gnn_parts():
+    return scatter_gnn(num_nodes=50, hub_fan_in=100, num_random_edges=100)
+
+
 def _no_params():
     _, batch, ce = mlp()
     return nn.Sequential(nn.ReLU(), nn.Flatten()), batch, ce
@@ -158,6 +173,17 @@ CASES: dict[str, tuple] = {
                              ["batch 0", "Long", "pass what the model takes"]),
     "extra_batch_wrong_shape": (_mlp_parts, lambda m, b, f: (m, b, f, {"batches": [b, b[:, :3]]}),
                                 autoprec.BatchError, ["batch 2", "64x3"]),
+    "batch_nan": (_mlp_parts, lambda m, b, f: (m, _with(b, float("nan")), f, {}), autoprec.BatchError,
+                  ["the batch holds non-finite values (batch: 1 NaN and 0 Inf of 8192 values)", "FP32 loss on it is nan",
+                   "torch.nan_to_num", "mask them in the model"]),
+    "batch_inf_in_a_dict": (_mlp_parts, lambda m, b, f: (m, {"x": _with(b, float("-inf"), (3, 1))}, f, {}),
+                            autoprec.BatchError, ["batch['x']: 0 NaN and 1 Inf of 8192 values"]),
+    "batch_nan_in_a_tuple": (_gnn_parts, lambda m, b, f: (m, (_with(b[0], float("nan")), b[1]), f, {}),
+                             autoprec.BatchError, ["(batch[0]: 1 NaN and 0 Inf of 800 values)"]),
+    "extra_batch_nan": (_mlp_parts, lambda m, b, f: (m, b, f, {"batches": [b, _with(b, float("nan"), (5, 5))]}),
+                        autoprec.BatchError, ["batch 2 (batches[1]) holds non-finite values (batches[1]: 1 NaN"]),
+    "batch_on_meta": (_mlp_parts, lambda m, b, f: (m, b.to("meta"), f, {}), autoprec.BatchError,
+                      ["batch is on the 'meta' device", "real data"]),
     # the model
     "model_without_float_params": (_no_params, lambda m, b, f: (m, b, f, {}), autoprec.ModelError,
                                    ["Sequential", "no floating-point parameters"]),
@@ -169,6 +195,10 @@ CASES: dict[str, tuple] = {
                           ["nan", "broken in FP32", "fix the model or the batch"]),
     "model_overflows_in_fp32": (lambda: _nan(1e38), lambda m, b, f: (m, b, f, {}), autoprec.ModelError,
                                 ["broken in FP32"]),
+    "model_on_meta": (_meta, lambda m, b, f: (m, b, f, {}), autoprec.ModelError,
+                      ["'meta' device", "fc1.weight", "no values", "model.to_empty(device='cpu')", "load_state_dict"]),
+    "model_on_meta_target_cpu": (_meta, lambda m, b, f: (m, b, f, {"target": "cpu"}), autoprec.ModelError,
+                                 ["'meta' device", "on any target", "model.to_empty(device='cpu')"]),
     "model_is_a_function": (_mlp_parts, lambda m, b, f: (lambda x: m(x), b, f, {}), autoprec.ModelError,
                             ["function", "torch.nn.Module"]),
     "model_is_none": (_mlp_parts, lambda m, b, f: (None, b, f, {}), autoprec.ModelError,
@@ -383,3 +413,35 @@ def test_load_with_a_non_path_raises_policy_error(path):
     """load() of something that is not a path is a PolicyError naming it."""
     with pytest.raises(autoprec.PolicyError):
         autoprec.load(path)
+
+
+class _TwoInputs(nn.Module):
+    """Takes (x, ids); with ``mask``, NaN entries of x become 0 before the linear layer."""
+
+    def __init__(self, mask: bool) -> None:
+        super().__init__()
+        self.fc, self.mask = nn.Linear(8, 2), mask
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nan_to_num(x) if self.mask else x) + ids.float().unsqueeze(1)
+
+
+def _nan_and_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    return x, torch.arange(4)
+
+
+def test_a_model_that_masks_non_finite_inputs_is_accepted():
+    """A batch with NaN that the model masks gives a finite loss: check_batch lets it through."""
+    from autoprec.checks import check_batch
+
+    assert check_batch(_TwoInputs(mask=True), _nan_and_ids(), None, 0) is None
+
+
+def test_integer_tensors_are_never_named_non_finite():
+    """Only floating tensors are checked: the integer ids beside a NaN tensor are not in the message."""
+    with pytest.raises(autoprec.BatchError) as info:
+        autoprec.tune(_TwoInputs(mask=False), _nan_and_ids(), progress=False, verify_steps=0)
+    assert "(batch[0]: 1 NaN and 0 Inf of 32 values)" in str(info.value)
+    assert "batch[1]" not in str(info.value)

@@ -4,6 +4,7 @@ one), the compile benchmark on one quick model with the fast ``aot_eager`` backe
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -14,28 +15,29 @@ pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
-def test_gpu_speed_runs_every_variant_and_reports_the_target(tmp_path, one_thread):
-    """All four variants train and are timed; the verdict follows from the medians it reports."""
+def test_gpu_speed_runs_every_variant_and_reports_the_target(tmp_path, one_thread, capsys):
+    """All eight variants train and are timed; each compiled variant compiles once; the printed table shows the
+    ratios and verdicts the JSON holds."""
     import gpu_speed
 
     out = tmp_path / "gpu_speed.json"
     rows = gpu_speed.main(["--device", "cpu", "--size", "tiny", "--rounds", "2", "--warmup", "1",
                            "--backend", "eager", "--out", str(out)])  # Dynamo alone: the compiled path, fast
+    printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
-    assert [r["model"] for r in saved["results"]] == ["gpt2", "resnet50"]
+    assert saved["results"] == json.loads(json.dumps(rows))
+    assert [r["model"] for r in rows] == ["gpt2", "resnet50"]
     assert len(gpu_speed.VARIANTS) == 8
     for r in rows:
-        t = {v: r["timing"][v]["median_s"] for v in gpu_speed.VARIANTS}
-        assert all(x > 0 and r["timing"][v]["n"] == 2 for v, x in t.items())
-        for s in ("", "-compiled"):
-            k = s.replace("-", "_")
-            assert r[f"policy_vs_autocast{k}"] == pytest.approx(
-                t[f"autoprec{s}"] / min(t[f"amp-bf16{s}"], t[f"amp-fp16{s}"]))
-            assert r[f"meets_target{k}"] == (r[f"policy_vs_autocast{k}"] <= 1.05
-                                             and t[f"fp32{s}"] / t[f"autoprec{s}"] >= 1.5)
+        assert all(r["timing"][v]["median_s"] > 0 and r["timing"][v]["n"] == 2 for v in gpu_speed.VARIANTS)
+        for k in ("", "_compiled"):
+            ratio, verdict = r[f"policy_vs_autocast{k}"], r[f"meets_target{k}"]
+            assert math.isfinite(ratio) and ratio > 0 and isinstance(verdict, bool)
+            assert (f"| {ratio:.3f} | {r[f'speedup_vs_fp32{k}']:.2f}x | {'yes' if verdict else 'no'} |"
+                    in printed), (r["model"], k)
         assert sorted(r["compile"]) == sorted(v for v in gpu_speed.VARIANTS if v.endswith("-compiled"))
-        for v, c in r["compile"].items():  # compiled once: no recompile after the first step
-            assert c["graphs"] >= 0 and c["recompiles"] == 0 and c["compile_s"] >= 0, (v, c["recompile_reasons"])
+        for v, c in r["compile"].items():  # compiled once: a graph or more, no recompile after the first step
+            assert c["graphs"] >= 1 and c["recompiles"] == 0 and c["compile_s"] > 0, (v, c["recompile_reasons"])
         assert r["policy"]["verified"] is True and r["policy"]["passes"] > 0
 
 
@@ -53,8 +55,6 @@ def test_gpu_speed_refuses_cuda_without_a_gpu():
 def test_compile_speed_times_every_variant_and_counts_graph_breaks(tmp_path):
     """The whole compile benchmark, tiny: six variants with finite positive step times, graph-break and
     recompile counts; the policy adds no graph break to the model's own."""
-    import math
-
     import compile_speed
 
     out = tmp_path / "compile_speed.json"
@@ -68,14 +68,15 @@ def test_compile_speed_times_every_variant_and_counts_graph_breaks(tmp_path):
     for name, v in r["variants"].items():
         assert math.isfinite(v["median_s"]) and v["median_s"] > 0 and v["n"] == 2, name
         assert isinstance(v["graph_breaks"], int) and v["graph_breaks"] >= 0, name
-        if v["mode"] == "compiled":
-            assert v["new_graphs_first_step"] >= 0 and v["recompiles"] == 0 and v["compile_s"] >= 0, name
+        if v["mode"] == "compiled":  # it compiled on the first step, and never again
+            assert v["new_graphs_first_step"] >= 1 and v["recompiles"] == 0 and v["compile_s"] > 0, name
     v = r["variants"]
     assert v["policy-compiled"]["graph_breaks"] == v["fp32-compiled"]["graph_breaks"]
     assert v["amp-bf16-eager"]["ratio_amp_bf16_same_mode"] == 1.0
-    ratio = v["policy-compiled"]["median_s"] / v["amp-bf16-compiled"]["median_s"]
-    assert r["target"]["policy_compiled_vs_amp_bf16_compiled"] == pytest.approx(ratio)
-    assert r["target"]["met"] == (ratio <= 1.05)
+    target = r["target"]
+    assert isinstance(target["met"], bool) and target["policy_compiled_vs_amp_bf16_compiled"] > 0
+    q1, median, q3 = target["paired_ratio_quartiles"]
+    assert 0 < q1 <= median <= q3
 
 
 def test_coverage_table_compares_reported_and_measured(tmp_path, capsys, one_thread):
@@ -117,7 +118,7 @@ def test_probe_cost_times_pass_and_errors_and_the_probe(tmp_path):
     assert saved["rows"] == rows and [r["shape"] for r in rows] == ["2x128"]
     r = rows[0]
     assert r["samples"] == 2 and min(r["plain_ms"], r["pass_ms"], r["errors_ms"]) > 0
-    assert r["probe_passes"] == 1 + 2 * r["candidates"] and r["probe_peak_rss_mb"] >= 0
+    assert r["probe_passes"] == 1 + 2 * r["candidates"] and math.isfinite(r["probe_peak_rss_mb"])
 
 
 def test_probe_cost_counts_passes_with_and_without_sharing(tmp_path):
@@ -146,7 +147,7 @@ def test_sharing_benchmark_compares_both_tunes(tmp_path, one_thread):
     assert r["differing"] == [] and r["shared_members"] > 0
     assert r["shared"]["probe_passes"] < r["alone"]["probe_passes"]
     for tag in ("shared", "alone"):
-        assert not r[tag]["heldout_nonfinite"] and r[tag]["heldout_loss_err"] >= 0
+        assert not r[tag]["heldout_nonfinite"] and math.isfinite(r[tag]["heldout_loss_err"])
 
 
 def test_scaling_gpt2_tunes_each_shape_in_a_fresh_process(tmp_path):
@@ -161,7 +162,8 @@ def test_scaling_gpt2_tunes_each_shape_in_a_fresh_process(tmp_path):
     assert [r["shape"] for r in rows] == ["1x32", "2x32"]
     for r in rows:
         assert r["verify_passes"] == 4 and r["probe_passes"] >= 1 and r["tune_s"] > 0 and r["plain_s"] > 0
-        assert r["tune_peak_mb"] >= 0 and r["step_peak_mb"] >= 0 and set(r["peak_by_stage_mb"]) >= {"probe", "verify"}
+        assert all(math.isfinite(r[k]) for k in ("tune_peak_mb", "step_peak_mb"))
+        assert set(r["peak_by_stage_mb"]) >= {"probe", "verify"}
     assert rows[1]["candidates"] > rows[0]["candidates"]  # a deeper model, more layers
 
 

@@ -27,11 +27,17 @@ FACTORY = textwrap.dedent('''
         return "not a model"
 
     def unverifiable():
+        # tests.models.unverifiable_tanh (this file runs outside the repository): BF16-valued weights and batch
+        # make the noise floor exactly 0, so a bound of 1e-9 fails on every CPU
         torch.manual_seed(0)
         layers = []
         for _ in range(12):
             layers += [nn.Linear(64, 64), nn.Tanh()]
-        return nn.Sequential(*layers), torch.randn(128, 64)
+        model = nn.Sequential(*layers)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
+        return model, torch.randn(128, 64).bfloat16().float()
 ''')
 
 
@@ -187,6 +193,19 @@ def test_html_report_is_well_formed_with_both_charts(workdir):
     assert parser.tags["table"] >= 1
 
 
+def test_the_unverifiable_factory_is_the_test_models_one():
+    """The CLI's unverifiable factory builds tests.models.unverifiable_tanh: BF16-valued weights, a zero noise floor."""
+    import torch
+
+    from tests.models import unverifiable_tanh
+    scope: dict = {}
+    exec(FACTORY, scope)
+    (model, x), (ref, ref_x) = scope["unverifiable"](), unverifiable_tanh()
+    assert torch.equal(x, ref_x) and torch.equal(x, x.bfloat16().float())
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, a.bfloat16().float()), k
+
+
 @pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
 def test_a_policy_that_fails_verification_exits_5(workdir, strict):
     """Exit code 5 when verification fails: the file is written (and the failure printed) unless --strict."""
@@ -202,3 +221,53 @@ def test_a_policy_that_fails_verification_exits_5(workdir, strict):
         import autoprec
         assert autoprec.load(out).verification.passed is False
         assert "verification FAILED" in res.stdout
+
+
+USER_FACTORIES = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    def _load(path):
+        raise ValueError(f"no checkpoint at {path!r}")
+
+
+    def raises():
+        model = nn.Linear(4, 4)
+        _load("weights.pt")
+        return model, torch.randn(2, 4)
+
+
+    def on_meta():
+        with torch.device("meta"):
+            model = nn.Linear(4, 4)
+        return model, torch.randn(2, 4)
+''')
+
+
+@pytest.mark.parametrize("args,code,needles", [
+    (["user:raises"], 2, ["factory 'user:raises' raised ValueError: no checkpoint at 'weights.pt'",
+                          "(at user.py:7 in _load)", "fix the factory"]),
+    (["broken_import:make"], 2, ["importing 'broken_import' raised RuntimeError: boom (at broken_import.py:2 in "
+                                 "<module>)"]),
+    (["user:on_meta"], 3, ["ModelError", "'meta' device", "model.to_empty(device='cpu')"]),
+    (["user:on_meta", "--target", "cpu"], 3, ["ModelError", "'meta' device", "on any target"]),
+], ids=["factory-raises", "module-raises", "model-on-meta", "model-on-meta-target-cpu"])
+def test_the_users_own_failures_are_reported_as_theirs(tmp_path, args, code, needles):
+    """A factory (or its module) that raises is a bad factory, exit 2, naming the error and its line in the
+    user's file; a model on 'meta' is refused, exit 3, with what to do; never 'a bug?', never a traceback."""
+    (tmp_path / "user.py").write_text(USER_FACTORIES)
+    (tmp_path / "broken_import.py").write_text("import torch\nraise RuntimeError('boom')\n")
+    res = _run("tune", *args, "--out", "x.json", "--quiet", cwd=tmp_path)
+    assert res.returncode == code, (res.stdout, res.stderr)
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+    assert "Traceback" not in res.stderr and "a bug?" not in res.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_debug_shows_the_factorys_own_traceback(tmp_path):
+    """--debug shows the traceback of the factory's exception, down to the user's line."""
+    (tmp_path / "user.py").write_text(USER_FACTORIES)
+    res = _run("--debug", "tune", "user:raises", "--out", "x.json", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" in res.stderr and 'user.py", line 7, in _load' in res.stderr

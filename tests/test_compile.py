@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -83,7 +84,8 @@ def _ops(policy: Policy) -> dict[str, str]:
 
 
 def _split(batch) -> tuple[tuple, dict]:
-    if isinstance(batch, dict):
+    """``(args, kwargs)`` as :func:`autoprec.batch.call_model` passes ``batch``."""
+    if isinstance(batch, Mapping):
         return (), batch
     if isinstance(batch, (tuple, list)):
         return tuple(batch), {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_emulation import FP32_OPS, NATIVE_OPS, _unit_out
+from tests.helpers import FP32_OPS, NATIVE_OPS, unit_out
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,7 +26,7 @@ def test_emulated_op_matches_cuda_autocast(name, precision):
     """Each op in a 16-bit region: the emulation on the CPU gives CUDA autocast's dtype and its values."""
     low = torch.float16 if precision == "fp16" else torch.bfloat16
     x = torch.rand(4, 16) * 3 + 0.5
-    emulated = _unit_out(OPS[name], x, precision, "cuda")
+    emulated = unit_out(OPS[name], x, precision, "cuda")
     real = _on_gpu(OPS[name], x, low)
     assert emulated.dtype == real.dtype
     torch.testing.assert_close(emulated.float(), real.cpu().float(), rtol=2e-2, atol=1e-3)
@@ -35,7 +35,7 @@ def test_emulated_op_matches_cuda_autocast(name, precision):
 def test_emulated_fp16_fft_matches_cufft():
     """rfft2 in FP16 at a power-of-two size: complex32 from both, values within FP16 rounding of the transform."""
     x = torch.randn(2, 16, 16)
-    emulated = _unit_out(torch.fft.rfft2, x, "fp16", "cuda")
+    emulated = unit_out(torch.fft.rfft2, x, "fp16", "cuda")
     real = _on_gpu(torch.fft.rfft2, x, torch.float16)
     assert emulated.dtype == real.dtype == torch.complex32
     torch.testing.assert_close(torch.view_as_real(emulated).float(), torch.view_as_real(real).cpu().float(),
@@ -52,4 +52,4 @@ def test_fft_the_gpu_refuses_is_refused_by_the_emulation(precision, size, messag
     with pytest.raises(RuntimeError, match=message):
         _on_gpu(torch.fft.rfft2, x, low)
     with pytest.raises(RuntimeError, match=message):
-        _unit_out(torch.fft.rfft2, x, precision, "cuda")
+        unit_out(torch.fft.rfft2, x, precision, "cuda")

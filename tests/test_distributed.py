@@ -1,21 +1,10 @@
 """Policies in real two-process training on the CPU (gloo): DDP, FSDP2, FSDP2 with 16-bit parameters.
 
-Each test starts two worker processes (from a fork server that has imported this module once, so
-a worker starts in well under a second); each worker writes its results to a file, and the test
-asserts in the parent. A worker that fails stops the other one; a hang fails the test at its
-deadline instead of blocking the run.
+Each test starts two worker processes with :func:`tests.ranks.run_ranks` and asserts in the parent.
 """
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import multiprocessing.connection
-import os
-import socket
-import time
-import traceback
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -27,12 +16,11 @@ from torch import nn
 import autoprec
 from autoprec import LayerEntry, Policy
 from autoprec.trace import module_signatures
+from tests.ranks import WORLD, run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
 
-WORLD = 2
-DEADLINE_S = 120.0        # per test: a hung collective fails the test here
 STEPS = 5
 _SPEC = "_autoprec_spec"
 
@@ -114,71 +102,6 @@ def _spec_holders(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if _SPEC in m.__dict__]
 
 
-# -- running two processes --------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(scenario: Callable[..., dict], rank: int, port: int, out: str, args: tuple) -> None:
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ:  # gloo on the loopback device, whatever the hostname says
-        names = {name for _, name in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
-        for lo in ("lo", "lo0"):
-            if lo in names:
-                os.environ["GLOO_SOCKET_IFNAME"] = lo
-                break
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
-        try:
-            result = scenario(rank, *args)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, Path(out) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-
-
-def _run(scenario: Callable[..., dict], tmp_path: Path, *args: Any) -> list[dict]:
-    """Run ``scenario(rank, *args)`` in two gloo processes; their results, by rank."""
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        ctx.set_forkserver_preload([__name__])  # import torch and autoprec once, not per worker
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(scenario, rank, port, str(tmp_path), args), daemon=True)
-             for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + DEADLINE_S
-    timed_out = False
-    try:
-        while any(p.is_alive() for p in procs):
-            if any(p.exitcode not in (None, 0) for p in procs):
-                break  # one failed: the other would wait for it in a collective until gloo's timeout
-            left = deadline - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=left)
-    finally:
-        alive = [rank for rank, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-    errors = "\n".join(f"rank {r}:\n{(tmp_path / f'rank{r}.err').read_text()}"
-                       for r in range(WORLD) if (tmp_path / f"rank{r}.err").exists())
-    assert not timed_out, f"ranks {alive} still running after {DEADLINE_S:.0f} s (a hang?)\n{errors}"
-    assert not errors, errors
-    assert all(p.exitcode == 0 for p in procs), f"workers' exit codes: {[p.exitcode for p in procs]}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-
-
-# -- DDP --------------------------------------------------------------------------------------
 def _ddp_train(rank: int, policy: Policy | None) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -216,7 +139,7 @@ def _ddp(rank: int, policy: Policy) -> dict:
 def test_ddp_fp16_policy_with_grad_scaler(tmp_path):
     """DDP with an FP16 policy and its GradScaler: ranks stay identical, the policy changes the result."""
     policy = _policy(FP16_POLICY)
-    r0, r1 = _run(_ddp, tmp_path, policy)
+    r0, r1 = run_ranks(_ddp, tmp_path, policy)
     for r in (r0, r1):
         run = r["policy"]
         assert run["swapped"], "the policy did not reach the modules inside DDP (keys without 'module.')"
@@ -270,7 +193,7 @@ def _fsdp2(rank: int, policy: Policy, order: str) -> dict:
 def test_fsdp2_policy_matches_one_process(tmp_path, order, one_thread):
     """FSDP2 (FP32 parameters), policy applied before or after fully_shard: trains as one process does."""
     policy = _policy(FSDP_POLICY)
-    r0, r1 = _run(_fsdp2, tmp_path, policy, order)
+    r0, r1 = run_ranks(_fsdp2, tmp_path, policy, order)
     # the same policy in one process on the same batch
     model = _net()
     x, y = _data(7, 32)
@@ -355,7 +278,7 @@ def _fsdp2_bf16(rank: int, policy: Policy) -> dict:
 def test_fsdp2_bf16_params_need_fsdp_plan(tmp_path):
     """FSDP2 gathering BF16 parameters: FP32 layers raise a PolicyError without fsdp_plan, and run in FP32 with it."""
     policy = _policy(MIXED_POLICY)
-    for r in _run(_fsdp2_bf16, tmp_path, policy):
+    for r in run_ranks(_fsdp2_bf16, tmp_path, policy):
         assert not r.get("wrong_type"), r["error"]
         assert r["error"] is not None, "an FP32 layer ran on BF16 parameters without an error"
         assert "'blocks.0.norm'" in r["error"] and "fsdp_plan" in r["error"] and "bfloat16" in r["error"]

@@ -1,7 +1,7 @@
 """``tune`` on two gloo processes: the probe's and the search's passes split, one policy on every rank.
 
 The two-process harness (fork server, one result file per rank, a deadline instead of a hang) is
-the one of :mod:`tests.test_distributed`.
+:mod:`tests.ranks`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import autoprec
 from tests.models import transformer_block
-from tests.test_distributed import WORLD, _run
+from tests.ranks import WORLD, run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -70,7 +70,7 @@ def test_two_ranks_return_the_single_process_policy_with_half_the_passes(tmp_pat
     trials, evidence), each running half the probe's layer passes and its share of the search's; a storage
     is refused."""
     storage = f"journal:{tmp_path / 'study.log'}"
-    r0, r1 = _run(_tune_on_rank, tmp_path, storage)
+    r0, r1 = run_ranks(_tune_on_rank, tmp_path, storage)
     model, batch, loss_fn = transformer_block(batch_size=8)
     alone = _summary(autoprec.tune(model, batch, loss_fn, **OPTIONS))
 
@@ -107,7 +107,7 @@ def _timed_on_rank(rank: int) -> dict:
 
 def test_rank_0s_step_timing_decides_for_every_rank(tmp_path):
     """With step timing on, every rank ships the same assignment and carries rank 0's measured figures."""
-    r0, r1 = _run(_timed_on_rank, tmp_path)
+    r0, r1 = run_ranks(_timed_on_rank, tmp_path)
     assert r0["assignment"] == r1["assignment"]
     assert r0["speed"] == r1["speed"] and r0["speed"]["source"] == "measured"
     assert {"fp32", "policy"} <= set(r0["speed"]["seconds"])
@@ -124,7 +124,7 @@ def _tune_other_batch(rank: int) -> dict:
 
 def test_ranks_with_different_inputs_fail_on_every_rank(tmp_path):
     """Ranks given different models/batches raise RankError on both (no hang, no silently mixed policy)."""
-    for r in _run(_tune_other_batch, tmp_path):
+    for r in run_ranks(_tune_other_batch, tmp_path):
         assert "differs between the ranks" in r["error"] and "same model, batch and loss on every rank" in r["error"]
 
 
@@ -173,7 +173,7 @@ def _studies_on_rank(rank: int) -> dict:
 def test_the_split_study_asks_what_one_process_asks(tmp_path):
     """On two ranks the search's study asks for the same k as in one process, trial for trial, also past
     TPE's result-blind first trials; each k is measured by one rank, and few predictions go unused."""
-    r0, r1 = _run(_studies_on_rank, tmp_path)
+    r0, r1 = run_ranks(_studies_on_rank, tmp_path)
     for spec in STUDIES:
         alone, a, b = _study(*spec), r0[spec], r1[spec]
         assert a["trials"] == b["trials"] == alone["trials"] and a["asked"] == b["asked"] == alone["asked"]
@@ -205,7 +205,7 @@ def _fail_on_rank_1(rank: int) -> dict:
 
 def test_a_failure_on_one_rank_raises_on_every_rank(tmp_path):
     """Work that fails on rank 1 raises its own error there and a RankError naming rank 1 on rank 0."""
-    r0, r1 = _run(_fail_on_rank_1, tmp_path)
+    r0, r1 = run_ranks(_fail_on_rank_1, tmp_path)
     assert [r0["share"], r1["share"]] == [[0, 2, 4], [1, 3]] and r0["gathered"] == r1["gathered"] == [0, 10]
     assert r1["raised"] == "ValueError: no such layer"
     assert r0["raised"].startswith("RankError: the probe failed on rank 1 of 2 (ValueError: no such layer)")
@@ -272,7 +272,7 @@ def _tune_blocks_on_rank(rank: int) -> dict:
 def test_two_ranks_share_the_roles_of_repeated_blocks(tmp_path, one_thread):
     """With structure sharing, the ranks deal out the (role or layer, format) measurements: the single-process
     policy on both, and the probe's measurement passes of one process split between them."""
-    r0, r1 = _run(_tune_blocks_on_rank, tmp_path)
+    r0, r1 = run_ranks(_tune_blocks_on_rank, tmp_path)
     model, x = _blocks()
     policy = autoprec.tune(model, x, **OPTIONS)
     alone = _summary(policy)

@@ -16,6 +16,7 @@ import autoprec
 from autoprec import LayerEntry, Policy
 from autoprec.emulation import rule_of, run_as_cuda
 from autoprec.training import default_optimizer, train_curve
+from tests.helpers import CPU_AUTOCAST_FP32, FP32_OPS, NATIVE_OPS, unit_out
 from tests.models import FNO, RMSNormModel, UnscaledAttentionModel, call_model, fno, rmsnorm_model
 
 F16, B16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -25,46 +26,7 @@ def _policy(layers: dict[str, str], target: str) -> Policy:
     return Policy(layers={k: LayerEntry(p) for k, p in layers.items()}, target=target)
 
 
-class _Op(nn.Module):
-    """A leaf module that runs one function on its input."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
-
-
-def _unit_out(fn, x: torch.Tensor, precision: str, target: str) -> torch.Tensor:
-    """The raw output of ``fn`` run as a one-layer policy's unit (its output handed back is cast; take it inside)."""
-    seen = {}
-
-    def keep(y):
-        seen["out"] = y
-        return y
-
-    model = nn.Sequential(_Op(lambda t: keep(fn(t))))
-    with _policy({"0": precision}, target).autocast(model):
-        model(x)
-    return seen["out"]
-
-
 # -- the op lists ----------------------------------------------------------------------------
-FP32_OPS = {  # one op each, on a positive input: the reference is the op in FP32 on the rounded input
-    "pow": lambda x: x.pow(2), "__pow__": lambda x: x ** 2, "rsqrt": torch.rsqrt,
-    "exp": torch.exp, "log": torch.log, "sum": lambda x: x.sum(-1),
-    "softmax": lambda x: F.softmax(x, -1), "log_softmax": lambda x: x.log_softmax(-1),
-    "layer_norm": lambda x: F.layer_norm(x, x.shape[-1:]), "rms_norm": lambda x: F.rms_norm(x, x.shape[-1:]),
-    "cumsum": lambda x: x.cumsum(-1), "mse_loss": lambda x: F.mse_loss(x, torch.zeros_like(x)),
-    "rdiv": lambda x: 1.0 / x,
-}
-CPU_AUTOCAST_FP32 = {"mse_loss"}  # CPU autocast lifts it as well (in a BF16 region; FP16 ones run emulated)
-NATIVE_OPS = {"relu": torch.relu, "mean": lambda x: x.mean(-1), "sqrt": lambda x: x.abs().sqrt(),
-              "sin": torch.sin, "pow_in_place": lambda x: x.clone().pow_(2),
-              "sum_with_dtype": lambda x: x.sum(-1, dtype=x.dtype)}
-
-
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("name", list(FP32_OPS), ids=list(FP32_OPS))
 def test_cuda_fp32_ops_compute_in_fp32_in_a_16_bit_region(name, precision):
@@ -73,17 +35,17 @@ def test_cuda_fp32_ops_compute_in_fp32_in_a_16_bit_region(name, precision):
     fn = FP32_OPS[name]
     x = torch.rand(4, 16) * 3 + 0.5
     low = F16 if precision == "fp16" else B16
-    out = _unit_out(fn, x, precision, "cuda")
+    out = unit_out(fn, x, precision, "cuda")
     assert out.dtype == F32
     torch.testing.assert_close(out, fn(x.to(low).float()), rtol=1e-6, atol=1e-6)
     if not (name in CPU_AUTOCAST_FP32 and precision == "bf16"):
-        assert _unit_out(fn, x, precision, "cpu").dtype == low
+        assert unit_out(fn, x, precision, "cpu").dtype == low
 
 
 @pytest.mark.parametrize("name", list(NATIVE_OPS), ids=list(NATIVE_OPS))
 def test_ops_off_cudas_lists_run_in_16_bit(name):
     """Ops CUDA autocast leaves alone (mean, sqrt, sin, activations, in-place ops, an explicit dtype) stay FP16."""
-    assert _unit_out(NATIVE_OPS[name], torch.randn(4, 16), "fp16", "cuda").dtype == F16
+    assert unit_out(NATIVE_OPS[name], torch.randn(4, 16), "fp16", "cuda").dtype == F16
 
 
 def test_promote_ops_run_in_the_widest_input_dtype():
@@ -106,7 +68,7 @@ def test_binary_cross_entropy_is_refused_as_cuda_refuses_it():
     """CUDA autocast refuses binary_cross_entropy in a 16-bit region; the emulation says so and names the fix."""
     fn = lambda p: F.binary_cross_entropy(torch.sigmoid(p), torch.zeros_like(p))  # noqa: E731
     with pytest.raises(RuntimeError, match="unsafe to autocast.*binary_cross_entropy_with_logits"):
-        _unit_out(fn, torch.randn(4, 3), "fp16", "cuda")
+        unit_out(fn, torch.randn(4, 3), "fp16", "cuda")
 
 
 def test_a_layer_in_own_code_follows_cuda_rules_too():
@@ -206,13 +168,13 @@ def test_fp16_fft_at_a_size_other_than_a_power_of_two_is_refused(call):
     """cuFFT's half transforms need power-of-two sizes; the emulation refuses others with CUDA's message."""
     x = torch.randn(8, 12).half()
     with pytest.raises(RuntimeError, match=r"powers of two .* signal size of (12|10)"):
-        _unit_out(call, x, "fp16", "cuda")
+        unit_out(call, x, "fp16", "cuda")
 
 
 def test_bf16_fft_is_refused_as_cufft_has_none():
     """cuFFT has no BF16 transforms (CPU autocast would lift them to FP32): refused, naming cuFFT."""
     with pytest.raises(RuntimeError, match="Unsupported dtype BFloat16: cuFFT has no BF16"):
-        _unit_out(torch.fft.rfft2, torch.randn(4, 8, 8), "bf16", "cuda")
+        unit_out(torch.fft.rfft2, torch.randn(4, 8, 8), "bf16", "cuda")
 
 
 # -- tune: the FNO's spectral layers, the evidence marked ------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import random
 
-import numpy as np
 import pytest
 import torch
 
 import autoprec
+from tests.helpers import assert_same, seed_globals, snapshot
 from tests.models import cnn, mlp, transformer_block, unscaled_attention
 
 # these models are too small for BF16 to pay on a CPU (the CPU target keeps them FP32, "no gain"); tuned
@@ -49,11 +48,6 @@ WRONG_BATCH = {
     "transformer_block": lambda x: x[..., :7],
 }
 
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-              "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
-              "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-              "_load_state_dict_post_hooks")
-
 
 class Calls:
     """Counts hook calls (a caller's own hook with side effects)."""
@@ -86,62 +80,6 @@ def prepare(name):
     leaves[0].register_forward_hook(calls.forward)
     leaves[-1].register_full_backward_hook(calls.backward)
     return model, batch, loss_fn, calls
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
-
-
-def snapshot(model):
-    """Everything about the caller's model and the global state that tune must leave alone."""
-    return {
-        "state": {k: (v.dtype, tuple(v.shape), _bits(v)) for k, v in model.state_dict().items()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "param_ids": {n: id(p) for n, p in model.named_parameters()},
-        "param_ptrs": {n: p.data_ptr() for n, p in model.named_parameters()},
-        "buffer_ids": {n: id(b) for n, b in model.named_buffers()},
-        "grads": {n: None if p.grad is None else (id(p.grad), _bits(p.grad)) for n, p in model.named_parameters()},
-        "hooks": {n: {d: [(k, id(v)) for k, v in getattr(m, d).items()] for d in HOOK_DICTS if hasattr(m, d)}
-                  for n, m in model.named_modules()},
-        "attrs": {n: sorted(vars(m)) for n, m in model.named_modules()},
-        "modules": [(n, id(m)) for n, m in model.named_modules()],
-        "torch_rng": torch.get_rng_state(),
-        "py_rng": random.getstate(),
-        "np_rng": np.random.get_state(),
-    }
-
-
-def assert_same(before, after):
-    for key in ("training", "requires_grad", "param_ids", "param_ptrs", "buffer_ids", "hooks", "attrs", "modules"):
-        assert after[key] == before[key], key
-    assert after["state"].keys() == before["state"].keys()
-    for k, (dtype, shape, bits) in before["state"].items():
-        d2, s2, b2 = after["state"][k]
-        assert (d2, s2) == (dtype, shape), k
-        assert torch.equal(b2, bits), f"state_dict[{k!r}] changed"
-    assert after["grads"].keys() == before["grads"].keys()
-    for k, g in before["grads"].items():
-        g2 = after["grads"][k]
-        assert (g is None) == (g2 is None), k
-        if g is not None:
-            assert g2[0] == g[0], f"{k}.grad was replaced"
-            assert torch.equal(g2[1], g[1]), f"{k}.grad changed"
-    assert torch.equal(after["torch_rng"], before["torch_rng"])
-    assert after["py_rng"] == before["py_rng"]
-    b_np, a_np = before["np_rng"], after["np_rng"]
-    assert a_np[0] == b_np[0] and np.array_equal(a_np[1], b_np[1]) and a_np[2:] == b_np[2:]
-    assert not torch.is_autocast_enabled("cpu")
-    assert torch.is_grad_enabled()
-
-
-def _seed_globals():
-    torch.manual_seed(1234)
-    random.seed(1234)
-    np.random.seed(1234)
-    torch.rand(7)  # a state that is not just-seeded
-    random.random()
-    np.random.rand(3)
 
 
 # ---------------------------------------------------------------------------
@@ -190,7 +128,7 @@ def test_tune_leaves_model_and_globals_unchanged(name, failure):
     model, batch, loss_fn, calls = prepare(name)
     edit, expected = FAILURES[failure]
     batch, loss_fn, kwargs = edit(model, batch, loss_fn, name)
-    _seed_globals()
+    seed_globals()
     before = snapshot(model)
     if expected is None:
         policy = autoprec.tune(model, batch, loss_fn, progress=False, verify_steps=3, **GPU_BF16, **kwargs)

@@ -19,7 +19,16 @@ class _Bars:
 
     def __init__(self, total=None, desc="", unit="it", **kwargs) -> None:
         self.total, self.desc, self.unit, self.n, self.closed = total, desc, unit, 0, False
+        self.first_total, self.descs = total, [desc]
         _Bars.made.append(self)
+
+    @property
+    def name(self) -> str:
+        return self.desc.removeprefix("autoprec ").split(" (")[0]
+
+    def set_description_str(self, desc, refresh=True) -> None:
+        self.desc = desc
+        self.descs.append(desc)
 
     def update(self, n=1) -> None:
         self.n += n
@@ -51,8 +60,12 @@ def test_each_stage_bar_counts_the_passes_it_planned_and_ran(bars, one_thread):
     model, x = _model()
     policy = autoprec.tune(model, x, batches=[torch.randn(256, 32)], target="cuda", verify_steps=4, progress=True)
     st = policy.stats
-    by_name = {b.desc.removeprefix("autoprec "): b for b in bars}
-    assert list(by_name) == ["trace", "probe", "search", "reference run", "verify"]
+    by_name = {b.name: b for b in bars}
+    assert [b.name for b in bars] == ["trace", "probe", "search", "reference run", "verify"]  # one bar each
+    # each bar opens on its real plan: no search bar that starts at the trial budget and then shrinks
+    assert [b.first_total for b in bars] == [b.total for b in bars]
+    assert [b.descs[0].split(" (")[1].split(",")[0].rstrip(")") for b in bars] == \
+        [f"stage {k} of 5" for k in range(1, 6)]
     assert all(b.closed and b.n == b.total for b in bars), [(b.desc, b.n, b.total) for b in bars]
     assert by_name["probe"].unit == "pass"
     assert by_name["probe"].total == st["probe_passes"] == 2 + st["candidates"] * len(policy.formats) == 2 + 3 * 2
@@ -80,6 +93,36 @@ def test_a_stage_that_needs_more_than_planned_raises_its_plan(bars):
         assert bars[0].n <= bars[0].total
     p.close()
     assert (bars[0].n, bars[0].total) == (5, 5) and p.stages[0].planned == p.stages[0].done == 5
+
+
+def test_each_bar_says_its_stage_and_the_time_left_for_the_whole_tune(bars):
+    """"stage k of n" from the start; after a step, the time left: this stage's steps and the later stages'
+    expected ones at the pace measured so far (a clock given to Progress, no wall-clock time)."""
+    now = [0.0]
+    p = Progress(True, stages=["trace", "probe", "search"], clock=lambda: now[0])
+    p.stage("trace", 1)
+    now[0] = 5.0  # the trace's time is not a pass: it does not set the pace
+    p.advance()
+    p.expect({"probe": 4, "search": 10})
+    p.stage("probe", 4, unit="pass")
+    assert bars[1].desc == "autoprec probe (stage 2 of 3)"
+    now[0] += 2.0
+    p.advance()
+    assert bars[1].desc == "autoprec probe (stage 2 of 3, about 26s left)"  # (3 + 10) steps x 2 s
+    now[0] += 6.0
+    p.advance(3)
+    p.stage("search", None, unit="trial")  # its plan is not known yet: no bar until it is
+    assert len(bars) == 2 and p.description() == "search (stage 3 of 3, about 20s left)"  # 10 expected x 2 s
+    p.plan(5)
+    assert (bars[2].first_total, bars[2].desc) == (5, "autoprec search (stage 3 of 3, about 10s left)")
+    now[0] += 4.0
+    p.advance()
+    assert bars[2].desc == "autoprec search (stage 3 of 3, about 10s left)"  # 12 s / 5 steps, 4 to go
+    p.stage("extra", 2)  # a stage not named up front is counted on
+    assert bars[3].desc == "autoprec extra (stage 4 of 4)"
+    p.close()
+    assert [(s.name, s.planned, s.done) for s in p.stages] == \
+        [("trace", 1, 1), ("probe", 4, 4), ("search", 5, 1), ("extra", 2, 0)]
 
 
 def test_peak_memory_is_measured_per_stage_and_reported(one_thread, tmp_path):

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -48,3 +53,44 @@ def test_every_doctest_shows_expected_output():
                 if not any(ex.want.strip() for ex in test.examples):
                     silent.append(test.name)
     assert len(seen) > 60 and silent == []
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new interpreter that imports this checkout's autoprec."""
+    root = str(pathlib.Path(autoprec.__file__).parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_integrations_are_attributes_imported_on_first_use():
+    """After `import autoprec`, autoprec.integrations.hf/.lightning work, and neither framework loads before."""
+    res = _fresh("""
+        import sys, autoprec
+        assert not {"transformers", "lightning"} & set(sys.modules), "a framework was imported eagerly"
+        policy = autoprec.Policy(layers={})
+        print(type(autoprec.integrations.hf.AutoprecCallback(policy)).__name__)
+        print(type(autoprec.integrations.lightning.AutoprecPrecision(policy)).__name__)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["AutoprecCallback", "AutoprecPrecision"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        autoprec.integrations.nothing  # noqa: B018
+    assert not hasattr(autoprec, "nothing")
+
+
+@pytest.mark.parametrize("module,framework,extra", [("hf", "transformers", "hf"), ("lightning", "lightning", "lightning")],
+                         ids=["hf", "lightning"])
+def test_a_missing_framework_names_the_extra_to_install(module, framework, extra):
+    """Without the framework, the integration's ImportError says which autoprec extra installs it."""
+    res = _fresh(f"""
+        import sys, autoprec
+        sys.modules[{framework!r}] = None   # as if it were not installed
+        try:
+            autoprec.integrations.{module}
+        except ImportError as exc:
+            print(exc)
+    """)
+    assert res.returncode == 0, res.stderr
+    assert f"autoprec.integrations.{module} needs" in res.stdout
+    assert f'pip install "autoprec[{extra}]"' in res.stdout

@@ -3,7 +3,6 @@ a member differs, and ``tune`` decides every layer as it does probing each layer
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from autoprec.probe import Runner, probe
 from autoprec.roles import Sharing, role_of, roles
 from autoprec.trace import trace
 from tests.models import HAZARD_FACTORIES
-from tests.test_tune_hazards import forward_backward, rel_errors
+from tests.helpers import cached, forward_backward, rel_errors
 
 
 class _Block(nn.Module):
@@ -78,7 +77,7 @@ def gpt2(seed: int = 0, *, blocks: int = 4, width: int = 64, vocab: int = 1000):
 MODELS = {**HAZARD_FACTORIES, "outlier_stack": outlier_stack, "gpt2": gpt2}
 
 
-@functools.lru_cache(maxsize=None)
+@cached
 def tuned(name: str, share: bool, verify_steps: int = 0) -> autoprec.Policy:
     """One tune per (model, sharing, verify steps), for CUDA (emulated here) in FP16 and BF16."""
     model, batch, loss_fn = MODELS[name]()
@@ -124,8 +123,12 @@ def test_group_measurement_bounds_the_members_own_errors():
     alone, _, cands = _probe(model, batch, loss_fn, None)
     grouped = [(k, f) for (k, f), m in shared.measurements.items() if m.members > 1]
     assert grouped, "GPT-2's roles were not probed as groups"
+    # the group stands for a member only well inside the bound (a quarter of it), so it need not bound the
+    # member's error to the last bit: a member within 1.25x of its group's figure is still 3.2x inside the bound
+    over = {(k, f): (alone.get(k, f).grad_err, shared.get(k, f).grad_err) for k, f in grouped
+            if alone.get(k, f).grad_err > 1.25 * shared.get(k, f).grad_err}
+    assert not over, over
     for k, f in grouped:
-        assert alone.get(k, f).grad_err <= shared.get(k, f).grad_err, (k, f)
         assert alone.get(k, f).full_width == shared.get(k, f).full_width, (k, f)
     assert shared.passes <= 0.4 * alone.passes, (shared.passes, alone.passes)
 
@@ -133,7 +136,8 @@ def test_group_measurement_bounds_the_members_own_errors():
 @pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
 def test_sharing_gives_the_per_layer_decisions_in_fewer_passes(name):
     """``tune`` with sharing assigns every layer the format it gets when each layer is probed alone, with no more
-    probe passes (fewer where the model repeats a block)."""
+    probe passes (fewer where the model repeats a block). Exact on any CPU: a member whose role is not clearly
+    inside the bound is measured alone, so a layer near the bound is decided on the same figure both ways."""
     shared, alone = tuned(name, True), tuned(name, False)
     assert shared.assignment == alone.assignment
     assert {k: e.reason for k, e in shared.layers.items()} == {k: e.reason for k, e in alone.layers.items()}

@@ -266,3 +266,24 @@ def test_importing_autoprec_does_not_load_dynamo():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
+
+
+def test_forward_hooks_see_the_handoffs_16_bit_tensors():
+    """README: a layer that hands its BF16 output on uncast shows it to its own forward hook and to the next
+    layer's hooks; a layer whose output leaves the model hands back FP32, and so does the model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 4))
+    x = torch.randn(8, 16)
+    tr = trace(model, x, device_type="cpu")
+    assert dict(tr.handoff) == {"0": ("1",), "1": ("2",), "2": ("3",), "3": ("4",)}
+    policy = Policy(layers={k: LayerEntry("bf16" if k in ("0", "2", "4") else "fp32") for k in "01234"},
+                    modules=module_signatures(model), handoff=dict(tr.handoff))
+    seen: dict[str, tuple[torch.dtype, torch.dtype]] = {}
+    for name in "01234":
+        model[int(name)].register_forward_hook(lambda m, args, out, name=name: seen.update({name: (args[0].dtype,
+                                                                                              out.dtype)}))
+    with policy.autocast(model):
+        y = model(x)
+    f32, b16 = torch.float32, torch.bfloat16
+    assert seen == {"0": (f32, b16), "1": (b16, f32), "2": (f32, b16), "3": (b16, f32), "4": (f32, f32)}
+    assert y.dtype == f32

@@ -9,8 +9,6 @@ On a CPU a policy's FP16 layers run emulated (FP16 operands, FP32 accumulation),
 from __future__ import annotations
 
 import copy
-import functools
-import math
 import re
 import warnings
 
@@ -19,6 +17,7 @@ import torch
 
 import autoprec
 from autoprec.policy import scaler_for
+from tests.helpers import cached, forward_backward, rel_errors
 from tests.models import (
     call_model,
     cnn,
@@ -53,43 +52,12 @@ HAZARDOUS_LAYERS = {
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@cached
 def tuned(name: str, dtypes: tuple[str, ...] = ("fp16", "bf16"), target: str | None = "cuda") -> autoprec.Policy:
     """Tune a fresh copy of a factory model once per (model, dtypes, target) for the whole module."""
     factories = {**HAZARDS, **SAFE}
     model, batch, loss_fn = factories[name]()
     return autoprec.tune(model, batch, loss_fn, dtypes=list(dtypes), target=target, progress=False, verify_steps=5)
-
-
-def forward_backward(model, batch, loss_fn, *, blanket=None, policy=None):
-    """One forward+backward: plain FP32, under blanket CPU autocast to ``blanket``, or under ``policy``.
-
-    Returns ``(loss, flat parameter gradient)`` in float64, gradients unscaled.
-    """
-    model.zero_grad(set_to_none=True)
-    scaler = scaler_for(policy, "cpu") if policy is not None else None  # a CUDA policy, emulated here
-    if policy is not None:
-        ctx = policy.autocast(model)
-    else:
-        ctx = torch.autocast("cpu", dtype=blanket or torch.bfloat16, enabled=blanket is not None)
-    with ctx:
-        out = call_model(model, batch)
-        loss = out if loss_fn is None else loss_fn(out, batch)
-    scale = scaler.get_scale() if scaler is not None else 1.0
-    (loss.float() * scale).backward()
-    grad = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).detach().double().flatten() / scale
-                      for p in model.parameters()])
-    model.zero_grad(set_to_none=True)
-    return loss.detach().double(), grad
-
-
-def rel_errors(loss, grad, ref_loss, ref_grad):
-    """(loss relative error, gradient relative L2 error, all finite)."""
-    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all())
-    if not finite:
-        return math.inf, math.inf, False
-    return (float((loss - ref_loss).abs() / ref_loss.abs()),
-            float((grad - ref_grad).norm() / ref_grad.norm()), True)
 
 
 def measured(detail: str, fmt: str) -> tuple[float, float] | None:

@@ -1,6 +1,6 @@
 """Hugging Face: run a policy inside ``transformers.Trainer`` with a callback.
 
-Example (needs ``pip install transformers accelerate``)::
+Example (needs ``pip install "autoprec[hf]"``)::
 
     policy = autoprec.load("model.autoprec.json")
     trainer = transformers.Trainer(model=model, args=args, train_dataset=ds,
@@ -20,12 +20,13 @@ from typing import Any
 
 from ..errors import OptionError
 from ..policy import Policy
+from . import _missing
 from ._fit import fitting_module
 
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - only without transformers
-    raise ImportError("autoprec.integrations.hf needs transformers: pip install transformers") from exc
+    raise _missing("hf", "transformers", exc) from exc
 
 __all__ = ["AutoprecCallback"]
 

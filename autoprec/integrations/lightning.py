@@ -1,6 +1,6 @@
 """Lightning: run a policy (and its GradScaler) inside ``Trainer(plugins=[AutoprecPrecision(policy)])``.
 
-Example (needs ``pip install lightning``)::
+Example (needs ``pip install "autoprec[lightning]"``)::
 
     policy = autoprec.load("model.autoprec.json")
     trainer = lightning.Trainer(plugins=[AutoprecPrecision(policy)], max_epochs=3)
@@ -23,12 +23,13 @@ from torch import nn
 
 from ..errors import OptionError
 from ..policy import Policy
+from . import _missing
 from ._fit import fitting_module
 
 try:
     from lightning.pytorch.plugins.precision import MixedPrecision
 except ImportError as exc:  # pragma: no cover - only without lightning
-    raise ImportError("autoprec.integrations.lightning needs Lightning: pip install lightning") from exc
+    raise _missing("lightning", "Lightning", exc) from exc
 
 __all__ = ["AutoprecPrecision"]
 
