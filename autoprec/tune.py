@@ -26,7 +26,7 @@ from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
-from .verify import check_reference, unverified, verify
+from .verify import check_reference, nothing_cast, unverified, verify
 from ._memory import PeakMemory
 from .snapshot import Snapshot, park, unpark
 from ._progress import Progress
@@ -259,7 +259,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                       emulated=emulated)
 
     fp32_curve = parked = None
-    if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
+    cast_any = any(d.precision != "fp32" for d in decisions.values())
+    if verify_steps > 0 and cast_any:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
         parked = park(ref)  # off the device while the runs hold gradients and optimizer state
         snapshot.restore()  # from the caller's state: the passes so far moved batch-norm statistics
@@ -290,6 +291,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
     else:
         policy = make_policy(decisions, scaler)
+        if verify_steps > 0:  # nothing cast: no run would compare anything
+            verification = nothing_cast((), verify_tolerance)
 
     stats = {
         "tuning_seconds": round(time.perf_counter() - started, 3),
