@@ -135,41 +135,6 @@ def test_report_png_renders(workdir):
     assert _run("report", "p.json", "--format", "png", cwd=workdir).returncode == 2  # needs --out
 
 
-def test_html_report_is_well_formed_with_both_charts(workdir):
-    """The HTML report parses, holds the loss-curve polylines and one sensitivity bar per probed layer and format."""
-    from html.parser import HTMLParser
-
-    import autoprec
-
-    policy = autoprec.load(workdir / "p.json")
-    page = policy.report("html")
-
-    class Count(HTMLParser):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tags: dict[str, int] = {}
-            self.open: list[str] = []
-
-        def handle_starttag(self, tag, attrs):
-            self.tags[tag] = self.tags.get(tag, 0) + 1
-            if tag not in ("meta", "line", "polyline", "rect", "br"):
-                self.open.append(tag)
-
-        def handle_endtag(self, tag):
-            if tag in ("line", "polyline", "rect"):
-                return
-            assert self.open and self.open[-1] == tag, (tag, self.open[-3:])
-            self.open.pop()
-
-    parser = Count()
-    parser.feed(page)
-    assert parser.tags["svg"] == 2 and parser.tags["polyline"] == 2
-    bars = sum(len(e.measured) for e in policy.layers.values() if e.measured)
-    assert parser.tags["rect"] == bars
-    assert parser.tags["table"] >= 1
-
-
-@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
 def test_a_policy_that_fails_verification_exits_5(workdir, strict):
     """Exit code 5 when verification fails: the file is written (and the failure printed) unless --strict."""
     out = workdir / f"unverified-{strict}.json"
