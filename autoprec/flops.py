@@ -18,6 +18,8 @@ from torch.utils import _pytree as pytree
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .casts import emulating_fp16
+
 __all__ = ["DtypeFlops", "dispatch_flops", "registered"]
 
 aten = torch.ops.aten
@@ -146,7 +148,9 @@ class DtypeFlops(TorchDispatchMode):
 
     Each ATen op that the flop registry prices (:func:`dispatch_flops`) counts under the dtype of its
     first floating operand, after autocast and autoprec's regions have cast it. ``flops`` maps the
-    dtype's name (``"bfloat16"``, ``"float32"``) to its FLOPs.
+    dtype's name (``"bfloat16"``, ``"float32"``) to its FLOPs. An FP16 op of a GPU policy emulated on
+    a CPU (FP16-rounded operands in an FP32 kernel, :func:`autoprec.casts.emulated`) counts as FP16:
+    it is what the GPU runs.
 
     Example:
         >>> lin = torch.nn.Linear(8, 4)
@@ -167,6 +171,8 @@ class DtypeFlops(TorchDispatchMode):
         if n:
             dtype = next((t.dtype for t in pytree.tree_leaves((args, kwargs))
                           if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+            if dtype == torch.float32 and emulating_fp16():  # FP16 as a GPU runs it, emulated on a CPU
+                dtype = torch.float16
             name = str(dtype).removeprefix("torch.")
             self.flops[name] = self.flops.get(name, 0) + n
         return out

@@ -53,7 +53,7 @@ def _item(text: str) -> list[str]:
 
 
 def _row(cells: Any) -> str:
-    return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
 
 #: the line width of the full evidence below a table (the one place with paragraphs of figures)

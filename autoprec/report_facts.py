@@ -130,20 +130,24 @@ def strip_profile(text: str, profile: str) -> str:
     return text.replace("; " + profile, "").replace(profile, "the speed figures above") if profile else text
 
 
-#: words every step-time note carries (:func:`autoprec.costs.cost_note`), left to the full text
+#: words every step-time note carries (:func:`autoprec.costs.cost_note`): said once, in the no-gain section
 _FILLER = " with its region and casts"
 
 
 def short(text: str, limit: int = CELL) -> str:
     """``text`` cut to about ``limit`` characters at a clause (long asides dropped first), marked with an ellipsis.
 
+    Step times lose the words every one of them carries ("with its region and casts": the report's
+    no-gain section says it once).
+
     Example:
         >>> short("bf16: not faster (because of a long aside here); step time 1 ms; modelled", 40)
         'bf16: not faster; step time 1 ms …'
     """
+    text = text.replace(_FILLER, "")
     if len(text) <= limit:
         return text
-    clauses = [re.sub(r" \([^()]{20,}\)", "", c).replace(_FILLER, "") for c in text.split("; ")]
+    clauses = [re.sub(r" \([^()]{20,}\)", "", c) for c in text.split("; ")]
     out = clauses[0]
     if len(out) > limit:
         return out[:limit].rsplit(" ", 1)[0] + " …"
@@ -187,8 +191,11 @@ def why_nothing_cast(policy: "Policy") -> str:
                      "--verify-tolerance) if that gap is acceptable, or check the model and optimizer")
     if hazards:
         named = _some([f"{k or '(root)'} ({layers[k].reason})" for k in hazards])
+        ranged = any(layers[k].reason in ("overflow", "range") for k in hazards) and "bf16" not in policy.formats
+        fix = ("allow BF16 where the device runs it (dtypes=, --dtypes): it has FP32's range" if ranged
+               else "a looser tolerance (tolerance=, --tolerance) lets more of them cast")
         parts.append(f"{len(hazards)} layer(s) are FP32 for a numerical reason ({named}): see their evidence in the "
-                     "report; a looser tolerance (tolerance=, --tolerance) lets more of them cast")
+                     f"report; {fix}")
     if slow:
         fmts = "/".join(f.upper() for f in policy.formats) or "16-bit"
         device = policy.stats.get("device") if isinstance(policy.stats.get("device"), str) else policy.target

@@ -179,7 +179,7 @@ def _shortened(rows: list[tuple[str, ...]], details: dict[str, str], profile: st
         text = strip_profile(detail, profile)
         cut = short(text)
         out.append((*row, cut))
-        if cut != text:
+        if cut.endswith(" …"):  # cut: the full text follows the table
             full.setdefault(text, []).append(f"`{key or '(root)'}`")
     notes = Notes("Full evidence", tuple((tuple(keys), text) for text, keys in full.items())) if full else None
     return out, notes
@@ -209,8 +209,9 @@ def _fp32_sections(policy: "Policy", s: dict[str, Any]) -> list[Section]:
                                  {k: e["detail"] for k, e in s["no_gain"].items()}, profile)
         where = " (priced with the speed figures named at the top)" if profile else ""
         out.append(Section("Layers kept in FP32 for speed (no gain)", (
-            Text("A 16-bit format would not make them faster on the target: each format's step time, and where that "
-                 f"figure comes from{where}. Their error is not why they are FP32."),
+            Text("A 16-bit format would not make them faster on the target: each format's step time (the layer with "
+                 f"its precision region and casts), and where that figure comes from{where}. Their error is not why "
+                 "they are FP32."),
             *_blocks(Table(("layer", "op", "evidence"), tuple(rows)), notes))))
     return out
 

@@ -57,6 +57,22 @@ def test_tune_writes_a_loadable_policy(workdir):
     assert policy.verification is not None and policy.layers
 
 
+def test_tune_says_what_ran_in_16_bit_and_why_nothing_was_cast(workdir):
+    """The summary line gives the 16-bit share as verification ran it beside the prediction; a policy that casts
+    nothing says why and what to do, and its verification that there was nothing to verify."""
+    res = _run("tune", "factories:make", "--target", "cuda", "--out", "c.json", "--quiet", "--verify-steps", "2",
+               cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    assert "100.0% of matmul/conv FLOPs in 16-bit as verification ran it (100.0% predicted)" in res.stdout
+    res = _run("tune", "factories:make", "--out", "n.json", "--quiet", "--verify-steps", "2", cwd=workdir)
+    assert res.returncode == 0, res.stderr
+    first, why = res.stdout.splitlines()[:2]
+    assert "0.0% of matmul/conv FLOPs in 16-bit: nothing cast (every layer FP32)" in first
+    assert "verification nothing to verify" in first
+    assert why.startswith("  nothing cast: 2 matmul/conv layer(s) gain nothing (0, 2): BF16 is not faster than FP32 "
+                          "for these layer sizes on ") and "tune with a realistic batch size" in why
+
+
 def test_tune_accepts_a_file_factory_and_dtypes(workdir):
     """A path/to/file.py:factory spec, a 3-tuple factory, --dtypes and --target work."""
     res = _run("tune", str(workdir / "factories.py") + ":make_wide", "--out", "q.json", "--quiet",
