@@ -6,6 +6,9 @@ once, at import, and only for ops the registry lacks: so :class:`~torch.utils.fl
 (CPU ``mkldnn_rnn_layer``, CUDA ``_cudnn_rnn``, ROCm ``miopen_rnn``), ``_grouped_mm``,
 ``nn.Bilinear`` (``_trilinear``), the CPU attention kernel, and the fused ``nn.MultiheadAttention``
 and ``nn.TransformerEncoderLayer`` fast paths. Forward FLOPs, 2 per multiply-add, as torch counts.
+
+:class:`DtypeFlops` counts those FLOPs by operand dtype as a model runs: verification runs it over
+one forward of the policy, so the 16-bit share a report gives is what ran, beside the prediction.
 """
 
 from __future__ import annotations
