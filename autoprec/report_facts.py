@@ -69,7 +69,13 @@ CELL = 120
 
 
 def fractions_line(policy: "Policy") -> str:
-    """The 16-bit share of the matmul/conv FLOPs: measured where verification ran the policy, and predicted."""
+    """The 16-bit share of the matmul/conv FLOPs: measured where verification ran the policy, and predicted.
+
+    Example:
+        >>> from autoprec.policy import Policy, LayerEntry
+        >>> print(fractions_line(Policy(layers={"fc": LayerEntry("bf16", flops=8)})))
+        matmul/conv FLOPs in 16-bit: **100.0%** predicted from the layers' formats (not measured: verification did not run), of 8 forward FLOPs measured at run time by the trace
+    """
     total = sum(e.flops for e in policy.layers.values()) + sum(policy.unseen.values())
     unseen = sum(policy.unseen.values())
     of = (f"{total} forward FLOPs measured at run time by the trace"
@@ -90,7 +96,12 @@ def fractions_line(policy: "Policy") -> str:
 
 def device_lines(st: dict[str, Any]) -> list[str]:
     """The device lines: what priced the formats (named here once), and each format's modelled speed.
-    (``stats`` is free-form in a file: anything not of the shape ``tune`` writes is left out.)"""
+    (``stats`` is free-form in a file: anything not of the shape ``tune`` writes is left out.)
+
+    Example:
+        >>> device_lines({"profile_origin": "estimate", "profile": "built-in estimate for cuda"})
+        ['speed figures: built-in estimate for cuda **(an estimate, not measured on the device)**']
+    """
     origin = st.get("profile_origin")
     if not isinstance(origin, str):
         return []
@@ -115,6 +126,10 @@ def memory_text(st: dict[str, Any]) -> str:
     """``, peak memory 412 MiB (process RSS; by stage: probe 380, ...)``: tuning's peak above where it started.
 
     Stats are free-form (a file may carry anything there): what is not a number is shown as it is.
+
+    Example:
+        >>> memory_text({"peak_memory_mb": 412.3, "peak_memory_kind": "process RSS"})
+        ', peak memory 412 MiB above the start (process RSS)'
     """
     if "peak_memory_mb" not in st:
         return ""
@@ -126,7 +141,12 @@ def memory_text(st: dict[str, Any]) -> str:
 
 
 def strip_profile(text: str, profile: str) -> str:
-    """The evidence without the profile's description, which the report names once at the top."""
+    """The evidence without the profile's description, which the report names once at the top.
+
+    Example:
+        >>> strip_profile("bf16: not faster; calibrated here: a CPU", "calibrated here: a CPU")
+        'bf16: not faster'
+    """
     return text.replace("; " + profile, "").replace(profile, "the speed figures above") if profile else text
 
 
@@ -163,6 +183,12 @@ def _mib(x: Any) -> str:
 
 
 def num(x: Any) -> str:
+    """A figure as the report writes it: floats to 3 significant digits, anything else as it is.
+
+    Example:
+        >>> num(0.000273412), num(20)
+        ('0.000273', '20')
+    """
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 

@@ -254,7 +254,8 @@ def save_png(policy: "Policy", path: str) -> None:
     if ver is not None:
         ax1.plot(ver.fp32_losses, label="FP32", color="#333")
         ax1.plot(ver.policy_losses, "--", label="policy", color="#dd8452")
-        ax1.set_title(f"verification: {'passed' if ver.passed else 'FAILED'} (gap {ver.max_gap:.2g})")
+        ax1.set_title("verification: nothing cast, nothing to verify" if ver.nothing_cast else
+                      f"verification: {'passed' if ver.passed else 'FAILED'} (gap {ver.max_gap:.2g})")
         ax1.set_xlabel("step")
         ax1.set_ylabel("loss")
         ax1.legend()

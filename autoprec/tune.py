@@ -64,7 +64,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         tolerance: bound on the relative error at the loss.
         grad_tolerance: bound on the relative L2 error of the parameter gradients.
         verify_tolerance: bound on the loss-curve gap in verification, relative to the first loss.
-        verify_steps: training steps per verification run (0 skips verification).
+        verify_steps: training steps per verification run (0 skips verification). A policy that
+            casts nothing is not trained (an FP32 policy has nothing to compare): its verification
+            says ``nothing_cast``.
         optimizer: factory ``params -> torch.optim.Optimizer`` for verification.
         n_trials: Optuna trials at most.
         storage: where the search's Optuna study lives, to resume or share it: an RDB URL

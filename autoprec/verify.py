@@ -212,7 +212,8 @@ def nothing_cast(fp32_losses: Sequence[float], bound: float, *, rounds: int = 1,
     note = "nothing cast: nothing to verify (every layer is FP32)"
     if last is not None:
         prev, backed = last
-        note = (f"nothing left cast after back-off: rounds 1-{rounds - 1} compared cast policies with FP32 and "
+        compared = "round 1" if rounds == 2 else f"rounds 1-{rounds - 1}"
+        note = (f"nothing left cast after back-off: {compared} compared cast policies with FP32 and "
                  f"failed (round {rounds - 1}: loss gap {prev.max_gap:.3g} against a threshold of "
                  f"{prev.threshold:.3g}, longest skip run {prev.longest_skip_run}; {backed}); the policy is FP32 "
                  "throughout, so its last round compared nothing")

@@ -269,7 +269,7 @@ def test_back_off_to_nothing_says_which_rounds_compared():
     """A policy backed off to nothing cast did compare in its earlier rounds: the report says so, with the gap."""
     p = policy("backed_to_nothing")
     md = p.report()
-    assert "**nothing left cast after back-off: nothing to verify**: rounds 1-1 compared cast policies with FP32 " \
+    assert "**nothing left cast after back-off: nothing to verify**: round 1 compared cast policies with FP32 " \
            "and failed (round 1: loss gap 0.2 against a threshold of 0.05" in md
     assert "verification backed off the last 1 cast layer(s) (fc)" in md and "PASSED" not in md
 
