@@ -171,7 +171,8 @@ def _verification(policy: "Policy") -> Section:
     return Section("Verification", tuple(blocks))
 
 
-def _shortened(rows: list[tuple[str, ...]], details: dict[str, str], profile: str) -> tuple[Table | None, Notes | None]:
+def _shortened(rows: list[tuple[str, ...]], details: dict[str, str],
+               profile: str) -> tuple[list[tuple[str, ...]], Notes | None]:
     """Rows with their evidence (the last column) shortened, and the full texts where shortening cut."""
     full: dict[str, list[str]] = {}
     out = []
