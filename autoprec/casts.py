@@ -7,6 +7,7 @@ cores run it: operands rounded to FP16, products accumulated in FP32, the result
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import torch
@@ -14,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from .formats import to_dtype
 
-__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "emulated", "first_float_dtype",
+__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "emulated", "emulating_fp16", "first_float_dtype",
            "first_float_dtype_in", "has_low", "round16"]
 
 LOW = (torch.float16, torch.bfloat16)
@@ -81,9 +82,30 @@ def round16(tree: Any) -> Any:
 
 
 def emulated(func: Callable, args: tuple, kwargs: dict) -> Any:
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-        out = func(*round16(args), **round16(kwargs))
+    counted = not torch.compiler.is_compiling()  # eager runs only: a FLOP count never runs compiled
+    if counted:
+        _EMULATING.depth = getattr(_EMULATING, "depth", 0) + 1
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            out = func(*round16(args), **round16(kwargs))
+    finally:
+        if counted:
+            _EMULATING.depth -= 1
     return cast_tree(out, torch.float16)
+
+
+#: ``depth`` > 0 while :func:`emulated` runs an op on FP16-rounded operands (for a FLOP count by dtype)
+_EMULATING = threading.local()
+
+
+def emulating_fp16() -> bool:
+    """Whether this thread is inside :func:`emulated`: FP32 kernels on FP16-rounded operands, as tensor cores.
+
+    Example:
+        >>> emulating_fp16()
+        False
+    """
+    return getattr(_EMULATING, "depth", 0) > 0
 
 
 def autocast_for(device_type: str, precision: str, emulate: bool) -> torch.autocast:

@@ -141,6 +141,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     import autoprec
+    from autoprec.report_facts import why_nothing_cast
 
     model, batch, loss_fn = _make(args.factory)
     kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
@@ -162,11 +163,12 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     if rank != 0:  # every rank holds the same policy: rank 0 writes it and reports
         return EXIT_UNVERIFIED if ver is not None and not ver.passed else EXIT_OK
     policy.save(args.out)
-    verdict = "not run" if ver is None else ("passed" if ver.passed else "FAILED")
     excluded = policy.excluded()
-    print(f"wrote {args.out}: {len(policy.layers)} layers, {100 * policy.low_precision_fraction():.1f}% of "
-          f"matmul/conv FLOPs in 16-bit, {len(excluded)} excluded, verification {verdict}, "
-          f"{policy.stats.get('tuning_seconds', 0):.1f}s")
+    print(f"wrote {args.out}: {len(policy.layers)} layers, {_fraction(policy)}, {len(excluded)} excluded, "
+          f"verification {_verdict(ver)}, {policy.stats.get('tuning_seconds', 0):.1f}s")
+    why = why_nothing_cast(policy)
+    if why:
+        print(f"  {why}")
     for key, e in excluded.items():
         print(f"  excluded {key or '(root)'}: {e.reason}")
     if "profile" in policy.stats:
@@ -196,6 +198,26 @@ def _print_speed(policy: Any) -> None:
         print(f"  {line}")
     if lines:
         print(lines[0])
+
+
+def _fraction(policy: Any) -> str:
+    """The 16-bit share of the matmul/conv FLOPs: as verification ran the policy, beside the prediction."""
+    predicted = f"{100 * policy.low_precision_fraction():.1f}%"
+    ver = policy.verification
+    measured = None if ver is None else ver.measured_fraction
+    if measured is not None:
+        return f"{100 * measured:.1f}% of matmul/conv FLOPs in 16-bit as verification ran it ({predicted} predicted)"
+    if not any(e.precision != "fp32" for e in policy.layers.values()):
+        return "0.0% of matmul/conv FLOPs in 16-bit: nothing cast (every layer FP32)"
+    return f"{predicted} of matmul/conv FLOPs in 16-bit (predicted; not measured without verification)"
+
+
+def _verdict(ver: Any) -> str:
+    if ver is None:
+        return "not run"
+    if ver.nothing_cast:
+        return "nothing to verify" if ver.rounds == 1 else f"backed off to nothing cast in {ver.rounds} rounds"
+    return "passed" if ver.passed else "FAILED"
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:

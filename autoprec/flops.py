@@ -6,6 +6,9 @@ once, at import, and only for ops the registry lacks: so :class:`~torch.utils.fl
 (CPU ``mkldnn_rnn_layer``, CUDA ``_cudnn_rnn``, ROCm ``miopen_rnn``), ``_grouped_mm``,
 ``nn.Bilinear`` (``_trilinear``), the CPU attention kernel, and the fused ``nn.MultiheadAttention``
 and ``nn.TransformerEncoderLayer`` fast paths. Forward FLOPs, 2 per multiply-add, as torch counts.
+
+:class:`DtypeFlops` counts those FLOPs by operand dtype as a model runs: verification runs it over
+one forward of the policy, so the 16-bit share a report gives is what ran, beside the prediction.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import math
 from typing import Any, Callable
 
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["dispatch_flops", "registered"]
+from .casts import emulating_fp16
+
+__all__ = ["DtypeFlops", "dispatch_flops", "registered"]
 
 aten = torch.ops.aten
 
@@ -137,3 +144,38 @@ def dispatch_flops(func: Any, args: tuple, kwargs: dict, out: Any) -> int:
     if formula is None:
         return 0
     return int(formula(*args, **kwargs, out_val=out))
+
+
+class DtypeFlops(TorchDispatchMode):
+    """Count forward matmul-class FLOPs by operand dtype as ops dispatch: what the kernels ran in.
+
+    Each ATen op that the flop registry prices (:func:`dispatch_flops`) counts under the dtype of its
+    first floating operand, after autocast and autoprec's regions have cast it. ``flops`` maps the
+    dtype's name (``"bfloat16"``, ``"float32"``) to its FLOPs. An FP16 op of a GPU policy emulated on
+    a CPU (FP16-rounded operands in an FP32 kernel, :func:`autoprec.casts.emulated`) counts as FP16:
+    it is what the GPU runs.
+
+    Example:
+        >>> lin = torch.nn.Linear(8, 4)
+        >>> with DtypeFlops() as count, torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     _ = lin(torch.ones(2, 8))
+        >>> count.flops
+        {'bfloat16': 128}
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        n = dispatch_flops(func, args, kwargs, out)
+        if n:
+            dtype = next((t.dtype for t in pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+            if dtype == torch.float32 and emulating_fp16():  # FP16 as a GPU runs it, emulated on a CPU
+                dtype = torch.float16
+            name = str(dtype).removeprefix("torch.")
+            self.flops[name] = self.flops.get(name, 0) + n
+        return out

@@ -14,7 +14,8 @@ from .formats import PRECISIONS
 from .validate import (FIX, bad, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
                        check_str_map, check_strings)
 
-__all__ = ["NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification"]
+__all__ = ["LOW_DTYPES", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification",
+           "low_fraction"]
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,22 @@ class Verification:
     verdict compares ``max_gap`` with :attr:`threshold`. A record that contradicts itself (passed
     with a gap over the threshold) is refused.
 
+    ``nothing_cast`` marks a policy with no layer in 16-bit: its last round had nothing to compare
+    (no policy run, ``policy_losses`` empty), so it passes without having verified anything; where
+    ``rounds`` > 1 the earlier rounds compared cast policies and backed them off (see ``note``).
+    ``flops_by_dtype`` is what ran, not what the policy predicts: the forward matmul-class FLOPs of
+    one step of the verified policy's run, by operand dtype at dispatch (:class:`autoprec.flops.DtypeFlops`);
+    empty where none ran (nothing cast, or a file written before the field).
+
     Example:
         >>> v = Verification(passed=True, steps=2, fp32_losses=(2.0, 1.0), policy_losses=(2.0, 1.1),
         ...                  max_gap=0.05, bound=0.05, skipped_steps=0, longest_skip_run=0, rounds=1)
         >>> v.threshold
         0.05
+        >>> Verification(passed=True, steps=2, fp32_losses=(2.0, 1.0), policy_losses=(2.0, 1.0), max_gap=0.0,
+        ...              bound=0.05, skipped_steps=0, longest_skip_run=0, rounds=1,
+        ...              flops_by_dtype={"bfloat16": 3, "float32": 1}).measured_fraction
+        0.75
     """
 
     passed: bool
@@ -116,6 +128,8 @@ class Verification:
     compiled_losses: tuple[float, ...] = ()
     compiled_max_gap: float = 0.0
     noise_floor: float = 0.0       # FP32 from 16-bit-rounded weights against FP32, same measure as max_gap
+    nothing_cast: bool = False     # the policy casts no layer: its last round compared nothing
+    flops_by_dtype: dict[str, int] = field(default_factory=dict)  # operand dtype -> forward FLOPs that ran
 
     def __post_init__(self) -> None:
         r = "Verification"
@@ -130,6 +144,10 @@ class Verification:
         object.__setattr__(self, "bound", check_number(r, "bound", self.bound, strict=True))
         check_str(r, "note", self.note)
         check_str(r, "compiled", self.compiled)
+        check_bool(r, "nothing_cast", self.nothing_cast)
+        object.__setattr__(self, "flops_by_dtype", check_str_map(
+            r, "flops_by_dtype", self.flops_by_dtype, lambda k, v: check_int(r, f"flops_by_dtype[{k!r}]", v),
+            "an object of dtype name -> FLOP count (a non-negative integer)"))
         if self.passed and (self.max_gap > self.threshold or (self.compiled and self.compiled_max_gap > self.threshold)):
             raise PolicyError(f"Verification is marked passed but its loss gap ({self.max_gap:g}, compiled "
                               f"{self.compiled_max_gap:g}) exceeds its threshold {self.threshold:g} (bound "
@@ -139,6 +157,26 @@ class Verification:
     def threshold(self) -> float:
         """The gap the verdict allows: the bound, or twice the measured noise floor where that is larger."""
         return max(self.bound, NOISE_MULTIPLE * self.noise_floor)
+
+    @property
+    def measured_fraction(self) -> float | None:
+        """Share of :attr:`flops_by_dtype` whose operands were 16-bit or narrower; None where nothing was counted."""
+        return low_fraction(self.flops_by_dtype)
+
+
+#: dtype names of 16 bits or fewer, as :class:`autoprec.flops.DtypeFlops` writes them
+LOW_DTYPES = frozenset({"float16", "bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
+
+
+def low_fraction(flops_by_dtype: dict[str, int]) -> float | None:
+    """The share of FLOPs counted under a 16-bit (or narrower) dtype; None for no FLOPs.
+
+    Example:
+        >>> low_fraction({"bfloat16": 1, "float32": 3}), low_fraction({})
+        (0.25, None)
+    """
+    total = sum(flops_by_dtype.values())
+    return sum(v for k, v in flops_by_dtype.items() if k in LOW_DTYPES) / total if total else None
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,27 @@
 """The report as a self-contained HTML page (inline SVG charts, no dependencies) and as a PNG chart.
 
-The page shows the summary, the FP32 vs policy verification loss curves, a per-layer sensitivity
-chart (the probe's error of each layer alone in each 16-bit format, relative to the bound, on a
-log scale), the excluded layers with their evidence, and the per-layer format map. The PNG holds
-the two charts and needs matplotlib (``pip install autoprec[plot]``).
+The page draws the same sections as the Markdown report (:mod:`autoprec.report_sections`), with
+two charts: the FP32 vs policy verification loss curves, and a per-layer sensitivity chart (the
+probe's error of each layer alone in each 16-bit format, relative to the bound, on a log scale;
+layers FP32 for speed get hollow bars and grey labels: their error is not why). The tuning
+statistics are folded in a ``<details>`` block. The PNG holds the two charts and needs matplotlib
+(``pip install autoprec[plot]``).
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
+from .report_sections import Bullets, Chart, Notes, Section, Table, Text, sections
 
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["render_html", "save_png", "sensitivity"]
+__all__ = ["LABEL_CHAR_PX", "LABEL_FONT_PX", "LABEL_MAX_CHARS", "render_html", "save_png", "sensitivity"]
 
 _COLORS = {"fp32": "#4c72b0", "fp16": "#dd8452", "bf16": "#55a868"}
 
@@ -63,123 +67,163 @@ def _svg_curves(fp32: tuple[float, ...], pol: tuple[float, ...], width: int = 64
             f'<text x="{pad - 4}" y="{height - pad}" font-size="11" text-anchor="end">{lo:.4g}</text>'
             f'<text x="{pad}" y="{height - pad + 14}" font-size="11">step 0</text>'
             f'<text x="{width - pad}" y="{height - pad + 14}" font-size="11" text-anchor="end">step {n - 1}</text>')
-    legend = (f'<text x="{width - pad}" y="{pad}" font-size="12" text-anchor="end" fill="#333">'
-              f'FP32 (solid) / policy (dashed)</text>')
+    what = "FP32 (solid) / policy (dashed)" if pol else "FP32 (solid); nothing cast, so no policy run"
+    legend = f'<text x="{width - pad}" y="{pad - 10}" font-size="12" text-anchor="end" fill="#333">{what}</text>'
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
             f'aria-label="verification loss curves">{axes}{line(fp32, "#333", "")}'
-            f'{line(pol, "#dd8452", "6 4")}{legend}</svg>')
+            + (line(pol, "#dd8452", "6 4") if pol else "") + f'{legend}</svg>')
 
 
-def _svg_sensitivity(rows: list[tuple[str, str, dict[str, float]]], width: int = 760) -> str:
+#: the sensitivity chart's labels: a monospace font, so that a label's width is its length times this
+LABEL_FONT_PX, LABEL_CHAR_PX, LABEL_MAX_CHARS = 11, 6.8, 90
+
+#: how a layer's bars and label look, by why it has its format: (label colour, bar style, legend text)
+_KINDS = {
+    "cast": ("#222", "solid", "cast: its bar is its error in the format it runs in"),
+    "numerical": ("#c44e52", "solid", "FP32 for a numerical reason (red label): the bar shows why"),
+    "back-off": ("#8172b2", "hollow", "FP32 by verification back-off (purple): not measured to fail alone"),
+    "no gain": ("#999", "hollow", "FP32 for speed, no gain (grey label, hollow bar): its error is not why"),
+}
+
+
+def _kind(entry: Any) -> str:
+    if entry.precision != "fp32":
+        return "cast"
+    if entry.excluded:
+        return "numerical"
+    return "back-off" if entry.reason == "verification back-off" else "no gain"
+
+
+def _label(key: str, entry: Any) -> str:
+    tag = entry.precision if entry.precision != "fp32" else f"fp32: {entry.reason}"
+    return f"{key or '(root)'} [{tag}]"
+
+
+def _fit(label: str) -> str:
+    """``label`` within :data:`LABEL_MAX_CHARS`, cut in the middle (the full label is the tooltip)."""
+    if len(label) <= LABEL_MAX_CHARS:
+        return label
+    half = (LABEL_MAX_CHARS - 1) // 2
+    return label[:half] + "…" + label[-(LABEL_MAX_CHARS - 1 - half):]
+
+
+def _svg_sensitivity(policy: "Policy", plot_w: int = 440) -> str:
+    rows = sensitivity(policy)
     if not rows:
         return "<p>no layer was probed</p>"
-    bar_h, label_w, pad = 14, 300, 10
+    bar_h, pad = 14, 10
+    labels = [_label(k, policy.layers[k]) for k, _, _ in rows]
+    label_w = math.ceil(max(len(_fit(t)) for t in labels) * LABEL_CHAR_PX) + 2 * pad
+    width = label_w + plot_w + pad
     formats = sorted({f for _, _, s in rows for f in s})
-    height = pad * 2 + len(rows) * (bar_h * len(formats) + 6) + 30
+    height = pad * 2 + len(rows) * (bar_h * len(formats) + 6) + 24
     lo, hi = -4.0, 4.0  # log10 of error / bound
 
     def x(v: float) -> float:
         lv = min(max(math.log10(max(v, 1e-12)) if math.isfinite(v) else hi, lo), hi)
-        return label_w + (lv - lo) / (hi - lo) * (width - label_w - pad)
+        return label_w + (lv - lo) / (hi - lo) * plot_w
 
-    parts = [f'<line x1="{x(1.0):.1f}" y1="{pad}" x2="{x(1.0):.1f}" y2="{height - 30}" stroke="#c44e52" '
+    parts = [f'<line x1="{x(1.0):.1f}" y1="{pad}" x2="{x(1.0):.1f}" y2="{height - 24}" stroke="#c44e52" '
              f'stroke-dasharray="4 3"/>',
-             f'<text x="{x(1.0):.1f}" y="{height - 16}" font-size="11" text-anchor="middle" fill="#c44e52">'
-             f'bound</text>',
-             f'<text x="{label_w}" y="{height - 16}" font-size="11">1e-4 x bound</text>',
-             f'<text x="{width - pad}" y="{height - 16}" font-size="11" text-anchor="end">1e4 x bound (inf)</text>']
+             f'<text x="{x(1.0):.1f}" y="{height - 8}" font-size="11" text-anchor="middle" fill="#c44e52">bound</text>',
+             f'<text x="{label_w}" y="{height - 8}" font-size="11">1e-4 x bound</text>',
+             f'<text x="{label_w + plot_w}" y="{height - 8}" font-size="11" text-anchor="end">1e4 x bound (inf)</text>']
     y = pad
-    for key, chosen, scores in rows:
-        parts.append(f'<text x="{label_w - 6}" y="{y + bar_h}" font-size="11" text-anchor="end">'
-                     f'{html.escape(key or "(root)")} [{chosen}]</text>')
+    for (key, _, scores), label in zip(rows, labels):
+        color, style, _ = _KINDS[_kind(policy.layers[key])]
+        parts.append(f'<text class="label" x="{label_w - pad}" y="{y + bar_h - 3}" font-size="{LABEL_FONT_PX}" '
+                     f'font-family="monospace" text-anchor="end" fill="{color}"><title>{html.escape(label)}</title>'
+                     f'{html.escape(_fit(label))}</text>')
         for f in formats:
             if f in scores:
-                parts.append(f'<rect x="{label_w}" y="{y}" width="{max(x(scores[f]) - label_w, 1):.1f}" '
-                             f'height="{bar_h - 2}" fill="{_COLORS.get(f, "#888")}"><title>{html.escape(key)} '
-                             f'{f}: {scores[f]:.3g} x bound</title></rect>')
+                c = _COLORS.get(f, "#888")
+                paint = (f'fill="{c}"' if style == "solid" else
+                         f'fill="#fff" stroke="{c}" stroke-width="1.5" stroke-dasharray="3 2"')
+                parts.append(f'<rect x="{label_w}" y="{y + 1}" width="{max(x(scores[f]) - label_w, 1):.1f}" '
+                             f'height="{bar_h - 3}" {paint}><title>{html.escape(key or "(root)")} {f}: '
+                             f'{scores[f]:.3g} x bound</title></rect>')
             y += bar_h
         y += 6
-    legend = " ".join(f'<tspan fill="{_COLORS[f]}">&#9632; {f}</tspan>' for f in formats if f in _COLORS)
-    parts.append(f'<text x="{pad}" y="{height - 16}" font-size="12">{legend}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="per-layer sensitivity">{"".join(parts)}</svg>')
+            f'aria-label="per-layer sensitivity" data-label-width="{label_w - pad}">{"".join(parts)}</svg>'
+            + _legend(policy, formats))
 
 
-def _table(head: list[str], rows: list[list[Any]]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+def _legend(policy: "Policy", formats: list[str]) -> str:
+    """The chart's key, as page text (it wraps; nothing in it can be cut off)."""
+    shown = {_kind(e) for e in policy.layers.values() if e.measured}
+    swatch = " ".join(f'<span style="color:{_COLORS.get(f, "#888")}">&#9632;</span> {f}' for f in formats)
+    kinds = "; ".join(f'<span style="color:{c}">{"&#9632;" if st == "solid" else "&#9633;"}</span> {html.escape(t)}'
+                      for k, (c, st, t) in _KINDS.items() if k in shown)
+    return f'<p class="legend">{swatch}. {kinds}.</p>'
+
+
+_MARKS = re.compile(r"\*\*(.+?)\*\*|`([^`]+)`")
+
+
+def _inline(text: str) -> str:
+    """Report text to HTML: escaped, with ``**bold**`` and ```code``` marked up."""
+    out, last = [], 0
+    for m in _MARKS.finditer(text):
+        out.append(html.escape(text[last:m.start()]))
+        out.append(f"<b>{html.escape(m.group(1))}</b>" if m.group(1) is not None
+                   else f"<code>{html.escape(m.group(2))}</code>")
+        last = m.end()
+    out.append(html.escape(text[last:]))
+    return "".join(out)
+
+
+def _block(block: Any, policy: "Policy") -> str:
+    if isinstance(block, Text):
+        return f"<p>{_inline(block.text)}</p>"
+    if isinstance(block, Bullets):
+        return "<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>"
+    if isinstance(block, Table):
+        th = "".join(f"<th>{_inline(h)}</th>" for h in block.head)
+        body = "".join("<tr>" + "".join(f'<td{" class=num" if i in block.right else ""}>{_inline(c)}</td>'
+                                        for i, c in enumerate(r)) + "</tr>" for r in block.rows)
+        return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    if isinstance(block, Notes):
+        return (f"<p>{_inline(block.title)}:</p><ul class=notes>"
+                + "".join(f"<li>{_inline(', '.join(keys))}: {_inline(text)}</li>" for keys, text in block.items)
+                + "</ul>")
+    if isinstance(block, Chart):
+        ver = policy.verification
+        if block.name == "curves":
+            return _svg_curves(ver.fp32_losses, ver.policy_losses) if ver is not None else ""
+        return _svg_sensitivity(policy)
+    raise TypeError(f"unknown report block {type(block).__name__}")
+
+
+def _section(sec: Section, policy: "Policy") -> str:
+    body = "\n".join(_block(b, policy) for b in sec.blocks)
+    head = f"<h{sec.level}>{_inline(sec.title)}</h{sec.level}>"
+    if sec.verdict:
+        head += f'\n<p class="verdict"><b>{_inline(sec.verdict)}</b></p>'
+    if sec.collapsed:
+        return f"<details><summary>{head}</summary>\n{body}\n</details>"
+    return f"{head}\n{body}"
+
+
+_STYLE = """body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
+td.num { text-align: right; } th { background: #f3f3f3; } code { background: #f6f6f6; }
+ul.notes { font-size: 13px; } p.verdict { color: #c44e52; } p.legend { font-size: 13px; color: #444; }
+details summary h2 { display: inline; } details summary { cursor: pointer; margin: 1em 0; }"""
 
 
 def render_html(policy: "Policy") -> str:
-    """The report as one HTML page.
+    """The report as one HTML page: the Markdown report's sections, with charts and the raw statistics folded.
 
     Example:
         >>> from autoprec.policy import Policy, LayerEntry
         >>> "<svg" in render_html(Policy(layers={"fc": LayerEntry("bf16", measured={"bf16": {"loss_err": 0.0}})}))
         True
     """
-    from .report import _mib, summary
-
-    s = summary(policy)
-    ver = policy.verification
-    items = [f"target device: <b>{html.escape(s['target'])}</b>",
-             f"matmul/conv FLOPs in 16-bit: <b>{100 * s['low_precision_flop_fraction']:.1f}%</b>",
-             "layers: " + ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))]
-    if s["emulated"]:
-        items.insert(1, "evidence <b>emulated</b>: measured on a CPU running the 16-bit layers as CUDA autocast would")
-    if s["scaler"]:
-        sc = s["scaler"]
-        items.append(f"GradScaler: init scale 2^{math.log2(sc['init_scale']):g}, growth interval "
-                     f"{sc['growth_interval']}, backoff {sc['backoff_factor']:g}")
-    if ver is not None:
-        verdict = "PASSED" if ver.passed else "FAILED"
-        floor = f", noise floor {ver.noise_floor:.3g}, threshold {ver.threshold:.3g}" if ver.noise_floor else ""
-        items.append(f"verification: <b>{verdict}</b> ({ver.steps} steps, largest gap {ver.max_gap:.3g} of the "
-                     f"first FP32 loss, bound {ver.bound:g}{floor}, {ver.skipped_steps} skipped steps, "
-                     f"{ver.rounds} round(s))")
-    st = s["stats"]
-    if st:
-        items.append("tuning: " + ", ".join(f"{html.escape(k.replace('_', ' '))} {v:.4g}" if isinstance(v, float)
-                                            else f"{html.escape(k.replace('_', ' '))} {html.escape(str(v))}"
-                                            for k, v in st.items() if not isinstance(v, dict)))
-        by_stage = st.get("peak_memory_mb_by_stage")
-        if isinstance(by_stage, dict) and by_stage:
-            items.append("peak memory by stage (MiB above the start): "
-                         + ", ".join(f"{html.escape(str(k))} {html.escape(_mib(v))}" for k, v in by_stage.items()))
-    excluded = [[k or "(root)", e["op"], ", ".join(e["hazards"]) or "-", e["reason"], e["detail"]]
-                for k, e in s["excluded"].items()]
-    backed = [[k or "(root)", e["op"], e["detail"]] for k, e in s["backed_off"].items()]
-    formats = [[k or "(root)", e.op, e.precision, f"{e.flops:,}", "" if e.reason == "cast" else e.reason]
-               for k, e in policy.layers.items()]
-    curves = _svg_curves(ver.fp32_losses, ver.policy_losses) if ver is not None else "<p>not verified</p>"
-    opaque = "".join(f"<li><code>{html.escape(k or '(root)')}</code>: {html.escape(v)}</li>"
-                     for k, v in s["opaque"].items())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>autoprec policy report</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1100px; }}
-table {{ border-collapse: collapse; margin: 1em 0; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }}
-th {{ background: #f3f3f3; }} code {{ background: #f6f6f6; }}
-</style></head><body>
-<h1>autoprec policy report{": FAILED verification" if ver is not None and not ver.passed else ""}</h1>
-{"".join(f"<p>{'<b>' * (i == 0)}{html.escape(line)}{'</b>' * (i == 0)}</p>" for i, line in enumerate(s["speed_lines"]))}
-<ul>{"".join(f"<li>{i}</li>" for i in items)}</ul>
-<h2>Verification: FP32 vs policy loss</h2>
-{curves}
-<h2>Per-layer sensitivity (probe error of the layer alone, relative to the bound)</h2>
-{_svg_sensitivity(sensitivity(policy))}
-<h2>Layers kept in FP32 for a numerical reason</h2>
-{_table(["layer", "op", "hazard", "reason", "evidence"], excluded) if excluded else "<p>none</p>"}
-{"<h2>Layers moved to FP32 by verification back-off</h2><p>Nothing was measured to fail on these layers "
- "themselves: the policy's loss curve left the threshold and they were the most sensitive cast layers.</p>"
- + _table(["layer", "op", "evidence"], backed) if backed else ""}
-{f"<h2>Opaque to FX</h2><ul>{opaque}</ul>" if opaque else ""}
-<h2>Formats</h2>
-{_table(["layer", "op", "format", "FLOPs", "note"], formats)}
-</body></html>
-"""
+    body = "\n".join(_section(sec, policy) for sec in sections(policy))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>autoprec policy report</title>\n'
+            f"<style>\n{_STYLE}\n</style></head><body>\n{body}\n</body></html>\n")
 
 
 def save_png(policy: "Policy", path: str) -> None:
@@ -210,7 +254,8 @@ def save_png(policy: "Policy", path: str) -> None:
     if ver is not None:
         ax1.plot(ver.fp32_losses, label="FP32", color="#333")
         ax1.plot(ver.policy_losses, "--", label="policy", color="#dd8452")
-        ax1.set_title(f"verification: {'passed' if ver.passed else 'FAILED'} (gap {ver.max_gap:.2g})")
+        ax1.set_title("verification: nothing cast, nothing to verify" if ver.nothing_cast else
+                      f"verification: {'passed' if ver.passed else 'FAILED'} (gap {ver.max_gap:.2g})")
         ax1.set_xlabel("step")
         ax1.set_ylabel("loss")
         ax1.legend()

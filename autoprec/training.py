@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from .batch import LossFn, call_model, compute_loss, seed_rng
 from .apply import apply
+from .flops import DtypeFlops
 from .policy import Policy
 from .snapshot import Snapshot
 
@@ -50,7 +52,8 @@ class Curve:
 def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, *, steps: int,
                 policy: Policy | None, device_type: str, scaler: torch.amp.GradScaler | None,
                 optimizer: OptimizerFactory, seed: int, on_step: Callable[[], None] | None = None,
-                compile_backend: str | None = None, snapshot: Snapshot | None = None) -> Curve:
+                compile_backend: str | None = None, snapshot: Snapshot | None = None,
+                count: DtypeFlops | None = None) -> Curve:
     """Train ``model`` for ``steps`` steps (``policy=None``: plain FP32); it ends as it started.
 
     With a :class:`~autoprec.snapshot.Snapshot` of its trainable parameters and buffers, the model
@@ -59,7 +62,9 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
 
     The policy runs exactly as a user runs it: installed with :func:`autoprec.apply.apply` (and,
     with ``compile_backend``, the model compiled by ``torch.compile`` with that backend). The run
-    stops early at the first non-finite loss without a scaler.
+    stops early at the first non-finite loss without a scaler. With ``count``, the model's forward
+    in the first step runs under that :class:`~autoprec.flops.DtypeFlops` (the loss function outside
+    it): the FLOPs by dtype that the run really computed, at the cost of one counted forward.
 
     Example:
         >>> m = torch.nn.Linear(4, 1)
@@ -84,7 +89,10 @@ def train_curve(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None
             opt.zero_grad(set_to_none=True)
             with torch.random.fork_rng(devices=devices):
                 seed_rng(seed + step, device_type)
-                loss = compute_loss(call_model(step_model, batch), batch, loss_fn)
+                with count if count is not None and step == 0 else nullcontext():
+                    out = call_model(step_model, batch)
+                loss = compute_loss(out, batch, loss_fn)
+                del out
             losses.append(float(loss.detach()))
             if scaler is not None:
                 before = scaler.get_scale()

@@ -27,7 +27,7 @@ from .search import Decision, Tolerance, search
 from .trace import trace
 from .loss_scale import search_scaler
 from .training import OptimizerFactory, default_optimizer, train_curve
-from .verify import check_reference, unverified, verify
+from .verify import check_reference, nothing_cast, unverified, verify
 from ._memory import PeakMemory
 from .snapshot import Snapshot, park, unpark
 from .speed_lines import first_failure, modelled_record, profile_label, unproven
@@ -69,7 +69,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         tolerance: bound on the relative error at the loss.
         grad_tolerance: bound on the relative L2 error of the parameter gradients.
         verify_tolerance: bound on the loss-curve gap in verification, relative to the first loss.
-        verify_steps: training steps per verification run (0 skips verification).
+        verify_steps: training steps per verification run (0 skips verification). A policy that
+            casts nothing is not trained (an FP32 policy has nothing to compare): its verification
+            says ``nothing_cast``.
         optimizer: factory ``params -> torch.optim.Optimizer`` for verification.
         n_trials: Optuna trials at most.
         storage: where the search's Optuna study lives, to resume or share it: an RDB URL
@@ -328,7 +330,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             measured = raced.errors
     fp32_curve = parked = speed = None
     label = profile_label(profile.origin, target, profile.source)
-    if verify_steps > 0:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
+    cast_any = any(d.precision != "fp32" for d in decisions.values())
+    if verify_steps > 0 and cast_any:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
         bar.stage("reference run", verify_steps)
         hold_off()
         parked = parked_box[0]
@@ -368,6 +371,8 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
     else:
         policy = make_policy(decisions, scaler)
+        if verify_steps > 0:  # nothing cast: no run would compare anything
+            verification = nothing_cast((), verify_tolerance)
 
     stats = {
         "tuning_seconds": round(time.perf_counter() - started, 3),

@@ -30,12 +30,14 @@ from torch import nn
 
 from .batch import LossFn
 from .errors import ModelError, VerificationError, VerificationWarning
+from .flops import DtypeFlops
 from .policy import NOISE_MULTIPLE, Policy, ScalerSettings, Verification, scaler_for
 from .search import Decision
 from .snapshot import Snapshot
 from .training import Curve, OptimizerFactory, train_curve
 
-__all__ = ["VerifyResult", "check_reference", "compare", "judge", "noise_floor", "unverified", "verify"]
+__all__ = ["VerifyResult", "check_reference", "compare", "judge", "noise_floor", "nothing_cast", "unverified",
+           "verify"]
 
 log = logging.getLogger("autoprec.verify")
 
@@ -132,9 +134,11 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     is what ships. A failing round moves the most sensitive quarter of the cast layers (the end of
     ``order``, which the search sorted least sensitive first) to FP32 (labelled a back-off, not a
     numerical exclusion: nothing was measured on those layers), and divides the initial loss
-    scale by 16 when a run of skipped steps was the failure. With nothing left cast the policy is
-    FP32 wherever it matters, and that round ends the loop. With ``compile_backend`` the final
-    policy is trained once more under ``torch.compile`` and must meet the same bound.
+    scale by 16 when a run of skipped steps was the failure. A round with nothing left cast trains
+    nothing (an FP32 policy has nothing to compare): its verdict is :func:`nothing_cast`, and it ends
+    the loop. Each round counts the FLOPs its first forward ran by dtype (the verdict's
+    ``flops_by_dtype``). With ``compile_backend`` the final policy is trained once more under
+    ``torch.compile`` and must meet the same bound.
     """
     decisions = dict(decisions)
     steps = len(fp32.losses)
@@ -155,10 +159,17 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
 
     for rounds in range(1, max_rounds + 1):
         policy = make_policy(decisions, scaler)
+        if all(p == "fp32" for p in policy.assignment.values()):  # nothing to compare: no run
+            verdict = nothing_cast(fp32.losses, bound, rounds=rounds, noise_floor=floors[0] if floors else 0.0,
+                                   last=None if rounds == 1 else (verdict, note))
+            log.info("verification round %d: %s", rounds, verdict.note)
+            break
         amp = scaler_for(policy, device_type)
         fp16 = amp is not None
+        count = DtypeFlops()  # what the first step's forward really ran in
         curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
-                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step, snapshot=snapshot)
+                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step, snapshot=snapshot,
+                            count=count)
         passes += steps
         gap = compare(fp32.losses, curve.losses)
         floor = floor_for(policy, gap)
@@ -167,7 +178,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         verdict = Verification(passed=passed, steps=steps, fp32_losses=tuple(fp32.losses),
                                policy_losses=tuple(curve.losses), max_gap=gap, bound=bound,
                                skipped_steps=curve.skipped, longest_skip_run=curve.longest_skip_run,
-                               rounds=rounds, note=note, noise_floor=floor)
+                               rounds=rounds, note=note, noise_floor=floor, flops_by_dtype=dict(count.flops))
         cast = [key for key in order if decisions[key].reason == "cast"]
         if passed or not cast:
             break
@@ -187,7 +198,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         note = f"backed off {len(drop)} layer(s) after round {rounds}"
         log.info("verification round %d failed (gap %.3g, threshold %.3g, skip run %d): %s", rounds, gap,
                  threshold, curve.longest_skip_run, note)
-    if compile_backend is not None:
+    if compile_backend is not None and not verdict.nothing_cast:
         amp = scaler_for(policy, device_type)
         curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
                             scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step,
@@ -206,6 +217,31 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
             log.warning("the policy trained under torch.compile(backend=%r) failed verification (gap %.3g)",
                         compile_backend, gap)
     return VerifyResult(decisions=decisions, verification=verdict, scaler=scaler, passes=passes, policy=policy)
+
+
+def nothing_cast(fp32_losses: Sequence[float], bound: float, *, rounds: int = 1, noise_floor: float = 0.0,
+                 last: tuple[Verification, str] | None = None) -> Verification:
+    """The verdict on a policy that casts no layer: nothing to compare, so no run and nothing verified.
+
+    ``last`` is the verdict of the round before and the back-off note that followed it, where
+    back-off moved the last cast layers to FP32: those rounds did compare, and the note says so.
+
+    Example:
+        >>> v = nothing_cast((2.0, 1.0), 0.05)
+        >>> v.nothing_cast, v.passed, v.policy_losses, v.note
+        (True, True, (), 'nothing cast: nothing to verify (every layer is FP32)')
+    """
+    note = "nothing cast: nothing to verify (every layer is FP32)"
+    if last is not None:
+        prev, backed = last
+        compared = "round 1" if rounds == 2 else f"rounds 1-{rounds - 1}"
+        note = (f"nothing left cast after back-off: {compared} compared cast policies with FP32 and "
+                 f"failed (round {rounds - 1}: loss gap {prev.max_gap:.3g} against a threshold of "
+                 f"{prev.threshold:.3g}, longest skip run {prev.longest_skip_run}; {backed}); the policy is FP32 "
+                 "throughout, so its last round compared nothing")
+    return Verification(passed=True, steps=len(fp32_losses), fp32_losses=tuple(fp32_losses), policy_losses=(),
+                        max_gap=0.0, bound=bound, skipped_steps=0, longest_skip_run=0, rounds=rounds, note=note,
+                        noise_floor=noise_floor, nothing_cast=True)
 
 
 def _describe(optimizer: OptimizerFactory) -> str:

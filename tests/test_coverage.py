@@ -7,6 +7,8 @@ dispatch), not read from the policy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -93,6 +95,48 @@ def test_reported_fraction_is_what_runs(name):
     policy, model, batch = tuned(name)
     assert abs(policy.low_precision_fraction() - measured_fraction(policy, model, lambda: model(batch))) <= 0.02
     assert policy.layers["rnn" if name == "rnn" else "bilinear"].precision == "bf16"
+
+
+@pytest.mark.parametrize("edit", [None, "mixer::matmul"], ids=["as-tuned", "op-entry-fp32"])
+def test_the_measured_fraction_is_what_the_policy_ran(edit):
+    """Verification counts the FLOPs its policy run computed, by operand dtype: the same count as an independent
+    dispatch count of the policy's forward, op-level entries (``mixer::matmul``) included, cast or FP32."""
+    from autoprec.flops import DtypeFlops as Counted
+    from autoprec.records import low_fraction
+    from autoprec.training import default_optimizer, train_curve
+
+    model, batch = BUILDERS["scan"]()
+    policy = autoprec.tune(model, batch, target="cuda", dtypes=["bf16"], progress=False, verify_steps=2)
+    assert "mixer::matmul" in policy.layers
+    if edit is None:
+        counted = policy.verification.flops_by_dtype
+        fraction = policy.verification.measured_fraction
+    else:  # an op-level entry moved to FP32 by hand: counted as a policy run counts it
+        policy = dataclasses.replace(policy, layers={**policy.layers, edit: dataclasses.replace(
+            policy.layers[edit], precision="fp32", reason="edited")})
+        count = Counted()
+        train_curve(model, [batch], None, steps=1, policy=policy, device_type="cpu", scaler=None,
+                    optimizer=default_optimizer, seed=0, count=count)
+        counted, fraction = count.flops, low_fraction(count.flops)
+    with torch.enable_grad(), policy.autocast(model), DtypeFlops() as oracle:
+        model(batch)
+    assert counted == {str(k).removeprefix("torch."): v for k, v in oracle.flops.items()}
+    assert fraction == oracle.low_fraction()
+    assert (fraction < 1) == (edit is not None) and fraction == pytest.approx(policy.low_precision_fraction())
+
+
+def test_a_gpu_policys_emulated_fp16_counts_as_fp16():
+    """On a CPU a GPU policy's FP16 matmuls run as FP16-rounded operands in FP32 kernels: the library's count
+    calls them FP16 (what the GPU runs), where a plain dispatch count sees FP32."""
+    from autoprec.flops import DtypeFlops as Counted
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(8, 16)
+    policy = autoprec.Policy(layers={"0": autoprec.LayerEntry("fp16")}, target="cuda")
+    with policy.autocast(model), Counted() as count, DtypeFlops() as plain:
+        model(x)
+    assert count.flops == {"float16": 2 * 8 * 16 * 16}
+    assert dict(plain.flops) == {torch.float32: 2 * 8 * 16 * 16}
 
 
 def test_multihead_attention_is_one_layer():

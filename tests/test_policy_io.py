@@ -309,6 +309,18 @@ def test_a_legacy_fingerprint_field_is_read_and_dropped(tmp_path):
     assert autoprec.load(path) == tuned("rmsnorm_cuda")
 
 
+def test_a_verification_written_before_the_flop_count_loads_as_not_measured(tmp_path):
+    """Files written before ``nothing_cast`` and ``flops_by_dtype`` load: nothing counted (the report says so)."""
+    data = json.loads(_text())
+    del data["verification"]["nothing_cast"], data["verification"]["flops_by_dtype"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    old = autoprec.load(path)
+    assert old.verification.nothing_cast is False and old.verification.measured_fraction is None
+    assert "(not measured: a policy file from before the count)" in old.report()
+    assert json.loads(old.report("json"))["low_precision_flop_fraction_measured"] is None
+
+
 def test_missing_file_raises_policy_error(tmp_path):
     """A missing file raises PolicyError (a ValueError) naming the path, not FileNotFoundError."""
     path = tmp_path / "nowhere" / "policy.json"

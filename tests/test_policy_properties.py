@@ -105,7 +105,10 @@ def verifications(draw):
                         skipped_steps=draw(st.integers(0, 10 ** 6)), longest_skip_run=draw(st.integers(0, 10 ** 6)),
                         rounds=draw(st.integers(1, 100)), note=draw(some_text), compiled=compiled,
                         compiled_losses=draw(loss_curve) if compiled else (),
-                        compiled_max_gap=draw(gap) if compiled else 0.0, noise_floor=floor)
+                        compiled_max_gap=draw(gap) if compiled else 0.0, noise_floor=floor,
+                        nothing_cast=draw(st.booleans()),
+                        flops_by_dtype=draw(st.dictionaries(st.sampled_from(["float32", "bfloat16", "float16"]),
+                                                            st.integers(0, 2 ** 62), max_size=3)))
 
 
 step_rounds = st.lists(st.floats(min_value=1e-9, max_value=1e6), min_size=1, max_size=5).map(tuple)

@@ -46,6 +46,11 @@ def test_a_real_underflow_failure_is_backed_off_most_sensitive_first_despite_the
     for d in res.decisions.values():
         assert d.reason == "verification back-off" and not d.excluded  # not a numerical reason measured on it
         assert "this layer itself was not measured to fail" in d.detail
+    # round 3 had nothing left to compare: not trained, and not called a pass of a comparison
+    assert v.nothing_cast and v.policy_losses == () and v.max_gap == 0.0 and v.measured_fraction is None
+    assert v.note.startswith("nothing left cast after back-off: rounds 1-2 compared cast policies with FP32 and "
+                             "failed (round 2: loss gap ")
+    assert res.passes == 6 * 2 + 6  # two policy runs and the noise floor's: no run in round 3
 
 
 def test_a_non_finite_policy_run_backs_off_the_hazard_and_keeps_the_rest():
@@ -123,7 +128,7 @@ def test_a_failed_verification_warns_and_says_so_first():
     assert "## Layers moved to FP32 by verification back-off" in policy.report()
     page = policy.report("html")
     assert "<h1>autoprec policy report: FAILED verification</h1>" in page
-    assert "<h2>Layers moved to FP32 by verification back-off</h2>" in page and f"<td>{backed[0]}</td>" in page
+    assert "<h2>Layers moved to FP32 by verification back-off</h2>" in page and f"<td><code>{backed[0]}</code></td>" in page
     assert {k for k, e in json.loads(policy.report("json"))["backed_off"].items()} == set(backed)
 
 
