@@ -18,7 +18,8 @@ from .records import StepSpeed
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["UNPROVEN", "clearly_faster", "first_failure", "modelled_record", "profile_label", "speed_lines",
+__all__ = ["DOUBT", "MARGIN", "UNPROVEN", "clearly_faster", "first_failure", "modelled_record", "profile_doubt", "profile_label",
+           "speed_lines",
            "step_ms", "unproven"]
 
 
@@ -126,9 +127,51 @@ def speed_lines(policy: "Policy") -> list[str]:
     lines = ["; ".join([head, *(_verdict(s, f) for f in fmts if f in s.blanket)])]
     lines.append(f"modelled {s.modelled:.2f}x FP32 by the device profile ({s.profile}); measured "
                  f"{s.ratio('policy', 'fp32'):.2f}x: the profile's error on this model")
+    lines += [doubt for f in auto if (doubt := profile_doubt(s, f, policy.stats.get("format_speed")))]
     if s.note:
         lines.append(s.note)
     return lines
+
+#: How far the profile's modelled speed of a format over the matmul/conv layers may sit on the other side
+#: of FP32 from the blanket step measured here before the report doubts the profile ...
+DOUBT = 1.5
+#: ... when the blanket step's median sits at least this far on its side of FP32's
+MARGIN = 1.1
+
+
+def profile_doubt(s: StepSpeed, fmt: str, format_speed: Any) -> str:
+    """A warning when the device profile and the measured steps disagree on which side of FP32 ``fmt`` is.
+
+    The profile's figure covers the matmul/conv layers alone and the step covers everything, so only
+    a disagreement in direction counts: the profile prices ``fmt`` more than :data:`DOUBT` times
+    slower (or faster) than FP32 while blanket autocast in it measured :data:`MARGIN` times faster
+    (or slower) than FP32's step, medians against medians. A profile calibrated while the machine was busy, or on another machine, does
+    that, and it makes every layer "no gain" (or casts layers that slow the step down).
+
+    Example:
+        >>> s = StepSpeed("measured", 1.0, "calibrated here", {"fp32": (0.020, 0.021, 0.020),
+        ...               "autocast bf16": (0.016, 0.017, 0.016)})
+        >>> profile_doubt(s, "bf16", {"bf16": {"speed": 0.32}})[:98]
+        'the device profile prices BF16 at 3.1x the FP32 time over the matmul/conv layers, but blanket BF16'
+        >>> profile_doubt(s, "bf16", {"bf16": {"speed": 0.9}})
+        ''
+    """
+    auto = f"autocast {fmt}"
+    speed = format_speed.get(fmt, {}).get("speed") if isinstance(format_speed, dict) else None
+    if auto not in s.seconds or "fp32" not in s.seconds or not isinstance(speed, (int, float)) or speed <= 0:
+        return ""
+    measured = s.ratio(auto, "fp32")
+    slower = speed < 1 / DOUBT and measured < 1 / MARGIN
+    faster = speed > DOUBT and measured > MARGIN
+    if not (slower or faster):
+        return ""
+    return (f"the device profile prices {fmt.upper()} at {1 / speed:.2g}x the FP32 time over the matmul/conv "
+            f"layers, but blanket {fmt.upper()} autocast measured {s.ratio(auto, 'fp32'):.2f}x FP32's step here: the "
+            f"profile does not describe this machine as it runs now (calibrated while it was busy, or elsewhere?); "
+            "calibrate again: delete this machine's cached profile ($AUTOPREC_CACHE_DIR, else "
+            "$XDG_CACHE_HOME/autoprec or ~/.cache/autoprec) and tune again, or pass profile= a fresh "
+            "`autoprec calibrate --fresh --out FILE`")
+
 
 def _verdict(s: StepSpeed, fmt: str) -> str:
     name, auto = fmt.upper(), f"autocast {fmt}"

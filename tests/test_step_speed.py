@@ -90,6 +90,26 @@ def test_speed_line_recommends_a_safe_faster_blanket_format():
     assert speed_lines(p)[0].endswith("; blanket BF16 is numerically safe here and 30% faster: use it")
 
 
+@pytest.mark.parametrize("modelled_speed, seconds, doubted", [
+    (0.32, {"fp32": SLOW, "autocast bf16": FAST}, True),      # profile: BF16 3.1x slower; measured 1.3x faster
+    (3.0, {"fp32": FAST, "autocast bf16": SLOW}, True),       # profile: BF16 3x faster; measured 1.3x slower
+    (0.9, {"fp32": SLOW, "autocast bf16": FAST}, False),      # the profile's figure is near FP32: no doubt
+    (0.32, {"fp32": SLOW, "autocast bf16": SLOW}, False),     # the step agrees closely enough (no faster)
+], ids=["profile-slower-step-faster", "profile-faster-step-slower", "profile-near-fp32", "step-same"])
+def test_a_profile_the_measured_steps_contradict_is_doubted(modelled_speed, seconds, doubted):
+    """Where the profile and the measured blanket step put a format on opposite sides of FP32 (a calibration made on
+    a busy machine makes every layer "no gain"), the report says so and how to calibrate again."""
+    p = Policy(layers={"fc": LayerEntry("fp32", reason="no gain")}, formats=("bf16",),
+               stats={"format_speed": {"bf16": {"speed": modelled_speed, "faster": 0, "layers": 1}}},
+               speed=StepSpeed("measured", 1.0, "calibrated here", {**seconds, "policy": SLOW}))
+    lines = speed_lines(p)
+    doubt = [line for line in lines if line.startswith("the device profile prices BF16 at ")]
+    assert bool(doubt) == doubted, lines
+    if doubted:
+        assert f"{1 / modelled_speed:.2g}x the FP32 time over the matmul/conv layers" in doubt[0]
+        assert "calibrate again: delete this machine's cached profile" in doubt[0]
+
+
 def test_modelled_speed_line_names_its_source():
     """For another target the line is the profile's figure, labelled as modelled and with where it comes from."""
     p = _policy(source="modelled", modelled=0.66, profile="built-in CUDA estimate", note="target cuda, tuned on cpu",
