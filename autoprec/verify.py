@@ -134,7 +134,9 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     is what ships. A failing round moves the most sensitive quarter of the cast layers (the end of
     ``order``, which the search sorted least sensitive first) to FP32 (labelled a back-off, not a
     numerical exclusion: nothing was measured on those layers), and divides the initial loss
-    scale by 16 when a run of skipped steps was the failure. A round with nothing left cast trains
+    scale by 16 when a run of skipped steps was the failure. The cheap layers the search joined to
+    their 16-bit neighbours (outside ``order``) are backed off last, together, once no layer of
+    ``order`` is left cast. A round with nothing left cast trains
     nothing (an FP32 policy has nothing to compare): its verdict is :func:`nothing_cast`, and it ends
     the loop. Each round counts the FLOPs its first forward ran by dtype (the verdict's
     ``flops_by_dtype``). With ``compile_backend`` the final policy is trained once more under
@@ -180,9 +182,12 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
                                skipped_steps=curve.skipped, longest_skip_run=curve.longest_skip_run,
                                rounds=rounds, note=note, noise_floor=floor, flops_by_dtype=dict(count.flops))
         cast = [key for key in order if decisions[key].reason == "cast"]
-        if passed or not cast:
+        # layers the search joined to their 16-bit neighbours (cheap layers, outside ``order``) go last,
+        # all at once: they were there for neighbours that have gone back to FP32 by then
+        joined = [k for k, d in decisions.items() if d.precision != "fp32" and k not in set(order)]
+        if passed or not (cast or joined):
             break
-        drop = cast[-max(1, len(cast) // 4):]
+        drop = cast[-max(1, len(cast) // 4):] if cast else joined
         for key in drop:
             d = decisions[key]
             # not a measurement on this layer: the whole policy failed, and this layer was among the
@@ -191,8 +196,10 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
                 d, precision="fp32", reason="verification back-off", excluded=False,
                 detail=f"{d.detail}; moved to FP32 by verification round {rounds}: the policy's loss gap "
                        f"{gap:.3g} exceeded the threshold {threshold:.3g} (longest skip run "
-                       f"{curve.longest_skip_run}), and the probe ranked this layer among the most sensitive "
-                       f"quarter of the cast layers; this layer itself was not measured to fail")
+                       f"{curve.longest_skip_run}), and "
+                       + ("the probe ranked this layer among the most sensitive quarter of the cast layers"
+                          if cast else "it had joined 16-bit neighbours that back-off had moved to FP32")
+                       + "; this layer itself was not measured to fail")
         if curve.longest_skip_run >= max_skip_run and fp16 and scaler is not None:
             scaler = dataclasses.replace(scaler, init_scale=max(1.0, scaler.init_scale / 16))
         note = f"backed off {len(drop)} layer(s) after round {rounds}"

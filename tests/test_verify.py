@@ -53,6 +53,22 @@ def test_a_real_underflow_failure_is_backed_off_most_sensitive_first_despite_the
     assert res.passes == 6 * 2 + 6  # two policy runs and the noise floor's: no run in round 3
 
 
+def test_a_layer_joined_to_its_neighbours_is_backed_off_after_them():
+    """The Tanh between two Linears was joined to their FP16 (it is not in the search's order): once both are
+    backed off, it goes too, labelled as a joined layer, instead of ending verification with an FP16 Tanh whose
+    backward flushes the tiny gradients of a 1e-12-scaled loss to zero between two FP32 layers."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 64))
+        x, target = torch.randn(256, 256), torch.randn(256, 64)
+    res = _verify(model, x, lambda out, b: torch.nn.functional.mse_loss(out.float(), target) * 1e-12,
+                  {"0": "fp16", "1": "fp16", "2": "fp16"}, ["0", "2"], optimizer=underflow_optimizer)
+    assert [res.decisions[k].precision for k in ("0", "1", "2")] == ["fp32"] * 3
+    joined = res.decisions["1"]
+    assert joined.reason == "verification back-off" and "it had joined 16-bit neighbours" in joined.detail
+    assert "round 3" in joined.detail and res.verification.nothing_cast and res.verification.rounds == 4
+
+
 def test_a_non_finite_policy_run_backs_off_the_hazard_and_keeps_the_rest():
     """The RMSNorm overflows FP16 (NaN loss, an infinite gap no floor explains): the most sensitive layer, the
     norm, is backed off in round 1 and the BF16 Linears stay cast."""
