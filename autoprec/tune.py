@@ -38,7 +38,17 @@ __all__ = ["tune"]
 
 log = logging.getLogger("autoprec.tune")
 
-_STAGES = ("trace", "probe", "search", "reference run", "verify")  # the last two only with verify_steps > 0
+def _stages(verify_steps: int, timing: bool) -> tuple[str, ...]:
+    """The stages tune plans, in order, for the progress bars' "stage k of n".
+
+    Example:
+        >>> _stages(20, timing=True)
+        ('trace', 'probe', 'search', 'step timing', 'reference run', 'verify')
+        >>> _stages(0, timing=False)
+        ('trace', 'probe', 'search')
+    """
+    return ("trace", "probe", "search", *(("step timing",) if timing else ()),
+            *(("reference run", "verify") if verify_steps > 0 else ()))
 
 
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
@@ -166,7 +176,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                 for i, b in enumerate(all_batches):
                     check_batch(work, b, loss_fn, i)
                 with Progress(progress and ranks.rank == 0, meter=meter,
-                              stages=_STAGES if verify_steps > 0 else _STAGES[:3]) as bar:
+                              stages=_stages(verify_steps, timing)) as bar:
                     tuned: list[Policy] = []
 
                     def run() -> str:
