@@ -126,12 +126,14 @@ def _cached(device: torch.device) -> DeviceProfile | None:
 
 
 def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("bf16",), seconds: float = 3.0,
-              cache: bool = True) -> DeviceProfile:
+              cache: bool = True, fresh: bool = False) -> DeviceProfile:
     """Measure the device profile of ``device`` for FP32 and ``dtypes`` (or read it from the cache).
 
     ``seconds`` bounds the measuring: the ladders stop at the budget (their two smallest sizes are
     always measured). The result is cached per machine unless ``cache=False``; a cached profile
-    measures nothing (``profile.seconds`` is 0).
+    measures nothing (``profile.seconds`` is 0). ``fresh=True`` measures even where a cached profile
+    exists and replaces it (one measured while the machine was busy, say: every later ``tune`` here
+    prices formats with the cache).
 
     Example:
         >>> import autoprec
@@ -146,7 +148,7 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
         raise OptionError(f"calibrate seconds={seconds!r} must be a positive number of seconds, e.g. 3.0")
     names = {from_dtype(to_dtype(d)) for d in ([dtypes] if isinstance(dtypes, str) else dtypes)}
     formats = ("fp32",) + tuple(f for f in ("fp16", "bf16") if f in names)
-    found = _cached(device) if cache else None
+    found = _cached(device) if cache and not fresh else None
     if found is not None:
         if set(formats) <= set(found.formats):
             return found

@@ -229,7 +229,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtypes = [d for d in (args.dtypes or "bf16").split(",") if d.strip()]
-    profile = calibrate(args.device, dtypes=dtypes, seconds=args.seconds, cache=not args.fresh)
+    profile = calibrate(args.device, dtypes=dtypes, seconds=args.seconds, fresh=args.fresh)
     if args.out:
         save_profile(profile, args.out)
     print(f"{profile.device} ({profile.capability}), torch {profile.torch_version}, {profile.threads} thread(s): "
@@ -384,7 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seconds", type=float, default=3.0, help="time budget in seconds (3)")
     c.add_argument("--threads", type=int, help="intra-op threads to measure with (default: torch's)")
     c.add_argument("--out", help="write the profile JSON here")
-    c.add_argument("--fresh", action="store_true", help="measure again instead of reading this machine's cache")
+    c.add_argument("--fresh", action="store_true", help="measure again and replace this machine's cached profile (the one tune prices formats with)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_calibrate)
 

@@ -168,9 +168,8 @@ def profile_doubt(s: StepSpeed, fmt: str, format_speed: Any) -> str:
     return (f"the device profile prices {fmt.upper()} at {1 / speed:.2g}x the FP32 time over the matmul/conv "
             f"layers, but blanket {fmt.upper()} autocast measured {s.ratio(auto, 'fp32'):.2f}x FP32's step here: the "
             f"profile does not describe this machine as it runs now (calibrated while it was busy, or elsewhere?); "
-            "calibrate again: delete this machine's cached profile ($AUTOPREC_CACHE_DIR, else "
-            "$XDG_CACHE_HOME/autoprec or ~/.cache/autoprec) and tune again, or pass profile= a fresh "
-            "`autoprec calibrate --fresh --out FILE`")
+            "calibrate again on a quiet machine: `autoprec calibrate --fresh` (with the threads you tune with: "
+            "--threads N) replaces this machine's cached profile, then tune again")
 
 
 def _verdict(s: StepSpeed, fmt: str) -> str:

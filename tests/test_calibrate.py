@@ -87,6 +87,16 @@ def test_calibration_is_cached_per_machine(cache, monkeypatch):
     assert len(os.listdir(cache)) == 2
 
 
+def test_a_fresh_calibration_replaces_the_cached_one(cache):
+    """``fresh=True`` (``autoprec calibrate --fresh``) measures although a profile is cached, and the next tune's
+    calibration reads the new one: a profile measured on a busy machine is not kept for good."""
+    first = calibrate("cpu", seconds=TINY)
+    fresh = calibrate("cpu", seconds=TINY, fresh=True)
+    assert fresh.seconds > 0 and fresh.source == first.source and len(os.listdir(cache)) == 1
+    again = calibrate("cpu", seconds=TINY)
+    assert again.seconds == 0 and profile_to_dict(again) == profile_to_dict(fresh)
+
+
 @pytest.mark.parametrize("var", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
 def test_a_onednn_isa_limit_is_another_machine_configuration(monkeypatch, var):
     """A oneDNN ISA limit (AVX512_CORE: no AVX512-BF16/AMX kernels, BF16 matmuls far slower) is part of the

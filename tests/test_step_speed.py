@@ -107,7 +107,7 @@ def test_a_profile_the_measured_steps_contradict_is_doubted(modelled_speed, seco
     assert bool(doubt) == doubted, lines
     if doubted:
         assert f"{1 / modelled_speed:.2g}x the FP32 time over the matmul/conv layers" in doubt[0]
-        assert "calibrate again: delete this machine's cached profile" in doubt[0]
+        assert "calibrate again on a quiet machine: `autoprec calibrate --fresh`" in doubt[0]
 
 
 def test_modelled_speed_line_names_its_source():
