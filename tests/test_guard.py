@@ -71,6 +71,35 @@ def test_a_growing_activation_is_promoted_before_fp16_overflows():
     assert g.events[0].evidence.startswith(f"step {g.events[0].step}: grow fp16 -> bf16: |out| max ")
 
 
+def test_compiled_fullgraph_the_guard_adds_no_break_and_a_revision_recompiles_once():
+    """Under torch.compile(fullgraph=True) the watch is in the graph: the guard acts at the eager run's step, training
+    stays finite, and its one revision makes one more graph."""
+    from torch._dynamo.utils import counters
+
+    model, x, loss_fn = growing_model()
+    twin = copy.deepcopy(model)
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    torch._dynamo.reset()
+    counters.clear()
+    g2 = autoprec.guard(twin, GROWING, loss_fn, every=EVERY)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    opt, losses = torch.optim.SGD(twin.parameters(), lr=0.01), []
+    for _ in range(STEPS):
+        loss = loss_fn(compiled(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        g2.step(loss, x)
+    g2.remove()
+    torch._dynamo.reset()
+    assert [(e.step, e.layer, e.new) for e in g2.events] == [(e.step, e.layer, e.new) for e in g.events]
+    assert all(math.isfinite(float(v)) for v in losses)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
 def test_a_benign_model_sees_no_action():
     """An MLP all in FP16 trains 100 steps under the guard: no event, the policy given stays in force."""
     model, x, loss_fn = mlp()

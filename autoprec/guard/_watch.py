@@ -2,7 +2,7 @@
 
 Each watched layer owns one row ``[max |out|, non-finite passes]`` of one small device tensor. Its
 observer (:func:`autoprec.apply.watched` calls it with the layer's raw 16-bit output) updates the
-row in place: one reduction over the output and two 0-dim ops, no host sync. :meth:`Watch.read`
+row in place: one reduction over the output and three 0-dim ops, no host sync. :meth:`Watch.read`
 copies the whole table to the host at once: one sync for every layer.
 """
 
@@ -37,7 +37,7 @@ def _observer(row: torch.Tensor) -> Callable[[Any], None]:
 
     def observe(out: Any) -> None:
         for t in _floats(out):
-            m = t.detach().abs().amax()
+            m = torch.linalg.vector_norm(t.detach(), float("inf"))  # max |t| in one pass, no temporary
             torch.fmax(amax, m, out=amax)           # fmax: a NaN does not hide the maximum
             bad.add_(torch.isfinite(m).logical_not())  # inf or NaN anywhere in this output
     return observe
