@@ -2,7 +2,7 @@
 
 Each watched layer owns one row ``[max |out|, non-finite passes]`` of one small device tensor. Its
 observer (:func:`autoprec.apply.watched` calls it with the layer's raw 16-bit output) updates the
-row in place: one reduction over the output and three 0-dim ops, no host sync. :meth:`Watch.read`
+row in place: one reduction over the output and a few 0-dim ops, no host sync. :meth:`Watch.read`
 copies the whole table to the host at once: one sync for every layer.
 """
 
@@ -35,11 +35,18 @@ def _floats(out: Any) -> Iterator[torch.Tensor]:
 def _observer(row: torch.Tensor) -> Callable[[Any], None]:
     amax, bad = row[0], row[1]
 
+    def update(t: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(t.detach())  # one pass, no temporary (abs().amax() makes one)
+        m = torch.fmax(hi, lo.neg())  # max |t|; NaN only when the output is NaN
+        torch.fmax(amax, m, out=amax)  # fmax: a NaN does not hide the maximum
+        bad.add_(torch.isfinite(m).logical_not())  # inf or NaN anywhere in this output
+
     def observe(out: Any) -> None:
+        if type(out) is torch.Tensor and out.is_floating_point() and out.numel():  # the common case
+            update(out)
+            return
         for t in _floats(out):
-            m = torch.linalg.vector_norm(t.detach(), float("inf"))  # max |t| in one pass, no temporary
-            torch.fmax(amax, m, out=amax)           # fmax: a NaN does not hide the maximum
-            bad.add_(torch.isfinite(m).logical_not())  # inf or NaN anywhere in this output
+            update(t)
     return observe
 
 
