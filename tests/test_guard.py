@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprec
 from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
@@ -144,6 +145,41 @@ def test_the_watch_syncs_once_every_every_steps(monkeypatch):
         g.step(loss, x)
     g.remove()
     assert len(reads) == 4 and counts["n"] - alone == 4
+
+
+class _Ops(TorchDispatchMode):
+    """Records each aten op with the largest number of elements among its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_ops(model, x, install):
+    handle = install(model)
+    with torch.no_grad(), _Ops() as mode:
+        model(x)
+    handle.remove()
+    return mode.ops
+
+
+def test_the_watch_adds_one_pass_over_each_16_bit_output_and_only_scalar_ops_besides():
+    """Per 16-bit layer and forward, the watch adds one reduction over the output (aminmax) and a few 0-dim ops."""
+    model, x, loss_fn = mlp()
+    policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
+    plain = _forward_ops(model, x, policy.apply)
+    watched = _forward_ops(model, x, lambda m: autoprec.guard(m, policy, loss_fn))
+    added = list(watched)
+    for op in plain:
+        added.remove(op)
+    big = [(name, n) for name, n in added if n > 1]
+    assert sorted(name for name, _ in big) == ["aminmax", "aminmax", "detach", "detach"]  # detach: a view, no copy
+    assert len(added) == 2 * 8  # per layer: detach, aminmax, neg, fmax, fmax (in place), isfinite, logical_not, add_
 
 
 def test_action_raise_names_the_layer_the_figures_and_the_fix():

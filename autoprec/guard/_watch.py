@@ -8,6 +8,7 @@ copies the whole table to the host at once: one sync for every layer.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -39,7 +40,7 @@ def _observer(row: torch.Tensor) -> Callable[[Any], None]:
         lo, hi = torch.aminmax(t.detach())  # one pass, no temporary (abs().amax() makes one)
         m = torch.fmax(hi, lo.neg())  # max |t|; NaN only when the output is NaN
         torch.fmax(amax, m, out=amax)  # fmax: a NaN does not hide the maximum
-        bad.add_(torch.isfinite(m).logical_not())  # inf or NaN anywhere in this output
+        bad.add_(m.lt(math.inf).logical_not())  # inf or NaN anywhere in this output (isfinite takes 5 ops)
 
     def observe(out: Any) -> None:
         if type(out) is torch.Tensor and out.is_floating_point() and out.numel():  # the common case
@@ -55,9 +56,11 @@ class Watch:
 
     Example:
         >>> w = Watch(["fc"], "cpu")
-        >>> w.observers()["fc"](torch.tensor([1.0, -3.0, float("inf")]))
-        >>> w.read()
-        {'fc': (inf, 1)}
+        >>> observe = w.observers()["fc"]
+        >>> observe(torch.tensor([1.0, -3.0])); w.read()
+        {'fc': (3.0, 0)}
+        >>> observe(torch.tensor([float("nan"), 2.0])); observe(torch.tensor([-float("inf")])); w.read()
+        {'fc': (inf, 2)}
     """
 
     def __init__(self, layers: Iterable[str], device: torch.device | str) -> None:
