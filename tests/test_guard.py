@@ -206,7 +206,7 @@ def test_action_warn_logs_and_leaves_the_policy(caplog):
 
 
 def test_the_revised_policy_saves_its_history(tmp_path):
-    """guard.policy.save() writes the events in stats['guard_events'], and loads back equal."""
+    """guard.policy.save() writes the events in stats['guard_events'], loads back equal, and its report lists them."""
     model, x, loss_fn = growing_model()
     g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
     _train(model, x, loss_fn, STEPS, guard=g)
@@ -215,6 +215,9 @@ def test_the_revised_policy_saves_its_history(tmp_path):
     back = autoprec.load(tmp_path / "p.json")
     assert back == g.policy and back.stats["guard_events"] == [e.to_dict() for e in g.events]
     assert back.layers["grow"].detail == g.events[0].evidence
+    for format in ("md", "html"):
+        assert "Revised during training (autoprec.guard)" in back.report(format)
+        assert g.events[0].evidence.replace(">", "&gt;" if format == "html" else ">") in back.report(format)
 
 
 def test_state_dict_round_trip_resumes_with_the_revised_policy_and_counters():
@@ -260,6 +263,20 @@ def test_remove_leaves_the_model_as_before():
         g.step()
 
 
+def test_a_state_that_does_not_fit_the_model_leaves_the_guard_as_it_was():
+    """load_state_dict with a policy for another model raises a PolicyError and the guard goes on with its policy."""
+    model, x, loss_fn = growing_model()
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    state = g.state_dict()
+    state["policy"]["layers"]["missing"] = state["policy"]["layers"]["grow"]
+    with pytest.raises(autoprec.PolicyError, match="layers naming modules the model does not have: missing"):
+        g.load_state_dict(state)
+    assert g.policy is GROWING and installed(model.grow) and g.state_dict()["step"] == 0
+    _train(model, x, loss_fn, 8, guard=g)
+    assert g.state_dict()["watch"]["table"][0][0] > 0  # still watching
+    g.remove()
+
+
 @pytest.mark.parametrize(("option", "message"), [({"every": 0}, r"guard\(every=0\): a whole number of steps"),
                                                  ({"action": "stop"}, r"guard\(action='stop'\): use one of 'adapt'"),
                                                  ({"headroom": 0.5}, r"guard\(headroom=0.5\): a number of at least 1")],
@@ -270,3 +287,10 @@ def test_bad_options_are_refused(option, message):
     with pytest.raises(OptionError, match=message):
         autoprec.guard(model, GROWING, **option)
     assert not any(installed(m) for m in model.modules())
+
+
+def test_a_policy_file_name_is_refused():
+    """guard takes a Policy object: a path is a PolicyError that says how to load it."""
+    model, _, _ = mlp()
+    with pytest.raises(autoprec.PolicyError, match=r"guard takes an autoprec.Policy, got str: use autoprec.load"):
+        autoprec.guard(model, "model.autoprec.json")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..apply import Handle, _device_type, watched
-from ..errors import GuardError, GuardWarning, OptionError
+from ..errors import GuardError, GuardWarning, OptionError, PolicyError
 from ..formats import LOW_PRECISIONS, cuda_bf16_native, info
 from ..policy import Policy
 from ._events import ACTIONS, GuardEvent
@@ -64,12 +64,15 @@ class Guard:
 
     def __init__(self, model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None = None, *,
                  scaler: Any = None, every: int = 50, action: str = "adapt", headroom: float | None = None) -> None:
+        if not isinstance(policy, Policy):
+            raise PolicyError(f"guard takes an autoprec.Policy, got {type(policy).__name__}: "
+                              "use autoprec.load('policy.json') or autoprec.tune(...)")
         if type(every) is not int or every < 1:
             raise OptionError(f"guard(every={every!r}): a whole number of steps, at least 1 (e.g. every=50)")
         if action not in ACTIONS:
             raise OptionError(f"guard(action={action!r}): use one of {', '.join(map(repr, ACTIONS))}")
         if headroom is None:
-            headroom = float(policy.stats.get("headroom", DEFAULT_HEADROOM)) if isinstance(policy, Policy) else 0.0
+            headroom = policy.stats.get("headroom", DEFAULT_HEADROOM)
         if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not headroom >= 1:
             raise OptionError(f"guard(headroom={headroom!r}): a number of at least 1 (the policy was tuned with "
                               f"{DEFAULT_HEADROOM:g} unless it says otherwise)")
@@ -96,7 +99,13 @@ class Guard:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._handle = watched(policy, self.model, self._watch.observers(watching))
+        try:
+            self._handle = watched(policy, self.model, self._watch.observers(watching))
+        except Exception:
+            if not fresh:  # the policy in force goes back on: a failed revision leaves the run as it was
+                self._handle = watched(self._policy, self.model, self._watch.observers(
+                    k for k in self._watch.layers if self._policy.assignment.get(k) in LOW_PRECISIONS))
+            raise
         self._policy = policy
 
     def _device(self) -> str | torch.device:
