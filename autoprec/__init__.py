@@ -16,8 +16,10 @@ from .apply import Handle
 from .calibration import calibrate
 from .costs import DeviceProfile
 from .distributed import fsdp_plan
-from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, ModelError, OptionError,
-                     PolicyError, ProfileError, RankError, VerificationError, VerificationWarning)
+from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, GuardError, GuardWarning,
+                     ModelError, OptionError, PolicyError, ProfileError, RankError, VerificationError,
+                     VerificationWarning)
+from .guard import Guard, GuardEvent, guard
 from .policy import LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
 from .profiles import load_profile
 from .tune import tune
@@ -29,6 +31,10 @@ __all__ = [
     "DeviceProfile",
     "DeviceWarning",
     "FormatError",
+    "Guard",
+    "GuardError",
+    "GuardEvent",
+    "GuardWarning",
     "Handle",
     "LayerEntry",
     "ModelError",
@@ -44,6 +50,7 @@ __all__ = [
     "VerificationWarning",
     "calibrate",
     "fsdp_plan",
+    "guard",
     "load",
     "load_profile",
     "tune",

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from .modules import canonical_modules, leaves
 from .policy import Policy, check_modules, register_stage
 from .runtime import Patches, Runtime
 
-__all__ = ["Handle", "apply", "autocast"]
+__all__ = ["Handle", "apply", "autocast", "watched"]
 
 
 class Handle:
@@ -117,6 +117,29 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
         (torch.float32, 'Linear')
         >>> h.remove()
     """
+    return Handle(Patches(_plan(policy, model, _checked(policy, model))))
+
+
+def watched(policy: Policy, model: nn.Module, observers: Mapping[str, Callable[[Any], None]]) -> Handle:
+    """:func:`apply`, with ``observers[layer]`` told of each listed unit layer's raw 16-bit output
+    (the hook of :mod:`autoprec.guard`; the regions of the other layers run as :func:`apply` runs them).
+
+    Example:
+        >>> import torch, autoprec
+        >>> m, seen = torch.nn.Sequential(torch.nn.Linear(4, 4)), []
+        >>> p = autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")})
+        >>> h = watched(p, m, {"0": lambda out: seen.append(out.dtype)})
+        >>> _ = m(torch.ones(1, 4)); h.remove(); seen
+        [torch.bfloat16]
+    """
+    plan = _plan(policy, model, _checked(policy, model))
+    plan = [(mod, replace(spec, observe=observers[spec.path]) if spec.unit and spec.path in observers else spec)
+            for mod, spec in plan]
+    return Handle(Patches(plan))
+
+
+def _checked(policy: Policy, model: nn.Module) -> str:
+    """The device type a policy will run on, once the policy, the model and the device are checked."""
     if not isinstance(policy, Policy):
         raise PolicyError(f"apply takes an autoprec.Policy, got {type(policy).__name__}: "
                           "use autoprec.load('policy.json') or autoprec.tune(...)")
@@ -129,7 +152,7 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
     if device == "cuda" and "bf16" in policy.assignment.values() and not cuda_bf16_native():
         raise FormatError(f"this CUDA device ({torch.cuda.get_device_name()}) cannot run bf16, which the policy "
                           "assigns: tune again with dtypes=['fp16']")
-    return Handle(Patches(_plan(policy, model, device)))
+    return device
 
 
 @contextmanager

@@ -8,6 +8,7 @@ builtin it is, so ``except ValueError`` keeps working for callers who do not kno
     ├── ModelError(ValueError)        the model cannot be tuned (no floating parameters, NaN in FP32)
     ├── OptionError(ValueError)       an option of tune/apply is out of range
     ├── FormatError(RuntimeError)     a precision format the device cannot run
+    ├── GuardError(RuntimeError)      ``guard(action="raise")``: a layer's range left its format during training
     ├── PolicyError(ValueError)       a policy file is corrupt, of an unknown version, or for another model
     ├── ProfileError(ValueError)      a device profile is corrupt, of an unknown version, or for another target
     ├── RankError(RuntimeError)       a tune on several ranks: one rank failed, or their inputs or results differ
@@ -18,13 +19,15 @@ Outcomes that are not errors but must not pass unnoticed are warnings of class
 
     AutoprecWarning(UserWarning)
     ├── VerificationWarning           the returned policy failed verification (``strict=False``)
-    └── DeviceWarning                 a policy runs on another device than the one it was tuned for
+    ├── DeviceWarning                 a policy runs on another device than the one it was tuned for
+    └── GuardWarning                  ``guard(action="warn")``: a layer's range left its format during training
 """
 
 from __future__ import annotations
 
-__all__ = ["AutoprecError", "AutoprecWarning", "BatchError", "DeviceWarning", "FormatError", "ModelError", "OptionError",
-           "PolicyError", "ProfileError", "RankError", "VerificationError", "VerificationWarning"]
+__all__ = ["AutoprecError", "AutoprecWarning", "BatchError", "DeviceWarning", "FormatError", "GuardError", "GuardWarning",
+           "ModelError", "OptionError", "PolicyError", "ProfileError", "RankError", "VerificationError",
+           "VerificationWarning"]
 
 
 class AutoprecError(Exception):
@@ -54,6 +57,17 @@ class OptionError(AutoprecError, ValueError):
 
 class FormatError(AutoprecError, RuntimeError):
     """A precision format was asked for that the target device cannot run."""
+
+
+class GuardError(AutoprecError, RuntimeError):
+    """``autoprec.guard(..., action="raise")``: a 16-bit layer's output no longer fits its format.
+
+    The message names the layer, the figures and the fix; the record is ``error.event``.
+    """
+
+    def __init__(self, message: str, event: object = None) -> None:
+        super().__init__(message)
+        self.event = event
 
 
 class PolicyError(AutoprecError, ValueError):
@@ -98,6 +112,10 @@ class VerificationWarning(AutoprecWarning):
 
 class DeviceWarning(AutoprecWarning):
     """A policy is used on another kind of device than the one it was tuned for."""
+
+
+class GuardWarning(AutoprecWarning):
+    """``autoprec.guard(..., action="warn")``: a 16-bit layer's output no longer fits its format."""
 
 class ProfileError(AutoprecError, ValueError):
     """A device profile file or option is invalid, of an unknown schema version, or for another target."""

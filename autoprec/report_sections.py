@@ -84,6 +84,10 @@ def sections(policy: "Policy") -> list[Section]:
     """
     s = summary(policy)
     out = [_header(policy, s), _verification(policy)]
+    events = [e for e in policy.stats.get("guard_events", ()) if isinstance(e, dict) and "evidence" in e]
+    if events:  # autoprec.guard revised the policy during training: what it saw, in order
+        out.append(Section("Revised during training (autoprec.guard)", (Bullets(tuple(str(e["evidence"])
+                                                                               for e in events)),)))
     if any(e.measured for e in policy.layers.values()):
         out.append(Section("Per-layer sensitivity (the probe's error of each layer alone, relative to the bound)",
                            (Chart("sensitivity"),)))
@@ -247,6 +251,8 @@ def _stats_blocks(st: dict[str, Any]) -> tuple[Block, ...]:
     """Every tuning statistic: the figures as a table, each breakdown (a map) as a bullet."""
     rows, maps = [], []
     for k, v in st.items():
+        if k == "guard_events":
+            continue  # a section of its own
         if not isinstance(v, dict):
             rows.append((k.replace("_", " "), _flat(v)))
             continue

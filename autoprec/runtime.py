@@ -100,6 +100,7 @@ class _Spec:
     emulate_cuda: bool = False         # 16-bit regions follow CUDA autocast's rules (a CUDA policy on a CPU)
     root: bool = False
     watcher: Any = None
+    observe: Callable[[Any], None] | None = None  # told of a 16-bit unit's raw output (autoprec.guard's watch)
 
 
 # -- one module's forward ---------------------------------------------------------------------
@@ -177,6 +178,8 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
             torch.set_autocast_enabled(device, prev)
             torch.set_autocast_dtype(device, prev_dtype)
     final = out if spec.keep and torch.is_grad_enabled() else cast_tree(out, back)
+    if spec.observe is not None:
+        spec.observe(out)
     if watcher is not None and out is not None:
         watcher.exit(spec.path, "module", out, final)
     return final

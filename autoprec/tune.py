@@ -391,6 +391,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         "verify_passes": verify_passes,
         "world_size": ranks.world,  # the passes above are this rank's (autoprec.ranks)
         "trials": result.trials,
+        "headroom": headroom,  # the range margin the probe and search used (autoprec.guard checks with it)
         "candidates": len(candidates),
         "probe_roles": len({m.group for m in pr.measurements.values() if m.members > 1}),
         "probe_shared": sum(m.members > 1 for m in pr.measurements.values()),  # rows that are a role's bound

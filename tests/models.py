@@ -26,6 +26,8 @@ Hazard models (blanket autocast breaks them; see ``tests/test_models_hazards.py`
   2048 positions: BF16 cannot hold the positions/angles, FP16 can.
 * :func:`underflow_model` (+ :func:`underflow_optimizer`) -- tiny loss scale, so FP16
   gradients underflow even with ``GradScaler`` defaults; FP32 trains.
+* :func:`growing_model` -- a layer whose output grows by :data:`GROWTH` with every training
+  forward until it passes 65504: FP16 is fine at step 0 and overflows mid-run (``autoprec.guard``).
 
 Safe models (blanket BF16 autocast is fine): :func:`mlp`, :func:`cnn`,
 :func:`transformer_block`.
@@ -61,6 +63,8 @@ __all__ = [
     "rotary_model",
     "underflow_model",
     "underflow_optimizer",
+    "growing_model",
+    "GROWTH",
     "UNDERFLOW_LOSS_SCALE",
     "mlp",
     "cnn",
@@ -79,6 +83,8 @@ __all__ = [
     "Rotary",
     "RotaryModel",
     "UnderflowModel",
+    "Growing",
+    "GrowingModel",
     "MLP",
     "CNN",
     "SelfAttention",
@@ -404,6 +410,53 @@ def underflow_model(seed: int = 0, batch_size: int = 256) -> ModelSpec:
 def underflow_optimizer(params) -> torch.optim.Optimizer:
     """Recommended optimizer for :func:`underflow_model`: Adam with eps far below the ~1e-15 grads."""
     return torch.optim.Adam(params, lr=1e-2, eps=1e-30)
+
+
+# ---------------------------------------------------------------------------
+# 5b. An activation that grows with training (autoprec.guard)
+# ---------------------------------------------------------------------------
+
+GROWTH = 1.25  # the growing layer's output scale, per training forward
+
+
+class Growing(nn.Module):
+    """A leaf ``x @ W.T * gain``: the product with ``gain`` runs in the layer's precision."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
+        self.register_buffer("gain", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) * self.gain
+
+
+class GrowingModel(nn.Module):
+    """fc -> ReLU -> grow -> LayerNorm -> head; each training forward multiplies ``grow.gain`` by
+    :data:`GROWTH`, so ``grow``'s output passes 65504 after a few dozen steps while the LayerNorm
+    keeps the loss (and FP32 training) unchanged in scale."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.fc = nn.Linear(16, dim)
+        self.grow = Growing(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.grow.gain.mul_(GROWTH)
+        return self.head(self.norm(self.grow(F.relu(self.fc(x)))))
+
+
+def growing_model(seed: int = 0, batch_size: int = 32) -> ModelSpec:
+    """:class:`GrowingModel`. Batch: tensor (32, 16). Loss: MSE against a fixed target."""
+    with _seeded(seed):
+        model = GrowingModel()
+        x = torch.randn(batch_size, 16)
+        target = torch.randn(batch_size, 4)
+    return model.train(), x, _mse_loss_fn(target)
 
 
 # ---------------------------------------------------------------------------

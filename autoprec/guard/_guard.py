@@ -1,0 +1,239 @@
+"""The guard: watch a policy's 16-bit layers during training and act when a range leaves its format."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..apply import Handle, _device_type, watched
+from ..errors import GuardError, GuardWarning, OptionError, PolicyError
+from ..formats import LOW_PRECISIONS, cuda_bf16_native, info
+from ..policy import Policy
+from ._events import ACTIONS, GuardEvent
+from ._watch import Watch
+
+__all__ = ["DEFAULT_HEADROOM", "Guard", "guard"]
+
+log = logging.getLogger("autoprec.guard")
+
+DEFAULT_HEADROOM = 8.0  # tune's default, for policies that do not record theirs (stats["headroom"])
+
+
+def _num(x: float) -> str:
+    """``9.1e3`` for 9100: three significant digits, a short exponent."""
+    mantissa, _, exp = f"{x:.3g}".partition("e")
+    return mantissa + (f"e{int(exp)}" if exp else "")
+
+
+def _misfit(precision: str, amax: float, bad: int, headroom: float) -> str | None:
+    """Why a layer's watched figures no longer fit ``precision``, or None when they fit."""
+    top = info(precision).max
+    if bad:
+        return f"non-finite output in {bad} forward pass{'es' if bad > 1 else ''} (|out| max {_num(amax)})"
+    if amax * headroom > top:
+        return f"|out| max {_num(amax)} x headroom {headroom:g} > {top:g}"
+    return None
+
+
+class Guard:
+    """A policy installed on a model and watched while it trains; built by :func:`guard`.
+
+    Call :meth:`step` once per training step; every ``every`` steps it reads the watch (one host
+    sync) and acts on each 16-bit layer whose largest ``|output|`` times ``headroom`` passes its
+    format's largest finite value, or whose output was non-finite: ``"adapt"`` promotes it (FP16 to
+    BF16 where the policy's formats allow BF16, else FP32; BF16 to FP32) and installs the revised
+    policy, ``"warn"`` logs and warns (:class:`~autoprec.GuardWarning`, once per layer), ``"raise"``
+    raises :class:`~autoprec.GuardError`. Weights, optimizer and scaler are never touched.
+
+    Example:
+        >>> import torch, autoprec
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> _ = torch.nn.init.constant_(m[0].weight, 3000.0)
+        >>> p = autoprec.Policy(layers={"0": autoprec.LayerEntry("fp16")}, formats=("fp16", "bf16"))
+        >>> g = autoprec.guard(m, p, every=1)
+        >>> _ = m(torch.ones(2, 4)); g.step()
+        >>> g.policy.assignment, g.events[0].evidence
+        ({'0': 'bf16'}, 'step 1: 0 fp16 -> bf16: |out| max 1.2e4 x headroom 8 > 65504')
+        >>> g.remove()
+    """
+
+    def __init__(self, model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None = None, *,
+                 scaler: Any = None, every: int = 50, action: str = "adapt", headroom: float | None = None) -> None:
+        if not isinstance(policy, Policy):
+            raise PolicyError(f"guard takes an autoprec.Policy, got {type(policy).__name__}: "
+                              "use autoprec.load('policy.json') or autoprec.tune(...)")
+        if type(every) is not int or every < 1:
+            raise OptionError(f"guard(every={every!r}): a whole number of steps, at least 1 (e.g. every=50)")
+        if action not in ACTIONS:
+            raise OptionError(f"guard(action={action!r}): use one of {', '.join(map(repr, ACTIONS))}")
+        if headroom is None:
+            headroom = policy.stats.get("headroom", DEFAULT_HEADROOM)
+        if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not headroom >= 1:
+            raise OptionError(f"guard(headroom={headroom!r}): a number of at least 1 (the policy was tuned with "
+                              f"{DEFAULT_HEADROOM:g} unless it says otherwise)")
+        self.model, self.loss_fn, self.scaler = model, loss_fn, scaler  # loss_fn: for the FP32 check (not yet)
+        self.every, self.action, self.headroom = every, action, float(headroom)
+        self.events: list[GuardEvent] = []
+        self._step = 0
+        self._policy = policy
+        self._handle: Handle | None = None
+        self._install(policy, fresh=True)
+
+    # -- the policy in force ------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        """The policy in force: the one given, revised where the guard promoted a layer (its
+        ``stats["guard_events"]`` lists the events, so ``.save()`` writes the history)."""
+        return self._policy
+
+    def _install(self, policy: Policy, *, fresh: bool = False) -> None:
+        if fresh:
+            layers = [k for k, p in policy.assignment.items() if p in LOW_PRECISIONS and "::" not in k]
+            self._watch = Watch(layers, self._device())
+        watching = [k for k in self._watch.layers if policy.assignment.get(k) in LOW_PRECISIONS]
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        try:
+            self._handle = watched(policy, self.model, self._watch.observers(watching))
+        except Exception:
+            if not fresh:  # the policy in force goes back on: a failed revision leaves the run as it was
+                self._handle = watched(self._policy, self.model, self._watch.observers(
+                    k for k in self._watch.layers if self._policy.assignment.get(k) in LOW_PRECISIONS))
+            raise
+        self._policy = policy
+
+    def _device(self) -> str | torch.device:
+        for t in self.model.parameters():
+            return t.device
+        return _device_type(self.model)
+
+    def remove(self) -> None:
+        """Take the policy off the model, as ``handle.remove()`` does (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> "Guard":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # -- the training loop --------------------------------------------------------------------
+    def step(self, loss: Any = None, batch: Any = None) -> None:
+        """Count one training step; every ``every`` steps read the watch and act.
+
+        ``loss`` and ``batch`` are the step's (kept for the FP32 check, which is not built yet).
+        """
+        if self._handle is None:
+            raise OptionError("guard.step() after guard.remove(): the policy is off the model; build a new "
+                              "guard with autoprec.guard(model, policy)")
+        self._step += 1
+        if self._step % self.every == 0:
+            self._check()
+
+    def _check(self) -> None:
+        revised, acted = self._policy, []
+        for layer, (amax, bad) in self._watch.read().items():
+            old = revised.assignment.get(layer)
+            why = _misfit(old, amax, bad, self.headroom) if old in LOW_PRECISIONS else None
+            if why is None or (self.action == "warn" and any(e.layer == layer for e in self.events)):
+                continue
+            new = self._promotion(old)
+            event = GuardEvent(self._step, layer, self.action, old, new,
+                               f"step {self._step}: {layer} {old} -> {new}: {why}")
+            self.events.append(event)
+            if self.action == "raise":
+                raise GuardError(f"autoprec.guard: layer {layer!r} runs in {old}, but {event.evidence}: its output "
+                                 f"no longer fits {old}; run it in {new} (set its entry to '{new}' in the policy, or "
+                                 f"tune again on a later checkpoint) or guard with action='adapt'", event)
+            log.warning("%s%s", event.evidence, "" if self.action == "adapt" else " (action='warn': not changed)")
+            if self.action == "warn":
+                warnings.warn(f"autoprec.guard: {event.evidence}; guard with action='adapt' to promote it",
+                              GuardWarning, stacklevel=3)
+                continue
+            revised = _promoted(revised, layer, new, event)
+            acted.append(layer)
+        if acted:
+            for layer in acted:
+                self._watch.reset(layer)  # the new format starts a fresh watch
+            self._install(revised)
+
+    def _promotion(self, old: str) -> str:
+        if old == "fp16" and "bf16" in self._policy.formats:
+            on_cuda = _device_type(self.model) == "cuda"
+            if not on_cuda or cuda_bf16_native():
+                return "bf16"
+        return "fp32"
+
+    # -- resuming -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's state as plain data: the policy in force, the step count, the events and the
+        watch's statistics (one host copy). Save it with the model's and optimizer's state.
+
+        Example:
+            >>> import torch, autoprec
+            >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            >>> g = autoprec.guard(m, autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")}))
+            >>> sorted(g.state_dict()); g.remove()
+            ['events', 'policy', 'step', 'watch']
+        """
+        return {"step": self._step, "policy": self._policy.to_dict(), "events": [e.to_dict() for e in self.events],
+                "watch": self._watch.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: install its policy (revised where the guard had acted),
+        and take its step count, events and statistics."""
+        policy = Policy.from_dict(state["policy"])
+        if policy != self._policy:
+            self._install(policy)
+        self._watch.load_state_dict(state["watch"])
+        self.events = [GuardEvent.from_dict(e) for e in state["events"]]
+        self._step = int(state["step"])
+
+
+def _promoted(policy: Policy, layer: str, new: str, event: GuardEvent) -> Policy:
+    """``policy`` with ``layer`` in ``new`` and ``event`` appended to its ``stats["guard_events"]``."""
+    entry = policy.layers[layer]
+    if new == "fp32":
+        entry = dataclasses.replace(entry, precision=new, reason="range", excluded=True, detail=event.evidence)
+    else:
+        entry = dataclasses.replace(entry, precision=new, detail=event.evidence)
+    stats = {**policy.stats, "guard_events": [*policy.stats.get("guard_events", []), event.to_dict()]}
+    return dataclasses.replace(policy, layers={**policy.layers, layer: entry}, stats=stats)
+
+
+def guard(model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None = None, *, scaler: Any = None,
+          every: int = 50, action: str = "adapt", headroom: float | None = None) -> Guard:
+    """Install ``policy`` on ``model`` and keep it right while the model trains; returns a :class:`Guard`.
+
+    Call ``guard.step(loss, batch)`` after each optimizer step. Every ``every`` steps it reads, in one
+    host sync, what it kept on the device for each 16-bit layer (largest ``|output|``, forward passes
+    with a non-finite output) and acts where a range passes its format's limit with ``headroom``
+    (None: the policy's tuning headroom, ``stats["headroom"]``, else 8): ``action="adapt"`` promotes
+    the layer and installs the revised policy (``guard.policy``), ``"warn"`` logs and warns, ``"raise"``
+    raises :class:`~autoprec.GuardError`. ``guard.events`` lists what it did; ``guard.remove()``
+    takes the policy off. ``loss_fn`` and ``scaler`` are kept for the checks to come (an FP32 check of
+    the loss); the guard never touches weights, optimizer or scaler.
+
+    Example:
+        >>> import torch, autoprec
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> policy = autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16"), "2": autoprec.LayerEntry("fp32")})
+        >>> g = autoprec.guard(model, policy, every=10)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        >>> for _ in range(20):
+        ...     loss = model(torch.randn(4, 8)).square().mean()
+        ...     loss.backward(); opt.step(); opt.zero_grad()
+        ...     g.step(loss)
+        >>> g.events, g.policy is policy
+        ([], True)
+        >>> g.remove()
+    """
+    return Guard(model, policy, loss_fn, scaler=scaler, every=every, action=action, headroom=headroom)

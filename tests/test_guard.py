@@ -1,0 +1,296 @@
+"""autoprec.guard: a policy watched during training, promoted before a growing activation overflows FP16."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import autoprec
+from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
+from autoprec.guard import _watch
+from autoprec.runtime import installed
+from tests.models import GROWTH, FP16_MAX, growing_model, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS, EVERY = 60, 4
+assert GROWTH ** EVERY < 8  # the growth between two reads is less than the headroom: a read comes before an overflow
+
+
+def _policy(layers: dict[str, str]) -> Policy:
+    """A CUDA policy written by hand (its FP16 layers emulated on this CPU), BF16 allowed."""
+    return Policy(layers={k: LayerEntry(p) for k, p in layers.items()}, target="cuda", formats=("fp16", "bf16"))
+
+
+GROWING = _policy({"fc": "fp32", "grow": "fp16", "norm": "fp32", "head": "fp32"})
+
+
+def _train(model, x, loss_fn, steps, *, policy=None, guard=None, opt=None):
+    """SGD steps with ``policy`` installed (or ``guard`` watching); the losses, as Python floats at the end."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = policy.apply(model) if policy is not None else None
+    losses = []
+    for _ in range(steps):
+        loss = loss_fn(model(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        if guard is not None:
+            guard.step(loss, x)
+    if handle is not None:
+        handle.remove()
+    return [float(v) for v in losses]
+
+
+def _first_bad(losses):
+    return next((i + 1 for i, v in enumerate(losses) if not math.isfinite(v)), None)
+
+
+def test_a_growing_activation_is_promoted_before_fp16_overflows():
+    """The unguarded FP16 run goes non-finite mid-run; the guard promotes the layer to BF16 before that and trains on."""
+    model, x, loss_fn = growing_model()
+    fp32 = _train(copy.deepcopy(model), x, loss_fn, STEPS)
+    bare = _train(copy.deepcopy(model), x, loss_fn, STEPS, policy=GROWING)
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    guarded = _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    assert all(map(math.isfinite, fp32))
+    broke = _first_bad(bare)
+    assert broke is not None and broke > EVERY  # fine at the start: a hazard of training, not of step 0
+    assert [(e.layer, e.action, e.old, e.new) for e in g.events] == [("grow", "adapt", "fp16", "bf16")]
+    assert g.events[0].step < broke and all(map(math.isfinite, guarded))
+    assert guarded[:g.events[0].step] == bare[:g.events[0].step]  # nothing changed before it acted
+    assert g.policy.assignment["grow"] == "bf16" and GROWING.assignment["grow"] == "fp16"
+    assert f"x headroom 8 > {FP16_MAX:g}" in g.events[0].evidence
+    assert g.events[0].evidence.startswith(f"step {g.events[0].step}: grow fp16 -> bf16: |out| max ")
+
+
+def test_compiled_fullgraph_the_guard_adds_no_break_and_a_revision_recompiles_once():
+    """Under torch.compile(fullgraph=True) the watch is in the graph: the guard acts at the eager run's step, training
+    stays finite, and its one revision makes one more graph."""
+    from torch._dynamo.utils import counters
+
+    model, x, loss_fn = growing_model()
+    twin = copy.deepcopy(model)
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    torch._dynamo.reset()
+    counters.clear()
+    g2 = autoprec.guard(twin, GROWING, loss_fn, every=EVERY)
+    compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
+    opt, losses = torch.optim.SGD(twin.parameters(), lr=0.01), []
+    for _ in range(STEPS):
+        loss = loss_fn(compiled(x), x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+        g2.step(loss, x)
+    g2.remove()
+    torch._dynamo.reset()
+    assert [(e.step, e.layer, e.new) for e in g2.events] == [(e.step, e.layer, e.new) for e in g.events]
+    assert all(math.isfinite(float(v)) for v in losses)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+def test_a_benign_model_sees_no_action():
+    """An MLP all in FP16 trains 100 steps under the guard: no event, the policy given stays in force."""
+    model, x, loss_fn = mlp()
+    policy = _policy({"fc1": "fp16", "fc2": "fp16", "fc3": "fp16"})
+    g = autoprec.guard(model, policy, loss_fn, every=10)
+    losses = _train(model, x, loss_fn, 100, guard=g)
+    g.remove()
+    assert g.events == [] and g.policy is policy and all(map(math.isfinite, losses))
+
+
+def _syncs(monkeypatch):
+    """Count the calls that copy a tensor to the host."""
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            counts["n"] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_the_watch_syncs_once_every_every_steps(monkeypatch):
+    """Over 40 steps at every=10 the guard reads the device 4 times, and adds no other host sync."""
+    model, x, loss_fn = mlp()
+    policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
+    reads = []
+    monkeypatch.setattr(_watch, "_host", lambda table, _host=_watch._host: reads.append(1) or _host(table))
+    counts = _syncs(monkeypatch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    handle = policy.apply(model)
+    for _ in range(40):  # the same loop without the guard: what it syncs on its own
+        loss = loss_fn(model(x), x)
+        loss.backward(); opt.step(); opt.zero_grad()
+    handle.remove()
+    alone, counts["n"] = counts["n"], 0
+    g = autoprec.guard(model, policy, loss_fn, every=10)
+    for _ in range(40):
+        loss = loss_fn(model(x), x)
+        loss.backward(); opt.step(); opt.zero_grad()
+        g.step(loss, x)
+    g.remove()
+    assert len(reads) == 4 and counts["n"] - alone == 4
+
+
+class _Ops(TorchDispatchMode):
+    """Records each aten op with the largest number of elements among its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        sizes = [a.numel() for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        self.ops.append((func.overloadpacket.__name__, max(sizes, default=0)))
+        return func(*args, **(kwargs or {}))
+
+
+def _forward_ops(model, x, install):
+    handle = install(model)
+    with torch.no_grad(), _Ops() as mode:
+        model(x)
+    handle.remove()
+    return mode.ops
+
+
+def test_the_watch_adds_one_pass_over_each_16_bit_output_and_only_scalar_ops_besides():
+    """Per 16-bit layer and forward, the watch adds one reduction over the output (aminmax) and a few 0-dim ops."""
+    model, x, loss_fn = mlp()
+    policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
+    plain = _forward_ops(model, x, policy.apply)
+    watched = _forward_ops(model, x, lambda m: autoprec.guard(m, policy, loss_fn))
+    added = list(watched)
+    for op in plain:
+        added.remove(op)
+    big = [(name, n) for name, n in added if n > 1]
+    assert sorted(name for name, _ in big) == ["aminmax", "aminmax", "detach", "detach"]  # detach: a view, no copy
+    assert len(added) == 2 * 8  # per layer: detach, aminmax, neg, fmax, fmax (in place), isfinite, logical_not, add_
+
+
+def test_action_raise_names_the_layer_the_figures_and_the_fix():
+    """action='raise' stops the run at the read that sees the range leave FP16, and leaves the policy as it was."""
+    model, x, loss_fn = growing_model()
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY, action="raise")
+    with pytest.raises(GuardError, match=r"layer 'grow' runs in fp16, but step \d+: grow fp16 -> bf16: \|out\| max "
+                                         r"\S+ x headroom 8 > 65504: its output no longer fits fp16; run it in bf16"
+                       ) as info:
+        _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    assert info.value.event == g.events[0] and g.policy is GROWING
+
+
+def test_action_warn_logs_and_leaves_the_policy(caplog):
+    """action='warn' logs and warns once for the layer, and never changes the policy."""
+    model, x, loss_fn = growing_model()
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY, action="warn")
+    with pytest.warns(GuardWarning, match="grow fp16 -> bf16") as warned, caplog.at_level(logging.WARNING, "autoprec"):
+        _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    assert g.policy is GROWING and [e.action for e in g.events] == ["warn"] and len(warned) == 1
+    assert "grow fp16 -> bf16" in caplog.text and "not changed" in caplog.text
+
+
+def test_the_revised_policy_saves_its_history(tmp_path):
+    """guard.policy.save() writes the events in stats['guard_events'], loads back equal, and its report lists them."""
+    model, x, loss_fn = growing_model()
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    g.policy.save(tmp_path / "p.json")
+    back = autoprec.load(tmp_path / "p.json")
+    assert back == g.policy and back.stats["guard_events"] == [e.to_dict() for e in g.events]
+    assert back.layers["grow"].detail == g.events[0].evidence
+    for format in ("md", "html"):
+        assert "Revised during training (autoprec.guard)" in back.report(format)
+        assert g.events[0].evidence.replace(">", "&gt;" if format == "html" else ">") in back.report(format)
+
+
+def test_state_dict_round_trip_resumes_with_the_revised_policy_and_counters():
+    """A run saved after the guard acted, resumed in a fresh model and guard, trains on exactly as the uninterrupted one."""
+    model, x, loss_fn = growing_model()
+    fresh = copy.deepcopy(model)
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    _train(model, x, loss_fn, 48, guard=g, opt=opt)
+    assert g.events  # it acted before the save
+    saved = json.loads(json.dumps({"model": {k: v.tolist() for k, v in model.state_dict().items()},
+                                   "opt": None, "guard": g.state_dict()}))
+    opt_state = copy.deepcopy(opt.state_dict())
+    rest = _train(model, x, loss_fn, 12, guard=g, opt=opt)
+    g.remove()
+
+    fresh.load_state_dict({k: torch.tensor(v) for k, v in saved["model"].items()})
+    opt2 = torch.optim.SGD(fresh.parameters(), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(opt_state)
+    g2 = autoprec.guard(fresh, GROWING, loss_fn, every=EVERY)
+    g2.load_state_dict(saved["guard"])
+    assert g2.policy == Policy.from_dict(saved["guard"]["policy"]) and g2.policy.assignment["grow"] == "bf16"
+    assert g2.state_dict() == saved["guard"]
+    assert _train(fresh, x, loss_fn, 12, guard=g2, opt=opt2) == rest
+    assert g2.state_dict() == g.state_dict()
+    g2.remove()
+
+
+def test_remove_leaves_the_model_as_before():
+    """After the guard acted (two installs) and was removed, no module is patched and the model computes as before."""
+    model, x, loss_fn = growing_model()
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    _train(model, x, loss_fn, STEPS, guard=g)
+    assert g.events
+    untouched = copy.deepcopy(model).eval()
+    g.remove()
+    g.remove()  # idempotent
+    assert not any(installed(m) for m in model.modules())
+    assert [type(m) for m in model.modules()] == [type(m) for m in untouched.modules()]
+    assert type(model.grow).__name__ == "Growing" and type(model.grow) is type(untouched.grow)
+    assert torch.equal(model.eval()(x), untouched(x))
+    with pytest.raises(OptionError, match=r"guard.step\(\) after guard.remove\(\)"):
+        g.step()
+
+
+def test_a_state_that_does_not_fit_the_model_leaves_the_guard_as_it_was():
+    """load_state_dict with a policy for another model raises a PolicyError and the guard goes on with its policy."""
+    model, x, loss_fn = growing_model()
+    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    state = g.state_dict()
+    state["policy"]["layers"]["missing"] = state["policy"]["layers"]["grow"]
+    with pytest.raises(autoprec.PolicyError, match="layers naming modules the model does not have: missing"):
+        g.load_state_dict(state)
+    assert g.policy is GROWING and installed(model.grow) and g.state_dict()["step"] == 0
+    _train(model, x, loss_fn, 8, guard=g)
+    assert g.state_dict()["watch"]["table"][0][0] > 0  # still watching
+    g.remove()
+
+
+@pytest.mark.parametrize(("option", "message"), [({"every": 0}, r"guard\(every=0\): a whole number of steps"),
+                                                 ({"action": "stop"}, r"guard\(action='stop'\): use one of 'adapt'"),
+                                                 ({"headroom": 0.5}, r"guard\(headroom=0.5\): a number of at least 1")],
+                         ids=["every", "action", "headroom"])
+def test_bad_options_are_refused(option, message):
+    """A bad every, action or headroom is an OptionError naming it, and nothing is installed."""
+    model, _, _ = mlp()
+    with pytest.raises(OptionError, match=message):
+        autoprec.guard(model, GROWING, **option)
+    assert not any(installed(m) for m in model.modules())
+
+
+def test_a_policy_file_name_is_refused():
+    """guard takes a Policy object: a path is a PolicyError that says how to load it."""
+    model, _, _ = mlp()
+    with pytest.raises(autoprec.PolicyError, match=r"guard takes an autoprec.Policy, got str: use autoprec.load"):
+        autoprec.guard(model, "model.autoprec.json")
