@@ -19,7 +19,7 @@ from .distributed import fsdp_plan
 from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, GuardError, GuardWarning,
                      ModelError, OptionError, PolicyError, ProfileError, RankError, VerificationError,
                      VerificationWarning)
-from .guard import Guard, GuardEvent, guard
+from .watch import Guard, GuardEvent, guard
 from .policy import LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
 from .profiles import load_profile
 from .tune import tune

@@ -122,7 +122,7 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
 
 def watched(policy: Policy, model: nn.Module, observers: Mapping[str, Callable[[Any], None]]) -> Handle:
     """:func:`apply`, with ``observers[layer]`` told of each listed unit layer's raw 16-bit output
-    (the hook of :mod:`autoprec.guard`; the regions of the other layers run as :func:`apply` runs them).
+    (the hook of :mod:`autoprec.watch`; the regions of the other layers run as :func:`apply` runs them).
 
     Example:
         >>> import torch, autoprec

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprec
 from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
-from autoprec.guard import _watch
+from autoprec.watch import _watch
 from autoprec.runtime import installed
 from tests.models import GROWTH, FP16_MAX, growing_model, mlp
 

@@ -5,6 +5,8 @@ while the model trains: each one's largest ``|output|`` and the forward passes w
 non-finite values, kept on the device and read once every ``every`` steps. When a layer's range
 no longer fits its format with the tuning headroom, the guard promotes it (``action="adapt"``),
 warns (``"warn"``) or raises (``"raise"``), and records the event with its evidence.
+
+The package is ``autoprec.watch`` so that ``autoprec.guard`` names the function, never a module.
 """
 
 from __future__ import annotations
