@@ -1,4 +1,5 @@
-"""The guard: watch a policy's 16-bit layers during training and act when a range leaves its format."""
+"""The guard: watch a policy's 16-bit layers during training and act when a range leaves its format,
+or when the loss drifts away from FP32's (the FP32 check, :mod:`autoprec.watch._check`)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ from ..apply import Handle, _device_type, watched
 from ..errors import GuardError, GuardWarning, OptionError, PolicyError
 from ..formats import LOW_PRECISIONS, cuda_bf16_native, info
 from ..policy import Policy
+from ._check import CHECK_FACTOR, Check, Verdict, judge_gaps
 from ._events import ACTIONS, GuardEvent
 from ._watch import Watch
 
-__all__ = ["DEFAULT_HEADROOM", "Guard", "guard"]
+__all__ = ["DEFAULT_HEADROOM", "DEFAULT_LOSS_BOUND", "Guard", "guard"]
 
 log = logging.getLogger("autoprec.guard")
 
 DEFAULT_HEADROOM = 8.0  # tune's default, for policies that do not record theirs (stats["headroom"])
+DEFAULT_LOSS_BOUND = 0.01  # tune's default loss tolerance, for policies that do not record theirs
 
 
 def _num(x: float) -> str:
@@ -48,7 +51,8 @@ class Guard:
     format's largest finite value, or whose output was non-finite: ``"adapt"`` promotes it (FP16 to
     BF16 where the policy's formats allow BF16, else FP32; BF16 to FP32) and installs the revised
     policy, ``"warn"`` logs and warns (:class:`~autoprec.GuardWarning`, once per layer), ``"raise"``
-    raises :class:`~autoprec.GuardError`. Weights, optimizer and scaler are never touched.
+    raises :class:`~autoprec.GuardError`. Every ``check_every`` steps it also runs the FP32 check
+    (:meth:`step`). Weights, optimizer and scaler are never touched.
 
     Example:
         >>> import torch, autoprec
@@ -56,14 +60,15 @@ class Guard:
         >>> _ = torch.nn.init.constant_(m[0].weight, 3000.0)
         >>> p = autoprec.Policy(layers={"0": autoprec.LayerEntry("fp16")}, formats=("fp16", "bf16"))
         >>> g = autoprec.guard(m, p, every=1)
-        >>> _ = m(torch.ones(2, 4)); g.step()
+        >>> x = torch.ones(2, 4); _ = m(x); g.step(None, x)
         >>> g.policy.assignment, g.events[0].evidence
         ({'0': 'bf16'}, 'step 1: 0 fp16 -> bf16: |out| max 1.2e4 x headroom 8 > 65504')
         >>> g.remove()
     """
 
     def __init__(self, model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None = None, *,
-                 scaler: Any = None, every: int = 50, action: str = "adapt", headroom: float | None = None) -> None:
+                 scaler: Any = None, every: int = 50, action: str = "adapt", headroom: float | None = None,
+                 check_every: int | None = None) -> None:
         if not isinstance(policy, Policy):
             raise PolicyError(f"guard takes an autoprec.Policy, got {type(policy).__name__}: "
                               "use autoprec.load('policy.json') or autoprec.tune(...)")
@@ -76,8 +81,15 @@ class Guard:
         if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not headroom >= 1:
             raise OptionError(f"guard(headroom={headroom!r}): a number of at least 1 (the policy was tuned with "
                               f"{DEFAULT_HEADROOM:g} unless it says otherwise)")
-        self.model, self.loss_fn, self.scaler = model, loss_fn, scaler  # loss_fn: for the FP32 check (not yet)
-        self.every, self.action, self.headroom = every, action, float(headroom)
+        if check_every is None:
+            check_every = CHECK_FACTOR * every
+        if type(check_every) is not int or check_every < 0:
+            raise OptionError(f"guard(check_every={check_every!r}): a whole number of steps (e.g. "
+                              f"{CHECK_FACTOR * every}, the default: {CHECK_FACTOR} x every), or 0 for no FP32 check")
+        self.model, self.loss_fn, self.scaler = model, loss_fn, scaler
+        self.every, self.action, self.headroom, self.check_every = every, action, float(headroom), check_every
+        self.bound = float(policy.tolerance.get("loss", DEFAULT_LOSS_BOUND))
+        self.check = Check(loss_fn)
         self.events: list[GuardEvent] = []
         self._step = 0
         self._policy = policy
@@ -127,16 +139,29 @@ class Guard:
 
     # -- the training loop --------------------------------------------------------------------
     def step(self, loss: Any = None, batch: Any = None) -> None:
-        """Count one training step; every ``every`` steps read the watch and act.
+        """Count one training step; every ``every`` steps read the watch and act; every
+        ``check_every`` steps run the FP32 check on ``batch`` (the step's; ``loss`` is not used).
 
-        ``loss`` and ``batch`` are the step's (kept for the FP32 check, which is not built yet).
+        The FP32 check runs two forward passes of ``batch`` at the current weights, with the policy
+        off and on (no grad; weights, ``.grad``, buffers and RNG state as they were: see
+        :mod:`autoprec.watch._check`), keeps their relative loss gap in ``guard.check`` and judges it
+        against the bound (``policy.tolerance["loss"]``, else 0.01) and the first checks' level
+        (:func:`~autoprec.watch._check.judge_gaps`). When it acts, it re-probes: one pass per 16-bit
+        layer with that layer alone in FP32, then one or two per layer it promotes. Cost per check:
+        2 forward passes and 2 host syncs; per action: 16-bit layers + 1 to 2 per promotion more.
         """
         if self._handle is None:
             raise OptionError("guard.step() after guard.remove(): the policy is off the model; build a new "
                               "guard with autoprec.guard(model, policy)")
+        if batch is None and self.check_every:
+            raise OptionError("guard.step(loss) without the batch: the FP32 check runs the step's batch every "
+                              f"check_every={self.check_every} steps; call guard.step(loss, batch), or build the "
+                              "guard with check_every=0 to run no FP32 check")
         self._step += 1
         if self._step % self.every == 0:
             self._check()
+        if self.check_every and self._step % self.check_every == 0:
+            self._check_fp32(batch)
 
     def _check(self) -> None:
         revised, acted = self._policy, []
@@ -165,6 +190,51 @@ class Guard:
                 self._watch.reset(layer)  # the new format starts a fresh watch
             self._install(revised)
 
+    def _check_fp32(self, batch: Any) -> None:
+        """One FP32 check, and the action its verdict calls for (the guard's own policy off meanwhile)."""
+        self._handle.remove()
+        self._handle = None
+        try:
+            self.check.measure(self.model, batch, self._policy, step=self._step)
+            verdict = judge_gaps(self.check.gaps, self.bound)
+            if verdict is not None and self.action == "warn" and self.check.warned:
+                verdict = None  # warned once: the re-probe would say nothing new
+            found = [] if verdict is None else self.check.reprobe(
+                self.model, batch, self._policy, verdict, step=self._step, promotion=self._promotion)
+        finally:
+            self._install(self._policy)
+        if verdict is None:
+            log.debug("step %d: check: loss gap %.3g vs FP32", self._step, self.check.gaps[-1])
+            return
+        self._act_on_check(verdict, found)
+
+    def _act_on_check(self, verdict: Verdict, found: list[tuple[str, str, str, float]]) -> None:
+        head = f"step {self._step}: check: {verdict.describe()}"
+        if not found:
+            log.warning("%s: no 16-bit layer reverted to FP32 alone closes any of it", head)
+            return
+        events = [GuardEvent(self._step, layer, self.action, old, new, f"{head}: {layer} {old} -> {new} closes it "
+                             f"to {after:.3g}") for layer, old, new, after in found]
+        self.events.extend(events)
+        fixes = ", ".join(f"{e.layer!r} in {e.new}" for e in events)
+        if self.action == "raise":
+            raise GuardError(f"autoprec.guard: {events[-1].evidence}: the policy drifted from FP32 during training; "
+                             f"run {fixes} (set the entries in the policy, or tune again on a later checkpoint) or "
+                             "guard with action='adapt'", events[0])
+        for e in events:
+            log.warning("%s%s", e.evidence, "" if self.action == "adapt" else " (action='warn': not changed)")
+        if self.action == "warn":
+            self.check.warned = True
+            warnings.warn(f"autoprec.guard: {events[-1].evidence}; run {fixes}, or guard with action='adapt'",
+                          GuardWarning, stacklevel=4)
+            return
+        revised = self._policy
+        for e in events:
+            revised = _promoted(revised, e.layer, e.new, e, reason="loss gap")
+            if e.layer in self._watch.layers:
+                self._watch.reset(e.layer)
+        self._install(revised)
+
     def _promotion(self, old: str) -> str:
         if old == "fp16" and "bf16" in self._policy.formats:
             on_cuda = _device_type(self.model) == "cuda"
@@ -182,27 +252,29 @@ class Guard:
             >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
             >>> g = autoprec.guard(m, autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")}))
             >>> sorted(g.state_dict()); g.remove()
-            ['events', 'policy', 'step', 'watch']
+            ['check', 'events', 'policy', 'step', 'watch']
         """
         return {"step": self._step, "policy": self._policy.to_dict(), "events": [e.to_dict() for e in self.events],
-                "watch": self._watch.state_dict()}
+                "watch": self._watch.state_dict(), "check": self.check.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: install its policy (revised where the guard had acted),
-        and take its step count, events and statistics."""
+        and take its step count, events, statistics and FP32-check history."""
         policy = Policy.from_dict(state["policy"])
         if policy != self._policy:
             self._install(policy)
         self._watch.load_state_dict(state["watch"])
         self.events = [GuardEvent.from_dict(e) for e in state["events"]]
+        if "check" in state:
+            self.check.load_state_dict(state["check"])
         self._step = int(state["step"])
 
 
-def _promoted(policy: Policy, layer: str, new: str, event: GuardEvent) -> Policy:
+def _promoted(policy: Policy, layer: str, new: str, event: GuardEvent, *, reason: str = "range") -> Policy:
     """``policy`` with ``layer`` in ``new`` and ``event`` appended to its ``stats["guard_events"]``."""
     entry = policy.layers[layer]
     if new == "fp32":
-        entry = dataclasses.replace(entry, precision=new, reason="range", excluded=True, detail=event.evidence)
+        entry = dataclasses.replace(entry, precision=new, reason=reason, excluded=True, detail=event.evidence)
     else:
         entry = dataclasses.replace(entry, precision=new, detail=event.evidence)
     stats = {**policy.stats, "guard_events": [*policy.stats.get("guard_events", []), event.to_dict()]}
@@ -210,7 +282,8 @@ def _promoted(policy: Policy, layer: str, new: str, event: GuardEvent) -> Policy
 
 
 def guard(model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None = None, *, scaler: Any = None,
-          every: int = 50, action: str = "adapt", headroom: float | None = None) -> Guard:
+          every: int = 50, action: str = "adapt", headroom: float | None = None,
+          check_every: int | None = None) -> Guard:
     """Install ``policy`` on ``model`` and keep it right while the model trains; returns a :class:`Guard`.
 
     Call ``guard.step(loss, batch)`` after each optimizer step. Every ``every`` steps it reads, in one
@@ -218,9 +291,14 @@ def guard(model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None =
     with a non-finite output) and acts where a range passes its format's limit with ``headroom``
     (None: the policy's tuning headroom, ``stats["headroom"]``, else 8): ``action="adapt"`` promotes
     the layer and installs the revised policy (``guard.policy``), ``"warn"`` logs and warns, ``"raise"``
-    raises :class:`~autoprec.GuardError`. ``guard.events`` lists what it did; ``guard.remove()``
-    takes the policy off. ``loss_fn`` and ``scaler`` are kept for the checks to come (an FP32 check of
-    the loss); the guard never touches weights, optimizer or scaler.
+    raises :class:`~autoprec.GuardError`. Every ``check_every`` steps (None: 10 x ``every``; 0: never)
+    it runs the FP32 check: the loss of the step's batch (``loss_fn(output, batch)``, None: the
+    model's own loss, as in :func:`autoprec.tune`) with the policy off and on, two forward passes
+    without grad; a gap past the bound (``policy.tolerance["loss"]``, else 0.01) and past the first
+    checks' level, or rising towards it, re-probes the 16-bit layers and promotes those that close it
+    (:meth:`Guard.step` states the cost). ``guard.events`` lists what it did; ``guard.remove()``
+    takes the policy off. ``scaler`` is kept for the checks to come; the guard never touches
+    weights, ``.grad``, buffers, the RNG, optimizer or scaler.
 
     Example:
         >>> import torch, autoprec
@@ -229,11 +307,13 @@ def guard(model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None =
         >>> g = autoprec.guard(model, policy, every=10)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.01)
         >>> for _ in range(20):
-        ...     loss = model(torch.randn(4, 8)).square().mean()
+        ...     x = torch.randn(4, 8)
+        ...     loss = model(x).square().mean()
         ...     loss.backward(); opt.step(); opt.zero_grad()
-        ...     g.step(loss)
+        ...     g.step(loss, x)
         >>> g.events, g.policy is policy
         ([], True)
         >>> g.remove()
     """
-    return Guard(model, policy, loss_fn, scaler=scaler, every=every, action=action, headroom=headroom)
+    return Guard(model, policy, loss_fn, scaler=scaler, every=every, action=action, headroom=headroom,
+                 check_every=check_every)
