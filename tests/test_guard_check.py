@@ -208,7 +208,9 @@ def test_a_check_changes_nothing(precision):
     across a check; with every layer FP32 the two passes agree exactly (the same dropout masks)."""
     torch.manual_seed(0)
     model, x = _Noisy().train(), torch.randn(32, 8)
-    loss_fn = lambda out, batch: out.square().mean()  # noqa: E731
+
+    def loss_fn(out, batch):
+        return out.square().mean()
     policy = _policy({"fc": precision, "norm": "fp32", "head": precision})
     g = autoprec.guard(model, policy, loss_fn, every=1000, check_every=1)
     loss = loss_fn(model(x), x)

@@ -142,13 +142,10 @@ class Guard:
         """Count one training step; every ``every`` steps read the watch and act; every
         ``check_every`` steps run the FP32 check on ``batch`` (the step's; ``loss`` is not used).
 
-        The FP32 check runs two forward passes of ``batch`` at the current weights, with the policy
-        off and on (no grad; weights, ``.grad``, buffers and RNG state as they were: see
-        :mod:`autoprec.watch._check`), keeps their relative loss gap in ``guard.check`` and judges it
-        against the bound (``policy.tolerance["loss"]``, else 0.01) and the first checks' level
-        (:func:`~autoprec.watch._check.judge_gaps`). When it acts, it re-probes: one pass per 16-bit
-        layer with that layer alone in FP32, then one or two per layer it promotes. Cost per check:
-        2 forward passes and 2 host syncs; per action: 16-bit layers + 1 to 2 per promotion more.
+        The check (:mod:`autoprec.watch._check`) keeps the loss gap in ``guard.check`` and judges it
+        (:func:`~autoprec.watch._check.judge_gaps`) against ``policy.tolerance["loss"]`` (else 0.01).
+        Cost per check: 2 forward passes and 2 host syncs; when it acts, one pass per 16-bit layer
+        (alone in FP32) and one or two per promotion more.
         """
         if self._handle is None:
             raise OptionError("guard.step() after guard.remove(): the policy is off the model; build a new "
