@@ -1,4 +1,5 @@
-"""Lightning: run a policy (and its GradScaler) inside ``Trainer(plugins=[AutoprecPrecision(policy)])``.
+"""Lightning: run a policy (and its GradScaler) inside ``Trainer(plugins=[AutoprecPrecision(policy)])``,
+or run it under :func:`autoprec.guard` with ``Trainer(callbacks=[AutoprecGuard(policy)])``.
 
 Example (needs ``pip install "autoprec[lightning]"``)::
 
@@ -11,27 +12,34 @@ the plugin installs it on the first module that fits when the Trainer sets up, f
 (so backward, and the recomputation of activation checkpointing, run in the policy's precision), and
 takes it off at teardown; with FP16 layers the tuned GradScaler scales the loss and
 skips non-finite steps, exactly as Lightning's ``"16-mixed"`` does with its default scaler.
+
+:class:`AutoprecGuard` installs the policy itself, watched (use it instead of the plugin, not with it):
+at fit start on the first module that fits, one ``guard.step`` after each training batch, taken off
+at fit end; ``callback.guard`` holds the events and the policy in force, and Lightning's checkpoints
+carry the guard's state, so a resumed fit goes on with the revised policy.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ..errors import OptionError
 from ..policy import Policy
+from ..watch import Guard
 from . import _missing
 from ._fit import fitting_module
 
 try:
+    from lightning.pytorch import Callback
     from lightning.pytorch.plugins.precision import MixedPrecision
 except ImportError as exc:  # pragma: no cover - only without lightning
     raise _missing("lightning", "Lightning", exc) from exc
 
-__all__ = ["AutoprecPrecision"]
+__all__ = ["AutoprecGuard", "AutoprecPrecision"]
 
 
 class AutoprecPrecision(MixedPrecision):
@@ -80,3 +88,74 @@ class AutoprecPrecision(MixedPrecision):
 
     def autocast_context_manager(self) -> Any:  # Lightning calls this for blanket autocast; never here
         raise OptionError("AutoprecPrecision applies per-layer regions, not blanket autocast")
+
+
+class AutoprecGuard(Callback):
+    """A Lightning callback that trains under :func:`autoprec.guard`: ``every``, ``action`` and the other
+    keyword arguments are the guard's (they are checked when the fit starts, where the guard is built).
+
+    ``every`` counts training batches (``on_train_batch_end``); each batch's loss is handed to
+    ``guard.step``. ``loss_fn(output, batch)`` is the loss of the module the policy fits, for the guard's
+    checks that need one (None: as :func:`autoprec.guard`). The FP32 check runs that module on the
+    training batch as it comes (``module(*batch)`` for a tuple): it is off unless you ask for it with
+    ``check_every=N`` (a Lightning batch is often ``(inputs, labels)``, which the module does not take).
+
+    Example:
+        >>> import autoprec
+        >>> cb = AutoprecGuard(autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")}), every=10)
+        >>> cb.guard is None, cb.state_dict()
+        (True, {})
+    """
+
+    def __init__(self, policy: Policy, loss_fn: Callable[..., Any] | None = None, *, every: int = 50,
+                 action: str = "adapt", **options: Any) -> None:
+        if not isinstance(policy, Policy):
+            raise OptionError(f"AutoprecGuard needs an autoprec.Policy, got {type(policy).__name__}: "
+                              "pass autoprec.load('policy.json')")
+        self.policy, self.loss_fn = policy, loss_fn
+        self.options = {"every": every, "action": action, "check_every": 0, **options}
+        self.guard: Guard | None = None
+        self._state: dict[str, Any] | None = None  # from a checkpoint, before the guard exists
+        self._fitting = False  # the guard is on the model
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Install the policy, watched, on the part of the LightningModule it fits."""
+        state = self._state if self._state is not None else (self.guard.state_dict() if self.guard else None)
+        if self.guard is not None:
+            self.guard.remove()
+        self.guard = Guard(fitting_module(self.policy, pl_module), self.policy, self.loss_fn, **self.options)
+        self._fitting = True
+        if state is not None:
+            self.guard.load_state_dict(state)
+            self._state = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: nn.Module, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """One ``guard.step`` with the batch's loss."""
+        if self._fitting and self.guard is not None:
+            self.guard.step(outputs.get("loss") if isinstance(outputs, Mapping) else outputs, batch)
+
+    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Take the policy off (``.guard`` keeps the events and the policy in force)."""
+        if self.guard is not None:
+            self.guard.remove()
+        self._fitting = False
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Take the policy off also when the fit ended with an exception."""
+        self.on_fit_end(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The guard's :meth:`~autoprec.Guard.state_dict` (empty before the first fit)."""
+        if self.guard is not None:
+            return self.guard.state_dict()
+        return dict(self._state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the guard from a checkpoint (now, or when the fit starts if it has not yet)."""
+        if not state_dict:
+            return
+        if self._fitting and self.guard is not None:
+            self.guard.load_state_dict(state_dict)
+        else:
+            self._state = dict(state_dict)

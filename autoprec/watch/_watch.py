@@ -3,7 +3,10 @@
 Each watched layer owns one row ``[max |out|, non-finite passes]`` of one small device tensor. Its
 observer (:func:`autoprec.apply.watched` calls it with the layer's raw 16-bit output) updates the
 row in place: one reduction over the output and a few 0-dim ops, no host sync. :meth:`Watch.read`
-copies the whole table to the host at once: one sync for every layer.
+copies the whole table to the host at once: one sync for every layer. Under ``torch.distributed`` (a
+default process group of more than one rank) the read first gathers every rank's table in one
+collective and combines them (the largest ``|out|`` of any rank, the non-finite passes of all ranks), so
+that every rank reads the same figures and acts alike at the same step; each rank's own table stays local.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
 __all__ = ["Watch"]
 
@@ -19,6 +23,27 @@ __all__ = ["Watch"]
 def _host(table: torch.Tensor) -> list[list[float]]:
     """The one device-to-host copy of a read (tests count its calls)."""
     return table.tolist()
+
+
+def _world() -> int:
+    """The number of ranks of the default process group; 1 without one."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _across_ranks(table: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``table`` combined: one all-gather, then the max of column 0 and the sum of column 1.
+
+    Example:
+        >>> _across_ranks(torch.tensor([[3.0, 1.0]])).tolist()  # one process: the table itself
+        [[3.0, 1.0]]
+    """
+    world = _world()
+    if world == 1:
+        return table
+    tables = [torch.empty_like(table) for _ in range(world)]
+    dist.all_gather(tables, table.contiguous())
+    stacked = torch.stack(tables)
+    return torch.stack([stacked[:, :, 0].amax(0), stacked[:, :, 1].sum(0)], dim=1)
 
 
 def _floats(out: Any) -> Iterator[torch.Tensor]:
@@ -74,9 +99,11 @@ class Watch:
         return {k: _observer(self.table[i]) for i, k in enumerate(self.layers) if k in keep}
 
     def read(self) -> dict[str, tuple[float, int]]:
-        """Layer -> (largest |output| seen, forward passes with a non-finite output): one sync."""
+        """Layer -> (largest |output| seen, forward passes with a non-finite output): one sync (and,
+        with a default process group, one all-gather: every rank's figures combined, the same on each;
+        every rank must read at the same step, as :class:`~autoprec.Guard` does)."""
         self.reads += 1
-        rows = _host(self.table) if self.layers else []
+        rows = _host(_across_ranks(self.table)) if self.layers else []
         return {k: (row[0], int(row[1])) for k, row in zip(self.layers, rows)}
 
     def reset(self, layer: str) -> None:

@@ -1,0 +1,183 @@
+"""autoprec.guard inside a Lightning Trainer and a Hugging Face Trainer (skipped without the framework)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import autoprec
+from autoprec import LayerEntry, Policy
+from autoprec.runtime import installed
+from autoprec.trace import module_signatures
+from tests.models import GROWTH, growing_model, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS, EVERY = 60, 4
+HALF = 48  # the checkpoint's step: the guard acts at step 40 (grow's |out| x 8 passes 65504 between steps 36 and 40)
+assert GROWTH ** EVERY < 8  # the growth between two reads is less than the headroom: a read comes before an overflow
+
+
+def _policy(model: nn.Module, layers: dict[str, str]) -> Policy:
+    """A CUDA policy for ``model`` written by hand (its FP16 layers emulated on this CPU), BF16 allowed."""
+    return Policy(layers={k: LayerEntry(p) for k, p in layers.items()}, target="cuda", formats=("fp16", "bf16"),
+                  modules=module_signatures(model))
+
+
+def _growing():
+    """The growing model, its batch and loss, and a policy with its growing layer in FP16."""
+    net, x, loss_fn = growing_model()
+    return net, x, loss_fn, _policy(net, {"fc": "fp32", "grow": "fp16", "norm": "fp32", "head": "fp32"})
+
+
+def _benign():
+    """An MLP all in FP16: nothing in it grows."""
+    net, x, loss_fn = mlp()
+    return net, x, loss_fn, _policy(net, {"fc1": "fp16", "fc2": "fp16", "fc3": "fp16"})
+
+
+# -- Lightning ----------------------------------------------------------------------------------
+def _lightning_fit(net, x, loss_fn, callback, steps, ckpt_path=None):
+    """Fit ``net`` (held as ``self.model``) ``steps`` steps on ``x``; the LightningModule and its losses."""
+    L = pytest.importorskip("lightning")
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = net
+            self.losses: list[float] = []
+
+        def training_step(self, b, i):
+            loss = loss_fn(self.model(b), b)
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    lit = Lit()
+    loader = torch.utils.data.DataLoader([x] * steps, batch_size=None)
+    trainer = L.Trainer(accelerator="cpu", callbacks=[callback], max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, loader, ckpt_path=ckpt_path)
+    return trainer, lit
+
+
+def test_lightning_callback_promotes_the_growing_layer():
+    """AutoprecGuard in a Lightning fit promotes the growing FP16 layer to BF16 and the run stays finite."""
+    pytest.importorskip("lightning")
+    from autoprec.integrations.lightning import AutoprecGuard
+
+    net, x, loss_fn, policy = _growing()
+    callback = AutoprecGuard(policy, every=EVERY)
+    trainer, lit = _lightning_fit(net, x, loss_fn, callback, STEPS)
+    g = callback.guard
+    assert trainer.global_step == STEPS and len(lit.losses) == STEPS and all(map(math.isfinite, lit.losses))
+    assert [(e.layer, e.action, e.old, e.new) for e in g.events] == [("grow", "adapt", "fp16", "bf16")]
+    assert g.events[0].step % EVERY == 0 and g.policy.assignment["grow"] == "bf16"
+    assert g.state_dict()["step"] == STEPS  # one guard.step per training batch
+    assert not installed(net.grow)  # taken off at fit end
+
+
+def test_lightning_checkpoint_resumes_with_the_revised_policy(tmp_path):
+    """A Lightning checkpoint carries the guard's state: the resumed fit runs the revised policy with its events."""
+    pytest.importorskip("lightning")
+    from autoprec.integrations.lightning import AutoprecGuard
+
+    net, x, loss_fn, policy = _growing()
+    first = AutoprecGuard(policy, every=EVERY)
+    trainer, _ = _lightning_fit(net, x, loss_fn, first, HALF)
+    assert first.guard.events, "the first half should already have promoted the layer"
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    net2, _, _, _ = _growing()
+    second = AutoprecGuard(policy, every=EVERY)
+    _, lit = _lightning_fit(net2, x, loss_fn, second, STEPS, ckpt_path=str(tmp_path / "half.ckpt"))
+    assert second.guard.events == first.guard.events and second.guard.policy == first.guard.policy
+    assert second.guard.state_dict()["step"] == STEPS and all(map(math.isfinite, lit.losses))
+
+
+def test_lightning_callback_on_a_benign_model_does_nothing():
+    """AutoprecGuard on an MLP all in FP16: no event, the policy given stays in force."""
+    pytest.importorskip("lightning")
+    from autoprec.integrations.lightning import AutoprecGuard
+
+    net, x, loss_fn, policy = _benign()
+    callback = AutoprecGuard(policy, every=EVERY)
+    _lightning_fit(net, x, loss_fn, callback, 40)
+    assert callback.guard.events == [] and callback.guard.policy is policy
+
+
+def test_lightning_callback_refuses_a_non_policy():
+    """AutoprecGuard names what it needs when given a file name."""
+    pytest.importorskip("lightning")
+    from autoprec.integrations.lightning import AutoprecGuard
+
+    with pytest.raises(autoprec.OptionError, match="needs an autoprec.Policy, got str: pass autoprec.load"):
+        AutoprecGuard("model.autoprec.json")
+
+
+# -- Hugging Face -------------------------------------------------------------------------------
+class _WithLoss(nn.Module):
+    """The Trainer's convention: forward returns the loss."""
+
+    def __init__(self, net: nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = net, loss_fn
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss_fn(self.model(x), x)}
+
+
+def _hf_train(tmp_path, net, x, loss_fn, callback, steps):
+    """``steps`` Trainer steps on the whole of ``x`` each; the Trainer."""
+    T = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    n = x.shape[0]
+    args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=n,
+                               learning_rate=0.01, optim="sgd", lr_scheduler_type="constant", report_to=[],
+                               use_cpu=True, save_strategy="no", logging_strategy="no")
+    data = [{"x": x[i]} for i in range(n)] * steps
+    trainer = T.Trainer(model=_WithLoss(net, loss_fn), args=args, train_dataset=data, callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def test_hf_callback_promotes_the_growing_layer(tmp_path):
+    """AutoprecGuardCallback in transformers.Trainer promotes the growing FP16 layer to BF16 and takes it off after."""
+    pytest.importorskip("transformers")
+    from autoprec.integrations.hf import AutoprecGuardCallback
+
+    net, x, loss_fn, policy = _growing()
+    callback = AutoprecGuardCallback(policy, every=EVERY)
+    trainer = _hf_train(tmp_path, net, x, loss_fn, callback, STEPS)
+    g = callback.guard
+    assert trainer.state.global_step == STEPS and g.state_dict()["step"] == STEPS
+    assert [(e.layer, e.action, e.old, e.new) for e in g.events] == [("grow", "adapt", "fp16", "bf16")]
+    assert g.policy.assignment["grow"] == "bf16"
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert not installed(net.grow)
+
+
+def test_hf_callback_on_a_benign_model_does_nothing(tmp_path):
+    """AutoprecGuardCallback on an MLP all in FP16: no event, the policy given stays in force."""
+    pytest.importorskip("transformers")
+    from autoprec.integrations.hf import AutoprecGuardCallback
+
+    net, x, loss_fn, policy = _benign()
+    callback = AutoprecGuardCallback(policy, every=EVERY)
+    _hf_train(tmp_path, net, x, loss_fn, callback, 40)
+    assert callback.guard.events == [] and callback.guard.policy is policy
+
+
+def test_hf_callback_refuses_the_fp32_check_it_cannot_run():
+    """The HF Trainer hands callbacks no batch: asking its guard callback for the FP32 check is refused, with why."""
+    pytest.importorskip("transformers")
+    from autoprec.integrations.hf import AutoprecGuardCallback
+
+    with pytest.raises(autoprec.OptionError, match=r"AutoprecGuardCallback\(check_every=5\): the Trainer hands its "
+                       r"callbacks no batch, and the FP32 check runs the model on one; leave check_every out"):
+        AutoprecGuardCallback(Policy(layers={"0": LayerEntry("fp16")}), check_every=5)
+    assert AutoprecGuardCallback(Policy(layers={})).options["check_every"] == 0
