@@ -184,16 +184,16 @@ def offset() -> Case:
 
 def gradient() -> Case:
     torch.manual_seed(0)
-    model, x, target = GradientModel(1.06), torch.randn(32, 16), torch.randn(32, 4)
+    model, x, target = GradientModel(1.06), torch.randn(256, 16), torch.randn(256, 4)
     return Case("gradient", "gradients grow", model.train(), x, _mse(target),
                 _cuda_policy({"fc": "fp32", "mid": "fp16", "head": "fp32"}),
                 lambda ps: torch.optim.Adam(ps, lr=1e-3))
 
 
 def benign_mlp() -> Case:
-    model, x, loss_fn = mlp()
+    model, x, loss_fn = mlp(batch_size=256)
     return Case("mlp", "benign", model, x, loss_fn, _cuda_policy({"fc1": "fp16", "fc2": "fp16", "fc3": "fp16"}),
-                lambda ps: torch.optim.Adam(ps, lr=1e-3))
+                lambda ps: torch.optim.Adam(ps, lr=1e-4))
 
 
 def gpt2() -> Case | None:
@@ -210,7 +210,7 @@ def gpt2() -> Case | None:
     layers = {f"transformer.h.{i}.{m}": "fp16" for i in range(2)
               for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     return Case("gpt2", "benign", model, {"input_ids": ids, "labels": ids}, None, _cuda_policy(layers),
-                lambda ps: torch.optim.Adam(ps, lr=1e-3))
+                lambda ps: torch.optim.Adam(ps, lr=2e-4))
 
 
 MODELS: dict[str, Callable[[], Case | None]] = {
