@@ -34,7 +34,7 @@ if _ROOT not in sys.path:
 
 import autoprec  # noqa: E402
 from autoprec import LayerEntry, Policy  # noqa: E402
-from autoprec.guard import _watch  # noqa: E402
+from autoprec.watch import _watch  # noqa: E402
 from runtime_overhead import _cpu_name  # noqa: E402
 
 

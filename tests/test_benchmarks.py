@@ -178,3 +178,26 @@ def test_step_ratio_sets_measured_beside_modelled(tmp_path, one_thread):
     assert {"fp32", "autocast bf16", "policy"} <= set(r["step_ms"]) and r["rounds"] >= 3
     assert r["measured_ratio"] is not None and r["modelled_ratio"] > 0
     assert r["speed_lines"][0].startswith("policy step time ")
+
+
+def test_long_run_trains_every_variant_of_every_model_and_writes_the_curves(tmp_path, one_thread, capsys):
+    """``long_run.py --quick``: five variants per model in the JSON it returns, a guard row with its actions and
+    overhead, a loss per step per variant, the printed table, and the PNG where matplotlib is installed."""
+    import long_run
+
+    out = tmp_path / "long_run.json"
+    rows = long_run.main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["steps"] == 20 and saved["every"] == 5
+    assert [(r["model"], r["variant"]) for r in rows] == [(m, v) for m in long_run.MODELS for v in long_run.VARIANTS]
+    for r in rows:
+        assert r["steps"] == 20 and r["step_ms"] > 0 and isinstance(r["guard_actions"], list)
+        assert (r["skipped_steps"] is None) == (r["final_scale"] is None)  # a scaler, or neither
+        assert (r["skipped_steps"] is None) == (r["variant"] in ("fp32", "amp-bf16")) or r["model"] == "offset"
+        assert f"| {r['model']} | {r['hazard']} | {r['variant']} |" in printed
+        if r["variant"] == "guard":
+            assert {"overhead_pct", "timed_steps"} <= set(r)
+    assert set(saved["losses"]) == set(long_run.MODELS)
+    assert all(len(c) == 20 for curves in saved["losses"].values() for c in curves.values())
+    assert (tmp_path / "long_run.png").exists() == (saved["png"] == "long_run.png")
