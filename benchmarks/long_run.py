@@ -18,8 +18,8 @@ The models (built here or in ``tests/models.py``; nothing is downloaded):
   step 250. 1.04**50 < 8 (the headroom), so a read every 50 steps comes before the overflow.
 * ``offset`` (hazard: error that grows with the step count): a layer computing ``W(x + c) - Wc`` (exact in
   real arithmetic) with ``c`` growing by 1 per training forward: in 16 bits ``x + c`` loses ``x``'s low bits, an
-  error that grows with ``c`` while every output stays small. The guard watches ranges only (the FP32 check of
-  the loss is not built yet), so it is expected not to act here.
+  error that grows with ``c`` while every output stays small: no range gives it away; the guard's FP32
+  check of the loss (``check_every``, here at every read by default) is what can catch it.
 * ``gradient`` (hazard: the scaler): an identity in the forward whose backward multiplies the gradient by
   1.06**step (a loss weight that grows; Adam is invariant to it, so FP32 trains as usual): the FP16
   layer's gradients overflow again and again and the GradScaler halves its scale each time. The guard
@@ -35,7 +35,7 @@ interleaved per-step times over the steps before the guard acted and before the 
 non-finite loss (both runs then run the same precision); measured on this CPU, one thread, noisy.
 A PNG of the loss curves marks the guard's actions (matplotlib; skipped with a note when missing).
 
-Run: ``python benchmarks/long_run.py [--steps 300] [--every 50] [--models growing offset ...]``,
+Run: ``python benchmarks/long_run.py [--steps 300] [--every 50] [--check-every 50] [--models growing offset ...]``,
 ``--quick`` for a 20-step smoke run; writes ``benchmarks/results/long_run.json`` and ``long_run.png``.
 """
 
@@ -222,7 +222,7 @@ MODELS: dict[str, Callable[[], Case | None]] = {
 class _Run:
     """One variant of one case: its own copy of the model, optimizer, scaler and precision."""
 
-    def __init__(self, case: Case, variant: str, every: int):
+    def __init__(self, case: Case, variant: str, every: int, check_every: int):
         self.case, self.variant = case, variant
         self.model = copy.deepcopy(case.model)
         self.opt = case.optimizer([p for p in self.model.parameters() if p.requires_grad])
@@ -237,7 +237,8 @@ class _Run:
             if variant == "policy":
                 self.handle = case.policy.apply(self.model)
             else:
-                self.guard = autoprec.guard(self.model, case.policy, case.loss_fn, scaler=self.scaler, every=every)
+                self.guard = autoprec.guard(self.model, case.policy, case.loss_fn, scaler=self.scaler, every=every,
+                                            check_every=check_every)
         self.losses: list[float] = []
         self.times: list[float] = []
         self.skipped = 0
@@ -297,9 +298,10 @@ def _overhead(policy: _Run, guard: _Run, events: list[Any]) -> dict[str, Any]:
             "overhead_pct": round(100 * (mg / ma - 1), 1), "timed_steps": len(a)}
 
 
-def run_case(case: Case, steps: int, every: int) -> tuple[list[dict[str, Any]], dict[str, list]]:
+def run_case(case: Case, steps: int, every: int,
+             check_every: int) -> tuple[list[dict[str, Any]], dict[str, list]]:
     """Train every variant of ``case`` in lockstep; its rows and loss curves."""
-    runs = [_Run(case, v, every) for v in VARIANTS]
+    runs = [_Run(case, v, every, check_every) for v in VARIANTS]
     try:
         for _ in range(steps):
             for r in runs:
@@ -400,6 +402,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50)
+    parser.add_argument("--check-every", type=int, default=None,
+                        help="the guard's FP32 check every N steps (default: at every read, --every; 0: off)")
     parser.add_argument("--quick", action="store_true", help="20 steps, every=5: a smoke run")
     parser.add_argument("--out", default=os.path.join(RESULTS, "long_run.json"))
     parser.add_argument("--png", default=None, help="default: the JSON's path with .png")
@@ -414,7 +418,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if case is None:
             continue
         t = time.perf_counter()
-        case_rows, curves[name] = run_case(case, args.steps, args.every)
+        check = args.every if args.check_every is None else args.check_every
+        case_rows, curves[name] = run_case(case, args.steps, args.every, check)
         rows += case_rows
         print(f"# {name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     print(f"# long runs, {_cpu_name()}, torch {torch.__version__}, 1 thread, {args.steps} steps, "
