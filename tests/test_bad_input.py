@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BUILTIN = {"BatchError": ValueError, "ModelError": ValueError, "OptionError": ValueError,
            "PolicyError": ValueError, "ProfileError": ValueError, "FormatError": RuntimeError,
-           "RankError": RuntimeError, "VerificationError": RuntimeError}
+           "RankError": RuntimeError, "VerificationError": RuntimeError, "GuardError": RuntimeError}
 
 
 @pytest.mark.parametrize("name", list(BUILTIN), ids=list(BUILTIN))
@@ -52,7 +52,7 @@ def test_every_error_is_an_autoprec_error_and_its_builtin(name):
 
 
 def test_exception_tree_is_exactly_the_documented_one():
-    """No other AutoprecError subclass is exported: callers can rely on the eight documented ones; the warnings
+    """No other AutoprecError subclass is exported: callers can rely on the nine documented ones; the warnings
     share one root too (a UserWarning)."""
     exported = {n for n in autoprec.__all__ if isinstance(getattr(autoprec, n), type)
                 and issubclass(getattr(autoprec, n), autoprec.AutoprecError)}
@@ -60,7 +60,7 @@ def test_exception_tree_is_exactly_the_documented_one():
     assert autoprec.AutoprecError.__bases__ == (Exception,)
     warns = {n for n in autoprec.__all__ if isinstance(getattr(autoprec, n), type)
              and issubclass(getattr(autoprec, n), Warning)}
-    assert warns == {"AutoprecWarning", "DeviceWarning", "VerificationWarning"}
+    assert warns == {"AutoprecWarning", "DeviceWarning", "GuardWarning", "VerificationWarning"}
     assert autoprec.AutoprecWarning.__bases__ == (UserWarning,)
     assert all(issubclass(getattr(autoprec, n), autoprec.AutoprecWarning) for n in warns)
 
