@@ -14,9 +14,10 @@ from torch import nn
 from ..apply import Handle, _device_type, watched
 from ..errors import GuardError, GuardWarning, OptionError, PolicyError
 from ..formats import LOW_PRECISIONS, cuda_bf16_native, info
-from ..policy import Policy
+from ..policy import Policy, ScalerSettings
 from ._check import CHECK_FACTOR, Check, Verdict, judge_gaps
 from ._events import ACTIONS, GuardEvent
+from ._grads import ScalerReading, grad_misfit, num as _num, scale_of, scaler_reset
 from ._watch import Watch
 
 __all__ = ["DEFAULT_HEADROOM", "DEFAULT_LOSS_BOUND", "Guard", "guard"]
@@ -25,12 +26,6 @@ log = logging.getLogger("autoprec.guard")
 
 DEFAULT_HEADROOM = 8.0  # tune's default, for policies that do not record theirs (stats["headroom"])
 DEFAULT_LOSS_BOUND = 0.01  # tune's default loss tolerance, for policies that do not record theirs
-
-
-def _num(x: float) -> str:
-    """``9.1e3`` for 9100: three significant digits, a short exponent."""
-    mantissa, _, exp = f"{x:.3g}".partition("e")
-    return mantissa + (f"e{int(exp)}" if exp else "")
 
 
 def _misfit(precision: str, amax: float, bad: int, headroom: float) -> str | None:
@@ -48,11 +43,16 @@ class Guard:
 
     Call :meth:`step` once per training step; every ``every`` steps it reads the watch (one host
     sync) and acts on each 16-bit layer whose largest ``|output|`` times ``headroom`` passes its
-    format's largest finite value, or whose output was non-finite: ``"adapt"`` promotes it (FP16 to
-    BF16 where the policy's formats allow BF16, else FP32; BF16 to FP32) and installs the revised
-    policy, ``"warn"`` logs and warns (:class:`~autoprec.GuardWarning`, once per layer), ``"raise"``
-    raises :class:`~autoprec.GuardError`. Every ``check_every`` steps it also runs the FP32 check
-    (:meth:`step`). Weights, optimizer and scaler are never touched.
+    format's largest finite value, or whose output was non-finite, and on each FP16 layer whose
+    gradient (unscaled) times ``headroom`` passes 65504, or went non-finite while the scaler collapsed
+    (:mod:`autoprec.watch._grads`): ``"adapt"`` promotes it (FP16 to BF16 where the policy's formats
+    allow BF16, else FP32; BF16 to FP32) and installs the revised policy, ``"warn"`` logs and warns
+    (:class:`~autoprec.GuardWarning`, once per layer), ``"raise"`` raises :class:`~autoprec.GuardError`.
+    The scaler is reset to the policy's tuned init scale when a layer was promoted on its gradients
+    (and the scale is below it), or when it collapsed (scale below 1, or more than half the steps
+    since the last read skipped) and no FP16 layer is left (``"adapt"`` only; an event on layer
+    ``"scaler"``). Every ``check_every`` steps it
+    also runs the FP32 check (:meth:`step`). Weights and optimizer are never touched.
 
     Example:
         >>> import torch, autoprec
@@ -94,6 +94,8 @@ class Guard:
         self._step = 0
         self._policy = policy
         self._handle: Handle | None = None
+        scale = scale_of(scaler)  # one host copy here, none per step
+        self._last_scale = float(scale) if scale is not None else None
         self._install(policy, fresh=True)
 
     # -- the policy in force ------------------------------------------------------------------
@@ -161,10 +163,14 @@ class Guard:
             self._check_fp32(batch)
 
     def _check(self) -> None:
-        revised, acted = self._policy, []
-        for layer, (amax, bad) in self._watch.read().items():
+        revised, acted, by_grads = self._policy, [], []  # by_grads: promoted on their gradients
+        figures = self._watch.read(scale_of(self.scaler))
+        scaler = self._scaler_reading()
+        for layer, (amax, bad) in figures.items():
             old = revised.assignment.get(layer)
-            why = _misfit(old, amax, bad, self.headroom) if old in LOW_PRECISIONS else None
+            why = None if old not in LOW_PRECISIONS else (
+                _misfit(old, amax, bad, self.headroom)
+                or grad_misfit(old, *self._watch.grads[layer], self.headroom, scaler))
             if why is None or (self.action == "warn" and any(e.layer == layer for e in self.events)):
                 continue
             new = self._promotion(old)
@@ -182,10 +188,42 @@ class Guard:
                 continue
             revised = _promoted(revised, layer, new, event)
             acted.append(layer)
+            if "grad" in why:  # a range's evidence names |out| or the output
+                by_grads.append(layer)
         if acted:
             for layer in acted:
                 self._watch.reset(layer)  # the new format starts a fresh watch
             self._install(revised)
+        self._reset_scaler(scaler, by_grads)
+
+    def _scaler_reading(self) -> ScalerReading | None:
+        """The scaler since the last read (from the scale read with the watch), or None without one."""
+        if self._watch.scale is None or self._last_scale is None:
+            return None
+        old, self._last_scale = self._last_scale, self._watch.scale
+        return ScalerReading.between(old, self._watch.scale, self.scaler.get_backoff_factor(), self.every)
+
+    def _reset_scaler(self, scaler: ScalerReading | None, promoted: list[str]) -> None:
+        """Reset a collapsed scaler to the tuned init scale (``scaler.update(new_scale)``) where
+        :func:`~autoprec.watch._grads.scaler_reset` says so; an event on layer ``"scaler"``."""
+        init = (self._policy.scaler or ScalerSettings()).init_scale
+        evidence = scaler_reset(self._step, scaler, init, promoted, "fp16" in self._policy.assignment.values())
+        if evidence is None or (self.action == "warn" and any(e.layer == "scaler" for e in self.events)):
+            return
+        event = GuardEvent(self._step, "scaler", self.action, _num(scaler.scale), f"{init:g}", evidence)
+        self.events.append(event)
+        if self.action == "raise":
+            raise GuardError(f"autoprec.guard: {evidence}: the GradScaler collapsed; reset it with "
+                             f"scaler.update({init:g}) or guard with action='adapt'", event)
+        log.warning("%s%s", evidence, "" if self.action == "adapt" else " (action='warn': not changed)")
+        if self.action == "warn":
+            warnings.warn(f"autoprec.guard: {evidence}; guard with action='adapt' to reset it", GuardWarning,
+                          stacklevel=4)
+            return
+        self.scaler.update(init)
+        self._last_scale = init
+        stats = {**self._policy.stats, "guard_events": [*self._policy.stats.get("guard_events", []), event.to_dict()]}
+        self._policy = dataclasses.replace(self._policy, stats=stats)
 
     def _check_fp32(self, batch: Any) -> None:
         """One FP32 check, and the action its verdict calls for (the guard's own policy off meanwhile)."""
@@ -249,10 +287,10 @@ class Guard:
             >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
             >>> g = autoprec.guard(m, autoprec.Policy(layers={"0": autoprec.LayerEntry("bf16")}))
             >>> sorted(g.state_dict()); g.remove()
-            ['check', 'events', 'policy', 'step', 'watch']
+            ['check', 'events', 'policy', 'scale', 'step', 'watch']
         """
         return {"step": self._step, "policy": self._policy.to_dict(), "events": [e.to_dict() for e in self.events],
-                "watch": self._watch.state_dict(), "check": self.check.state_dict()}
+                "watch": self._watch.state_dict(), "check": self.check.state_dict(), "scale": self._last_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`: install its policy (revised where the guard had acted),
@@ -265,6 +303,8 @@ class Guard:
         if "check" in state:
             self.check.load_state_dict(state["check"])
         self._step = int(state["step"])
+        if state.get("scale") is not None and self._last_scale is not None:
+            self._last_scale = float(state["scale"])
 
 
 def _promoted(policy: Policy, layer: str, new: str, event: GuardEvent, *, reason: str = "range") -> Policy:
@@ -294,8 +334,13 @@ def guard(model: nn.Module, policy: Policy, loss_fn: Callable[..., Any] | None =
     without grad; a gap past the bound (``policy.tolerance["loss"]``, else 0.01) and past the first
     checks' level, or rising towards it, re-probes the 16-bit layers and promotes those that close it
     (:meth:`Guard.step` states the cost). ``guard.events`` lists what it did; ``guard.remove()``
-    takes the policy off. ``scaler`` is kept for the checks to come; the guard never touches
-    weights, ``.grad``, buffers, the RNG, optimizer or scaler.
+    takes the policy off. It also watches, in the same read, each 16-bit layer's gradient (the
+    largest finite ``|grad|`` w.r.t. its output and the backward passes with a non-finite one) and,
+    with ``scaler`` (a ``GradScaler``), the scale and the steps skipped since the last read: an FP16
+    layer whose unscaled gradient passes 65504 with ``headroom``, or goes non-finite while the scaler
+    collapses, is promoted as above, and the scaler it drove down is reset to the policy's tuned init
+    scale (``scaler.update(init_scale)``, the one change it makes to the scaler; :class:`Guard`). The guard
+    never touches weights, ``.grad``, buffers, the RNG or the optimizer.
 
     Example:
         >>> import torch, autoprec

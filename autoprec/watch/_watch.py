@@ -1,12 +1,15 @@
-"""The watch: per 16-bit layer, its largest ``|output|`` and its non-finite forward passes, on the device.
+"""The watch: per 16-bit layer, its largest ``|output|`` and ``|gradient|`` and their non-finite passes, on the device.
 
-Each watched layer owns one row ``[max |out|, non-finite passes]`` of one small device tensor. Its
-observer (:func:`autoprec.apply.watched` calls it with the layer's raw 16-bit output) updates the
-row in place: one reduction over the output and a few 0-dim ops, no host sync. :meth:`Watch.read`
-copies the whole table to the host at once: one sync for every layer. Under ``torch.distributed`` (a
-default process group of more than one rank) the read first gathers every rank's table in one
-collective and combines them (the largest ``|out|`` of any rank, the non-finite passes of all ranks), so
-that every rank reads the same figures and acts alike at the same step; each rank's own table stays local.
+Each watched layer owns one row ``[max |out|, non-finite forward passes, max finite |grad|, non-finite
+backward passes]`` of one small device tensor. Its observer (:func:`autoprec.apply.watched` calls it
+with the layer's raw 16-bit output) updates the row in place: one reduction over the output and a few
+0-dim ops, no host sync; when the output requires grad it also hooks it, and backward folds the
+gradient w.r.t. it into the row the same way (:mod:`autoprec.watch._grads`). :meth:`Watch.read`
+copies the whole table to the host at once (with the GradScaler's scale, when given): one sync for
+every layer. Under ``torch.distributed`` (a default process group of more than one rank) the read first
+gathers every rank's table in one collective and combines them (the largest ``|out|`` and ``|grad|`` of
+any rank, the non-finite passes of all ranks), so that every rank reads the same figures and acts alike
+at the same step; each rank's own table stays local.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from ._grads import hook_grad
 
 __all__ = ["Watch"]
 
@@ -31,11 +36,12 @@ def _world() -> int:
 
 
 def _across_ranks(table: torch.Tensor) -> torch.Tensor:
-    """Every rank's ``table`` combined: one all-gather, then the max of column 0 and the sum of column 1.
+    """Every rank's ``table`` combined: one all-gather, then the max of the even columns (largest
+    magnitudes) and the sum of the odd ones (non-finite counts).
 
     Example:
-        >>> _across_ranks(torch.tensor([[3.0, 1.0]])).tolist()  # one process: the table itself
-        [[3.0, 1.0]]
+        >>> _across_ranks(torch.tensor([[3.0, 1.0, 2.0, 0.0]])).tolist()  # one process: the table itself
+        [[3.0, 1.0, 2.0, 0.0]]
     """
     world = _world()
     if world == 1:
@@ -43,7 +49,8 @@ def _across_ranks(table: torch.Tensor) -> torch.Tensor:
     tables = [torch.empty_like(table) for _ in range(world)]
     dist.all_gather(tables, table.contiguous())
     stacked = torch.stack(tables)
-    return torch.stack([stacked[:, :, 0].amax(0), stacked[:, :, 1].sum(0)], dim=1)
+    maxed, summed = stacked.amax(0), stacked.sum(0)
+    return torch.stack([(maxed if c % 2 == 0 else summed)[:, c] for c in range(table.shape[1])], dim=1)
 
 
 def _floats(out: Any) -> Iterator[torch.Tensor]:
@@ -59,9 +66,11 @@ def _floats(out: Any) -> Iterator[torch.Tensor]:
 
 
 def _observer(row: torch.Tensor) -> Callable[[Any], None]:
-    amax, bad = row[0], row[1]
+    amax, bad, gmax, gbad = row[0], row[1], row[2], row[3]
 
     def update(t: torch.Tensor) -> None:
+        if t.requires_grad:  # a training forward: backward will hand this output its gradient
+            hook_grad(t, gmax, gbad)
         lo, hi = torch.aminmax(t.detach())  # one pass, no temporary (abs().amax() makes one)
         m = torch.fmax(hi, lo.neg())  # max |t|; NaN only when the output is NaN
         torch.fmax(amax, m, out=amax)  # fmax: a NaN does not hide the maximum
@@ -86,24 +95,38 @@ class Watch:
         {'fc': (3.0, 0)}
         >>> observe(torch.tensor([float("nan"), 2.0])); observe(torch.tensor([-float("inf")])); w.read()
         {'fc': (inf, 2)}
+        >>> x = torch.ones(2, requires_grad=True); y = x * 2; observe(y); (y * -5).sum().backward()
+        >>> _ = w.read(scale=torch.tensor(4.0)); w.grads, w.scale
+        ({'fc': (5.0, 0)}, 4.0)
     """
 
     def __init__(self, layers: Iterable[str], device: torch.device | str) -> None:
         self.layers = tuple(layers)
-        self.table = torch.zeros(len(self.layers), 2, dtype=torch.float32, device=device)
+        self.table = torch.zeros(len(self.layers), 4, dtype=torch.float32, device=device)
         self.reads = 0
+        self.grads: dict[str, tuple[float, int]] = {}  # at the last read: layer -> (max finite |grad|, bad passes)
+        self.scale: float | None = None  # at the last read: the scale given to it
 
     def observers(self, only: Iterable[str] | None = None) -> dict[str, Callable[[Any], None]]:
         """Layer -> the callable that updates its row (for ``only`` those layers, or all)."""
         keep = set(self.layers if only is None else only)
         return {k: _observer(self.table[i]) for i, k in enumerate(self.layers) if k in keep}
 
-    def read(self) -> dict[str, tuple[float, int]]:
+    def read(self, scale: torch.Tensor | float | None = None) -> dict[str, tuple[float, int]]:
         """Layer -> (largest |output| seen, forward passes with a non-finite output): one sync (and,
         with a default process group, one all-gather: every rank's figures combined, the same on each;
-        every rank must read at the same step, as :class:`~autoprec.Guard` does)."""
+        every rank must read at the same step, as :class:`~autoprec.Guard` does). The same copy fills
+        :attr:`grads` (layer -> (largest finite |grad|, backward passes with a non-finite gradient)) and
+        :attr:`scale` (``scale`` read: a 0-dim device tensor, e.g. the GradScaler's, travels in the copy)."""
         self.reads += 1
-        rows = _host(_across_ranks(self.table)) if self.layers else []
+        table = _across_ranks(self.table)
+        if isinstance(scale, torch.Tensor):
+            flat = _host(torch.cat([table.flatten(), scale.detach().reshape(1).to(table)]))
+            rows, self.scale = [flat[i:i + 4] for i in range(0, len(flat) - 1, 4)], flat[-1]
+        else:
+            rows = _host(table) if self.layers else []
+            self.scale = None if scale is None else float(scale)
+        self.grads = {k: (row[2], int(row[3])) for k, row in zip(self.layers, rows)}
         return {k: (row[0], int(row[1])) for k, row in zip(self.layers, rows)}
 
     def reset(self, layer: str) -> None:
@@ -119,6 +142,7 @@ class Watch:
         rows = dict(zip(state["layers"], state["table"]))
         with torch.no_grad():
             for i, k in enumerate(self.layers):
-                if k in rows:
-                    self.table[i] = torch.tensor(rows[k], dtype=self.table.dtype)
+                if k in rows:  # a row saved before the gradient columns: their figures start at 0
+                    row = [*rows[k], 0.0, 0.0][:self.table.shape[1]]
+                    self.table[i] = torch.tensor(row, dtype=self.table.dtype)
         self.reads = int(state.get("reads", 0))
