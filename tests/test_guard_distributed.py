@@ -83,7 +83,7 @@ def _guarded(rank: int, wrapper: str, on: str) -> dict:
     local = g.state_dict()["watch"]  # this rank's own figures since the layer's last reset
     g.remove()
     w = Watch(["a", "b"], "cpu")  # the read's combination: the largest |out| of any rank, the sum of the counts
-    w.table.copy_(torch.tensor([[1.0 + rank, 2.0 * rank], [5.0 - rank, 1.0]]))
+    w.table.copy_(torch.tensor([[1.0 + rank, 2.0 * rank, 0.0, 0.0], [5.0 - rank, 1.0, 0.0, 0.0]]))
     combined = w.read()
     params = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
     return {"events": [e.to_dict() for e in g.events], "assignment": g.policy.assignment, "swapped": swapped,

@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.utils.checkpoint import checkpoint
 
 import autoprec
 from autoprec import GuardError, LayerEntry, Policy
 from autoprec.watch import _watch
 from tests.models import FP16_MAX, mlp
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -185,7 +188,6 @@ def test_raise_names_the_layer_and_the_gradient():
 
 def test_compiled_the_gradient_watch_adds_no_graph_break():
     """Under torch.compile(fullgraph=True) the gradient hook traces: the same promotion as eager, no graph break, one recompile."""
-    from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     model = GrowingGradient()
@@ -203,7 +205,6 @@ def test_compiled_the_gradient_watch_adds_no_graph_break():
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_activation_checkpointing_counts_each_backward_once(reentrant):
     """A checkpointed FP16 layer's gradient is watched once per backward, with or without reentrant recomputation."""
-    from torch.utils.checkpoint import checkpoint
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
     g = autoprec.guard(model, _policy({"0": "fp16", "1": "fp32"}), every=1, check_every=0)
     x = torch.ones(2, 4, requires_grad=True)
@@ -214,3 +215,33 @@ def test_activation_checkpointing_counts_each_backward_once(reentrant):
     g.remove()
     gmax, bad = g._watch.grads["0"]
     assert gmax == pytest.approx(3e4 * model[1].weight.abs().max().item(), rel=1e-2) and bad == 1
+
+
+HOT, FACTOR = 3, 1e9  # rank 1's loss from step HOT on is multiplied by FACTOR: its FP16 gradient is inf
+
+
+def _one_rank_overflows(rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 1))
+    ddp = DDP(model)
+    g = autoprec.guard(ddp, _policy({"0": "fp16", "1": "fp32", "2": "fp32"}), every=2, check_every=0)
+    for step in range(1, 7):
+        gen = torch.Generator().manual_seed(100 * rank + step)
+        x, y = torch.randn(8, 8, generator=gen), torch.randn(8, 1, generator=gen)
+        loss = F.mse_loss(ddp(x).float(), y) * (FACTOR if rank == 1 and step >= HOT else 1.0)
+        loss.backward()  # no optimizer step: the weights stay finite whatever rank 1's gradients
+        model.zero_grad()
+        g.step(loss, x)
+    g.remove()
+    return {"events": [e.to_dict() for e in g.events], "assignment": g.policy.assignment}
+
+
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason="torch.distributed with gloo is not available")
+def test_one_ranks_gradient_overflow_promotes_the_layer_on_both_ranks(tmp_path):
+    """Two gloo ranks under DDP, only rank 1's FP16 gradient goes inf: both promote the layer at the same read."""
+    r0, r1 = run_ranks(_one_rank_overflows, tmp_path)
+    assert r0["events"] == r1["events"] and [(e["step"], e["layer"], e["new"]) for e in r0["events"]] == [(4, "0", "bf16")]
+    assert "non-finite gradient in 2 backward passes" in r0["events"][0]["evidence"]
+    assert r0["assignment"]["0"] == r1["assignment"]["0"] == "bf16"
