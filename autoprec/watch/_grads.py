@@ -1,6 +1,6 @@
 """The guard's gradient and scaler watch: what flows back into each 16-bit layer, and what the GradScaler did.
 
-Gradients: when a watched layer's raw 16-bit output requires grad, the watch registers a tensor hook on
+Gradients: when a watched layer's raw FP16 output requires grad, the watch registers a tensor hook on
 it (:func:`hook_grad`): in backward the hook folds the gradient w.r.t. that output (in the layer's 16-bit
 format, as autograd hands it over; scaled by the GradScaler when one is used) into the layer's row of the
 watch's device table: the largest ``|grad|`` of the backward passes whose gradient was finite, and the

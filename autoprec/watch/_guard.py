@@ -51,8 +51,8 @@ class Guard:
     The scaler is reset to the policy's tuned init scale when a layer was promoted on its gradients
     (and the scale is below it), or when it collapsed (scale below 1, or more than half the steps
     since the last read skipped) and no FP16 layer is left (``"adapt"`` only; an event on layer
-    ``"scaler"``). Every ``check_every`` steps it
-    also runs the FP32 check (:meth:`step`). Weights and optimizer are never touched.
+    ``"scaler"``). Every ``check_every`` steps it also runs the FP32 check (:meth:`step`). Weights
+    and optimizer are never touched.
 
     Example:
         >>> import torch, autoprec

@@ -3,8 +3,9 @@
 Each watched layer owns one row ``[max |out|, non-finite forward passes, max finite |grad|, non-finite
 backward passes]`` of one small device tensor. Its observer (:func:`autoprec.apply.watched` calls it
 with the layer's raw 16-bit output) updates the row in place: one reduction over the output and a few
-0-dim ops, no host sync; when the output requires grad it also hooks it, and backward folds the
-gradient w.r.t. it into the row the same way (:mod:`autoprec.watch._grads`). :meth:`Watch.read`
+0-dim ops, no host sync; when the output is FP16 and requires grad it also hooks it, and backward
+folds the gradient w.r.t. it into the row the same way (BF16 outputs are not hooked: their gradients
+have FP32's range, and the guard judges only FP16 layers' gradients) (:mod:`autoprec.watch._grads`). :meth:`Watch.read`
 copies the whole table to the host at once (with the GradScaler's scale, when given): one sync for
 every layer. Under ``torch.distributed`` (a default process group of more than one rank) the read first
 gathers every rank's table in one collective and combines them (the largest ``|out|`` and ``|grad|`` of
@@ -69,7 +70,7 @@ def _observer(row: torch.Tensor) -> Callable[[Any], None]:
     amax, bad, gmax, gbad = row[0], row[1], row[2], row[3]
 
     def update(t: torch.Tensor) -> None:
-        if t.requires_grad:  # a training forward: backward will hand this output its gradient
+        if t.requires_grad and t.dtype == torch.float16:  # FP16 in training: BF16 gradients have FP32's range
             hook_grad(t, gmax, gbad)
         lo, hi = torch.aminmax(t.detach())  # one pass, no temporary (abs().amax() makes one)
         m = torch.fmax(hi, lo.neg())  # max |t|; NaN only when the output is NaN
@@ -95,7 +96,7 @@ class Watch:
         {'fc': (3.0, 0)}
         >>> observe(torch.tensor([float("nan"), 2.0])); observe(torch.tensor([-float("inf")])); w.read()
         {'fc': (inf, 2)}
-        >>> x = torch.ones(2, requires_grad=True); y = x * 2; observe(y); (y * -5).sum().backward()
+        >>> x = torch.ones(2, requires_grad=True); y = (x * 2).half(); observe(y); (y * -5).sum().backward()
         >>> _ = w.read(scale=torch.tensor(4.0)); w.grads, w.scale
         ({'fc': (5.0, 0)}, 4.0)
     """
