@@ -22,8 +22,9 @@ The models (built here or in ``tests/models.py``; nothing is downloaded):
   check of the loss (``check_every``, here at every read by default) is what can catch it.
 * ``gradient`` (hazard: the scaler): an identity in the forward whose backward multiplies the gradient by
   1.06**step (a loss weight that grows; Adam is invariant to it, so FP32 trains as usual): the FP16
-  layer's gradients overflow again and again and the GradScaler halves its scale each time. The guard
-  watches forward outputs only, so it is expected not to act.
+  layer's gradients overflow again and again and the GradScaler halves its scale each time. The guard's
+  gradient and scaler watch should promote the layer once its unscaled gradient passes 65504 / headroom
+  or the scale collapses, and reset the scaler.
 * ``mlp``, ``gpt2`` (benign): ``tests/models.py``'s MLP with every Linear in FP16, and a 2-layer GPT-2
   from a config (transformers, skipped when missing) with every ``Conv1D`` in FP16; the guard should
   never act.
