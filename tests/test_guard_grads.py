@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 import autoprec
-from autoprec import GuardError, LayerEntry, Policy
+from autoprec import GuardError, GuardWarning, LayerEntry, Policy
 from autoprec.watch import _watch
 from tests.models import FP16_MAX, mlp
 from tests.ranks import run_ranks
@@ -245,3 +245,28 @@ def test_one_ranks_gradient_overflow_promotes_the_layer_on_both_ranks(tmp_path):
     assert r0["events"] == r1["events"] and [(e["step"], e["layer"], e["new"]) for e in r0["events"]] == [(4, "0", "bf16")]
     assert "non-finite gradient in 2 backward passes" in r0["events"][0]["evidence"]
     assert r0["assignment"]["0"] == r1["assignment"]["0"] == "bf16"
+
+
+def test_warn_leaves_the_scaler_and_the_policy_alone():
+    """action='warn' on a growing gradient warns about the layer once and changes neither the policy nor the scale."""
+    model = GrowingGradient()
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    g = autoprec.guard(model, POLICY, scaler=scaler, every=EVERY, check_every=0, action="warn")
+    with pytest.warns(GuardWarning, match="mid fp16 -> bf16: \\|grad\\| max"):
+        _, scales = _train(model, STEPS, guard=g, scaler=scaler)
+    g.remove()
+    assert [e.layer for e in g.events] == ["mid"] and g.policy is POLICY and scales[-1] < 1
+
+
+def test_the_scale_of_the_last_read_rides_in_the_state():
+    """state_dict keeps the scale of the last read, and a guard loading it keeps it."""
+    model = GrowingGradient()
+    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE)
+    g = autoprec.guard(model, POLICY, scaler=scaler, every=EVERY, check_every=0)
+    _train(model, 2 * EVERY, guard=g, scaler=scaler)
+    state = g.state_dict()
+    g.remove()
+    g2 = autoprec.guard(model, POLICY, scaler=torch.amp.GradScaler("cpu", init_scale=1.0), every=EVERY, check_every=0)
+    g2.load_state_dict(state)
+    g2.remove()
+    assert state["scale"] == scaler.get_scale() == INIT_SCALE and g2.state_dict()["scale"] == INIT_SCALE
