@@ -199,6 +199,35 @@ def _syncs(v: _Variant) -> int:
     return len(reads)
 
 
+def watch_ops(model: nn.Module, policy: Policy, batch: Any, reps: int = 30) -> tuple[float, int]:
+    """(seconds, calls): the watch's own ops over one forward of ``batch``, timed alone.
+
+    One forward under ``autoprec.apply.watched`` keeps each 16-bit layer's raw output; then the
+    watch's observers (``Watch(...).observers()``, the ones the guard installs) run on those
+    outputs, all of them per repetition, ``reps`` times: the median repetition. A noise-free floor
+    of the eager overhead (without the Python of the hook that hands them the output).
+    """
+    from autoprec.apply import watched
+
+    outs: list[tuple[str, torch.Tensor]] = []
+    m = copy.deepcopy(model)
+    handle = watched(policy, m, {k: (lambda out, k=k: outs.append((k, out.detach()))) for k in policy.layers})
+    try:
+        with torch.no_grad():
+            call_model(m, batch)
+    finally:
+        handle.remove()
+    observers = _watch.Watch(list(policy.layers), "cpu").observers()
+    calls = [(observers[k], t) for k, t in outs]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for observe, t in calls:
+            observe(t)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), len(calls)
+
+
 def measure_model(name: str, size: str, rounds: int, backend: str, compiled: bool = True) -> dict[str, Any]:
     """One row: step times of every variant on ``_zoo.build(name, size)``, overheads and verdicts."""
     import _zoo
@@ -221,6 +250,7 @@ def measure_model(name: str, size: str, rounds: int, backend: str, compiled: boo
                                                        least=rounds, most=rounds, warmup=0)
         recompiles = _graphs() - graphs  # Dynamo graphs compiled in the timed rounds, any variant
         syncs = _syncs(variants["guard-compiled" if compiled else "guard"])
+        ops_s, ops_calls = watch_ops(spec.model, policy, spec.train[0][0])
     finally:
         for v in variants.values():
             v.handle.remove()
@@ -233,6 +263,8 @@ def measure_model(name: str, size: str, rounds: int, backend: str, compiled: boo
         "params": sum(p.numel() for p in spec.model.parameters()),
         "median_ms": {k: round(1e3 * m, 2) for k, m in med.items()},
         "overhead_eager": _overhead(times["guard"], times["policy"], BOUND["eager"]),
+        "watch_ops_ms_per_forward": round(1e3 * ops_s, 3), "watch_ops_calls": ops_calls,
+        "watch_ops_pct": round(100 * ops_s / med["policy"], 2),
         "check_ms": round(1e3 * per_check, 2), "check_ci95_ms": [round(1e3 * c, 2) for c in _ci(check)],
         "check_forward_ratio": round(per_check / med["policy"], 3),
         "check_amortized_pct": round(100 * per_check / (CHECK_FACTOR * EVERY) / med["policy"], 3),
@@ -250,8 +282,9 @@ def table(models: list[dict[str, Any]], stacks: list[dict[str, Any]], meta: dict
     out = [f"# guard overhead, {meta['cpu']}, torch {meta['torch']}, 1 thread, every={EVERY}",
            ("| model | policy ms | guard ms | overhead eager (q1..q3; 95% CI) | bound | verdict | "
             "policy-compiled ms | guard-compiled ms | overhead compiled (q1..q3; 95% CI) | bound | verdict | "
+            "watch ops alone ms (% of policy step) | "
             "FP32 check ms (95% CI) | check / policy step | check amortized at check_every=500 | syncs/50 steps |"),
-           "|---|---:|---:|---|---:|---|---:|---:|---|---:|---|---|---:|---:|---:|"]
+           "|---|---:|---:|---|---:|---|---:|---:|---|---:|---|---:|---|---:|---:|---:|"]
 
     def cell(o: dict[str, Any]) -> str:
         q, c = o["quartiles_pct"], o["ci95_pct"]
@@ -262,7 +295,7 @@ def table(models: list[dict[str, Any]], stacks: list[dict[str, Any]], meta: dict
         comp = (f"{m['policy-compiled']} | {m['guard-compiled']} | {cell(c)} | {c['bound_pct']}% | {c['verdict']}"
                 if c else "- | - | - | - | -")
         out.append(f"| {r['model']} | {m['policy']} | {m['guard']} | {cell(e)} | {e['bound_pct']}% | "
-                   f"{e['verdict']} | {comp} | {r['check_ms']} ({r['check_ci95_ms'][0]}..{r['check_ci95_ms'][1]}) | "
+                   f"{e['verdict']} | {comp} | {r['watch_ops_ms_per_forward']} ({r['watch_ops_pct']}%) | {r['check_ms']} ({r['check_ci95_ms'][0]}..{r['check_ci95_ms'][1]}) | "
                    f"{r['check_forward_ratio']:.2f} | {r['check_amortized_pct']:.3f}% | {r['syncs_per_50_steps']} |")
     if stacks:
         header = ("width", "layers", "batch", "apply_ms", "guard_ms", "overhead_pct", "watch_us_per_layer",
