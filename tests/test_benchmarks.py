@@ -201,3 +201,28 @@ def test_long_run_trains_every_variant_of_every_model_and_writes_the_curves(tmp_
     assert set(saved["losses"]) == set(long_run.MODELS)
     assert all(len(c) == 20 for curves in saved["losses"].values() for c in curves.values())
     assert (tmp_path / "long_run.png").exists() == (saved["png"] == "long_run.png")
+
+
+def test_guard_overhead_times_the_guard_beside_the_policy_on_gpt2_and_llama(tmp_path, capsys):
+    """``guard_overhead.py --quick``: per model every variant timed, eager and compiled overheads with the issue's
+    bound and a verdict, the FP32 check's cost, one host read per 50 steps, nothing recompiled; the JSON holds what
+    it returns."""
+    import guard_overhead
+
+    out = tmp_path / "guard_overhead.json"
+    result = guard_overhead.main(["--quick", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["meta"]["every"] == 50 and result["meta"]["check_every_default"] == 500
+    assert [r["model"] for r in result["models"]] == ["gpt2", "llama"]
+    for r in result["models"]:
+        assert set(r["median_ms"]) == {"policy", "guard", "guard+check", "policy-compiled", "guard-compiled"}
+        assert all(ms > 0 for ms in r["median_ms"].values()) and r["rounds"] == 2 and r["layers_bf16"] > 0
+        for mode, bound in (("eager", 2.0), ("compiled", 1.0)):
+            o = r[f"overhead_{mode}"]
+            assert o["bound_pct"] == bound and o["verdict"] in ("met", "missed", "not resolved")
+            assert o["ci95_pct"][0] <= o["median_pct"] <= o["ci95_pct"][1]
+        assert {"check_ms", "check_amortized_pct", "check_forward_ratio"} <= set(r)
+        assert r["syncs_per_50_steps"] == 1 and r["graphs_compiled_in_timed_rounds"] == 0
+        assert f"| {r['model']} | {r['median_ms']['policy']} | {r['median_ms']['guard']} |" in printed
+    assert [row["width"] for row in result["rows"]] == [32]
