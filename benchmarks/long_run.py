@@ -68,7 +68,7 @@ from autoprec import LayerEntry, Policy  # noqa: E402
 from autoprec.batch import call_model  # noqa: E402
 from _measure import loss_of, write_json  # noqa: E402
 from runtime_overhead import _cpu_name  # noqa: E402
-from tests.models import Growing, mlp  # noqa: E402
+from tests.models import Growing, GrowingGradient, mlp  # noqa: E402
 
 VARIANTS = ("fp32", "amp-fp16", "amp-bf16", "policy", "guard")
 RESULTS = os.path.join(_HERE, "results")
@@ -138,35 +138,6 @@ class OffsetModel(nn.Module):
         return self.head(F.relu(self.acc(F.relu(self.fc(x)))))
 
 
-class _Amplify(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gain)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (gain,) = ctx.saved_tensors
-        return grad * gain.to(grad.dtype), None
-
-
-class GradientModel(nn.Module):
-    """fc -> ReLU -> mid -> ReLU -> amplify -> head: ``amplify`` is the identity forward and multiplies the
-    gradient by ``gain`` backward; each training forward multiplies ``gain`` by ``growth``."""
-
-    def __init__(self, growth: float, dim: int = 32):
-        super().__init__()
-        self.growth = growth
-        self.fc, self.mid, self.head = nn.Linear(16, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
-        self.register_buffer("gain", torch.tensor(1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.gain.mul_(self.growth)
-        return self.head(_Amplify.apply(F.relu(self.mid(F.relu(self.fc(x)))), self.gain))
-
-
 def growing() -> Case:
     torch.manual_seed(0)
     model, x, target = SlowGrowing(1.04), torch.randn(32, 16), torch.randn(32, 4)
@@ -185,7 +156,7 @@ def offset() -> Case:
 
 def gradient() -> Case:
     torch.manual_seed(0)
-    model, x, target = GradientModel(1.06), torch.randn(256, 16), torch.randn(256, 4)
+    model, x, target = GrowingGradient(1.06, 16, 32), torch.randn(256, 16), torch.randn(256, 4)
     return Case("gradient", "gradients grow", model.train(), x, _mse(target),
                 _cuda_policy({"fc": "fp32", "mid": "fp16", "head": "fp32"}),
                 lambda ps: torch.optim.Adam(ps, lr=1e-3))

@@ -19,7 +19,7 @@ from autoprec import LayerEntry, Policy
 from autoprec.batch import call_model
 from autoprec.policy import scaler_for
 
-__all__ = ["CPU_AUTOCAST_FP32", "FP32_OPS", "NATIVE_OPS", "assert_same", "cached", "forward_backward",
+__all__ = ["CPU_AUTOCAST_FP32", "FP32_OPS", "NATIVE_OPS", "assert_same", "cached", "count_syncs", "forward_backward",
            "rel_errors", "seed_globals", "snapshot", "unit_out"]
 
 T = TypeVar("T")
@@ -35,6 +35,20 @@ def cached(fn: Callable[..., T]) -> Callable[..., T]:
         return copy.deepcopy(once(*args, **kwargs))
 
     return copied
+
+
+def count_syncs(monkeypatch: Any) -> dict[str, int]:
+    """Count the calls that copy a tensor to the host (``item``, ``tolist``, ``bool``, ``float``, ``int``) from
+    now until ``monkeypatch`` undoes it: ``counts["n"]``."""
+    counts = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *a: Any, _original: Any = original, **k: Any) -> Any:
+            counts["n"] += 1
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
 
 
 # -- errors against FP32 (test_tune_hazards, test_roles) ---------------------------------------

@@ -55,6 +55,7 @@ FP16_MAX = 65504.0
 
 __all__ = [
     "FP16_MAX",
+    "GrowingGradient",
     "call_model",
     "unverifiable_tanh",
     "scatter_gnn",
@@ -429,6 +430,38 @@ class Growing(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight) * self.gain
+
+
+class _Amplify(torch.autograd.Function):
+    """The identity forward; backward multiplies the gradient by ``gain``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gain)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        (gain,) = ctx.saved_tensors
+        return grad * gain.to(grad.dtype), None
+
+
+class GrowingGradient(nn.Module):
+    """fc -> ReLU -> mid -> ReLU -> amplify -> head: ``amplify`` is the identity forward and multiplies the
+    gradient by ``gain`` backward; each training forward multiplies ``gain`` by ``growth``, so the gradient
+    into ``mid``'s output grows by ``growth`` per step while every forward value stays small."""
+
+    def __init__(self, growth: float, in_dim: int = 8, dim: int = 16) -> None:
+        super().__init__()
+        self.growth = growth
+        self.fc, self.mid, self.head = nn.Linear(in_dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 4)
+        self.register_buffer("gain", torch.tensor(1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.gain.mul_(self.growth)
+        return self.head(_Amplify.apply(F.relu(self.mid(F.relu(self.fc(x)))), self.gain))
 
 
 class GrowingModel(nn.Module):

@@ -15,6 +15,7 @@ import autoprec
 from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
 from autoprec.watch import _watch
 from autoprec.runtime import installed
+from tests.helpers import count_syncs
 from tests.models import GROWTH, FP16_MAX, growing_model, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,26 +112,13 @@ def test_a_benign_model_sees_no_action():
     assert g.events == [] and g.policy is policy and all(map(math.isfinite, losses))
 
 
-def _syncs(monkeypatch):
-    """Count the calls that copy a tensor to the host."""
-    counts = {"n": 0}
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, **k):
-            counts["n"] += 1
-            return _original(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
-
-
 def test_the_watch_syncs_once_every_every_steps(monkeypatch):
     """Over 40 steps at every=10 the guard reads the device 4 times, and adds no other host sync."""
     model, x, loss_fn = mlp()
     policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
     reads = []
     monkeypatch.setattr(_watch, "_host", lambda table, _host=_watch._host: reads.append(1) or _host(table))
-    counts = _syncs(monkeypatch)
+    counts = count_syncs(monkeypatch)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     handle = policy.apply(model)
     for _ in range(40):  # the same loop without the guard: what it syncs on its own
@@ -279,10 +267,13 @@ def test_a_state_that_does_not_fit_the_model_leaves_the_guard_as_it_was():
 
 @pytest.mark.parametrize(("option", "message"), [({"every": 0}, r"guard\(every=0\): a whole number of steps"),
                                                  ({"action": "stop"}, r"guard\(action='stop'\): use one of 'adapt'"),
-                                                 ({"headroom": 0.5}, r"guard\(headroom=0.5\): a number of at least 1")],
-                         ids=["every", "action", "headroom"])
+                                                 ({"headroom": 0.5}, r"guard\(headroom=0.5\): a number of at least 1"),
+                                                 ({"check_every": -1}, r"guard\(check_every=-1\): a whole number of "
+                                                  r"steps \(e.g. 500, the default: 10 x every\)"),
+                                                 ({"check_every": 2.5}, r"guard\(check_every=2.5\): a whole number")],
+                         ids=["every", "action", "headroom", "check_every-negative", "check_every-float"])
 def test_bad_options_are_refused(option, message):
-    """A bad every, action or headroom is an OptionError naming it, and nothing is installed."""
+    """A bad every, action, headroom or check_every is an OptionError naming it, and nothing is installed."""
     model, _, _ = mlp()
     with pytest.raises(OptionError, match=message):
         autoprec.guard(model, GROWING, **option)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -15,6 +14,8 @@ from torch.utils.checkpoint import checkpoint
 import autoprec
 from autoprec import GuardError, GuardWarning, LayerEntry, Policy
 from autoprec.watch import _watch
+from tests import models
+from tests.helpers import count_syncs
 from tests.models import FP16_MAX, mlp
 from tests.ranks import run_ranks
 
@@ -32,35 +33,10 @@ def _policy(layers: dict[str, str]) -> Policy:
 POLICY = _policy({"fc": "fp32", "mid": "fp16", "head": "fp32"})
 
 
-class _Amplify(torch.autograd.Function):
-    """The identity forward; backward multiplies the gradient by ``gain``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gain)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (gain,) = ctx.saved_tensors
-        return grad * gain.to(grad.dtype), None
-
-
-class GrowingGradient(nn.Module):
-    """fc -> ReLU -> mid -> ReLU -> amplify -> head; ``gain`` (the amplification) grows by GAIN per training
-    forward, so the gradient into ``mid``'s output grows by GAIN per step while every forward stays small."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc, self.mid, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
-        self.register_buffer("gain", torch.tensor(1.0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                self.gain.mul_(GAIN)
-        return self.head(_Amplify.apply(F.relu(self.mid(F.relu(self.fc(x)))), self.gain))
+def GrowingGradient() -> nn.Module:  # noqa: N802 (builds the model class of tests.models, seeded)
+    """tests.models.GrowingGradient whose gradient grows by GAIN per step, 8 -> 16 -> 16 -> 4, seeded weights."""
+    torch.manual_seed(0)
+    return models.GrowingGradient(GAIN, 8, 16)
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,26 +112,13 @@ def test_a_benign_mlp_with_a_scaler_sees_no_action():
     assert g.events == [] and g.policy is policy and g._watch.grads["fc1"][0] > 0 and g._watch.scale >= 1
 
 
-def _syncs(monkeypatch):
-    """Count the calls that copy a tensor to the host."""
-    counts = {"n": 0}
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _original=original, **k):
-            counts["n"] += 1
-            return _original(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
-
-
 def test_gradients_and_scale_come_in_the_one_sync_of_a_read(monkeypatch):
     """With a scaler, 40 steps at every=10 read the device 4 times and add no other host sync."""
     model, x, loss_fn = mlp()
     policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
     reads = []
     monkeypatch.setattr(_watch, "_host", lambda table, _host=_watch._host: reads.append(1) or _host(table))
-    counts = _syncs(monkeypatch)
+    counts = count_syncs(monkeypatch)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def loop(guard=None):
