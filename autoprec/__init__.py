@@ -20,7 +20,7 @@ from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, 
                      ModelError, OptionError, PolicyError, ProfileError, RankError, VerificationError,
                      VerificationWarning)
 from .watch import Guard, GuardEvent, guard
-from .policy import LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
+from .policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
 from .profiles import load_profile
 from .tune import tune
 
@@ -36,6 +36,7 @@ __all__ = [
     "GuardEvent",
     "GuardWarning",
     "Handle",
+    "HeldOut",
     "LayerEntry",
     "ModelError",
     "OptionError",

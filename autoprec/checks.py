@@ -23,7 +23,8 @@ def _number(value: Any) -> bool:
 
 def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
                   headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None,
-                  strict: Any = False, share_roles: Any = True, measure_speed: Any = None) -> None:
+                  strict: Any = False, share_roles: Any = True, measure_speed: Any = None,
+                  held_out: Any = 0.25) -> None:
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
@@ -51,6 +52,9 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
     if measure_speed is not None and not isinstance(measure_speed, bool):
         raise OptionError(f"measure_speed={measure_speed!r} must be True, False or None (None: on, unless "
                           "$AUTOPREC_MEASURE_SPEED is 0)")
+    if not _number(held_out) or not 0 <= held_out < 1:
+        raise OptionError(f"held_out={held_out!r} must be a fraction in [0, 1): the share of the batches (or of "
+                          "one batch's rows) the policy is checked on and not tuned on; 0 switches the check off")
     if optimizer is not None and not callable(optimizer):
         raise OptionError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, "
                           "e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)")

@@ -141,14 +141,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     import autoprec
-    from autoprec.report_facts import why_nothing_cast
+    from autoprec.records import BACK_OFFS
+    from autoprec.report_facts import held_out_line, why_nothing_cast
 
     model, batch, loss_fn = _make(args.factory)
     kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
                                   grad_tolerance=args.grad_tolerance, verify_steps=args.verify_steps,
                                   storage=args.storage, seed=args.seed, progress=not args.quiet,
                                   verify_tolerance=args.verify_tolerance, strict=args.strict,
-                                  profile=args.profile, share_roles=not args.no_share_roles)
+                                  profile=args.profile, share_roles=not args.no_share_roles,
+                                  held_out=args.held_out)
     if args.no_measure_speed:
         kwargs["measure_speed"] = False
     if args.budget is not None:
@@ -166,6 +168,9 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     excluded = policy.excluded()
     print(f"wrote {args.out}: {len(policy.layers)} layers, {_fraction(policy)}, {len(excluded)} excluded, "
           f"verification {_verdict(ver)}, {policy.stats.get('tuning_seconds', 0):.1f}s")
+    held = held_out_line(policy)
+    if held:
+        print(f"  held-out check: {held.replace('**', '')}")
     why = why_nothing_cast(policy)
     if why:
         print(f"  {why}")
@@ -179,8 +184,9 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
                   f"{1 / sp['speed']:.3g}x the FP32 time over them; {sp['layers'] - sp['faster']} of {sp['layers']} "
                   "stay FP32 for speed")
     for key, e in policy.layers.items():
-        if e.reason == "verification back-off":
-            print(f"  backed off {key or '(root)'}: moved to FP32 by verification (not measured on the layer)")
+        if e.reason in BACK_OFFS:
+            by = "verification" if e.reason == "verification back-off" else "the held-out check"
+            print(f"  backed off {key or '(root)'}: moved to FP32 by {by} (not measured to fail alone)")
     _print_speed(policy)
     if ver is not None and not ver.passed:
         print(f"autoprec: the policy in {args.out} FAILED verification (loss gap {ver.max_gap:.3g}, threshold "
@@ -364,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"a policy that fails verification is not written (exit {EXIT_UNVERIFIED} either way)")
     t.add_argument("--storage", help="Optuna storage URL to resume or share the study (sqlite:///study.db)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--held-out", type=float, default=0.25,
+                   help="share of the batches (or of one batch's rows) the policy is checked on, not tuned on (0.25; "
+                        "0 switches the check off)")
     t.add_argument("--profile", help="device profile JSON from 'autoprec calibrate' for the target device "
                                      "(default: calibrate here, or the built-in CUDA estimate)")
     t.add_argument("--no-share-roles", action="store_true",

@@ -73,6 +73,7 @@ HAZARD_OPS: dict[str, str] = {
                                         "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
                                         "adaptive_avg_pool3d")},
     **{op: "position/trig" for op in ("sin", "cos", "tan", "sinc")},
+    **{op: "route" for op in ("topk", "argmax", "argmin", "sort", "argsort", "kthvalue")},
     **{op: "loss" for op in ("cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
                              "huber_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
                              "kl_div", "ctc_loss", "poisson_nll_loss", "gaussian_nll_loss",

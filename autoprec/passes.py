@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from .amplify import Amplification, Reach, tee
 from .reductions import errors, grad_norm
 
 if TYPE_CHECKING:
@@ -41,6 +42,13 @@ class Measurement:
     full_width: bool = False  # its output came out FP32 in the 16-bit region: it computes in FP32 itself
     group: str = ""          # the role whose one pass measured it with others (errors: a bound, not its own)
     members: int = 1         # the layers that pass cast at once (1: measured alone)
+    amp: float = 0.0         # the largest error it can cause at an amplifying op it feeds (autoprec.amplify)
+    amp_at: str = ""         # that op's layer
+    amp_in: float = 0.0      # the relative perturbation it put at that op's input
+
+    def amplified(self) -> str:
+        """The report's sentence for :attr:`amp` ("" where it reaches no amplifying op)."""
+        return Reach(self.amp, self.amp_at, self.amp_in).describe() if self.amp_at else ""
 
 
 class CountWatcher:
@@ -119,6 +127,7 @@ class Outcome:
     finite: bool                  # loss and all gradients finite
     nonfinite: dict[str, int]     # cast layer -> Inf/NaN values in its own output
     full_width: dict[str, bool]   # cast layer -> its output came back FP32 from the 16-bit region
+    reach: Reach = Reach()        # what the pass did to the amplifying ops it reached
 
     def row(self, key: str, fmt: str, group: str = "", members: int = 1) -> Measurement:
         """The :class:`Measurement` of ``key`` from this pass (``group``: the role it was measured with).
@@ -128,8 +137,10 @@ class Outcome:
             >>> o.row("h.1.fc", "bf16", "h.*.fc", 2).members
             2
         """
+        r = self.reach
         return Measurement(key, fmt, self.loss_err, self.grad_err, self.nonfinite[key], self.finite,
-                           full_width=self.full_width[key], group=group, members=members)
+                           full_width=self.full_width[key], group=group, members=members,
+                           amp=r.error, amp_at=r.at, amp_in=r.rounding)
 
 
 class Measure:
@@ -146,8 +157,9 @@ class Measure:
     """
 
     def __init__(self, runner: Runner, batch: Any, ref_loss: torch.Tensor, ref_grads: list, scale: float,
-                 progress: Callable[[str], None] | None) -> None:
+                 progress: Callable[[str], None] | None, amp: Amplification | None = None) -> None:
         self.runner, self.batch, self.scale, self.progress = runner, batch, scale, progress
+        self.amp = amp  # compares each pass's amplifying inputs with the reference's (autoprec.amplify)
         self.ref = (ref_loss, ref_grads, grad_norm(ref_grads, ref_loss))
 
     def run(self, name: str, keys: Sequence[str], fmt: str) -> Outcome | str:
@@ -159,8 +171,10 @@ class Measure:
         counter = CountWatcher(keys, sdpa_paths=not self.runner.emulate_cuda)
         try:
             loss, grads = self.runner.run(self.batch, {k: fmt for k in keys},
-                                          scale=self.scale if fmt == "fp16" else 1.0, watcher=counter)
+                                          scale=self.scale if fmt == "fp16" else 1.0, watcher=tee(counter, self.amp))
         except Exception as exc:  # noqa: BLE001 - a format a layer cannot run is a measurement
+            if self.amp is not None:
+                self.amp.read()  # what the failed pass left: not the next pass's
             if self.progress is not None:
                 self.progress(name)
             return f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -169,7 +183,8 @@ class Measure:
         del loss, grads  # this pass's gradients go before the next pass makes its own
         if self.progress is not None:
             self.progress(name)
-        return Outcome(loss_err, grad_err, finite, counter.read(), {k: counter.full_width(k) for k in keys})
+        reach = self.amp.read() if self.amp is not None else Reach()
+        return Outcome(loss_err, grad_err, finite, counter.read(), {k: counter.full_width(k) for k in keys}, reach)
 
     def alone(self, key: str, fmt: str) -> Measurement:
         """The measurement of ``key`` alone in ``fmt``."""

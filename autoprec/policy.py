@@ -23,11 +23,11 @@ from torch import nn
 from .errors import DeviceWarning, OptionError, PolicyError
 from .formats import LOW_PRECISIONS
 from .modules import canonical_modules, leaves
-from .records import NOISE_MULTIPLE, LayerEntry, ScalerSettings, StepSpeed, Verification
+from .records import NOISE_MULTIPLE, HeldOut, LayerEntry, ScalerSettings, StepSpeed, Verification
 from .trace import signatures_of
 from .validate import FIX, bad, check_bool, check_choice, check_int, check_number, check_str_map, check_strings
 
-__all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification", "Policy",
+__all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "HeldOut", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification", "Policy",
            "load"]
 
 SCHEMA_VERSION = 1
@@ -64,6 +64,7 @@ class Policy:
     schema_version: int = SCHEMA_VERSION
     emulated: bool = False  # the evidence was measured on a CPU emulating the CUDA target (autoprec.emulation)
     speed: StepSpeed | None = None  # the training step's time against FP32 and blanket autocast (autoprec.step_speed)
+    held_out: HeldOut | None = None  # the policy checked on data it was not tuned on (autoprec.held_out)
 
     def __post_init__(self) -> None:
         r = "Policy"
@@ -94,6 +95,8 @@ class Policy:
         check_bool(r, "emulated", self.emulated)  # absent in files written before the field: False
         if self.speed is not None and not isinstance(self.speed, StepSpeed):
             raise bad(r, "speed", self.speed, "null or an autoprec.StepSpeed")
+        if self.held_out is not None and not isinstance(self.held_out, HeldOut):
+            raise bad(r, "held_out", self.held_out, "null or an autoprec.HeldOut")
         object.__setattr__(self, "unseen", check_str_map(
             r, "unseen", self.unseen, lambda k, v: check_int(r, f"unseen[{k!r}]", v),
             "an object of module path -> FLOP count (a non-negative integer)"))
@@ -171,6 +174,8 @@ class Policy:
             values["verification"] = _record(Verification, data["verification"], "verification")
         if data.get("speed") is not None:
             values["speed"] = _record(StepSpeed, data["speed"], "speed")
+        if data.get("held_out") is not None:
+            values["held_out"] = _record(HeldOut, data["held_out"], "held_out")
         return cls(**values)
 
     def save(self, path: str | os.PathLike) -> None:

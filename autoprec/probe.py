@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .amplify import Amplification, consumers, tee
 from .batch import LossFn, call_model, compute_loss, seed_rng
 from .errors import ModelError, RankError
 from .formats import info
@@ -215,11 +216,13 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     ranks = ranks or Ranks()
     watcher = _RangeWatcher()
     state: dict[str, Any] = {}
+    found = consumers(runner.trace, runner.modules)
+    amp = Amplification(found) if found else None  # records the amplifying ops' inputs on the first batch
 
     def reference() -> tuple[float, float]:
         param_hist: torch.Tensor | None = None
         for i, batch in enumerate(batches):
-            loss, grads = runner.run(batch, {}, watcher=watcher)
+            loss, grads = runner.run(batch, {}, watcher=tee(watcher, amp) if i == 0 else watcher)
             if progress is not None:
                 progress("")
             present = [g for g in grads if g is not None and g.numel()]
@@ -247,7 +250,9 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     scale = suggest_scale(grad_absmax, headroom)
     candidates = list(candidates)
     groups = roles(runner.trace, candidates) if share is not None else {}
-    measure = Measure(runner, batches[0], ref_loss, ref_grads, scale, progress)
+    if amp is not None:
+        amp.compare()
+    measure = Measure(runner, batches[0], ref_loss, ref_grads, scale, progress, amp)
     work = [(name, tuple(members), fmt) for name, members in units(candidates, groups) for fmt in formats]
 
     def measure_share() -> list[tuple[int, dict[tuple[str, str], Measurement]]]:

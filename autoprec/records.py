@@ -14,7 +14,7 @@ from .formats import PRECISIONS
 from .validate import (FIX, bad, check_bool, check_choice, check_int, check_number, check_numbers, check_str,
                        check_str_map, check_strings)
 
-__all__ = ["LOW_DTYPES", "NOISE_MULTIPLE", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification",
+__all__ = ["BACK_OFFS", "LOW_DTYPES", "NOISE_MULTIPLE", "HeldOut", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification",
            "low_fraction"]
 
 
@@ -82,6 +82,9 @@ class ScalerSettings:
                                                                 strict=True, high=1.0))
         check_int(r, "growth_interval", self.growth_interval, low=1)
 
+
+#: the reasons of layers moved to FP32 by a back-off (not measured to fail alone): autoprec.held_out, autoprec.verify
+BACK_OFFS = ("held-out back-off", "verification back-off")
 
 #: A policy passes verification when its loss gap is within ``max(bound, NOISE_MULTIPLE * noise_floor)``.
 NOISE_MULTIPLE = 2.0
@@ -241,3 +244,61 @@ class StepSpeed:
     def ratio(self, variant: str, base: str) -> float:
         """``variant``'s median step time over ``base``'s (< 1: ``variant`` is faster)."""
         return self.median(variant) / self.median(base)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The shipped policy checked on data its decisions were not made on (see :mod:`autoprec.held_out`).
+
+    ``held`` says what was held out (``"2 of 8 rows"``, ``"1 of 4 batches"``); ``skipped`` why nothing
+    was (then the figures are 0). ``loss_err``/``grad_err``: the shipped policy's errors against FP32 on
+    the held-out data. ``first_loss_err``/``first_grad_err``: the searched policy's on the held-out data,
+    before any back-off (equal to the shipped figures where nothing was backed off), and
+    ``tuning_loss_err``/``tuning_grad_err`` its errors on the tuning data, as the search measured them;
+    ``margin``: how many times its held-out error exceeds its tuning error (at least 1), the margin the
+    check calibrated;
+    ``backed_off``: the layers put back in FP32, in the order they were; ``rounds``: held-out passes of a
+    policy (1 + back-offs).
+
+    Example:
+        >>> h = HeldOut("2 of 8 rows", loss_err=0.001, grad_err=0.01, tuning_loss_err=0.001, tuning_grad_err=0.008,
+        ...             first_loss_err=0.001, first_grad_err=0.01, bound_loss=0.01, bound_grad=0.05)
+        >>> h.passed, h.margin
+        (True, 1.25)
+    """
+
+    held: str
+    skipped: str = ""
+    loss_err: float = 0.0
+    grad_err: float = 0.0
+    tuning_loss_err: float = 0.0
+    tuning_grad_err: float = 0.0
+    first_loss_err: float = 0.0
+    first_grad_err: float = 0.0
+    bound_loss: float = 0.01
+    bound_grad: float = 0.05
+    backed_off: tuple[str, ...] = ()
+    rounds: int = 1
+
+    def __post_init__(self) -> None:
+        r = "HeldOut"
+        check_str(r, "held", self.held)
+        check_str(r, "skipped", self.skipped)
+        for name in ("loss_err", "grad_err", "tuning_loss_err", "tuning_grad_err", "first_loss_err", "first_grad_err"):
+            object.__setattr__(self, name, check_number(r, name, getattr(self, name), finite=False))
+        for name in ("bound_loss", "bound_grad"):
+            object.__setattr__(self, name, check_number(r, name, getattr(self, name), strict=True))
+        object.__setattr__(self, "backed_off", check_strings(r, "backed_off", self.backed_off))
+        check_int(r, "rounds", self.rounds, low=1)
+
+    @property
+    def passed(self) -> bool:
+        """Whether the shipped policy is within both bounds on the held-out data (True where nothing was held out)."""
+        return self.skipped != "" or (self.loss_err <= self.bound_loss and self.grad_err <= self.bound_grad)
+
+    @property
+    def margin(self) -> float:
+        """The search's policy's held-out error over its tuning error (the larger ratio of loss and gradients, >= 1)."""
+        ratios = [h / t for h, t in ((self.first_loss_err, self.tuning_loss_err),
+                                     (self.first_grad_err, self.tuning_grad_err)) if t > 0]
+        return round(max([1.0, *ratios]), 3)

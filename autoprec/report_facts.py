@@ -11,6 +11,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from .records import BACK_OFFS
 from .speed_lines import speed_lines
 
 if TYPE_CHECKING:
@@ -47,8 +48,8 @@ def summary(policy: "Policy") -> dict[str, Any]:
         "unseen": dict(policy.unseen),
         "excluded": {k: {"reason": e.reason, "detail": e.detail, "hazards": list(e.hazards), "op": e.op}
                      for k, e in policy.excluded().items()},
-        "backed_off": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
-                       if e.reason == "verification back-off"},
+        "backed_off": {k: {"detail": e.detail, "op": e.op, "by": e.reason} for k, e in policy.layers.items()
+                       if e.reason in BACK_OFFS},
         "no_gain": {k: {"detail": e.detail, "op": e.op} for k, e in policy.layers.items()
                     if e.reason == "no gain" and e.precision == "fp32"},
         "opaque": dict(policy.opaque),
@@ -212,13 +213,13 @@ def why_nothing_cast(policy: "Policy") -> str:
     layers = policy.layers
     if any(e.precision != "fp32" for e in layers.values()):
         return ""
-    backed = [k for k, e in layers.items() if e.reason == "verification back-off"]
+    backed = [k for k, e in layers.items() if e.reason in BACK_OFFS]
     hazards = [k for k, e in layers.items() if e.excluded]
     slow = [k for k, e in layers.items() if e.reason == "no gain" and e.flops > 0]
     parts = []
     if backed:
-        parts.append(f"verification backed off the last {len(backed)} cast layer(s) ({_some(backed)}): the policy's "
-                     "loss curve left the threshold; raise the verification tolerance (verify_tolerance=, "
+        parts.append(f"the held-out check or verification backed off the last {len(backed)} cast layer(s) "
+                     f"({_some(backed)}): the policy's errors on held-out data or its loss curve left the bound; raise the verification tolerance (verify_tolerance=, "
                      "--verify-tolerance) if that gap is acceptable, or check the model and optimizer")
     if hazards:
         named = _some([f"{k or '(root)'} ({layers[k].reason})" for k in hazards])
@@ -242,3 +243,30 @@ def why_nothing_cast(policy: "Policy") -> str:
 
 def _some(keys: list[str], n: int = 3) -> str:
     return ", ".join(k or "(root)" for k in keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def held_out_line(policy: "Policy") -> str:
+    """What the held-out check found, in one sentence ("" where the policy has no record of one).
+
+    Example:
+        >>> from autoprec.policy import Policy, LayerEntry
+        >>> from autoprec.records import HeldOut
+        >>> h = HeldOut("2 of 8 rows", loss_err=2e-4, grad_err=0.01, tuning_loss_err=1e-4, tuning_grad_err=0.004,
+        ...             first_loss_err=2e-4, first_grad_err=0.01)
+        >>> print(held_out_line(Policy(layers={}, held_out=h)))
+        **PASSED** on 2 of 8 rows held out: loss error 0.0002, gradient error 0.01 (bounds 0.01, 0.05); on the tuning data 0.0001, 0.004: held-out error 2.5x the tuning error (the margin this check calibrated)
+    """
+    h = policy.held_out
+    if h is None:
+        return ""
+    if h.skipped:
+        return f"not run: {h.skipped}"
+    text = (f"**{'PASSED' if h.passed else 'FAILED'}** on {h.held} held out: loss error {num(h.loss_err)}, gradient "
+            f"error {num(h.grad_err)} (bounds {num(h.bound_loss)}, {num(h.bound_grad)}); on the tuning data "
+            f"{num(h.tuning_loss_err)}, {num(h.tuning_grad_err)}: held-out error {num(h.margin)}x the tuning error "
+            "(the margin this check calibrated)")
+    if h.backed_off:
+        text += (f"; the searched policy had {num(h.first_loss_err)}, {num(h.first_grad_err)} there, so "
+                 f"{len(h.backed_off)} layer(s) went back to FP32 in {h.rounds - 1} round(s), the most amplifying and "
+                 f"closest to the bound first: {_some(h.backed_off)}")
+    return text

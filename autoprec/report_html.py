@@ -16,6 +16,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import OptionError
+from .records import BACK_OFFS
 from .report_sections import Bullets, Chart, Notes, Section, Table, Text, sections
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ LABEL_FONT_PX, LABEL_CHAR_PX, LABEL_MAX_CHARS = 11, 6.8, 90
 _KINDS = {
     "cast": ("#222", "solid", "cast: its bar is its error in the format it runs in"),
     "numerical": ("#c44e52", "solid", "FP32 for a numerical reason (red label): the bar shows why"),
-    "back-off": ("#8172b2", "hollow", "FP32 by verification back-off (purple): not measured to fail alone"),
+    "back-off": ("#8172b2", "hollow", "FP32 by a back-off (held-out check or verification; purple): not measured "
+                 "to fail alone"),
     "no gain": ("#999", "hollow", "FP32 for speed, no gain (grey label, hollow bar): its error is not why"),
 }
 
@@ -91,7 +93,7 @@ def _kind(entry: Any) -> str:
         return "cast"
     if entry.excluded:
         return "numerical"
-    return "back-off" if entry.reason == "verification back-off" else "no gain"
+    return "back-off" if entry.reason in BACK_OFFS else "no gain"
 
 
 def _label(key: str, entry: Any) -> str:

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from .report_facts import (device_lines, fractions_line, memory_text, num, short, strip_profile, summary,
-                           why_nothing_cast)
+from .report_facts import (device_lines, fractions_line, held_out_line, memory_text, num, short, strip_profile,
+                           summary, why_nothing_cast)
 
 if TYPE_CHECKING:
     from .policy import Policy
@@ -84,6 +84,9 @@ def sections(policy: "Policy") -> list[Section]:
     """
     s = summary(policy)
     out = [_header(policy, s), _verification(policy)]
+    held = held_out_line(policy)
+    if held:
+        out.append(Section("Held-out check (data the decisions were not made on)", (Text(held),)))
     events = [e for e in policy.stats.get("guard_events", ()) if isinstance(e, dict) and "evidence" in e]
     if events:  # autoprec.guard revised the policy during training: what it saw, in order
         out.append(Section("Revised during training (autoprec.guard)", (Bullets(tuple(str(e["evidence"])
@@ -207,9 +210,10 @@ def _fp32_sections(policy: "Policy", s: dict[str, Any]) -> list[Section]:
     if s["backed_off"]:
         rows, notes = _shortened([(f"`{k or '(root)'}`", e["op"]) for k, e in s["backed_off"].items()],
                                  {k: e["detail"] for k, e in s["backed_off"].items()}, profile)
-        out.append(Section("Layers moved to FP32 by verification back-off", (
-            Text("The policy's loss curve left the threshold, so verification moved the cast layers the probe ranked "
-                 "most sensitive to FP32. Nothing was measured to fail on these layers themselves."),
+        out.append(Section("Layers moved to FP32 by a back-off", (
+            Text("The policy's errors on the held-out data (held-out check) or its loss curve (verification) left the "
+                 "bound, so the cast layers the probe ranked most amplifying or most sensitive went back to FP32. "
+                 "Nothing was measured to fail on these layers themselves."),
             *_blocks(Table(("layer", "op", "evidence"), tuple(rows)), notes))))
     if s["no_gain"]:
         rows, notes = _shortened([(f"`{k or '(root)'}`", e["op"]) for k, e in s["no_gain"].items()],

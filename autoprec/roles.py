@@ -213,10 +213,11 @@ def measure_role(measure: Measure, name: str, members: Sequence[str], fmt: str, 
             todo[0:0] = share.split(part, math.inf, math.inf, False, failed=True)
             continue
         culprit = next((k for k in part if got.nonfinite[k] > (ranges[k].nonfinite if k in ranges else 0)), None)
-        if culprit is None and share.accepts(got.loss_err, got.grad_err, got.finite):
+        grad_err = max(got.grad_err, got.reach.error)  # an amplified rounding counts against the gradient bound
+        if culprit is None and share.accepts(got.loss_err, grad_err, got.finite):
             out.update({(k, fmt): got.row(k, fmt, name, len(part)) for k in part})
         else:
-            todo[0:0] = share.split(part, got.loss_err, got.grad_err, got.finite, culprit=culprit)
+            todo[0:0] = share.split(part, got.loss_err, grad_err, got.finite, culprit=culprit)
     log.debug("role %s in %s: %d members, %d measured in a group", name, fmt, len(members),
               sum(m.members > 1 for m in out.values()))
     return out

@@ -154,6 +154,8 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
         elif rng is not None and rng.out_absmax * headroom > info(fmt).max:
             failures.append((2, fmt, "range", f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
                                               f"{headroom:g} exceeds {info(fmt).max:.4g}"))
+        elif m.amp > tol.grad:  # its rounding grows in an op it feeds: the tuning batch's error says little
+            failures.append((3, fmt, "amplified", f"{fmt}: {m.amplified()} > bound {tol.grad:g}"))
         elif m.loss_err > tol.loss or m.grad_err > tol.grad:
             what = "error at loss" if m.loss_err > tol.loss else "error at gradients"
             bound = tol.loss if m.loss_err > tol.loss else tol.grad

@@ -33,21 +33,22 @@ from .snapshot import Snapshot, park, unpark
 from .speed_lines import first_failure, modelled_record, profile_label, unproven
 from .step_speed import adopt, blanket, measured_record, race, retime
 from ._progress import Progress
+from .held_out import DEFAULT_FRACTION, Split, accepts_part, check as check_held_out, split
 
 __all__ = ["tune"]
 
 log = logging.getLogger("autoprec.tune")
 
-def _stages(verify_steps: int, timing: bool) -> tuple[str, ...]:
+def _stages(verify_steps: int, timing: bool, held: bool = False) -> tuple[str, ...]:
     """The stages tune plans, in order, for the progress bars' "stage k of n".
 
     Example:
-        >>> _stages(20, timing=True)
-        ('trace', 'probe', 'search', 'step timing', 'reference run', 'verify')
+        >>> _stages(20, timing=True, held=True)
+        ('trace', 'probe', 'search', 'step timing', 'held-out check', 'reference run', 'verify')
         >>> _stages(0, timing=False)
         ('trace', 'probe', 'search')
     """
-    return ("trace", "probe", "search", *(("step timing",) if timing else ()),
+    return ("trace", "probe", "search", *(("step timing",) if timing else ()), *(("held-out check",) if held else ()),
             *(("reference run", "verify") if verify_steps > 0 else ()))
 
 
@@ -57,7 +58,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          optimizer: OptimizerFactory | None = None, n_trials: int = 30, storage: Any = None,
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
          verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
-         strict: bool = False, share_roles: bool = True, measure_speed: bool | None = None) -> Policy:
+         strict: bool = False, share_roles: bool = True, measure_speed: bool | None = None,
+         held_out: float = DEFAULT_FRACTION) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -113,6 +115,11 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             beside the modelled ones. None (default): on, unless ``$AUTOPREC_MEASURE_SPEED`` is ``0``
             (the test suite's setting: decisions that do not hang on timings). For another target the
             figure is the device profile's, labelled so.
+        held_out: the share of what tune is given that decisions are not made on but checked on
+            (:mod:`autoprec.held_out`): of ``batches`` the last ones, else rows of ``batch``. The policy
+            must be within ``tolerance``/``grad_tolerance`` there too, or layers go back to FP32 (the
+            most amplified, then the closest to the bound, first) until it is; ``policy.held_out``
+            keeps both figures and the calibrated margin. 0 switches the check off.
 
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
@@ -146,7 +153,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
                   optimizer=optimizer, verify_compile=verify_compile, strict=strict, share_roles=share_roles,
-                  measure_speed=measure_speed)
+                  measure_speed=measure_speed, held_out=held_out)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
@@ -175,12 +182,13 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             try:
                 for i, b in enumerate(all_batches):
                     check_batch(work, b, loss_fn, i)
+                parts = split(all_batches, float(held_out), accepts=accepts_part(work, loss_fn))
                 with Progress(progress and ranks.rank == 0, meter=meter,
-                              stages=_stages(verify_steps, timing)) as bar:
+                              stages=_stages(verify_steps, timing, bool(parts.held))) as bar:
                     tuned: list[Policy] = []
 
                     def run() -> str:
-                        tuned.append(_tune(work, all_batches, loss_fn, formats=formats, target=target, device=device,
+                        tuned.append(_tune(work, parts, all_batches, loss_fn, formats=formats, target=target, device=device,
                                            tol=tol, verify_tolerance=float(verify_tolerance),
                                            verify_steps=verify_steps, optimizer=optimizer or default_optimizer,
                                            n_trials=n_trials, storage=storage, headroom=float(headroom), seed=seed,
@@ -235,16 +243,18 @@ def _agree(outcomes: list[str]) -> None:
                         "machines or thread counts?): tune on one process, or on ranks of one kind of machine")
 
 
-def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...], target: str,
+def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...],
+          target: str,
           device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
           bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
           ranks: Ranks, snapshot: Snapshot, share_roles: bool, timing: bool) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
+    batches = parts.decide  # what decisions are made on: the held-out part is only checked on (autoprec.held_out)
 
     bar.stage("trace", 1)
-    tr = trace(work, batches[0], device_type=device_type)
+    tr = trace(work, full[0], device_type=device_type)  # the user's whole batch: layers priced at its shapes
     bar.advance()
 
     candidates, skipped = [], {}
@@ -328,7 +338,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         alternatives.update({"runner-up": result.runner_up} if result.runner_up else {})
         probe_scale = ScalerSettings(init_scale=pr.loss_scale)
         raced = ranks.run(lambda: race(
-            work, batches, loss_fn, search=result.assignment, alternatives=alternatives, unsafe=result.unsafe,
+            work, full, loss_fn, search=result.assignment, alternatives=alternatives, unsafe=result.unsafe,
             measure=measure, within=tol.within, make=lambda a: make_policy(adopt(decisions, a, ""), probe_scale),
             formats=formats, device_type=device_type, optimizer=optimizer, seed=seed, snapshot=snapshot,
             before_timing=hold_off) if ranks.rank == 0 else None, "timing training steps")[0]  # rank 0's decides
@@ -338,6 +348,18 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
             decisions = adopt(decisions, raced.assignment, f"moved by the measured step race: {raced.note}")
             order = (*order, *(k for k, d in decisions.items() if d.reason == "cast" and k not in order))
             measured = raced.errors
+    held = parts.record()
+    held_passes = 0
+    if parts.held:  # the policy on data it was not decided on: back off until it holds there too
+        bar.stage("held-out check", 1 + len(parts.held))
+        hold_off()  # the tuning batch's reference gradients, off the device while the held-out ones are on it
+        checked_out = check_held_out(runner, parts, decisions, probe=pr, tol=tol, tuning=measured, tied=tr.tied,
+                                     scale=pr.loss_scale, progress=bar.advance)
+        held, held_passes = checked_out.record, checked_out.passes
+        if held.backed_off:  # what ships changed: its errors on the tuning batch, as the search's were measured
+            decisions = checked_out.decisions
+            ref["grads"] = unpark(parked_box.pop())
+            measured = measure({key: d.precision for key, d in decisions.items()})[:2]
     fp32_curve = parked = speed = None
     label = profile_label(profile.origin, target, profile.source)
     cast_any = any(d.precision != "fp32" for d in decisions.values())
@@ -366,15 +388,6 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes
-        if raced is not None and verification.rounds > 1:  # what ships changed: time it again
-            moved = sum(d.reason == "verification back-off" for d in decisions.values())
-            raced = dataclasses.replace(raced, blanket=unproven(raced.blanket))
-            speed = ranks.run(lambda: retime(work, batches, loss_fn, policy, raced,
-                                             why=f"verification backed off {moved} layer(s)",
-                                             modelled=_modelled(tr, profile, policy, result), profile=label,
-                                             formats=formats, device_type=device_type, optimizer=optimizer,
-                                             seed=seed, snapshot=snapshot) if ranks.rank == 0 else None,
-                              "timing training steps")[0]
         if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
             ref["grads"] = unpark(parked)
             scale = scaler.init_scale if scaler is not None else None
@@ -383,12 +396,22 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
         policy = make_policy(decisions, scaler)
         if verify_steps > 0:  # nothing cast: no run would compare anything
             verification = nothing_cast((), verify_tolerance)
+    backed = sum(d.reason in ("verification back-off", "held-out back-off") for d in decisions.values())
+    if raced is not None and backed:  # what ships is not what the race timed: time it again
+        raced = dataclasses.replace(raced, blanket=unproven(raced.blanket))
+        speed = ranks.run(lambda: retime(work, full, loss_fn, policy, raced,
+                                         why=f"the held-out check and verification backed off {backed} layer(s)",
+                                         modelled=_modelled(tr, profile, policy, result), profile=label,
+                                         formats=formats, device_type=device_type, optimizer=optimizer,
+                                         seed=seed, snapshot=snapshot) if ranks.rank == 0 else None,
+                          "timing training steps")[0]
 
     stats = {
         "tuning_seconds": round(time.perf_counter() - started, 3),
         "probe_passes": probe_passes,
         "search_passes": search_passes + (1 if verification is not None and verification.rounds > 1 else 0),
         "verify_passes": verify_passes,
+        "held_out_passes": held_passes,
         "world_size": ranks.world,  # the passes above are this rank's (autoprec.ranks)
         "trials": result.trials,
         "headroom": headroom,  # the range margin the probe and search used (autoprec.guard checks with it)
@@ -424,7 +447,7 @@ def _tune(work: nn.Module, batches: list[Any], loss_fn: LossFn | None, *, format
                                 {f: first_failure(result.unsafe.get(f, {})) for f in formats},
                                 f"target {target}, tuned on {device_type}" if target != device_type
                                 else "step timing switched off (measure_speed=False or $AUTOPREC_MEASURE_SPEED=0)")
-    policy = dataclasses.replace(policy, verification=verification, stats=stats, speed=speed)
+    policy = dataclasses.replace(policy, verification=verification, stats=stats, speed=speed, held_out=held)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats["tuning_seconds"], 100 * policy.low_precision_fraction())
     return policy
