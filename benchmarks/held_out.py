@@ -40,11 +40,11 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # the models live in tests/
     sys.path.insert(0, _ROOT)
 
-import autoprec  # noqa: E402
-from autoprec import LayerEntry, Policy  # noqa: E402
-from tests import models as TM  # noqa: E402
-from tests.helpers import forward_backward, rel_errors  # noqa: E402
-from tests.models_unseen import UNSEEN_FACTORIES, UnseenCase  # noqa: E402
+import autoprec
+from autoprec import LayerEntry, Policy
+from tests import models as TM
+from tests.helpers import forward_backward, rel_errors
+from tests.models_unseen import UNSEEN_FACTORIES, UnseenCase
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
