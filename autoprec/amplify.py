@@ -16,10 +16,12 @@ consumer's output on any data:
 - **centring** (``layer_norm``, ``group_norm``, ``batch_norm``, ``instance_norm``, ``var``, ``std``):
   what is left of the perturbation after the mean is removed, over the group's standard deviation
   (with the op's ``eps``): a value of 1000 with a spread of 0.01 turns a rounding of 2 into 200.
-- **route** (``topk``, ``argmax``, ``argmin``, ``sort``, ``argsort``, ``kthvalue``): the fraction of
+- **route** (``topk``, ``argmax``, ``argmin``, ``sort``, ``argsort``, ``kthvalue``): the share ``f`` of
   rows whose margin between the k-th and (k+1)-th score is below the perturbation's spread, i.e. whose
-  choice flips; a density estimate (rows within 8x the spread, over 8) stands in where the tuning
-  rows are too few to contain a near-tie.
+  choice flips, with a density estimate (rows within 8x the spread, over 8) where the tuning rows are
+  too few to contain a near-tie; the figure is ``sqrt(f)``: a flipped row changes its own contribution
+  to the gradients wholesale, and contributions of many rows add in quadrature, so ``f`` of them move
+  the gradients by about ``sqrt(f)`` of their norm (one flip in 256 tokens: 0.06).
 
 The figure compared with the gradient bound is the largest over the consumers a pass reaches, with
 the consumer's name and the relative size of the perturbation at its input ("feeds attn::softmax:
@@ -218,7 +220,7 @@ def _flips(ref: torch.Tensor, delta: torch.Tensor, k: int) -> torch.Tensor:
     spread = delta.amax(1) - delta.amin(1)
     within = (margin <= spread).float().mean()
     near = (margin <= _WINDOW * spread).float().mean() / _WINDOW
-    return torch.maximum(within, near)
+    return torch.maximum(within, near).sqrt()
 
 
 def _first_float(tree: Any) -> torch.Tensor | None:

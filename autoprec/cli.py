@@ -168,10 +168,9 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     excluded = policy.excluded()
     print(f"wrote {args.out}: {len(policy.layers)} layers, {_fraction(policy)}, {len(excluded)} excluded, "
           f"verification {_verdict(ver)}, {policy.stats.get('tuning_seconds', 0):.1f}s")
-    held = held_out_line(policy)
-    if held:
-        print(f"  held-out check: {held.replace('**', '')}")
     why = why_nothing_cast(policy)
+    if policy.held_out is not None and not policy.held_out.skipped:
+        print(f"  held-out check: {held_out_line(policy).replace('**', '')}")
     if why:
         print(f"  {why}")
     for key, e in excluded.items():

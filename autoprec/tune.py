@@ -17,9 +17,9 @@ from .isolation import preserve_global_state, private_model
 from .modules import canonical_modules
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
-from .costs import DeviceProfile, StepCost, format_speed
+from .costs import DeviceProfile, StepCost, format_speed, layer_cost
 from .formats import check_formats, resolve_target
-from .policy import LayerEntry, Policy, ScalerSettings
+from .policy import HeldOut, LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
 from .ranks import Ranks, current
 from .roles import Sharing, roles, units
@@ -213,6 +213,14 @@ def _modelled(tr: Any, profile: DeviceProfile, policy: Policy, result: Any) -> f
     return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32
 
 
+def _bf16_fallback(tr: Any, pr: Any, result: Any, profile: DeviceProfile, keys: list[str]) -> dict[str, str]:
+    """The FP16 layers that verification may move to BF16 before FP32: probed in BF16 without a numerical
+    failure (``result.unsafe``) and modelled faster there than in FP32."""
+    refused = result.unsafe.get("bf16", {})
+    return {k: "bf16" for k in keys if "bf16" in pr.formats and k not in refused and pr.get(k, "bf16") is not None
+            and layer_cost(tr.layer(k), "bf16", profile) < layer_cost(tr.layer(k), "fp32", profile)}
+
+
 def speed_measured(option: bool | None) -> bool:
     """Whether ``tune(measure_speed=option)`` times training steps: the option, else ``$AUTOPREC_MEASURE_SPEED``
     (``0``, ``false``, ``no`` or ``off``: not), else yes.
@@ -350,7 +358,9 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
             measured = raced.errors
     held = parts.record()
     held_passes = 0
-    if parts.held:  # the policy on data it was not decided on: back off until it holds there too
+    if parts.held and not any(d.precision != "fp32" for d in decisions.values()):
+        held = HeldOut(parts.what, skipped="nothing cast: an FP32 policy has nothing to check")
+    elif parts.held:  # the policy on data it was not decided on: back off until it holds there too
         bar.stage("held-out check", 1 + len(parts.held))
         hold_off()  # the tuning batch's reference gradients, off the device while the held-out ones are on it
         checked_out = check_held_out(runner, parts, decisions, probe=pr, tol=tol, tuning=measured, tied=tr.tied,
@@ -384,7 +394,8 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
         bar.stage("verify", verify_steps * (2 if verify_compile else 1))
         checked = verify(work, batches, loss_fn, decisions, order, fp32_curve, bound=verify_tolerance,
                          scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
-                         seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot)
+                         seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot,
+                         fallback=_bf16_fallback(tr, pr, result, profile, fp16_keys))
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes

@@ -126,7 +126,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
            make_policy: Callable[[Mapping[str, Decision], ScalerSettings | None], Policy], device_type: str,
            optimizer: OptimizerFactory, seed: int, max_skip_run: int = 3, max_rounds: int = 8,
            on_step: Callable[[], None] | None = None, compile_backend: str | None = None,
-           snapshot: Snapshot | None = None) -> VerifyResult:
+           snapshot: Snapshot | None = None, fallback: Mapping[str, str] | None = None) -> VerifyResult:
     """Train the policy as ``fp32`` was trained and compare the curves; back off until it passes.
 
     Each round trains the :class:`Policy` that ``make_policy`` builds from the round's decisions,
@@ -134,7 +134,11 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     is what ships. A failing round moves the most sensitive quarter of the cast layers (the end of
     ``order``, which the search sorted least sensitive first) to FP32 (labelled a back-off, not a
     numerical exclusion: nothing was measured on those layers), and divides the initial loss
-    scale by 16 when a run of skipped steps was the failure. The cheap layers the search joined to
+    scale by 16 when a run of skipped steps was the failure. Before any of that, the first failing round
+    moves every FP16 layer with a ``fallback`` (``"bf16"``: the probe found it within the bound in BF16,
+    and faster there than in FP32) to that format at once (FP16's failures in training, a loss scale
+    that skips or underflows, are the format's more than a layer's); a later round backs them off to
+    FP32 like any other cast layer. The cheap layers the search joined to
     their 16-bit neighbours (outside ``order``) are backed off last, together, once no layer of
     ``order`` is left cast. A round with nothing left cast trains
     nothing (an FP32 policy has nothing to compare): its verdict is :func:`nothing_cast`, and it ends
@@ -187,9 +191,16 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         joined = [k for k, d in decisions.items() if d.precision != "fp32" and k not in set(order)]
         if passed or not (cast or joined):
             break
-        drop = cast[-max(1, len(cast) // 4):] if cast else joined
+        lowered = [k for k in cast if decisions[k].precision == "fp16" and k in (fallback or {})]
+        drop = lowered or (cast[-max(1, len(cast) // 4):] if cast else joined)
         for key in drop:
             d = decisions[key]
+            lower = (fallback or {}).get(key) if d.precision == "fp16" else None
+            if lower is not None:  # FP16 -> BF16 where BF16 holds: still cast, backed off further if need be
+                decisions[key] = dataclasses.replace(
+                    d, precision=lower, detail=f"{d.detail}; moved from fp16 to {lower} by verification round {rounds}: "
+                                               f"the policy's loss gap {gap:.3g} exceeded the threshold {threshold:.3g}")
+                continue
             # not a measurement on this layer: the whole policy failed, and this layer was among the
             # probe's most sensitive cast layers. excluded stays False (no numerical reason measured here).
             decisions[key] = dataclasses.replace(
@@ -202,7 +213,8 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
                        + "; this layer itself was not measured to fail")
         if curve.longest_skip_run >= max_skip_run and fp16 and scaler is not None:
             scaler = dataclasses.replace(scaler, init_scale=max(1.0, scaler.init_scale / 16))
-        note = f"backed off {len(drop)} layer(s) after round {rounds}"
+        note = (f"moved {len(drop)} FP16 layer(s) to BF16 after round {rounds}" if lowered
+                else f"backed off {len(drop)} layer(s) after round {rounds}")
         log.info("verification round %d failed (gap %.3g, threshold %.3g, skip run %d): %s", rounds, gap,
                  threshold, curve.longest_skip_run, note)
     if compile_backend is not None and not verdict.nothing_cast:

@@ -202,12 +202,13 @@ class SmallVariance(nn.Module):
 
 
 def small_variance_case(seed: int = 0, batch_size: int = 256, d_in: int = 128, dim: int = 256, classes: int = 10,
-                        offset: float = 100.0, x_scale: float = 30.0, quiet_scale: float = 1e-3,
-                        quiet_rate: float = 0.002) -> UnseenCase:
-    """A Linear whose output is ``offset`` plus a spread that follows the input's scale; a row is *quiet*
-    (its input x ``quiet_scale``) with probability ``quiet_rate``: its standard deviation is then ~0.03 on a
-    mean of ~100, and the LayerNorm after it divides the producer's rounding by that. ``draw(0)`` (the
-    batch the benchmark tunes on) holds no quiet row; about a third of ``draw(1..20)`` hold one or more.
+                        offset: float = 100.0, x_scale: float = 30.0, spread: float = 2.0) -> UnseenCase:
+    """A Linear whose output is ``offset`` plus a spread that follows its input's scale, then a LayerNorm; each
+    row's input scale is log-normal (``exp(spread * N(0, 1))``), so every batch has quiet rows, some quieter
+    than others: their standard deviation is ~0.01-0.1 on a mean of ~100, and the LayerNorm divides the
+    producer's rounding by it. In FP16 (spacing 0.0625 at 100) the quietest row of ``draw(0)`` (the batch
+    the benchmark tunes on) loses 0.23 of its normalised output (RMS), that of 8 of ``draw(1..20)``
+    more than 0.5, up to 1.07 (``tests/test_unseen_hazards.py`` checks the count in FP64).
 
     Example:
         >>> case = small_variance_case()
@@ -221,13 +222,12 @@ def small_variance_case(seed: int = 0, batch_size: int = 256, d_in: int = 128, d
     def draw(s: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(30_001 + s)
         x = torch.randn(batch_size, d_in, generator=g) * x_scale
-        quiet = torch.rand(batch_size, 1, generator=g) < quiet_rate
-        x = torch.where(quiet, x * quiet_scale, x)
+        x = x * torch.exp(spread * torch.randn(batch_size, 1, generator=g))
         return x, torch.randint(0, classes, (batch_size,), generator=g)
 
     careful = {"inp": "bf16", "producer": "fp32", "norm": "fp32", "head": "bf16"}
     return UnseenCase("small_variance", model, draw, _ce, careful,
-                      "mean ~100, std ~0.01 on quiet rows, then LayerNorm")
+                      "mean ~100, a log-normal spread per row (quiet rows: std ~0.01-0.1), then LayerNorm")
 
 
 UNSEEN_FACTORIES: dict[str, Callable[..., UnseenCase]] = {

@@ -70,12 +70,13 @@ def test_centring_gain_is_the_perturbation_over_the_spread():
     assert float(shifted) == 0.0
 
 
-def test_route_gain_is_the_share_of_rows_whose_choice_flips():
-    """Top-1 of 4 rows: 2 rows with a margin of 0.01 flip under a spread of 0.1; the others (margin 10) do not."""
+def test_route_gain_is_the_root_of_the_share_of_rows_whose_choice_flips():
+    """Top-1 of 4 rows: 2 rows with a margin of 0.01 flip under a spread of 0.1, the others (margin 10) do not:
+    half the rows' gradient contributions change, sqrt(1/2) of the gradients' norm."""
     ref = torch.tensor([[5.0, 4.99, 0.0], [5.0, 4.99, 0.0], [15.0, 5.0, 0.0], [15.0, 5.0, 0.0]])
     delta = torch.tensor([[0.0, 0.1, 0.0]]).expand(4, 3)
     err, _ = gain("route", ref, ref + delta, k=1)
-    assert float(err) == pytest.approx(0.5)
+    assert float(err) == pytest.approx(math.sqrt(0.5))
     none, _ = gain("route", ref, ref, k=1)
     assert float(none) == 0.0
 

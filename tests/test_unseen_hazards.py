@@ -114,7 +114,7 @@ def _with(policy: Policy, careful: dict[str, str]) -> Policy:
     return dataclasses.replace(policy, layers=layers)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 25: held-out check not yet in tune")
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tuned_policy_holds_on_fresh_batches(name, one_thread):
     case = _case(name)

@@ -141,10 +141,10 @@ def test_a_failed_verification_warns_and_says_so_first():
     assert first.startswith("# autoprec policy report: FAILED verification (loss gap")
     backed = [k for k, e in policy.layers.items() if e.reason == "verification back-off"]
     assert backed and policy.excluded() == {}
-    assert "## Layers moved to FP32 by verification back-off" in policy.report()
+    assert "## Layers moved to FP32 by a back-off" in policy.report()
     page = policy.report("html")
     assert "<h1>autoprec policy report: FAILED verification</h1>" in page
-    assert "<h2>Layers moved to FP32 by verification back-off</h2>" in page and f"<td><code>{backed[0]}</code></td>" in page
+    assert "<h2>Layers moved to FP32 by a back-off</h2>" in page and f"<td><code>{backed[0]}</code></td>" in page
     assert {k for k, e in json.loads(policy.report("json"))["backed_off"].items()} == set(backed)
 
 
@@ -171,7 +171,7 @@ def test_fp32_that_diverges_with_the_verification_optimizer_is_a_model_error():
     instead of backing off layers against a NaN reference."""
     model, x = _forty_layers()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(autoprec.ModelError, match=r"FP32 training diverged in verification: the loss is nan at step "
+    with pytest.raises(autoprec.ModelError, match=r"FP32 training diverged in verification: the loss is (nan|inf) at step "
                        r"1 of 3 .*with the verification optimizer Adam\(lr=0.001, eps=1e-30, betas=\(0.9, 0.999\), "
                        r"weight_decay=0\).*tune\(\.\.\., optimizer=.*verify_steps=0"):
         autoprec.tune(model, x, target="cuda", dtypes=["bf16"], progress=False, verify_steps=3,
