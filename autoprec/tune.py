@@ -259,7 +259,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
           ranks: Ranks, snapshot: Snapshot, share_roles: bool, timing: bool) -> Policy:
     device_type = device.type
     emulate = device_type == "cpu"
-    batches = parts.decide  # what decisions are made on: the held-out part is only checked on (autoprec.held_out)
+    batches = parts.decide  # what the probe and search decide on: the held-out part is checked on (autoprec.held_out)
 
     bar.stage("trace", 1)
     tr = trace(work, full[0], device_type=device_type)  # the user's whole batch: layers priced at its shapes
@@ -378,7 +378,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
         hold_off()
         parked = parked_box[0]
         snapshot.restore()  # from the caller's state: the passes so far moved batch-norm statistics
-        fp32_curve = train_curve(work, batches, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
+        fp32_curve = train_curve(work, full, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
                                  scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance,
                                  snapshot=snapshot)
         check_reference(fp32_curve, verify_steps, optimizer)
@@ -392,7 +392,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     verify_passes = verify_steps if fp32_curve is not None else 0
     if fp32_curve is not None:
         bar.stage("verify", verify_steps * (2 if verify_compile else 1))
-        checked = verify(work, batches, loss_fn, decisions, order, fp32_curve, bound=verify_tolerance,
+        checked = verify(work, full, loss_fn, decisions, order, fp32_curve, bound=verify_tolerance,
                          scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
                          seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot,
                          fallback=_bf16_fallback(tr, pr, result, profile, fp16_keys))

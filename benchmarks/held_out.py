@@ -17,7 +17,7 @@ per-call costs (what the test suite pins: every 16-bit matmul layer pays, howeve
 Options of ``tune`` that this version lacks are not passed: the same script measures before and after a
 change to ``tune`` (``held_out=`` is passed when ``tune`` accepts it: ``--held-out``).
 
-Run:  python benchmarks/held_out.py [--zoo] [--batches 20] [--target cuda|cpu] [--models NAME ...]
+Run:  python benchmarks/held_out.py [--zoo] [--hf] [--always-pays] [--batches 20] [--target cuda|cpu] [--models NAME ...]
 Writes benchmarks/results/held_out.json (``--out``).
 """
 
@@ -42,6 +42,7 @@ if _ROOT not in sys.path:  # the models live in tests/
 
 import autoprec
 from autoprec import LayerEntry, Policy
+from autoprec.batch import compute_loss
 from tests import models as TM
 from tests.helpers import forward_backward, rel_errors
 from tests.models_unseen import UNSEEN_FACTORIES, UnseenCase
@@ -85,6 +86,24 @@ class _Ignore(torch.nn.Module):
 
 
 ZOO = ("mlp", "transformer_block", "cnn")
+HF = ("gpt2", "bert", "llama", "vit")
+
+
+def _hf_case(name: str, n: int) -> UnseenCase:
+    """A benchmark model of ``benchmarks/_zoo.py`` (random-init transformers, ``"quick"`` size) as a case:
+    ``draw(0)`` its tuning sample, ``draw(s)`` its held-out sample ``s``; the model's own loss; careful:
+    blanket BF16."""
+    sys.path.insert(0, HERE)
+    import _zoo
+
+    spec = _zoo.build(name, "quick", heldout=n)
+    samples = [spec.tune, *spec.heldout]
+
+    def draw(s: int) -> Any:
+        return samples[s][0]
+
+    own = samples[0][1] or (lambda out, batch: compute_loss(out, batch, None))  # the model's own loss
+    return UnseenCase(name, spec.model, draw, own, {"*": "bf16"}, "benign (benchmarks/_zoo.py)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +184,12 @@ def measure(case: UnseenCase, opts: dict[str, Any], n: int) -> dict[str, Any]:
            "assignment": dict(policy.assignment), "careful": dict(careful.assignment),
            "policy": summary(held_out_errors(case, policy, seeds), loss_bound, grad_bound),
            "careful_policy": summary(held_out_errors(case, careful, seeds), loss_bound, grad_bound)}
-    if "held_out" in policy.stats:
-        row["tune_held_out"] = policy.stats["held_out"]
+    held = getattr(policy, "held_out", None)  # tune's own held-out check, where this version has one
+    if held is not None:
+        row["tune_held_out"] = dataclasses.asdict(held)
+    row["amplified"] = sorted(k for k, e in policy.layers.items() if e.reason == "amplified")
+    row["probe_passes"] = policy.stats.get("probe_passes")
+    row["held_out_passes"] = policy.stats.get("held_out_passes", 0)
     return row
 
 
@@ -178,11 +201,13 @@ def _print_row(r: dict[str, Any], n: int) -> None:
           f"{r['blanket_fraction']:.3f} | {r['tuning_seconds']:.1f} |", flush=True)
 
 
-def cases(names: list[str], zoo: bool) -> list[Callable[[], UnseenCase]]:
+def cases(names: list[str], zoo: bool, hf: bool = False, n: int = 20) -> list[Callable[[], UnseenCase]]:
     """Factories of the cases to run, in order."""
-    out: list[Callable[[], UnseenCase]] = [UNSEEN_FACTORIES[n] for n in names]
+    out: list[Callable[[], UnseenCase]] = [UNSEEN_FACTORIES[m] for m in names]
     if zoo:
         out += [lambda z=z: _zoo_case(z) for z in ZOO]
+    if hf:
+        out += [lambda z=z: _hf_case(z, n) for z in HF]
     return out
 
 
@@ -190,23 +215,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(UNSEEN_FACTORIES), choices=list(UNSEEN_FACTORIES))
     p.add_argument("--zoo", action="store_true", help="also the benign MLP, transformer block and CNN")
+    p.add_argument("--hf", action="store_true", help="also the benchmark transformers (GPT-2, BERT, Llama, ViT; "
+                   "quick size, their held-out samples)")
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--target", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--profile", default=None, help="a profile file (default: cuda: the roofline without "
                    "per-call costs; cpu: autoprec's default)")
     p.add_argument("--held-out", default=None, help="passed as tune(held_out=...) where tune has it "
                    "(a number is passed as a float)")
+    p.add_argument("--always-pays", action="store_true", help="cuda: price casts as free too, so that every "
+                   "16-bit layer pays at any size (the small benchmark transformers cast nothing otherwise)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(HERE, "results", "held_out.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     profile = args.profile
     if profile is None and args.target == "cuda":
-        from autoprec.estimates import compute_bound
+        from autoprec.estimates import compute_bound, roofline
         from autoprec.profiles import save_profile
 
         profile = os.path.join(tempfile.mkdtemp(), "cuda_no_call_costs.json")
-        save_profile(compute_bound(device="test GPU: roofline, no per-call costs"), profile)
+        priced = (roofline(fp32_flops=19.5e12, low_speedup=8.0, bandwidth=1e18, launch=0.0, region=0.0,
+                           device="GPU roofline, free casts: every 16-bit layer pays") if args.always_pays
+                  else compute_bound(device="test GPU: roofline, no per-call costs"))
+        save_profile(priced, profile)
     held = args.held_out
     if held is not None:
         try:
@@ -220,15 +252,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
           "blanket BF16 | tuning s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     rows = []
-    for make in cases(args.models, args.zoo):
+    for make in cases(args.models, args.zoo, args.hf, n):
         rows.append(measure(make(), opts, n))
         _print_row(rows[-1], n)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"rows": rows, "batches": n, "target": args.target, "threads": args.threads,
                    "tune_options": {k: v for k, v in opts.items() if k != "profile"},
-                   "profile": "roofline, no per-call costs" if args.profile is None and args.target == "cuda"
-                   else args.profile, "torch": torch.__version__}, fh, indent=1)
+                   "profile": ("roofline, no per-call costs" + (", free casts" if args.always_pays else ""))
+                   if args.profile is None and args.target == "cuda" else args.profile, "torch": torch.__version__}, fh, indent=1)
     return rows
 
 

@@ -171,7 +171,7 @@ def test_fp32_that_diverges_with_the_verification_optimizer_is_a_model_error():
     instead of backing off layers against a NaN reference."""
     model, x = _forty_layers()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(autoprec.ModelError, match=r"FP32 training diverged in verification: the loss is (nan|inf) at step "
+    with pytest.raises(autoprec.ModelError, match=r"FP32 training diverged in verification: the loss is nan at step "
                        r"1 of 3 .*with the verification optimizer Adam\(lr=0.001, eps=1e-30, betas=\(0.9, 0.999\), "
                        r"weight_decay=0\).*tune\(\.\.\., optimizer=.*verify_steps=0"):
         autoprec.tune(model, x, target="cuda", dtypes=["bf16"], progress=False, verify_steps=3,
