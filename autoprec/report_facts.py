@@ -254,19 +254,21 @@ def held_out_line(policy: "Policy") -> str:
         >>> h = HeldOut("2 of 8 rows", loss_err=2e-4, grad_err=0.01, tuning_loss_err=1e-4, tuning_grad_err=0.004,
         ...             first_loss_err=2e-4, first_grad_err=0.01)
         >>> print(held_out_line(Policy(layers={}, held_out=h)))
-        **PASSED** on 2 of 8 rows held out: loss error 0.0002, gradient error 0.01 (bounds 0.01, 0.05); on the tuning data 0.0001, 0.004: held-out error 2.5x the tuning error (the margin this check calibrated)
+        **PASSED** on 2 of 8 rows held out: loss error 0.0002, gradient error 0.01 there (bounds 0.01, 0.05), against 0.0001, 0.004 on the tuning data: a margin of 2.5x (held-out over tuning error)
     """
     h = policy.held_out
     if h is None:
         return ""
     if h.skipped:
         return f"not run: {h.skipped}"
-    text = (f"**{'PASSED' if h.passed else 'FAILED'}** on {h.held} held out: loss error {num(h.loss_err)}, gradient "
-            f"error {num(h.grad_err)} (bounds {num(h.bound_loss)}, {num(h.bound_grad)}); on the tuning data "
-            f"{num(h.tuning_loss_err)}, {num(h.tuning_grad_err)}: held-out error {num(h.margin)}x the tuning error "
-            "(the margin this check calibrated)")
-    if h.backed_off:
-        text += (f"; the searched policy had {num(h.first_loss_err)}, {num(h.first_grad_err)} there, so "
-                 f"{len(h.backed_off)} layer(s) went back to FP32 in {h.rounds - 1} round(s), the most amplifying and "
-                 f"closest to the bound first: {_some(h.backed_off)}")
-    return text
+    verdict = f"**{'PASSED' if h.passed else 'FAILED'}** on {h.held} held out: "
+    margin = f"a margin of {num(h.margin)}x (held-out over tuning error)"
+    if not h.backed_off:
+        return (f"{verdict}loss error {num(h.loss_err)}, gradient error {num(h.grad_err)} there (bounds "
+                f"{num(h.bound_loss)}, {num(h.bound_grad)}), against {num(h.tuning_loss_err)}, "
+                f"{num(h.tuning_grad_err)} on the tuning data: {margin}")
+    return (f"{verdict}the searched policy had loss error {num(h.first_loss_err)}, gradient error "
+            f"{num(h.first_grad_err)} there (bounds {num(h.bound_loss)}, {num(h.bound_grad)}), against "
+            f"{num(h.tuning_loss_err)}, {num(h.tuning_grad_err)} on the tuning data: a margin of {num(h.margin)}x; "
+            f"{len(h.backed_off)} layer(s) went back to FP32 in {h.rounds - 1} round(s), the most amplifying and "
+            f"closest to the bound first ({_some(list(h.backed_off))}): now {num(h.loss_err)}, {num(h.grad_err)}")
