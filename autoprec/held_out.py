@@ -174,10 +174,12 @@ def _errors(runner: Runner, held: Sequence[Any], refs: list, assignment: Mapping
 
 def check(runner: Runner, split_: Split, decisions: Mapping[str, Decision], *, probe: Probe, tol: Tolerance,
           tuning: tuple[float, float], tied: Sequence[Sequence[str]] = (), scale: float = 1.0,
-          progress: Callable[[], None] | None = None) -> Checked:
+          progress: Callable[[int], None] | None = None) -> Checked:
     """The policy of ``decisions`` checked on ``split_.held``, backed off until it holds there.
 
     ``tuning``: the same policy's (loss, gradient) errors on the tuning data, as the search measured them.
+    ``progress(n)`` is told of the passes run: ``2 * len(held)`` (FP32 and the policy), then
+    ``len(held)`` per back-off round.
     """
     passes0 = runner.passes
     refs = [runner.run(b, {}) for b in split_.held]
@@ -185,7 +187,7 @@ def check(runner: Runner, split_: Split, decisions: Mapping[str, Decision], *, p
     first = _errors(runner, split_.held, refs, {k: d.precision for k, d in decisions.items()}, scale)
     now, order, backed, rounds, step = first, backoff_order(decisions, probe, tol, tied), [], 1, 1
     if progress is not None:
-        progress()
+        progress(2 * len(split_.held))
     while not tol.within(*now) and order:
         take, order = order[:step], order[step:]
         step *= 2
@@ -197,7 +199,7 @@ def check(runner: Runner, split_: Split, decisions: Mapping[str, Decision], *, p
         now = _errors(runner, split_.held, refs, {k: d.precision for k, d in decisions.items()}, scale)
         rounds += 1
         if progress is not None:
-            progress()
+            progress(len(split_.held))
     record = HeldOut(split_.what, loss_err=now[0], grad_err=now[1], tuning_loss_err=tuning[0],
                      tuning_grad_err=tuning[1], first_loss_err=first[0], first_grad_err=first[1],
                      bound_loss=tol.loss, bound_grad=tol.grad, backed_off=tuple(backed), rounds=rounds)

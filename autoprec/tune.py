@@ -285,7 +285,8 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     planned = len(units(candidates, roles(tr, candidates))) if share is not None else len(candidates)
     # this rank's share of the measurements (as autoprec.probe deals them); a role that splits adds passes
     probe_plan = len(batches) + len(ranks.share(range(planned * len(formats))))
-    bar.expect({"probe": probe_plan, "search": min(n_trials, len(candidates) + 1), "reference run": verify_steps,
+    bar.expect({"probe": probe_plan, "search": min(n_trials, len(candidates) + 1),
+                "held-out check": 2 * len(parts.held), "reference run": verify_steps,
                 "verify": verify_steps * (2 if verify_compile else 1)})  # the search's is its most: its plan follows
     bar.stage("probe", probe_plan, unit="pass")
     pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
@@ -361,7 +362,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     if parts.held and not any(d.precision != "fp32" for d in decisions.values()):
         held = HeldOut(parts.what, skipped="nothing cast: an FP32 policy has nothing to check")
     elif parts.held:  # the policy on data it was not decided on: back off until it holds there too
-        bar.stage("held-out check", 1 + len(parts.held))
+        bar.stage("held-out check", 2 * len(parts.held), unit="pass")
         hold_off()  # the tuning batch's reference gradients, off the device while the held-out ones are on it
         checked_out = check_held_out(runner, parts, decisions, probe=pr, tol=tol, tuning=measured, tied=tr.tied,
                                      scale=pr.loss_scale, progress=bar.advance)

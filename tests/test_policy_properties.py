@@ -399,7 +399,7 @@ MESSAGE_FORMS = {
     "not an object": r"a policy is a JSON object, got \w+: is this a policy file\?",
     "schema version": r"unknown policy schema version .*: this autoprec reads version 1; re-run autoprec.tune "
                       r"to make a new policy",
-    "field": _WHERE + r"(?:LayerEntry|ScalerSettings|Verification|StepSpeed|Policy) field .+ is .+ \(\w+\); allowed: .+; " + _FIX,
+    "field": _WHERE + r"(?:LayerEntry|ScalerSettings|Verification|StepSpeed|HeldOut|Policy) field .+ is .+ \(\w+\); allowed: .+; " + _FIX,
     "unknown fields": _WHERE + r"unknown fields \[.*\]; a \w+ has \[.*\]; " + _FIX,
     "missing fields": _WHERE + r"required fields \[.*\] are missing; " + _FIX,
     "record not an object": _WHERE + r"expected an object of \w+ fields, got .+; " + _FIX,

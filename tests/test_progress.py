@@ -56,19 +56,21 @@ def _model() -> tuple[nn.Module, torch.Tensor]:
 
 
 def test_each_stage_bar_counts_the_passes_it_planned_and_ran(bars, one_thread):
-    """Probe: 2 batches + candidates x formats passes; search: its trials; training runs: their steps."""
+    """Probe: 1 batch (the other is held out) + candidates x formats passes; search: its trials; the held-out
+    check: FP32 and the policy on the held-out batch; training runs: their steps."""
     model, x = _model()
     policy = autoprec.tune(model, x, batches=[torch.randn(256, 32)], target="cuda", verify_steps=4, progress=True)
     st = policy.stats
     by_name = {b.name: b for b in bars}
-    assert [b.name for b in bars] == ["trace", "probe", "search", "reference run", "verify"]  # one bar each
+    assert [b.name for b in bars] == ["trace", "probe", "search", "held-out check", "reference run", "verify"]
     # each bar opens on its real plan: no search bar that starts at the trial budget and then shrinks
     assert [b.first_total for b in bars] == [b.total for b in bars]
     assert [b.descs[0].split(" (")[1].split(",")[0].rstrip(")") for b in bars] == \
-        [f"stage {k} of 5" for k in range(1, 6)]
+        [f"stage {k} of 6" for k in range(1, 7)]
     assert all(b.closed and b.n == b.total for b in bars), [(b.desc, b.n, b.total) for b in bars]
     assert by_name["probe"].unit == "pass"
-    assert by_name["probe"].total == st["probe_passes"] == 2 + st["candidates"] * len(policy.formats) == 2 + 3 * 2
+    assert by_name["probe"].total == st["probe_passes"] == 1 + st["candidates"] * len(policy.formats) == 1 + 3 * 2
+    assert by_name["held-out check"].total == st["held_out_passes"] == 2 and by_name["held-out check"].unit == "pass"
     assert by_name["search"].total == st["trials"] and by_name["search"].unit == "trial"
     assert by_name["reference run"].total == 4
     assert by_name["reference run"].n + by_name["verify"].n == st["verify_passes"]
@@ -130,7 +132,8 @@ def test_peak_memory_is_measured_per_stage_and_reported(one_thread, tmp_path):
     model, x = _model()
     policy = autoprec.tune(model, x, target="cuda", verify_steps=2, progress=False)
     st = policy.stats
-    assert list(st["peak_memory_mb_by_stage"]) == ["copy", "trace", "probe", "search", "reference run", "verify"]
+    assert list(st["peak_memory_mb_by_stage"]) == ["copy", "trace", "probe", "search", "held-out check",
+                                                    "reference run", "verify"]
     # >= 0, not > 0: in a process that has run bigger things, a small tune may reuse memory already resident
     assert st["peak_memory_mb"] == max(st["peak_memory_mb_by_stage"].values()) >= 0
     assert st["peak_memory_kind"] == "process RSS"  # a CPU model
