@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import logging
 import math
@@ -203,9 +204,15 @@ def test_the_revised_policy_saves_its_history(tmp_path):
     back = autoprec.load(tmp_path / "p.json")
     assert back == g.policy and back.stats["guard_events"] == [e.to_dict() for e in g.events]
     assert back.layers["grow"].detail == g.events[0].evidence
-    for format in ("md", "html"):
-        assert "Revised during training (autoprec.guard)" in back.report(format)
-        assert g.events[0].evidence.replace(">", "&gt;" if format == "html" else ">") in back.report(format)
+    e = g.events[0]
+    why = e.evidence.removeprefix(f"step {e.step}: grow fp16 -> bf16: ")
+    assert why != e.evidence  # the table's columns say the step and the change; the cell says the figures
+    md, page = back.report("md"), back.report("html")
+    assert "## Revised during training (autoprec.guard)" in md
+    assert f"| {e.step} | `grow` | fp16 -> bf16 | {why.replace('|', chr(92) + '|')} |" in md
+    assert f"<td class=num>{e.step}</td><td><code>grow</code></td><td>fp16 -&gt; bf16</td>" in page
+    assert html.escape(why) in page
+    assert json.loads(back.report("json"))["guard_events"] == [{**e.to_dict(), "evidence": why}]
 
 
 def test_state_dict_round_trip_resumes_with_the_revised_policy_and_counters():
