@@ -131,17 +131,18 @@ class _WithLoss(nn.Module):
         return {"loss": self.loss_fn(self.model(x), x)}
 
 
-def _hf_train(tmp_path, net, x, loss_fn, callback, steps):
-    """``steps`` Trainer steps on the whole of ``x`` each; the Trainer."""
+def _hf_train(tmp_path, net, x, loss_fn, callback, steps, *, resume=None, **options):
+    """``steps`` Trainer steps on the whole of ``x`` each (``options``: more ``TrainingArguments``); the Trainer."""
     T = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     n = x.shape[0]
+    options = {"save_strategy": "no", **options}
     args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=n,
                                learning_rate=0.01, optim="sgd", lr_scheduler_type="constant", report_to=[],
-                               use_cpu=True, save_strategy="no", logging_strategy="no")
+                               use_cpu=True, logging_strategy="no", **options)
     data = [{"x": x[i]} for i in range(n)] * steps
     trainer = T.Trainer(model=_WithLoss(net, loss_fn), args=args, train_dataset=data, callbacks=[callback])
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -159,6 +160,33 @@ def test_hf_callback_promotes_the_growing_layer(tmp_path):
     assert g.policy.assignment["grow"] == "bf16"
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert not installed(net.grow)
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["kept", "rebuilt"])
+def test_hf_checkpoint_resumes_with_the_revised_policy(tmp_path, rebuilt):
+    """A Trainer checkpoint carries the guard's state: a new Trainer resumed from it runs the revised policy with
+    the first run's events, step count and watch history (rebuilt: restore_callback_states_from_checkpoint=True,
+    where the Trainer replaces the callback by one built from its saved state)."""
+    pytest.importorskip("transformers")
+    from autoprec.integrations.hf import AutoprecGuardCallback
+
+    net, x, loss_fn, policy = _growing()
+    first = AutoprecGuardCallback(policy, every=EVERY)
+    _hf_train(tmp_path, net, x, loss_fn, first, HALF, save_strategy="steps", save_steps=HALF)
+    assert first.guard.events, "the first half should already have promoted the layer"
+    assert (tmp_path / f"checkpoint-{HALF}" / "trainer_state.json").is_file()
+    net2, _, _, _ = _growing()  # fresh weights: the checkpoint brings the trained ones back
+    second = AutoprecGuardCallback(policy, every=EVERY)
+    trainer = _hf_train(tmp_path, net2, x, loss_fn, second, STEPS, resume=True, save_strategy="steps", save_steps=HALF,
+                        restore_callback_states_from_checkpoint=rebuilt)
+    resumed = [c for c in trainer.callback_handler.callbacks if isinstance(c, AutoprecGuardCallback)]
+    assert len(resumed) == 1 and (resumed[0] is second) is not rebuilt
+    g = resumed[0].guard
+    assert g.events == first.guard.events and g.policy == first.guard.policy and g.policy.assignment["grow"] == "bf16"
+    state = g.state_dict()
+    assert state["step"] == STEPS and state["watch"]["reads"] == STEPS // EVERY  # the count went on, not again
+    assert all(torch.isfinite(p).all() for p in net2.parameters())
+    assert not installed(net2.grow)
 
 
 def test_hf_callback_on_a_benign_model_does_nothing(tmp_path):
