@@ -77,7 +77,9 @@ class AutoprecGuardCallback(TrainerCallback, ExportableState):
     """Trains under :func:`autoprec.guard`: ``every``, ``action`` and the other keyword arguments are the
     guard's (checked when training begins, where the guard is built); ``every`` counts optimizer steps.
     The Trainer hands its callbacks no loss and no batch, so ``guard.step`` gets none, and the guard's
-    FP32 check (which runs the model on the step's batch) is off: ``check_every=0``.
+    FP32 check (which runs the model on the step's batch) is off: ``check_every=0``. With ``fp16=True`` the
+    guard watches the Trainer's own GradScaler (Accelerate's, which its prepared optimizer steps with; its
+    scale and skipped steps, a collapsed one reset as :func:`autoprec.guard` says) unless you pass ``scaler=``.
 
     Checkpoints: the Trainer writes :meth:`state` (the guard's :meth:`~autoprec.Guard.state_dict`) into
     each checkpoint's ``trainer_state.json`` and reads it back when it resumes one; training then begins
@@ -132,7 +134,10 @@ class AutoprecGuardCallback(TrainerCallback, ExportableState):
                 log.warning("resumed at step %d from a checkpoint without autoprec's guard state: the guard "
                             "starts again from the policy given", state.global_step)
             before = saved
-        self.guard = Guard(fitting_module(self.policy, model), self.policy, self.loss_fn, **self.options)
+        options = dict(self.options)
+        if options.get("scaler") is None:  # fp16=True: the GradScaler Accelerate steps the optimizer with
+            options["scaler"] = getattr(kwargs.get("optimizer"), "scaler", None)
+        self.guard = Guard(fitting_module(self.policy, model), self.policy, self.loss_fn, **options)
         self._training, self.resume = True, None
         if before is not None:
             self.guard.load_state_dict(before)
