@@ -17,7 +17,7 @@ from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
 from autoprec.watch import _watch
 from autoprec.runtime import installed
 from tests.helpers import count_syncs
-from tests.models import GROWTH, FP16_MAX, growing_model, mlp
+from tests.models import GROWTH, FP16_MAX, growing_model, mlp, op_growing_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,6 +31,7 @@ def _policy(layers: dict[str, str]) -> Policy:
 
 
 GROWING = _policy({"fc": "fp32", "grow": "fp16", "norm": "fp32", "head": "fp32"})
+OP_GROWING = _policy({"fc": "fp32", "::linear": "fp16", "norm": "fp32", "head": "fp32"})  # op_growing_model's
 
 
 def _train(model, x, loss_fn, steps, *, policy=None, guard=None, opt=None):
@@ -74,19 +75,40 @@ def test_a_growing_activation_is_promoted_before_fp16_overflows():
     assert g.events[0].evidence.startswith(f"step {g.events[0].step}: grow fp16 -> bf16: |out| max ")
 
 
-def test_compiled_fullgraph_the_guard_adds_no_break_and_a_revision_recompiles_once():
-    """Under torch.compile(fullgraph=True) the watch is in the graph: the guard acts at the eager run's step, training
-    stays finite, and its one revision makes one more graph."""
+def test_an_op_entry_is_watched_and_promoted_like_a_module():
+    """A policy entry of the form 'module::op' (a functional op in the root's own code) is watched as a module's
+    is: the growing F.linear is promoted before FP16 overflows, where the unguarded run goes non-finite."""
+    model, x, loss_fn = op_growing_model()
+    policy = OP_GROWING
+    bare = _train(copy.deepcopy(model), x, loss_fn, STEPS, policy=policy)
+    g = autoprec.guard(model, policy, loss_fn, every=EVERY)
+    assert g._watch.layers == ("::linear",)
+    guarded = _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    broke = _first_bad(bare)
+    assert broke is not None and broke > EVERY
+    assert [(e.layer, e.old, e.new) for e in g.events] == [("::linear", "fp16", "bf16")] and g.events[0].step < broke
+    assert g.events[0].evidence.startswith(f"step {g.events[0].step}: ::linear fp16 -> bf16: |out| max ")
+    assert all(map(math.isfinite, guarded)) and g.policy.assignment["::linear"] == "bf16"
+    assert g._watch.state_dict()["table"][0][0] > 0  # watched on in BF16 after the promotion
+
+
+@pytest.mark.parametrize("build,policy", [(growing_model, GROWING), (op_growing_model, OP_GROWING)],
+                         ids=["module", "op-entry"])
+def test_compiled_fullgraph_the_guard_adds_no_break_and_a_revision_recompiles_once(build, policy):
+    """Under torch.compile(fullgraph=True) the watch is in the graph (a module's, and an op entry's in the root's own
+    code): the guard acts at the eager run's step, training stays finite, and its one revision makes one more graph."""
     from torch._dynamo.utils import counters
 
-    model, x, loss_fn = growing_model()
+    model, x, loss_fn = build()
     twin = copy.deepcopy(model)
-    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    g = autoprec.guard(model, policy, loss_fn, every=EVERY)
     _train(model, x, loss_fn, STEPS, guard=g)
     g.remove()
+    assert g.events
     torch._dynamo.reset()
     counters.clear()
-    g2 = autoprec.guard(twin, GROWING, loss_fn, every=EVERY)
+    g2 = autoprec.guard(twin, policy, loss_fn, every=EVERY)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     opt, losses = torch.optim.SGD(twin.parameters(), lr=0.01), []
     for _ in range(STEPS):

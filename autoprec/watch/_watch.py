@@ -1,11 +1,17 @@
 """The watch: per 16-bit layer, its largest ``|output|`` and ``|gradient|`` and their non-finite passes, on the device.
 
 Each watched layer owns one row ``[max |out|, non-finite forward passes, max finite |grad|, non-finite
-backward passes]`` of one small device tensor. Its observer (:func:`autoprec.apply.watched` calls it
-with the layer's raw 16-bit output) updates the row in place: one reduction over the output and a few
+backward passes]`` of one small device tensor. A layer is a unit module or an op entry
+(``module.path::op``, a functional op in a module's own code): :func:`autoprec.apply.watched` calls its
+observer with the raw 16-bit output, a unit's at the end of its region, an op entry's in
+:func:`autoprec.opmodes.run_op` as the op's region returns (once per call: an op called in a loop counts
+each call as a pass). The observer updates the row in place: one reduction over the output and a few
 0-dim ops, no host sync; when the output is FP16 and requires grad it also hooks it, and backward
-folds the gradient w.r.t. it into the row the same way (BF16 outputs are not hooked: their gradients
-have FP32's range, and the guard judges only FP16 layers' gradients) (:mod:`autoprec.watch._grads`). :meth:`Watch.read`
+folds the gradient w.r.t. it into the row the same way (:mod:`autoprec.watch._grads`). BF16 outputs are
+not hooked, and their rows' gradient columns stay 0: BF16 has FP32's exponent range (largest finite
+3.39e38, smallest normal 1.18e-38), so a gradient that overflows BF16 overflows FP32 too and no
+promotion fixes it, and BF16 runs without a GradScaler (no scale to collapse); what BF16 loses is
+precision, which no range statistic shows and the FP32 check measures (:mod:`autoprec.watch._check`). :meth:`Watch.read`
 copies the whole table to the host at once (with the GradScaler's scale, when given): one sync for
 every layer. Under ``torch.distributed`` (a default process group of more than one rank) the read first
 gathers every rank's table in one collective and combines them (the largest ``|out|`` and ``|grad|`` of
