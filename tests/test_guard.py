@@ -179,18 +179,59 @@ def _forward_ops(model, x, install):
     return mode.ops
 
 
-def test_the_watch_adds_one_pass_over_each_16_bit_output_and_only_scalar_ops_besides():
-    """Per 16-bit layer and forward, the watch adds one reduction over the output (aminmax) and a few 0-dim ops."""
+def test_the_watch_adds_one_pass_over_each_16_bit_output_and_folds_all_passes_in_a_fixed_number_of_ops():
+    """Per 16-bit layer and forward the eager watch adds one reduction over the output (aminmax, of a detached view)
+    and nothing else; the fold that the read runs (Watch.fold) takes the same ops for 1 forward and for 5 of them,
+    and its figures are those of the traced observer's per-pass fold (the same model under torch.compile)."""
     model, x, loss_fn = mlp()
     policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
     plain = _forward_ops(model, x, policy.apply)
-    watched = _forward_ops(model, x, lambda m: autoprec.guard(m, policy, loss_fn))
-    added = list(watched)
+    g = autoprec.guard(model, policy, loss_fn)
+    with torch.no_grad(), _Ops() as mode:
+        model(x)
+    added = list(mode.ops)
     for op in plain:
         added.remove(op)
-    big = [(name, n) for name, n in added if n > 1]
-    assert sorted(name for name, _ in big) == ["aminmax", "aminmax", "detach", "detach"]  # detach: a view, no copy
-    assert len(added) == 2 * 8  # per layer: detach, aminmax, neg, fmax, fmax (in place), isfinite, logical_not, add_
+    assert sorted(name for name, _ in added) == ["aminmax", "aminmax", "detach", "detach"]  # detach: a view, no copy
+    folds = []
+    for forwards in (1, 5):
+        for _ in range(forwards):
+            model(x)
+        with _Ops() as mode:
+            g._watch.fold()
+        folds.append([name for name, _ in mode.ops])
+    eager = g._watch.state_dict()["table"]
+    g.remove()
+    assert folds[0] == folds[1] and len(folds[1]) < 5 * 2 * 6  # the per-pass fold took 6 ops per layer and forward
+    torch._dynamo.reset()
+    g2 = autoprec.guard(model, policy, loss_fn)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(7):  # the eager watch saw 1 + 1 + 5 forwards
+            compiled(x)
+    traced = g2._watch.state_dict()["table"]
+    g2.remove()
+    torch._dynamo.reset()
+    assert g2._watch._pending == [] and traced == eager
+
+
+def test_passes_waiting_for_a_read_stay_bounded(monkeypatch):
+    """Forwards with no read in between (an evaluation loop) fold early at PENDING_LIMIT waiting passes: the list
+    stays under it, and the figures are those of one fold at the end."""
+    model, x, loss_fn = mlp()
+    policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
+    tables = []
+    for limit in (_watch.PENDING_LIMIT, 5):
+        monkeypatch.setattr(_watch, "PENDING_LIMIT", limit)
+        g = autoprec.guard(model, policy, loss_fn)
+        sizes = []
+        with torch.no_grad():
+            for i in range(12):
+                model(x * (i + 1))
+                sizes.append(len(g._watch._pending))
+        tables.append(g._watch.state_dict()["table"])
+        g.remove()
+    assert max(sizes) < 5 and sizes[-1] == 24 % 5 and tables[0] == tables[1]
 
 
 def test_action_raise_names_the_layer_the_figures_and_the_fix():
