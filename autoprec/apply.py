@@ -121,8 +121,9 @@ def apply(policy: Policy, model: nn.Module) -> Handle:
 
 
 def watched(policy: Policy, model: nn.Module, observers: Mapping[str, Callable[[Any], None]]) -> Handle:
-    """:func:`apply`, with ``observers[layer]`` told of each listed unit layer's raw 16-bit output
-    (the hook of :mod:`autoprec.watch`; the regions of the other layers run as :func:`apply` runs them).
+    """:func:`apply`, with ``observers[layer]`` told of each listed layer's raw 16-bit output: a unit's
+    (``module.path``) at the end of its region, an op entry's (``module.path::op``) as its region
+    returns, once per call (the hook of :mod:`autoprec.watch`; the other layers run as :func:`apply` runs them).
 
     Example:
         >>> import torch, autoprec
@@ -133,9 +134,15 @@ def watched(policy: Policy, model: nn.Module, observers: Mapping[str, Callable[[
         [torch.bfloat16]
     """
     plan = _plan(policy, model, _checked(policy, model))
-    plan = [(mod, replace(spec, observe=observers[spec.path]) if spec.unit and spec.path in observers else spec)
-            for mod, spec in plan]
-    return Handle(Patches(plan))
+    return Handle(Patches([(mod, _observed(spec, observers)) for mod, spec in plan]))
+
+
+def _observed(spec: Any, observers: Mapping[str, Callable[[Any], None]]) -> Any:
+    """``spec`` with the observers of its unit, or of the op entries in its own code."""
+    if spec.unit and spec.path in observers:
+        return replace(spec, observe=observers[spec.path])
+    ops = {k: observers[k] for k in spec.entries or () if k in observers}
+    return replace(spec, op_observe=ops) if ops else spec
 
 
 def _checked(policy: Policy, model: nn.Module) -> str:

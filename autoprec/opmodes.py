@@ -175,6 +175,9 @@ def run_op(spec: Any, key: str, func: Callable, args: tuple, kwargs: dict, in_pl
             raw = emulated(func, cargs, ckwargs)
         else:
             raw = func(*cargs, **ckwargs)
+    observe = spec.op_observe.get(key) if spec.op_observe else None
+    if observe is not None:  # autoprec.guard's watch, as _unit tells it of a unit's raw output
+        observe(raw)
     if in_place and isinstance(args[0], torch.Tensor) and raw is not args[0]:
         # the op ran on a cast copy of `self`: write the result back into the caller's tensor
         args[0].copy_(raw)

@@ -17,8 +17,8 @@ from .speed_lines import speed_lines
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["CELL", "device_lines", "fractions_line", "memory_text", "num", "short", "strip_profile", "summary",
-           "why_nothing_cast"]
+__all__ = ["CELL", "device_lines", "fractions_line", "guard_revisions", "memory_text", "num", "short", "strip_profile",
+           "summary", "why_nothing_cast"]
 
 
 def summary(policy: "Policy") -> dict[str, Any]:
@@ -64,6 +64,7 @@ def summary(policy: "Policy") -> dict[str, Any]:
             "measured_fraction": ver.measured_fraction, "compiled": ver.compiled,
             "compiled_max_gap": ver.compiled_max_gap},
         "stats": dict(policy.stats),
+        "guard_events": guard_revisions(policy),
         "assignment": policy.assignment,
         "speed": None if policy.speed is None else dataclasses.asdict(policy.speed),
         "speed_lines": speed_lines(policy),  # what the report says first
@@ -239,6 +240,33 @@ def why_nothing_cast(policy: "Policy") -> str:
     if not parts:
         parts.append("no layer has matmul/conv work that 16-bit could speed up")
     return "nothing cast: " + "; ".join(parts)
+
+
+def guard_revisions(policy: Policy) -> list[dict[str, Any]]:
+    """The revisions :func:`autoprec.guard` made while the model trained (``stats["guard_events"]``, oldest
+    first), each as ``step``, ``layer``, ``action``, ``old``, ``new`` and ``evidence``, the evidence without
+    the ``"step N: layer old -> new: "`` the other fields say. A policy saved before the guard existed, or
+    never guarded, has none; an entry that is no event (a hand edit) is left out, a missing field is ``"-"``.
+
+    Example:
+        >>> from autoprec.policy import Policy, LayerEntry
+        >>> e = {"step": 50, "layer": "head", "action": "adapt", "old": "fp16", "new": "bf16",
+        ...      "evidence": "step 50: head fp16 -> bf16: |out| max 9.1e3 x headroom 8 > 65504"}
+        >>> guard_revisions(Policy(layers={}, stats={"guard_events": [e, "junk"]}))[0]["evidence"]
+        '|out| max 9.1e3 x headroom 8 > 65504'
+        >>> guard_revisions(Policy(layers={}))
+        []
+    """
+    events = policy.stats.get("guard_events")
+    out = []
+    for e in events if isinstance(events, list) else []:
+        if not isinstance(e, dict) or not isinstance(e.get("evidence"), str):
+            continue
+        row = {k: e.get(k, "-") for k in ("step", "layer", "action", "old", "new")}
+        text = e["evidence"].removeprefix(f"step {row['step']}: ")
+        text = text.removeprefix(f"{row['layer']} {row['old']} -> {row['new']}: ")
+        out.append({**row, "evidence": text})
+    return out
 
 
 def _some(keys: list[str], n: int = 3) -> str:

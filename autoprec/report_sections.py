@@ -87,10 +87,8 @@ def sections(policy: "Policy") -> list[Section]:
     held = held_out_line(policy)
     if held:
         out.append(Section("Held-out check (data the decisions were not made on)", (Text(held),)))
-    events = [e for e in policy.stats.get("guard_events", ()) if isinstance(e, dict) and "evidence" in e]
-    if events:  # autoprec.guard revised the policy during training: what it saw, in order
-        out.append(Section("Revised during training (autoprec.guard)", (Bullets(tuple(str(e["evidence"])
-                                                                               for e in events)),)))
+    if s["guard_events"]:  # autoprec.guard revised the policy during training: what it saw, in order
+        out.append(_revisions(s["guard_events"]))
     if any(e.measured for e in policy.layers.values()):
         out.append(Section("Per-layer sensitivity (the probe's error of each layer alone, relative to the bound)",
                            (Chart("sensitivity"),)))
@@ -99,6 +97,19 @@ def sections(policy: "Policy") -> list[Section]:
     if s["stats"]:
         out.append(Section("Tuning statistics", _stats_blocks(s["stats"]), collapsed=True))
     return out
+
+
+def _revisions(events: list[dict[str, Any]]) -> Section:
+    """The guard's revisions as a table: step, layer, old -> new, and the figures that made it act."""
+    layers = ", ".join(dict.fromkeys(f"`{e['layer'] or '(root)'}`" for e in events))
+    lead = Text(f"autoprec.guard revised this policy while the model trained: {len(events)} revision(s) of "
+                f"{layers}, from step {events[0]['step']} "
+                f"to step {events[-1]['step']} (steps count guard.step calls). The formats below are the revised ones; "
+                "the verification above is the tuned policy's.")
+    rows = tuple((str(e["step"]), f"`{e['layer'] or '(root)'}`", f"{e['old']} -> {e['new']}", e["evidence"])
+                 for e in events)
+    return Section("Revised during training (autoprec.guard)",
+                   (lead, Table(("step", "layer", "old -> new", "evidence"), rows, right=(0,))))
 
 
 def _title(policy: "Policy") -> tuple[str, str]:

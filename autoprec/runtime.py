@@ -101,6 +101,7 @@ class _Spec:
     root: bool = False
     watcher: Any = None
     observe: Callable[[Any], None] | None = None  # told of a 16-bit unit's raw output (autoprec.guard's watch)
+    op_observe: Mapping[str, Callable[[Any], None]] | None = None  # op key -> told of that 16-bit op's raw output
 
 
 # -- one module's forward ---------------------------------------------------------------------

@@ -24,8 +24,9 @@ interval's top is under it, ``missed`` where its bottom is over it, else ``not r
 **Linear stacks** (``--widths``): ``Linear(width, width)`` + GELU blocks, every Linear in BF16,
 SGD; ``apply ms`` / ``guard ms`` medians of interleaved rounds of ``--steps`` steps, ``watch
 us/layer`` the difference per 16-bit layer and step. The watch's work per 16-bit layer and forward is
-fixed (one ``aminmax`` over the output, a few 0-dim ops: ``tests/test_guard.py`` counts them), so the
-overhead is largest at small widths.
+fixed (eager: one ``aminmax`` over the output, its fold into the statistics deferred to the read, where
+a fixed number of ops folds every pass of every layer; compiled: the ``aminmax`` and a few 0-dim ops in
+the graph: ``tests/test_guard.py`` counts them), so the overhead is largest at small widths.
 
 ``syncs/50 steps``: the guard's host reads over 50 steps (``autoprec.guard._watch._host`` counted).
 
@@ -204,8 +205,9 @@ def watch_ops(model: nn.Module, policy: Policy, batch: Any, reps: int = 30) -> t
 
     One forward under ``autoprec.apply.watched`` keeps each 16-bit layer's raw output; then the
     watch's observers (``Watch(...).observers()``, the ones the guard installs) run on those
-    outputs, all of them per repetition, ``reps`` times: the median repetition. A noise-free floor
-    of the eager overhead (without the Python of the hook that hands them the output).
+    outputs, all of them per repetition, then the watch folds them (``Watch.fold``, which the guard runs once
+    per read, here once per forward: an upper bound), ``reps`` times: the median repetition. A noise-free
+    floor of the eager overhead (without the Python of the hook that hands them the output).
     """
     from autoprec.apply import watched
 
@@ -217,13 +219,15 @@ def watch_ops(model: nn.Module, policy: Policy, batch: Any, reps: int = 30) -> t
             call_model(m, batch)
     finally:
         handle.remove()
-    observers = _watch.Watch(list(policy.layers), "cpu").observers()
+    watch = _watch.Watch(list(policy.layers), "cpu")
+    observers = watch.observers()
     calls = [(observers[k], t) for k, t in outs]
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         for observe, t in calls:
             observe(t)
+        watch.fold()  # the fold of this forward's passes: the guard folds once per read, so an upper bound
         times.append(time.perf_counter() - t0)
     return statistics.median(times), len(calls)
 

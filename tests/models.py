@@ -56,6 +56,8 @@ FP16_MAX = 65504.0
 __all__ = [
     "FP16_MAX",
     "GrowingGradient",
+    "OpGrowingModel",
+    "op_growing_model",
     "call_model",
     "unverifiable_tanh",
     "scatter_gnn",
@@ -481,6 +483,34 @@ class GrowingModel(nn.Module):
             with torch.no_grad():
                 self.grow.gain.mul_(GROWTH)
         return self.head(self.norm(self.grow(F.relu(self.fc(x)))))
+
+
+class OpGrowingModel(nn.Module):
+    """:class:`GrowingModel` with its growing product as a functional op in the root's own code
+    (``F.linear(h, weight * gain)``: the policy's layer ``"::linear"``), not a module."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.fc = nn.Linear(16, dim)
+        self.weight = nn.Parameter(torch.randn(dim, dim) / math.sqrt(dim))
+        self.register_buffer("gain", torch.tensor(1.0))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.gain.mul_(GROWTH)
+        return self.head(self.norm(F.linear(F.relu(self.fc(x)), self.weight * self.gain)))
+
+
+def op_growing_model(seed: int = 0, batch_size: int = 32) -> ModelSpec:
+    """:class:`OpGrowingModel`. Batch: tensor (32, 16). Loss: MSE against a fixed target."""
+    with _seeded(seed):
+        model = OpGrowingModel()
+        x = torch.randn(batch_size, 16)
+        target = torch.randn(batch_size, 4)
+    return model.train(), x, _mse_loss_fn(target)
 
 
 def growing_model(seed: int = 0, batch_size: int = 32) -> ModelSpec:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 FACTORY = textwrap.dedent('''
     import torch
@@ -119,6 +120,37 @@ def test_report_to_file(workdir):
     res = _run("report", "p.json", "--format", "html", "--out", "r.html", cwd=workdir)
     assert res.returncode == 0
     assert (workdir / "r.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_shows_the_guards_revisions(workdir, tmp_path):
+    """A policy the guard revised and saved: `autoprec report` lists each revision (step, layer, old -> new and
+    the figures) in Markdown and HTML; a policy never guarded (the tuned p.json) has no such section."""
+    import autoprec
+    from tests.models import growing_model
+
+    model, x, loss_fn = growing_model()
+    policy = autoprec.Policy(layers={k: autoprec.LayerEntry(p) for k, p in
+                                     {"fc": "fp32", "grow": "fp16", "norm": "fp32", "head": "fp32"}.items()},
+                             target="cuda", formats=("fp16", "bf16"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with autoprec.guard(model, policy, loss_fn, every=4, check_every=0) as g:
+        for _ in range(60):
+            loss = loss_fn(model(x), x)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            g.step(loss)
+    assert [(e.layer, e.old, e.new) for e in g.events] == [("grow", "fp16", "bf16")]
+    g.policy.save(tmp_path / "guarded.json")
+    step = g.events[0].step
+    md = _run("report", "guarded.json", cwd=tmp_path)
+    assert md.returncode == 0, md.stderr
+    assert "## Revised during training (autoprec.guard)" in md.stdout and "| step | layer | old -> new | evidence |" in md.stdout
+    assert f"| {step} | `grow` | fp16 -> bf16 | \\|out\\| max " in md.stdout and "x headroom 8 > 65504 |" in md.stdout
+    page = _run("report", "guarded.json", "--format", "html", cwd=tmp_path)
+    assert page.returncode == 0, page.stderr
+    assert f"<td class=num>{step}</td><td><code>grow</code></td><td>fp16 -&gt; bf16</td><td>|out| max " in page.stdout
+    assert "Revised during training" not in _run("report", "p.json", cwd=workdir).stdout
 
 
 def test_diff_exit_codes(workdir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
 from autoprec.watch import _watch
 from autoprec.runtime import installed
 from tests.helpers import count_syncs
-from tests.models import GROWTH, FP16_MAX, growing_model, mlp
+from tests.models import GROWTH, FP16_MAX, growing_model, mlp, op_growing_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,6 +31,7 @@ def _policy(layers: dict[str, str]) -> Policy:
 
 
 GROWING = _policy({"fc": "fp32", "grow": "fp16", "norm": "fp32", "head": "fp32"})
+OP_GROWING = _policy({"fc": "fp32", "::linear": "fp16", "norm": "fp32", "head": "fp32"})  # op_growing_model's
 
 
 def _train(model, x, loss_fn, steps, *, policy=None, guard=None, opt=None):
@@ -73,19 +75,40 @@ def test_a_growing_activation_is_promoted_before_fp16_overflows():
     assert g.events[0].evidence.startswith(f"step {g.events[0].step}: grow fp16 -> bf16: |out| max ")
 
 
-def test_compiled_fullgraph_the_guard_adds_no_break_and_a_revision_recompiles_once():
-    """Under torch.compile(fullgraph=True) the watch is in the graph: the guard acts at the eager run's step, training
-    stays finite, and its one revision makes one more graph."""
+def test_an_op_entry_is_watched_and_promoted_like_a_module():
+    """A policy entry of the form 'module::op' (a functional op in the root's own code) is watched as a module's
+    is: the growing F.linear is promoted before FP16 overflows, where the unguarded run goes non-finite."""
+    model, x, loss_fn = op_growing_model()
+    policy = OP_GROWING
+    bare = _train(copy.deepcopy(model), x, loss_fn, STEPS, policy=policy)
+    g = autoprec.guard(model, policy, loss_fn, every=EVERY)
+    assert g._watch.layers == ("::linear",)
+    guarded = _train(model, x, loss_fn, STEPS, guard=g)
+    g.remove()
+    broke = _first_bad(bare)
+    assert broke is not None and broke > EVERY
+    assert [(e.layer, e.old, e.new) for e in g.events] == [("::linear", "fp16", "bf16")] and g.events[0].step < broke
+    assert g.events[0].evidence.startswith(f"step {g.events[0].step}: ::linear fp16 -> bf16: |out| max ")
+    assert all(map(math.isfinite, guarded)) and g.policy.assignment["::linear"] == "bf16"
+    assert g._watch.state_dict()["table"][0][0] > 0  # watched on in BF16 after the promotion
+
+
+@pytest.mark.parametrize("build,policy", [(growing_model, GROWING), (op_growing_model, OP_GROWING)],
+                         ids=["module", "op-entry"])
+def test_compiled_fullgraph_the_guard_adds_no_break_and_a_revision_recompiles_once(build, policy):
+    """Under torch.compile(fullgraph=True) the watch is in the graph (a module's, and an op entry's in the root's own
+    code): the guard acts at the eager run's step, training stays finite, and its one revision makes one more graph."""
     from torch._dynamo.utils import counters
 
-    model, x, loss_fn = growing_model()
+    model, x, loss_fn = build()
     twin = copy.deepcopy(model)
-    g = autoprec.guard(model, GROWING, loss_fn, every=EVERY)
+    g = autoprec.guard(model, policy, loss_fn, every=EVERY)
     _train(model, x, loss_fn, STEPS, guard=g)
     g.remove()
+    assert g.events
     torch._dynamo.reset()
     counters.clear()
-    g2 = autoprec.guard(twin, GROWING, loss_fn, every=EVERY)
+    g2 = autoprec.guard(twin, policy, loss_fn, every=EVERY)
     compiled = torch.compile(twin, fullgraph=True, backend="aot_eager")
     opt, losses = torch.optim.SGD(twin.parameters(), lr=0.01), []
     for _ in range(STEPS):
@@ -156,18 +179,59 @@ def _forward_ops(model, x, install):
     return mode.ops
 
 
-def test_the_watch_adds_one_pass_over_each_16_bit_output_and_only_scalar_ops_besides():
-    """Per 16-bit layer and forward, the watch adds one reduction over the output (aminmax) and a few 0-dim ops."""
+def test_the_watch_adds_one_pass_over_each_16_bit_output_and_folds_all_passes_in_a_fixed_number_of_ops():
+    """Per 16-bit layer and forward the eager watch adds one reduction over the output (aminmax, of a detached view)
+    and nothing else; the fold that the read runs (Watch.fold) takes the same ops for 1 forward and for 5 of them,
+    and its figures are those of the traced observer's per-pass fold (the same model under torch.compile)."""
     model, x, loss_fn = mlp()
     policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
     plain = _forward_ops(model, x, policy.apply)
-    watched = _forward_ops(model, x, lambda m: autoprec.guard(m, policy, loss_fn))
-    added = list(watched)
+    g = autoprec.guard(model, policy, loss_fn)
+    with torch.no_grad(), _Ops() as mode:
+        model(x)
+    added = list(mode.ops)
     for op in plain:
         added.remove(op)
-    big = [(name, n) for name, n in added if n > 1]
-    assert sorted(name for name, _ in big) == ["aminmax", "aminmax", "detach", "detach"]  # detach: a view, no copy
-    assert len(added) == 2 * 8  # per layer: detach, aminmax, neg, fmax, fmax (in place), isfinite, logical_not, add_
+    assert sorted(name for name, _ in added) == ["aminmax", "aminmax", "detach", "detach"]  # detach: a view, no copy
+    folds = []
+    for forwards in (1, 5):
+        for _ in range(forwards):
+            model(x)
+        with _Ops() as mode:
+            g._watch.fold()
+        folds.append([name for name, _ in mode.ops])
+    eager = g._watch.state_dict()["table"]
+    g.remove()
+    assert folds[0] == folds[1] and len(folds[1]) < 5 * 2 * 6  # the per-pass fold took 6 ops per layer and forward
+    torch._dynamo.reset()
+    g2 = autoprec.guard(model, policy, loss_fn)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for _ in range(7):  # the eager watch saw 1 + 1 + 5 forwards
+            compiled(x)
+    traced = g2._watch.state_dict()["table"]
+    g2.remove()
+    torch._dynamo.reset()
+    assert g2._watch._pending == [] and traced == eager
+
+
+def test_passes_waiting_for_a_read_stay_bounded(monkeypatch):
+    """Forwards with no read in between (an evaluation loop) fold early at PENDING_LIMIT waiting passes: the list
+    stays under it, and the figures are those of one fold at the end."""
+    model, x, loss_fn = mlp()
+    policy = _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"})
+    tables = []
+    for limit in (_watch.PENDING_LIMIT, 5):
+        monkeypatch.setattr(_watch, "PENDING_LIMIT", limit)
+        g = autoprec.guard(model, policy, loss_fn)
+        sizes = []
+        with torch.no_grad():
+            for i in range(12):
+                model(x * (i + 1))
+                sizes.append(len(g._watch._pending))
+        tables.append(g._watch.state_dict()["table"])
+        g.remove()
+    assert max(sizes) < 5 and sizes[-1] == 24 % 5 and tables[0] == tables[1]
 
 
 def test_action_raise_names_the_layer_the_figures_and_the_fix():
@@ -203,9 +267,15 @@ def test_the_revised_policy_saves_its_history(tmp_path):
     back = autoprec.load(tmp_path / "p.json")
     assert back == g.policy and back.stats["guard_events"] == [e.to_dict() for e in g.events]
     assert back.layers["grow"].detail == g.events[0].evidence
-    for format in ("md", "html"):
-        assert "Revised during training (autoprec.guard)" in back.report(format)
-        assert g.events[0].evidence.replace(">", "&gt;" if format == "html" else ">") in back.report(format)
+    e = g.events[0]
+    why = e.evidence.removeprefix(f"step {e.step}: grow fp16 -> bf16: ")
+    assert why != e.evidence  # the table's columns say the step and the change; the cell says the figures
+    md, page = back.report("md"), back.report("html")
+    assert "## Revised during training (autoprec.guard)" in md
+    assert f"| {e.step} | `grow` | fp16 -> bf16 | {why.replace('|', chr(92) + '|')} |" in md
+    assert f"<td class=num>{e.step}</td><td><code>grow</code></td><td>fp16 -&gt; bf16</td>" in page
+    assert html.escape(why) in page
+    assert json.loads(back.report("json"))["guard_events"] == [{**e.to_dict(), "evidence": why}]
 
 
 def test_state_dict_round_trip_resumes_with_the_revised_policy_and_counters():

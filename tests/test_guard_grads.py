@@ -139,6 +139,26 @@ def test_gradients_and_scale_come_in_the_one_sync_of_a_read(monkeypatch):
     assert len(reads) == 4 and counts["n"] - alone == 4 and g._watch.scale == 65536.0
 
 
+def test_fp16_gradients_are_watched_for_units_and_op_entries_bf16_ones_are_not():
+    """Backward fills the gradient columns of the FP16 rows, a unit's (fc1) and an op entry's ('::linear'); a BF16
+    layer's (fc2) stay 0: BF16 has FP32's exponent range, so no gradient fits FP32 that overflows BF16 (the
+    documented reason in autoprec.watch._watch), and its row holds the forward figures only."""
+    model, x, loss_fn = mlp()
+    g = autoprec.guard(model, _policy({"fc1": "fp16", "fc2": "bf16", "fc3": "fp32"}), loss_fn, every=100,
+                       check_every=0)
+    loss_fn(model(x), x).backward()
+    rows = dict(zip(g._watch.layers, g._watch.table.tolist()))
+    g.remove()
+    assert rows["fc1"][0] > 0 and rows["fc1"][2] > 0 and rows["fc1"][3] == 0
+    assert rows["fc2"][0] > 0 and rows["fc2"][2:] == [0.0, 0.0]
+    op_model, x, loss_fn = models.op_growing_model()
+    g = autoprec.guard(op_model, _policy({"::linear": "fp16"}), loss_fn, every=100, check_every=0)
+    loss_fn(op_model(x), x).backward()
+    (amax, bad, gmax, gbad), = g._watch.table.tolist()
+    g.remove()
+    assert g._watch.layers == ("::linear",) and amax > 0 and gmax > 0 and bad == gbad == 0
+
+
 def test_raise_names_the_layer_and_the_gradient():
     """action='raise' on a growing gradient raises a GuardError naming the layer and the unscaled figure."""
     model = GrowingGradient()

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import autoprec
 from autoprec import LayerEntry, Policy
 from autoprec.runtime import installed
 from autoprec.trace import module_signatures
+from tests import models
 from tests.models import GROWTH, growing_model, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,6 +35,24 @@ def _growing():
     return net, x, loss_fn, _policy(net, {"fc": "fp32", "grow": "fp16", "norm": "fp32", "head": "fp32"})
 
 
+def _growing_gradient():
+    """tests.models.GrowingGradient (its gradient into ``mid`` grows 1.5x a step), its batch, a loss against a fixed
+    target, and a policy with ``mid`` in FP16: the scaler skips steps, then collapses, unless ``mid`` is promoted."""
+    torch.manual_seed(0)
+    net = models.GrowingGradient(1.5, 8, 16)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 4, generator=g)
+    return net, x, lambda out, batch: F.mse_loss(out, y), _policy(net, {"fc": "fp32", "mid": "fp16", "head": "fp32"})
+
+
+def _watched_the_scaler(guard, scaler) -> None:
+    """The guard watched ``scaler`` (the trainer's own) and promoted ``mid`` on its gradient, reading the scaler."""
+    assert guard.scaler is scaler and scaler is not None
+    mid = [e for e in guard.events if e.layer == "mid"]
+    assert [(e.old, e.new) for e in mid] == [("fp16", "bf16")] and guard.policy.assignment["mid"] == "bf16"
+    assert "grad" in mid[0].evidence and "scaler skipped " in mid[0].evidence  # the scaler's reading: only when watched
+
+
 def _benign():
     """An MLP all in FP16: nothing in it grows."""
     net, x, loss_fn = mlp()
@@ -40,7 +60,7 @@ def _benign():
 
 
 # -- Lightning ----------------------------------------------------------------------------------
-def _lightning_fit(net, x, loss_fn, callback, steps, ckpt_path=None):
+def _lightning_fit(net, x, loss_fn, callback, steps, ckpt_path=None, plugins=None, optimizer=torch.optim.SGD):
     """Fit ``net`` (held as ``self.model``) ``steps`` steps on ``x``; the LightningModule and its losses."""
     L = pytest.importorskip("lightning")
 
@@ -56,11 +76,11 @@ def _lightning_fit(net, x, loss_fn, callback, steps, ckpt_path=None):
             return loss
 
         def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
+            return optimizer(self.parameters(), lr=0.01 if optimizer is torch.optim.SGD else 1e-3)
 
     lit = Lit()
     loader = torch.utils.data.DataLoader([x] * steps, batch_size=None)
-    trainer = L.Trainer(accelerator="cpu", callbacks=[callback], max_steps=steps, logger=False,
+    trainer = L.Trainer(accelerator="cpu", callbacks=[callback], max_steps=steps, logger=False, plugins=plugins,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(lit, loader, ckpt_path=ckpt_path)
     return trainer, lit
@@ -99,6 +119,23 @@ def test_lightning_checkpoint_resumes_with_the_revised_policy(tmp_path):
     assert second.guard.state_dict()["step"] == STEPS and all(map(math.isfinite, lit.losses))
 
 
+def test_lightning_callback_watches_the_precision_plugins_scaler():
+    """Under "16-mixed" the guard watches Lightning's own GradScaler (the precision plugin's): the FP16 layer whose
+    gradient grows is promoted with the scaler's reading in its evidence, and the run stays finite. (On a CPU the
+    Trainer turns precision="16-mixed" into "bf16-mixed": the plugin "16-mixed" makes is passed by hand.)"""
+    pytest.importorskip("lightning")
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from autoprec.integrations.lightning import AutoprecGuard
+
+    net, x, loss_fn, policy = _growing_gradient()
+    callback = AutoprecGuard(policy, every=EVERY)
+    plugin = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    trainer, lit = _lightning_fit(net, x, loss_fn, callback, 40, plugins=[plugin], optimizer=torch.optim.Adam)
+    _watched_the_scaler(callback.guard, trainer.precision_plugin.scaler)
+    assert all(map(math.isfinite, lit.losses))
+
+
 def test_lightning_callback_on_a_benign_model_does_nothing():
     """AutoprecGuard on an MLP all in FP16: no event, the policy given stays in force."""
     pytest.importorskip("lightning")
@@ -131,17 +168,20 @@ class _WithLoss(nn.Module):
         return {"loss": self.loss_fn(self.model(x), x)}
 
 
-def _hf_train(tmp_path, net, x, loss_fn, callback, steps):
-    """``steps`` Trainer steps on the whole of ``x`` each; the Trainer."""
+def _hf_train(tmp_path, net, x, loss_fn, callback, steps, *, resume=None, scaler=None, **options):
+    """``steps`` Trainer steps on the whole of ``x`` each (``options``: more ``TrainingArguments``); the Trainer."""
     T = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     n = x.shape[0]
+    options = {"save_strategy": "no", "optim": "sgd", "learning_rate": 0.01, **options}
     args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=n,
-                               learning_rate=0.01, optim="sgd", lr_scheduler_type="constant", report_to=[],
-                               use_cpu=True, save_strategy="no", logging_strategy="no")
+                               lr_scheduler_type="constant", report_to=[],
+                               use_cpu=True, logging_strategy="no", **options)
     data = [{"x": x[i]} for i in range(n)] * steps
     trainer = T.Trainer(model=_WithLoss(net, loss_fn), args=args, train_dataset=data, callbacks=[callback])
-    trainer.train()
+    if scaler is not None:  # what fp16=True makes on a GPU (Accelerate makes none on a CPU): it scales and steps
+        trainer.accelerator.scaler = scaler
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -159,6 +199,49 @@ def test_hf_callback_promotes_the_growing_layer(tmp_path):
     assert g.policy.assignment["grow"] == "bf16"
     assert all(torch.isfinite(p).all() for p in net.parameters())
     assert not installed(net.grow)
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["kept", "rebuilt"])
+def test_hf_checkpoint_resumes_with_the_revised_policy(tmp_path, rebuilt):
+    """A Trainer checkpoint carries the guard's state: a new Trainer resumed from it runs the revised policy with
+    the first run's events, step count and watch history (rebuilt: restore_callback_states_from_checkpoint=True,
+    where the Trainer replaces the callback by one built from its saved state)."""
+    pytest.importorskip("transformers")
+    from autoprec.integrations.hf import AutoprecGuardCallback
+
+    net, x, loss_fn, policy = _growing()
+    first = AutoprecGuardCallback(policy, every=EVERY)
+    _hf_train(tmp_path, net, x, loss_fn, first, HALF, save_strategy="steps", save_steps=HALF)
+    assert first.guard.events, "the first half should already have promoted the layer"
+    assert (tmp_path / f"checkpoint-{HALF}" / "trainer_state.json").is_file()
+    net2, _, _, _ = _growing()  # fresh weights: the checkpoint brings the trained ones back
+    second = AutoprecGuardCallback(policy, every=EVERY)
+    trainer = _hf_train(tmp_path, net2, x, loss_fn, second, STEPS, resume=True, save_strategy="steps", save_steps=HALF,
+                        restore_callback_states_from_checkpoint=rebuilt)
+    resumed = [c for c in trainer.callback_handler.callbacks if isinstance(c, AutoprecGuardCallback)]
+    assert len(resumed) == 1 and (resumed[0] is second) is not rebuilt
+    g = resumed[0].guard
+    assert g.events == first.guard.events and g.policy == first.guard.policy and g.policy.assignment["grow"] == "bf16"
+    state = g.state_dict()
+    assert state["step"] == STEPS and state["watch"]["reads"] == STEPS // EVERY  # the count went on, not again
+    assert all(torch.isfinite(p).all() for p in net2.parameters())
+    assert not installed(net2.grow)
+
+
+def test_hf_callback_watches_the_trainers_scaler(tmp_path):
+    """With the Trainer's own GradScaler (Accelerate's, as fp16=True makes on a GPU; set by hand on this CPU) the
+    guard watches it: the FP16 layer whose gradient grows is promoted with the scaler's reading in its evidence."""
+    pytest.importorskip("transformers")
+    from autoprec.integrations.hf import AutoprecGuardCallback
+
+    net, x, loss_fn, policy = _growing_gradient()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    callback = AutoprecGuardCallback(policy, every=EVERY)
+    trainer = _hf_train(tmp_path, net, x, loss_fn, callback, 40, scaler=scaler, max_grad_norm=0.0,
+                        optim="adamw_torch", learning_rate=1e-3)  # Adam: the growing gradient moves no weight far
+    assert trainer.optimizer.scaler is scaler  # the prepared optimizer steps with it
+    _watched_the_scaler(callback.guard, scaler)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 def test_hf_callback_on_a_benign_model_does_nothing(tmp_path):

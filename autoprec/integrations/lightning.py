@@ -99,6 +99,8 @@ class AutoprecGuard(Callback):
     checks that need one (None: as :func:`autoprec.guard`). The FP32 check runs that module on the
     training batch as it comes (``module(*batch)`` for a tuple): it is off unless you ask for it with
     ``check_every=N`` (a Lightning batch is often ``(inputs, labels)``, which the module does not take).
+    With ``precision="16-mixed"`` the guard watches the GradScaler of the Trainer's precision plugin (its
+    scale and skipped steps; a collapsed one is reset, as :func:`autoprec.guard` says) unless you pass ``scaler=``.
 
     Example:
         >>> import autoprec
@@ -123,7 +125,10 @@ class AutoprecGuard(Callback):
         state = self._state if self._state is not None else (self.guard.state_dict() if self.guard else None)
         if self.guard is not None:
             self.guard.remove()
-        self.guard = Guard(fitting_module(self.policy, pl_module), self.policy, self.loss_fn, **self.options)
+        options = dict(self.options)
+        if options.get("scaler") is None:  # "16-mixed": watch the scaler the precision plugin steps with
+            options["scaler"] = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        self.guard = Guard(fitting_module(self.policy, pl_module), self.policy, self.loss_fn, **options)
         self._fitting = True
         if state is not None:
             self.guard.load_state_dict(state)

@@ -4,8 +4,9 @@ Gradients: when a watched layer's raw FP16 output requires grad, the watch regis
 it (:func:`hook_grad`): in backward the hook folds the gradient w.r.t. that output (in the layer's 16-bit
 format, as autograd hands it over; scaled by the GradScaler when one is used) into the layer's row of the
 watch's device table: the largest ``|grad|`` of the backward passes whose gradient was finite, and the
-number of backward passes whose gradient held inf or NaN. A few 0-dim ops per pass, no host sync; the
-read copies them with the forward figures. Activation checkpointing: the hook sits on the output that
+number of backward passes whose gradient held inf or NaN. One ``aminmax`` per pass (eager: folded at the
+read with the forward passes; traced: and a few 0-dim ops), no host sync; the read copies them with the
+forward figures. Activation checkpointing: the hook sits on the output that
 backward flows through (non-reentrant: the original; reentrant: the recomputed one), so each backward
 pass counts once. ``torch.compile(fullgraph=True)``: the hook traces without a graph break
 (``tests/test_guard_grads.py``).
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -45,9 +46,12 @@ def num(x: float) -> str:
     return mantissa + (f"e{int(exp)}" if exp else "")
 
 
-def hook_grad(t: torch.Tensor, gmax: torch.Tensor, gbad: torch.Tensor) -> None:
+def hook_grad(t: torch.Tensor, gmax: torch.Tensor, gbad: torch.Tensor,
+              pending: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
     """Fold the gradient that backward hands ``t`` into ``gmax`` (largest finite ``|grad|``) and ``gbad``
-    (backward passes with a non-finite gradient), on the device.
+    (backward passes with a non-finite gradient), on the device. With ``pending`` (eager: the watch's
+    deferred fold, :class:`~autoprec.watch._watch.Watch`) the hook only reduces the gradient to its
+    ``(min, max)`` and hands them over; the fold happens at the watch's read.
 
     Example:
         >>> row = torch.zeros(2); x = torch.tensor([1.0, -2.0], requires_grad=True); y = x * 3
@@ -56,10 +60,13 @@ def hook_grad(t: torch.Tensor, gmax: torch.Tensor, gbad: torch.Tensor) -> None:
     """
     def hook(g: torch.Tensor) -> None:
         lo, hi = torch.aminmax(g.detach())
-        m = torch.fmax(hi, lo.neg()).float()
-        finite = m.lt(math.inf)  # False for inf and NaN
-        torch.fmax(gmax, torch.where(finite, m, 0.0), out=gmax)
-        gbad.add_(finite.logical_not())
+        if pending is not None and not torch.compiler.is_compiling():
+            pending(lo, hi)
+            return
+        m = torch.fmax(hi, lo.neg())  # max |g|; NaN only when g holds NaN
+        finite = m.nan_to_num(0.0, 0.0, 0.0)  # inf and NaN -> 0: what the largest finite |grad| may take
+        torch.fmax(gmax, finite, out=gmax)
+        gbad.add_(finite.ne(m))  # differs exactly where m is inf or NaN
     t.register_hook(hook)
 
 

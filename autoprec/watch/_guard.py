@@ -107,7 +107,7 @@ class Guard:
 
     def _install(self, policy: Policy, *, fresh: bool = False) -> None:
         if fresh:
-            layers = [k for k, p in policy.assignment.items() if p in LOW_PRECISIONS and "::" not in k]
+            layers = [k for k, p in policy.assignment.items() if p in LOW_PRECISIONS]  # units and op entries
             self._watch = Watch(layers, self._device())
         watching = [k for k in self._watch.layers if policy.assignment.get(k) in LOW_PRECISIONS]
         if self._handle is not None:
