@@ -69,8 +69,8 @@ def test_split_holds_out_the_last_batches_or_a_quarter_of_the_rows():
 @pytest.mark.parametrize("batch, fraction, accepts, why", [
     ((torch.ones(8, 2), torch.ones(2, 30)), 0.25, "", "do not share a leading (row) size"),
     (torch.ones(3, 2), 0.25, "", "a batch of 3 rows is too small to hold rows out (4 or more)"),
-    (torch.ones(8, 2), 0.25, "shape mismatch", "the model or loss does not take part of the batch's rows "
-                                               "(shape mismatch)"),
+    (torch.ones(8, 2), 0.25, "shape mismatch", ("the model or loss does not take part of the batch's rows "
+                                                "(shape mismatch)")),
     (torch.ones(8, 2), 0.0, "", "held_out=0: nothing was held out"),
 ], ids=["ragged", "small", "refused", "off"])
 def test_split_says_why_it_held_nothing_out(batch, fraction, accepts, why):
