@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.models import _seeded  # fork the CPU RNG and seed it: building never disturbs the caller's
+
 __all__ = ["UNSEEN_FACTORIES", "UnseenCase", "router_case", "small_variance_case", "unscaled_attention_case"]
 
 
@@ -48,21 +50,6 @@ class UnseenCase:
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor]
     careful: dict[str, str]
     note: str = ""
-
-
-class _seeded:
-    """Fork the CPU RNG and seed it, so that building never disturbs the caller's RNG."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed, self._ctx = seed, None
-
-    def __enter__(self) -> None:
-        self._ctx = torch.random.fork_rng(devices=[])
-        self._ctx.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def _mse(output: torch.Tensor, batch: Any) -> torch.Tensor:
