@@ -81,11 +81,13 @@ def test_storage_resumes_finished_trials(tmp_path):
 
 
 def test_several_batches_count_for_ranges_and_verification():
-    """batches= adds batches: the probe runs each once, verification trains on all of them."""
+    """batches= adds batches: the last is held out (checked on, not decided on), the probe runs each of the others
+    once, verification trains on all of them."""
     model, batch, loss_fn = mlp(batch_size=128)
     extra = [torch.randn_like(batch) for _ in range(2)]
     policy = autoprec.tune(model, batch, loss_fn, batches=extra, progress=False, verify_steps=6)
-    assert policy.stats["probe_passes"] == 3 + policy.stats["candidates"]
+    assert policy.held_out.held == "1 of 3 batches" and policy.stats["held_out_passes"] == 2
+    assert policy.stats["probe_passes"] == 2 + policy.stats["candidates"]
     assert policy.verification is not None and policy.verification.passed
     with pytest.raises(autoprec.BatchError, match="iterable"):
         autoprec.tune(model, batch, loss_fn, batches=batch, progress=False)
