@@ -43,7 +43,8 @@ from torch.utils import _pytree as pytree
 
 from .trace import Trace
 
-__all__ = ["AMPLIFIERS", "MAX_ELEMENTS", "Amplification", "Consumer", "Reach", "Tee", "consumers", "gain", "rows", "tee"]
+__all__ = ["AMPLIFIERS", "MAX_ELEMENTS", "Amplification", "Consumer", "Reach", "Tee", "consumers", "gain", "rows",
+           "tee"]
 
 #: op -> how it amplifies a perturbation of its input
 AMPLIFIERS: dict[str, str] = {

@@ -3,8 +3,9 @@
 ``tune`` splits what it is given (:func:`split`): with several batches, the last quarter of them (at
 least one) is held out; with one batch whose tensors share a leading size, a quarter of its rows (at
 least 2, and never more than the rows kept). The probe and the search (what decides) see only the
-rest; the step race and verification, which train, train on everything. After the search (and the step race), the policy's loss and gradient errors against FP32 on
-the held-out part must be within the bound; where they are not, layers go back to FP32 in this order
+rest; the step race and verification, which train, train on everything. After the search (and the
+step race), the policy's loss and gradient errors against FP32 on the held-out part must be within
+the bound; where they are not, layers go back to FP32 in this order
 (:func:`backoff_order`), 1, then 2, then 4 more at a time, until the policy holds there:
 
 1. those whose rounding reaches an amplifying op (a softmax over large logits, a route, a

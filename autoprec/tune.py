@@ -188,8 +188,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                     tuned: list[Policy] = []
 
                     def run() -> str:
-                        tuned.append(_tune(work, parts, all_batches, loss_fn, formats=formats, target=target, device=device,
-                                           tol=tol, verify_tolerance=float(verify_tolerance),
+                        tuned.append(_tune(work, parts, all_batches, loss_fn, formats=formats, target=target,
+                                           device=device, tol=tol, verify_tolerance=float(verify_tolerance),
                                            verify_steps=verify_steps, optimizer=optimizer or default_optimizer,
                                            n_trials=n_trials, storage=storage, headroom=float(headroom), seed=seed,
                                            bar=bar, started=started, verify_compile=verify_compile, profile=prof,
@@ -252,8 +252,7 @@ def _agree(outcomes: list[str]) -> None:
 
 
 def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...],
-          target: str,
-          device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
+          target: str, device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
           optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
           bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
           ranks: Ranks, snapshot: Snapshot, share_roles: bool, timing: bool) -> Policy:

@@ -197,9 +197,9 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
             d = decisions[key]
             lower = (fallback or {}).get(key) if d.precision == "fp16" else None
             if lower is not None:  # FP16 -> BF16 where BF16 holds: still cast, backed off further if need be
-                decisions[key] = dataclasses.replace(
-                    d, precision=lower, detail=f"{d.detail}; moved from fp16 to {lower} by verification round {rounds}: "
-                                               f"the policy's loss gap {gap:.3g} exceeded the threshold {threshold:.3g}")
+                decisions[key] = dataclasses.replace(d, precision=lower, detail=(
+                    f"{d.detail}; moved from fp16 to {lower} by verification round {rounds}: the policy's loss gap "
+                    f"{gap:.3g} exceeded the threshold {threshold:.3g}"))
                 continue
             # not a measurement on this layer: the whole policy failed, and this layer was among the
             # probe's most sensitive cast layers. excluded stays False (no numerical reason measured here).
