@@ -17,7 +17,7 @@ from .isolation import preserve_global_state, private_model
 from .modules import canonical_modules
 from .checks import check_batch, check_batches, check_model, check_options, check_storage
 from .calibration import resolve_profile, with_layers
-from .costs import DeviceProfile, StepCost, format_speed, layer_cost
+from .costs import DeviceProfile, StepCost, format_speed
 from .formats import check_formats, resolve_target
 from .policy import HeldOut, LayerEntry, Policy, ScalerSettings
 from .probe import Runner, errors, evidence, probe
@@ -213,12 +213,14 @@ def _modelled(tr: Any, profile: DeviceProfile, policy: Policy, result: Any) -> f
     return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32
 
 
-def _bf16_fallback(tr: Any, pr: Any, result: Any, profile: DeviceProfile, keys: list[str]) -> dict[str, str]:
+def _bf16_fallback(pr: Any, result: Any, keys: list[str]) -> dict[str, str]:
     """The FP16 layers that verification may move to BF16 before FP32: probed in BF16 without a numerical
-    failure (``result.unsafe``) and modelled faster there than in FP32."""
+    failure (``result.unsafe``). Where FP16 was chosen for speed, BF16 runs at its speed on the GPUs that
+    run both; a layer that joined FP16 neighbours (probed, or not probed for want of work and hazard)
+    follows them to BF16."""
     refused = result.unsafe.get("bf16", {})
-    return {k: "bf16" for k in keys if "bf16" in pr.formats and k not in refused and pr.get(k, "bf16") is not None
-            and layer_cost(tr.layer(k), "bf16", profile) < layer_cost(tr.layer(k), "fp32", profile)}
+    return {k: "bf16" for k in keys if "bf16" in pr.formats and k not in refused
+            and (pr.get(k, "bf16") is not None or k in pr.skipped)}  # skipped: no work, no hazard: it follows
 
 
 def speed_measured(option: bool | None) -> bool:
@@ -395,7 +397,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
         checked = verify(work, full, loss_fn, decisions, order, fp32_curve, bound=verify_tolerance,
                          scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
                          seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot,
-                         fallback=_bf16_fallback(tr, pr, result, profile, fp16_keys))
+                         fallback=_bf16_fallback(pr, result, fp16_keys))
         decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
         policy = checked.policy  # the very policy that was trained and compared
         verify_passes += checked.passes

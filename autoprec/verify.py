@@ -135,8 +135,8 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     ``order``, which the search sorted least sensitive first) to FP32 (labelled a back-off, not a
     numerical exclusion: nothing was measured on those layers), and divides the initial loss
     scale by 16 when a run of skipped steps was the failure. Before any of that, the first failing round
-    moves every FP16 layer with a ``fallback`` (``"bf16"``: the probe found it within the bound in BF16,
-    and faster there than in FP32) to that format at once (FP16's failures in training, a loss scale
+    moves every FP16 layer with a ``fallback`` (``"bf16"``: the probe found it within the bound in BF16),
+    joined layers included, to that format at once (FP16's failures in training, a loss scale
     that skips or underflows, are the format's more than a layer's); a later round backs them off to
     FP32 like any other cast layer. The cheap layers the search joined to
     their 16-bit neighbours (outside ``order``) are backed off last, together, once no layer of
@@ -191,7 +191,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
         joined = [k for k, d in decisions.items() if d.precision != "fp32" and k not in set(order)]
         if passed or not (cast or joined):
             break
-        lowered = [k for k in cast if decisions[k].precision == "fp16" and k in (fallback or {})]
+        lowered = [k for k, d in decisions.items() if d.precision == "fp16" and k in (fallback or {})]
         drop = lowered or (cast[-max(1, len(cast) // 4):] if cast else joined)
         for key in drop:
             d = decisions[key]

@@ -186,3 +186,22 @@ def test_the_default_verification_optimizer_trains_the_forty_layer_model():
     v = policy.verification
     assert v.passed and v.rounds == 1
     assert policy.low_precision_fraction() == 1.0
+
+
+def test_a_failing_fp16_policy_tries_bf16_before_fp32():
+    """The first failing round moves every FP16 layer whose BF16 the probe found safe to BF16 at once (no layer
+    to FP32 yet); later rounds back off as before. Weights and batch are BF16 and FP16 values at once (no FP16
+    subnormals), so the noise floor is exactly 0 in either format and any 16-bit layer fails the 1e-9 bound."""
+    model, x = unverifiable_tanh()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.masked_fill_(p.abs() < 2.0 ** -13, 0.0)  # what is left is normal in FP16: exact there
+    with pytest.warns(autoprec.VerificationWarning):
+        policy = autoprec.tune(model, x, target="cuda", dtypes=["fp16", "bf16"], progress=False,
+                               verify_tolerance=1e-9, verify_steps=3)
+    details = [e.detail for e in policy.layers.values()]
+    # the Linears and the Tanh layers that joined them in FP16: all moved to BF16 in round 1, none to FP32 then
+    assert all("moved from fp16 to bf16 by verification round 1:" in d for d in details)
+    assert not any("moved to FP32 by verification round 1" in d for d in details)
+    assert {e.precision for e in policy.layers.values()} <= {"bf16", "fp32"} and policy.scaler is None
+    assert policy.verification.rounds == 8 and policy.verification.noise_floor == 0.0
