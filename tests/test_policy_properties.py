@@ -387,7 +387,7 @@ def test_fuzzed_policy_file_loads_or_raises_policy_error(raw):
         assert _save_text(again, pathlib.Path(tmp, "b.json")) == text
 
 
-_WHERE = r"(?:(?:policy|layer '.*'|scaler|verification|speed): )?"
+_WHERE = r"(?:(?:policy|layer '.*'|scaler|verification|speed|held_out): )?"
 _FIX = re.escape(FIX)
 #: Every form a PolicyError from ``load`` takes: a file that is not a policy, or one field named with the
 #: value found, what is allowed, and the fix.
