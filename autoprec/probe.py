@@ -15,6 +15,11 @@ not, the role is split down to the members that differ (:mod:`autoprec.roles` sa
 a member's row records the role (``Measurement.group``). GPT-2 small for CUDA: 99 candidates,
 199 passes alone, 23 shared (``benchmarks/probe_cost.py --passes``).
 
+Every pass also measures how far it moves the inputs of the ops that amplify small changes (a
+softmax over large logits, a top-k route, a centring norm: :mod:`autoprec.amplify`), against the
+reference's on the first batch: ``Measurement.amp`` is the largest error that can cause at such an
+op's output on any data, and the search refuses a format where it exceeds the gradient bound.
+
 What a pass adds to its forward+backward is fused device work: the gradients are taken off the
 parameters (no copy), compared with the reference in place by ``torch._foreach_*`` reductions, and
 read with one host transfer (``benchmarks/probe_cost.py``).
@@ -306,6 +311,8 @@ def evidence(result: Probe, key: str) -> dict[str, dict[str, float]]:
         if m is None:
             continue
         row = {"loss_err": m.loss_err, "grad_err": m.grad_err, "nonfinite": float(m.nonfinite)}
+        if m.amp_at:  # its rounding reaches an amplifying op: the most that can do there (autoprec.amplify)
+            row["amp"] = m.amp
         if m.members > 1:  # the errors are its role's, measured with this many layers cast at once
             row["shared"] = float(m.members)
         if rng is not None:
