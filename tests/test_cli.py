@@ -1,7 +1,14 @@
-"""The command line, driven as a subprocess: tune, report, diff, exit codes, no tracebacks."""
+"""The command line: tune, report, diff, exit codes, no tracebacks.
+
+Every tune that trains runs ``python -m autoprec`` as a subprocess, as a user runs it, and so do ``--help`` and an
+unknown command (the real entry point and its exit code); the report, diff and refused-input cases call
+:func:`autoprec.cli.main` in this process (``_call``), the same function the entry point runs, without the second
+of Python and torch start-up a subprocess costs each."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -45,6 +52,24 @@ FACTORY = textwrap.dedent('''
 def _run(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autoprec", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+
+
+def _call(*args: str, cwd) -> subprocess.CompletedProcess:
+    """``autoprec.cli.main(args)`` in this process, run in ``cwd`` as ``python -m autoprec`` is (``cwd`` first on
+    ``sys.path``; the modules it imported from there forgotten after), its stdout and stderr captured."""
+    from autoprec.cli import main
+
+    before, out, err = set(sys.modules), io.StringIO(), io.StringIO()
+    sys.path.insert(0, str(cwd))
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        sys.path.remove(str(cwd))
+        for name in set(sys.modules) - before:
+            if getattr(sys.modules[name], "__file__", None) and str(cwd) in sys.modules[name].__file__:
+                del sys.modules[name]
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +136,13 @@ def test_tune_accepts_a_file_factory_and_dtypes(workdir):
                                         ("html", "<svg")], ids=["md", "json", "html"])
 def test_report_formats(workdir, fmt, needle):
     """`autoprec report` prints Markdown, JSON or a self-contained HTML page."""
-    res = _run("report", "p.json", "--format", fmt, cwd=workdir)
+    res = _call("report", "p.json", "--format", fmt, cwd=workdir)
     assert res.returncode == 0 and needle in res.stdout
 
 
 def test_report_to_file(workdir):
     """--out writes the report to a file."""
-    res = _run("report", "p.json", "--format", "html", "--out", "r.html", cwd=workdir)
+    res = _call("report", "p.json", "--format", "html", "--out", "r.html", cwd=workdir)
     assert res.returncode == 0
     assert (workdir / "r.html").read_text().startswith("<!DOCTYPE html>")
 
@@ -143,25 +168,25 @@ def test_report_shows_the_guards_revisions(workdir, tmp_path):
     assert [(e.layer, e.old, e.new) for e in g.events] == [("grow", "fp16", "bf16")]
     g.policy.save(tmp_path / "guarded.json")
     step = g.events[0].step
-    md = _run("report", "guarded.json", cwd=tmp_path)
+    md = _call("report", "guarded.json", cwd=tmp_path)
     assert md.returncode == 0, md.stderr
     assert "## Revised during training (autoprec.guard)" in md.stdout and "| step | layer | old -> new | evidence |" in md.stdout
     assert f"| {step} | `grow` | fp16 -> bf16 | \\|out\\| max " in md.stdout and "x headroom 8 > 65504 |" in md.stdout
-    page = _run("report", "guarded.json", "--format", "html", cwd=tmp_path)
+    page = _call("report", "guarded.json", "--format", "html", cwd=tmp_path)
     assert page.returncode == 0, page.stderr
     assert f"<td class=num>{step}</td><td><code>grow</code></td><td>fp16 -&gt; bf16</td><td>|out| max " in page.stdout
-    assert "Revised during training" not in _run("report", "p.json", cwd=workdir).stdout
+    assert "Revised during training" not in _call("report", "p.json", cwd=workdir).stdout
 
 
 def test_diff_exit_codes(workdir):
     """diff exits 0 for the same policy and 1, listing the layers, for different ones."""
-    assert _run("diff", "p.json", "p.json", cwd=workdir).returncode == 0
+    assert _call("diff", "p.json", "p.json", cwd=workdir).returncode == 0
     data = json.loads((workdir / "p.json").read_text())
     data["layers"]["0"]["precision"] = "fp32" if data["layers"]["0"]["precision"] != "fp32" else "bf16"
     (workdir / "p2.json").write_text(json.dumps(data))
-    res = _run("diff", "p.json", "p2.json", cwd=workdir)
+    res = _call("diff", "p.json", "p2.json", cwd=workdir)
     assert res.returncode == 1 and "~ 0:" in res.stdout
-    res = _run("diff", "p.json", "p2.json", "--format", "json", cwd=workdir)
+    res = _call("diff", "p.json", "p2.json", "--format", "json", cwd=workdir)
     assert res.returncode == 1 and "0" in json.loads(res.stdout)["changed"]
 
 
@@ -180,7 +205,7 @@ def test_diff_exit_codes(workdir):
         "missing-policy", "bad-format", "bad-command"])
 def test_bad_input_exit_codes_without_tracebacks(workdir, args, code, needle):
     """Bad arguments get their documented exit code and a one-line message, no traceback."""
-    res = _run(*args, cwd=workdir)
+    res = _call(*args, cwd=workdir)
     assert res.returncode == code, (res.stdout, res.stderr)
     assert needle in res.stderr
     assert "Traceback" not in res.stderr
@@ -188,23 +213,25 @@ def test_bad_input_exit_codes_without_tracebacks(workdir, args, code, needle):
 
 def test_debug_shows_the_traceback(workdir):
     """--debug shows the traceback of a refused input."""
-    res = _run("--debug", "report", "missing.json", cwd=workdir)
+    res = _call("--debug", "report", "missing.json", cwd=workdir)
     assert res.returncode == 3 and "Traceback" in res.stderr
 
 
 def test_help_lists_commands_and_exit_codes(workdir):
-    """--help exits 0 and documents the commands and exit codes."""
+    """``python -m autoprec --help`` exits 0 and documents the commands and exit codes; an unknown command exits 2."""
     res = _run("--help", cwd=workdir)
     assert res.returncode == 0 and "tune" in res.stdout and "exit codes" in res.stdout
+    res = _run("bogus", cwd=workdir)  # the entry point returns main's exit code
+    assert res.returncode == 2 and "invalid choice" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_report_png_renders(workdir):
     """--format png draws the verification curves and the sensitivity chart (matplotlib extra)."""
     pytest.importorskip("matplotlib")
-    res = _run("report", "p.json", "--format", "png", "--out", "chart.png", cwd=workdir)
+    res = _call("report", "p.json", "--format", "png", "--out", "chart.png", cwd=workdir)
     assert res.returncode == 0, res.stderr
     assert (workdir / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert _run("report", "p.json", "--format", "png", cwd=workdir).returncode == 2  # needs --out
+    assert _call("report", "p.json", "--format", "png", cwd=workdir).returncode == 2  # needs --out
 
 
 def test_the_unverifiable_factory_is_the_test_models_one():
@@ -272,7 +299,7 @@ def test_the_users_own_failures_are_reported_as_theirs(tmp_path, args, code, nee
     user's file; a model on 'meta' is refused, exit 3, with what to do; never 'a bug?', never a traceback."""
     (tmp_path / "user.py").write_text(USER_FACTORIES)
     (tmp_path / "broken_import.py").write_text("import torch\nraise RuntimeError('boom')\n")
-    res = _run("tune", *args, "--out", "x.json", "--quiet", cwd=tmp_path)
+    res = _call("tune", *args, "--out", "x.json", "--quiet", cwd=tmp_path)
     assert res.returncode == code, (res.stdout, res.stderr)
     for needle in needles:
         assert needle in res.stderr, (needle, res.stderr)
@@ -283,5 +310,5 @@ def test_the_users_own_failures_are_reported_as_theirs(tmp_path, args, code, nee
 def test_debug_shows_the_factorys_own_traceback(tmp_path):
     """--debug shows the traceback of the factory's exception, down to the user's line."""
     (tmp_path / "user.py").write_text(USER_FACTORIES)
-    res = _run("--debug", "tune", "user:raises", "--out", "x.json", cwd=tmp_path)
+    res = _call("--debug", "tune", "user:raises", "--out", "x.json", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" in res.stderr and 'user.py", line 7, in _load' in res.stderr
