@@ -11,18 +11,36 @@ Example:
 
 from __future__ import annotations
 
-from . import report as _report  # noqa: F401  (registers Policy.report)
-from .apply import Handle
-from .calibration import calibrate
-from .costs import DeviceProfile
+from .device._calibration import calibrate
+from .device._costs import DeviceProfile
+from .device._files import load_profile
+from .distributed._fsdp import fsdp_plan
+from .errors import (
+    AutoprecError,
+    AutoprecWarning,
+    BatchError,
+    DeviceWarning,
+    FormatError,
+    GuardError,
+    GuardWarning,
+    ModelError,
+    OptionError,
+    PolicyError,
+    ProfileError,
+    RankError,
+    VerificationError,
+    VerificationWarning,
+)
+from .policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
+from .device import DeviceProfile, calibrate, load_profile
 from .distributed import fsdp_plan
 from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, GuardError, GuardWarning,
                      ModelError, OptionError, PolicyError, ProfileError, RankError, VerificationError,
                      VerificationWarning)
-from .watch import Guard, GuardEvent, guard
 from .policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
-from .profiles import load_profile
-from .tune import tune
+from .runtime import Handle
+from .tuning import tune
+from .watch import Guard, GuardEvent, guard
 
 __all__ = [
     "AutoprecError",

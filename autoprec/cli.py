@@ -141,8 +141,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
     import autoprec
-    from autoprec.records import BACK_OFFS
-    from autoprec.report_facts import held_out_line, why_nothing_cast
+
+    from .policy._records import BACK_OFFS
+    from .report._facts import held_out_line, why_nothing_cast
 
     model, batch, loss_fn = _make(args.factory)
     kwargs: dict[str, Any] = dict(dtypes=args.dtypes, target=args.target, tolerance=args.tolerance,
@@ -196,7 +197,7 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
 
 def _print_speed(policy: Any) -> None:
     """What the policy buys, last: the figures behind it, then the speed line itself as the final line."""
-    from .speed_lines import speed_lines
+    from .report._speed_lines import speed_lines
 
     lines = speed_lines(policy)
     for line in lines[1:]:
@@ -228,8 +229,8 @@ def _verdict(ver: Any) -> str:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
-    from .calibration import calibrate
-    from .profiles import save_profile
+    from .device._calibration import calibrate
+    from .device._files import save_profile
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -249,7 +250,7 @@ def profile_table(profile: Any) -> str:
     """A device profile's figures as a Markdown table: forward+backward time per format.
 
     Example:
-        >>> from autoprec.estimates import estimate
+        >>> from autoprec.device import estimate
         >>> print(profile_table(estimate("cuda")).splitlines()[0])
         | figure | fp32 | fp16 | bf16 |
     """
@@ -280,7 +281,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.format == "png":
         if not args.out:
             raise _UsageError("--format png needs --out FILE.png")
-        from .report_html import save_png
+        from .report._html import save_png
         save_png(policy, args.out)
         print(f"wrote {args.out}")
         return EXIT_OK

@@ -29,7 +29,7 @@ from torch.utils.flop_counter import (
     sdpa_flop_count,
 )
 
-from autoprec.batch import call_model
+from autoprec.core import call_model
 
 Sample = tuple[Any, Optional[Callable[[Any, Any], torch.Tensor]]]
 
@@ -476,7 +476,7 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
     alike; each variant trains its own copy with its precision installed once. A model on a GPU is
     synchronised before and after each step, so a step's time is its GPU time.
     """
-    from autoprec.timing import Clock
+    from autoprec.device import Clock
 
     device = next(model.parameters()).device
     optimizer = optimizer or (lambda p: torch.optim.Adam(p, lr=1e-4))

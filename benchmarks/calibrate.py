@@ -33,10 +33,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from _measure import write_json  # noqa: E402
-from autoprec.calibration import calibrate, machine  # noqa: E402
+
 from autoprec.cli import profile_table  # noqa: E402
-from autoprec.formats import to_dtype  # noqa: E402
-from autoprec.profiles import profile_to_dict  # noqa: E402
+from autoprec.core import to_dtype  # noqa: E402
+from autoprec.device import calibrate, machine, profile_to_dict
 from autoprec.runtime import Runtime  # noqa: E402
 
 

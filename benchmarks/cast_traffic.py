@@ -23,9 +23,8 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
 import _zoo  # noqa: E402
+import torch  # noqa: E402
 from _measure import amp_variant, cast_traffic, policy_variant  # noqa: E402
 
 import autoprec  # noqa: E402

@@ -81,7 +81,7 @@ def machine() -> dict[str, Any]:
 
 def gpu_profile(path: str | None = None) -> Any:
     """The profile that prices the GPU policy: a file, or the roofline estimate without per-call costs."""
-    from autoprec.estimates import compute_bound
+    from autoprec.device import compute_bound
 
     return path if path is not None else compute_bound()
 

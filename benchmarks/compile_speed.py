@@ -51,9 +51,8 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch
-
 import _zoo
+import torch
 from _measure import (
     Fidelity,
     amp_variant,
@@ -67,7 +66,7 @@ from _measure import (
 from compare import machine
 
 import autoprec
-from autoprec.batch import call_model
+from autoprec.core import call_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS = ("gpt2", "llama", "bert", "vit", "resnet", "convnext")

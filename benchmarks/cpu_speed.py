@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(1)  # tuning too: repeatable on a shared machine
     import transformers
     transformers.logging.set_verbosity_error()
-    from autoprec.calibration import machine as device_of
+    from autoprec.device import machine as device_of
     cpu, capability = device_of(torch.device("cpu"))
     print(f"CPU: {cpu} ({capability})", file=sys.stderr, flush=True)
     rows = []

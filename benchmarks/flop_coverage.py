@@ -32,13 +32,12 @@ from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import _zoo  # noqa: E402
 import torch  # noqa: E402
 
-import _zoo  # noqa: E402
-
 import autoprec  # noqa: E402
-from autoprec.estimates import compute_bound  # noqa: E402
-from autoprec.batch import call_model  # noqa: E402
+from autoprec.core import call_model  # noqa: E402
+from autoprec.device import compute_bound  # noqa: E402
 from tests import models as test_models  # noqa: E402
 from tests.flopcount import DtypeFlops  # noqa: E402
 from tests.models_coverage import BUILDERS  # noqa: E402

@@ -41,13 +41,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from contextlib import nullcontext
 
 import torch
-
 from _measure import amp_variant, cast_traffic, fp32_variant, median, policy_variant
 from compare import machine
 from compile_speed import compile_clean, compile_seconds, make_runner, time_steps
 
 import autoprec
-from autoprec.batch import batch_to
+from autoprec.core import batch_to
 
 MODELS = ("gpt2", "resnet50")
 EAGER = ("fp32", "amp-bf16", "amp-fp16", "autoprec")

@@ -15,7 +15,7 @@ own deep copy of the FP32 model:
   ``torch.compile(copy, backend=--backend)`` (Inductor by default); warm-up steps until nothing
   compiles, not timed.
 
-All variants interleaved (``autoprec.timing.Clock.rounds``: one step of each per round, the order
+All variants interleaved (``autoprec.device._timing.Clock.rounds``: one step of each per round, the order
 rotated every round), one thread. Overhead = per round, guard's step over policy's in the same round
 (load that drifts cancels), minus 1; reported as the median over rounds with a 95% bootstrap interval
 of that median; verdict against the issue's bound (eager 2%, compiled 1%): ``met`` where the
@@ -61,8 +61,8 @@ from compare import machine
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.batch import call_model
-from autoprec.timing import Clock
+from autoprec.core import call_model
+from autoprec.device import Clock
 from autoprec.watch import _watch
 
 BOUND = {"eager": 2.0, "compiled": 1.0}  # issue 20: guard overhead at every=50, % of the policy's step
@@ -203,13 +203,13 @@ def _syncs(v: _Variant) -> int:
 def watch_ops(model: nn.Module, policy: Policy, batch: Any, reps: int = 30) -> tuple[float, int]:
     """(seconds, calls): the watch's own ops over one forward of ``batch``, timed alone.
 
-    One forward under ``autoprec.apply.watched`` keeps each 16-bit layer's raw output; then the
+    One forward under ``autoprec.runtime._apply.watched`` keeps each 16-bit layer's raw output; then the
     watch's observers (``Watch(...).observers()``, the ones the guard installs) run on those
     outputs, all of them per repetition, then the watch folds them (``Watch.fold``, which the guard runs once
     per read, here once per forward: an upper bound), ``reps`` times: the median repetition. A noise-free
     floor of the eager overhead (without the Python of the hook that hands them the output).
     """
-    from autoprec.apply import watched
+    from autoprec.runtime import watched
 
     outs: list[tuple[str, torch.Tensor]] = []
     m = copy.deepcopy(model)

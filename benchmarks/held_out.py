@@ -42,7 +42,7 @@ if _ROOT not in sys.path:  # the models live in tests/
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.batch import compute_loss
+from autoprec.core import compute_loss
 from tests import models as TM
 from tests.helpers import forward_backward, rel_errors
 from tests.models_unseen import UNSEEN_FACTORIES, UnseenCase
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     profile = args.profile
     if profile is None and args.target == "cuda":
-        from autoprec.estimates import compute_bound, roofline
-        from autoprec.profiles import save_profile
+        from autoprec.device import compute_bound, roofline, save_profile
 
         profile = os.path.join(tempfile.mkdtemp(), "cuda_no_call_costs.json")
         priced = (roofline(fp32_flops=19.5e12, low_speedup=8.0, bandwidth=1e18, launch=0.0, region=0.0,

@@ -63,11 +63,12 @@ for _p in (os.path.dirname(_HERE), _HERE):  # the hazard models live in tests/mo
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-import autoprec  # noqa: E402
-from autoprec import LayerEntry, Policy  # noqa: E402
-from autoprec.batch import call_model  # noqa: E402
 from _measure import loss_of, write_json  # noqa: E402
 from runtime_overhead import _cpu_name  # noqa: E402
+
+import autoprec  # noqa: E402
+from autoprec import LayerEntry, Policy  # noqa: E402
+from autoprec.core import call_model  # noqa: E402
 from tests.models import Growing, GrowingGradient, mlp  # noqa: E402
 
 VARIANTS = ("fp32", "amp-fp16", "amp-bf16", "policy", "guard")

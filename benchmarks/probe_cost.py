@@ -18,7 +18,7 @@ fresh process) and prints its time and peak memory per stage (``policy.stats``),
 peak RSS above the RSS before ``tune`` (VmHWM), as a multiple of the FP32 parameter bytes.
 
 With ``--passes SHAPE ...`` it counts instead the probe passes with and without structure sharing
-(:mod:`autoprec.roles`): the shared probe is run, the probe without sharing costs ``1 + candidates x 2``
+(:mod:`autoprec.probe._roles`): the shared probe is run, the probe without sharing costs ``1 + candidates x 2``
 passes by construction (each layer alone in each format). With ``--decide`` it also runs ``tune``
 (``verify_steps=0``, priced by the launch-free roofline, as the tests do) with and without sharing
 and compares every layer's decision; do this on ``12x64`` (12 blocks as GPT-2 small, narrow): at
@@ -85,7 +85,7 @@ def _gpt2(shape: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     """All figures of one shape (run in its own process)."""
-    import autoprec.probe as P
+    import autoprec.probe._probe as P
     from autoprec.probe import Runner, errors, probe
     from autoprec.trace import trace
 
@@ -159,9 +159,8 @@ def measure_passes(shape: str, decide: bool) -> dict[str, Any]:
     """Probe passes of one shape with and without sharing (run in its own process); with ``decide``,
     whether ``tune`` decides every layer alike both ways."""
     import autoprec
-    from autoprec.estimates import compute_bound
-    from autoprec.probe import Runner, probe
-    from autoprec.roles import Sharing, roles
+    from autoprec.device import compute_bound
+    from autoprec.probe import Runner, Sharing, probe, roles
     from autoprec.trace import trace
 
     model, ids = _gpt2(shape)

@@ -36,7 +36,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 from autoprec import LayerEntry, Policy  # noqa: E402
-from autoprec.trace import module_signatures  # noqa: E402
+from autoprec.core import module_signatures  # noqa: E402
 
 
 class _AutocastBlock(nn.Module):

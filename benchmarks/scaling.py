@@ -9,7 +9,7 @@ for wall time.
 Passes are what autoprec's algorithm controls: the probe runs an FP32 reference and then, probing
 each candidate layer alone, one pass per layer and format; the search at most ``n_trials`` (30)
 passes, verification a fixed ``2 x verify_steps``. With structure sharing (``tune``'s default,
-:mod:`autoprec.roles`) the blocks' layers are probed as one group per role and format, split only
+:mod:`autoprec.probe._roles`) the blocks' layers are probed as one group per role and format, split only
 where a group is not clearly inside the bound, so the probe's passes stop growing with depth where
 the groups hold; the column "probe alone" is what probing every layer alone costs (``1 + candidates
 x formats``, by construction). Each pass runs the whole model, whose cost also grows linearly with
@@ -54,9 +54,10 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import autoprec
 from _measure import write_json  # noqa: E402
 from probe_cost import _hwm, _hwm_reset  # noqa: E402
+
+import autoprec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     depths = args.depths or ([2, 4, 8, 16] if args.quick else [4, 8, 16, 32, 64])
     # the GPU target is priced with the roofline without per-call costs, as at sizes where 16-bit pays:
     # with the estimate's launch costs these width-128 blocks stay FP32 and there would be no search
-    from autoprec.estimates import compute_bound
+    from autoprec.device import compute_bound
     profile = compute_bound() if args.target == "cuda" else None
     logging.getLogger("autoprec").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)

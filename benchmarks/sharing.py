@@ -3,7 +3,7 @@
 For each model (``_zoo.build(name, size)``) this tunes twice for a GPU (``target="cuda"``, FP16 and
 BF16, emulated on this CPU, priced like ``compare.py``'s autoprec-gpu column: the built-in roofline
 without per-call costs), once with ``share_roles=True`` (the default: roles of repeated blocks
-probed as groups first, :mod:`autoprec.roles`) and once with every layer probed alone, and reports:
+probed as groups first, :mod:`autoprec.probe._roles`) and once with every layer probed alone, and reports:
 
 - the probe passes of each, and the roles the trace found;
 - whether every layer got the same precision and reason both ways (the layers that differ, if any);

@@ -29,7 +29,7 @@ import _zoo
 from _measure import write_json
 
 import autoprec
-from autoprec.speed_lines import speed_lines
+from autoprec.report import speed_lines
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     import transformers
     transformers.logging.set_verbosity_error()
-    from autoprec.calibration import machine as device_of
     from compare import machine
+
+    from autoprec.device import machine as device_of
 
     cpu, capability = device_of(torch.device("cpu"))
     rows = []

@@ -10,8 +10,8 @@ import os
 import tempfile
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import autoprec
 

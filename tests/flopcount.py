@@ -1,6 +1,6 @@
 """Counting matmul-class FLOPs by operand dtype as a model runs (a dispatch mode), not from a policy.
 
-Each ATen op that torch's flop registry (with the formulas :mod:`autoprec.flops` adds) prices is
+Each ATen op that torch's flop registry (with the formulas :mod:`autoprec.trace._flops` adds) prices is
 counted under the dtype of its first floating operand, after autocast and autoprec's regions have
 cast it: what the kernel really ran in.
 """
@@ -14,7 +14,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from autoprec.flops import dispatch_flops
+from autoprec.trace import dispatch_flops
 
 LOW = {torch.float16, torch.bfloat16}
 

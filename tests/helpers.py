@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprec import LayerEntry, Policy
-from autoprec.batch import call_model
+from autoprec.core import call_model
 from autoprec.policy import scaler_for
 
 __all__ = ["CPU_AUTOCAST_FP32", "FP32_OPS", "NATIVE_OPS", "assert_same", "cached", "count_syncs", "forward_backward",

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoprec.batch import call_model
+from autoprec.core import call_model
 
 Batch = Any
 LossFn = Optional[Callable[[Any, Batch], torch.Tensor]]

@@ -1,4 +1,4 @@
-"""Amplification (autoprec.amplify): how a layer's rounding grows in the op its output feeds, and what tune does with it."""
+"""Amplification (autoprec.probe._amplify): how a layer's rounding grows in the op its output feeds, and what tune does with it."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 import autoprec
-from autoprec.amplify import Amplification, Consumer, consumers, gain, rows
-from autoprec.estimates import roofline
-from autoprec.probe import Runner, probe
+from autoprec.device import roofline
+from autoprec.probe import Amplification, Consumer, Runner, consumers, gain, probe, rows
 from autoprec.trace import trace
 
 #: a CUDA profile where every 16-bit layer pays, however small (no launch costs, free casts): decisions are numerical

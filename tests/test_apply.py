@@ -9,10 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.modules import unit_modules
-from autoprec.ops import op_name
+from autoprec.core import module_signatures, op_name, unit_modules
 from autoprec.runtime import Runtime
-from autoprec.trace import module_signatures
 
 
 class Attn(nn.Module):
@@ -301,9 +299,8 @@ def test_handoff_saves_casts_with_identical_forward_values():
     agree to BF16 rounding (a tensor feeding several layers sums their gradients in its own dtype)."""
     import dataclasses
 
-    from tests.models import transformer_block
-
     from autoprec.trace import trace
+    from tests.models import transformer_block
 
     model, batch, loss_fn = transformer_block()
     handoff = trace(model, batch, device_type="cpu").handoff

@@ -20,7 +20,7 @@ from torch import nn
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.trace import module_signatures
+from autoprec.core import module_signatures
 from tests.models import MLP, mlp, scatter_gnn
 
 PACKAGE = pathlib.Path(autoprec.__file__).resolve().parent
@@ -434,7 +434,7 @@ def _nan_and_ids() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_a_model_that_masks_non_finite_inputs_is_accepted():
     """A batch with NaN that the model masks gives a finite loss: check_batch lets it through."""
-    from autoprec.checks import check_batch
+    from autoprec.core import check_batch
 
     assert check_batch(_TwoInputs(mask=True), _nan_and_ids(), None, 0) is None
 

@@ -97,7 +97,7 @@ def test_calibrate_benchmark_writes_the_profile_and_the_named_kernels(tmp_path):
     format, as the READMEs cite them."""
     import calibrate
 
-    from autoprec.profiles import profile_from_dict
+    from autoprec.device import profile_from_dict
 
     out = tmp_path / "calibrate.json"
     result = calibrate.main(["--seconds", "0.001", "--rounds", "1", "--out", str(out)])

@@ -14,10 +14,7 @@ import torch
 from torch import nn
 
 import autoprec
-from autoprec.calibration import cache_dir, calibrate, machine, with_layers
-from autoprec.costs import shape_key
-from autoprec.estimates import estimate
-from autoprec.profiles import load_profile, profile_from_dict, profile_to_dict, save_profile
+from autoprec.device import (cache_dir, calibrate, estimate, load_profile, machine, profile_from_dict, profile_to_dict, save_profile, shape_key, with_layers)
 from autoprec.trace import trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,18 +98,18 @@ def test_a_fresh_calibration_replaces_the_cached_one(cache):
 def test_a_onednn_isa_limit_is_another_machine_configuration(monkeypatch, var):
     """A oneDNN ISA limit (AVX512_CORE: no AVX512-BF16/AMX kernels, BF16 matmuls far slower) is part of the
     capability and of the cache key: a calibration measured under one limit is never reused under another."""
-    from autoprec.calibration import _cache_file
+    from autoprec.device import cache_file
     cpu = torch.device("cpu")
     for v in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         monkeypatch.delenv(v, raising=False)
-    plain, plain_file = machine(cpu)[1], _cache_file(cpu)
+    plain, plain_file = machine(cpu)[1], cache_file(cpu)
     monkeypatch.setenv(var, "ALL")  # oneDNN's default: the same configuration
-    assert (machine(cpu)[1], _cache_file(cpu)) == (plain, plain_file)
+    assert (machine(cpu)[1], cache_file(cpu)) == (plain, plain_file)
     monkeypatch.setenv(var, "avx512_core")
-    limited, limited_file = machine(cpu)[1], _cache_file(cpu)
+    limited, limited_file = machine(cpu)[1], cache_file(cpu)
     assert limited == f"{plain}, oneDNN max ISA AVX512_CORE" and limited_file != plain_file
     monkeypatch.setenv(var, "AVX2")
-    assert _cache_file(cpu) not in (plain_file, limited_file)
+    assert cache_file(cpu) not in (plain_file, limited_file)
 
 
 def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoprec import LayerEntry, Policy
-from autoprec.trace import module_signatures, trace
+from autoprec.core import module_signatures
+from autoprec.trace import trace
 from tests import models as TM
 
 _BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -84,7 +85,7 @@ def _ops(policy: Policy) -> dict[str, str]:
 
 
 def _split(batch) -> tuple[tuple, dict]:
-    """``(args, kwargs)`` as :func:`autoprec.batch.call_model` passes ``batch``."""
+    """``(args, kwargs)`` as :func:`autoprec.core._batch.call_model` passes ``batch``."""
     if isinstance(batch, Mapping):
         return (), batch
     if isinstance(batch, (tuple, list)):

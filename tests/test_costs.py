@@ -12,10 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import autoprec
-from autoprec.costs import Curve, DeviceProfile, StepCost, layer_cost, shape_key
-from autoprec.estimates import estimate
-from autoprec.profiles import load_profile, profile_from_dict, profile_to_dict, save_profile
-from autoprec.timing import monotone
+from autoprec.device import (Curve, DeviceProfile, StepCost, estimate, layer_cost, load_profile, monotone, profile_from_dict, profile_to_dict, save_profile, shape_key)
 from autoprec.trace import Layer, trace
 
 PINNED_CPU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cpu_profile.json")

@@ -16,9 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import autoprec
 from autoprec.errors import PolicyError
-from autoprec.capture import capture
-from autoprec.flops import registered
-from autoprec.trace import trace
+from autoprec.trace import capture, registered, trace
 
 from .flopcount import DtypeFlops, measured_fraction
 from .models_coverage import BUILDERS, scan
@@ -101,9 +99,9 @@ def test_reported_fraction_is_what_runs(name):
 def test_the_measured_fraction_is_what_the_policy_ran(edit):
     """Verification counts the FLOPs its policy run computed, by operand dtype: the same count as an independent
     dispatch count of the policy's forward, op-level entries (``mixer::matmul``) included, cast or FP32."""
-    from autoprec.flops import DtypeFlops as Counted
-    from autoprec.records import low_fraction
-    from autoprec.training import default_optimizer, train_curve
+    from autoprec.policy import low_fraction
+    from autoprec.probe import default_optimizer, train_curve
+    from autoprec.trace import DtypeFlops as Counted
 
     model, batch = BUILDERS["scan"]()
     policy = autoprec.tune(model, batch, target="cuda", dtypes=["bf16"], progress=False, verify_steps=2)
@@ -128,7 +126,7 @@ def test_the_measured_fraction_is_what_the_policy_ran(edit):
 def test_a_gpu_policys_emulated_fp16_counts_as_fp16():
     """On a CPU a GPU policy's FP16 matmuls run as FP16-rounded operands in FP32 kernels: the library's count
     calls them FP16 (what the GPU runs), where a plain dispatch count sees FP32."""
-    from autoprec.flops import DtypeFlops as Counted
+    from autoprec.trace import DtypeFlops as Counted
 
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(8, 16)

@@ -44,7 +44,7 @@ def test_rmsnorm_hazard_on_cuda_is_excluded_from_fp16():
 def test_calibration_on_the_gpu_measures_every_format(tmp_path):
     """On a GPU, calibrate times FP32, FP16 and BF16 (synchronised), records the compute capability, and
     the profile file it writes prices a CUDA-target tune, which says where its figures came from."""
-    from autoprec.profiles import save_profile
+    from autoprec.device import save_profile
 
     p = autoprec.calibrate("cuda", dtypes=["fp16", "bf16"], seconds=2.0, cache=False)
     assert p.target == "cuda" and p.capability.startswith("sm_") and p.formats == ("fp32", "fp16", "bf16")

@@ -15,7 +15,7 @@ from torch import nn
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.trace import module_signatures
+from autoprec.core import module_signatures
 from tests.ranks import WORLD, run_ranks
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

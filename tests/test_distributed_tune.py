@@ -134,8 +134,7 @@ STUDIES = [(6, 0.01, 0), (40, 0.3, 2), (100, 1.0, 0)]
 
 def _study(n: int, bound: float, seed: int, ranks=None) -> dict:
     """The search's study on a synthetic problem (error k^2 / 1000): what it asked for and what each rank measured."""
-    from autoprec.search import _run_study
-    from autoprec.split_search import run_split_study
+    from autoprec.search import run_split_study, run_study
 
     measured: list[int] = []
 
@@ -157,7 +156,7 @@ def _study(n: int, bound: float, seed: int, ranks=None) -> dict:
         return cache[k]
 
     if ranks is None:
-        trials = _run_study("s", n, n // 2, evaluate, cache, value, n_trials=30, storage=None, seed=seed,
+        trials = run_study("s", n, n // 2, evaluate, cache, value, n_trials=30, storage=None, seed=seed,
                             progress=None)
     else:
         trials = run_split_study(n, n // 2, measure, cache, value, feasible, n_trials=30, seed=seed, ranks=ranks)
@@ -165,7 +164,7 @@ def _study(n: int, bound: float, seed: int, ranks=None) -> dict:
 
 
 def _studies_on_rank(rank: int) -> dict:
-    from autoprec.ranks import current
+    from autoprec.distributed import current
 
     return {spec: _study(*spec, ranks=current()) for spec in STUDIES}
 
@@ -184,7 +183,7 @@ def test_the_split_study_asks_what_one_process_asks(tmp_path):
 
 
 def _fail_on_rank_1(rank: int) -> dict:
-    from autoprec.ranks import current
+    from autoprec.distributed import current
 
     ranks = current()
     out = {"rank": ranks.rank, "world": ranks.world, "share": ranks.share(list(range(5))),

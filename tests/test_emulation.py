@@ -14,8 +14,8 @@ from torch import nn
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.emulation import rule_of, run_as_cuda
-from autoprec.training import default_optimizer, train_curve
+from autoprec.probe import default_optimizer, train_curve
+from autoprec.runtime import rule_of, run_as_cuda
 from tests.helpers import CPU_AUTOCAST_FP32, FP32_OPS, NATIVE_OPS, unit_out
 from tests.models import FNO, RMSNormModel, UnscaledAttentionModel, call_model, fno, rmsnorm_model
 
@@ -259,6 +259,6 @@ def test_call_model_unchanged_by_emulated_policy_removal():
 def test_private_torch_names_follow_their_op():
     """torch._grouped_mm is grouped_mm to CUDA's rules: cast to the region's format like every matmul (an FP32
     weight beside a BF16 activation would fail in the kernel)."""
-    from autoprec.emulation import rule_of
+    from autoprec.runtime import rule_of
 
     assert rule_of(torch._grouped_mm) == rule_of("grouped_mm") == "lower"

@@ -14,10 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprec
 from autoprec import GuardError, GuardWarning, LayerEntry, OptionError, Policy
-from autoprec.watch import _watch
 from autoprec.runtime import installed
+from autoprec.watch import _watch
 from tests.helpers import count_syncs
-from tests.models import GROWTH, FP16_MAX, growing_model, mlp, op_growing_model
+from tests.models import FP16_MAX, GROWTH, growing_model, mlp, op_growing_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,8 @@ from torch import nn
 
 import autoprec
 from autoprec import LayerEntry, Policy
+from autoprec.core import module_signatures
 from autoprec.runtime import installed
-from autoprec.trace import module_signatures
 from tests import models
 from tests.models import GROWTH, growing_model, mlp
 

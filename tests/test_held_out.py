@@ -1,4 +1,4 @@
-"""The held-out check (autoprec.held_out): tune's policy measured on data its decisions were not made on."""
+"""The held-out check (autoprec.verify._held_out): tune's policy measured on data its decisions were not made on."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import autoprec
-from autoprec.estimates import roofline
-from autoprec.held_out import leading_rows, split
+from autoprec.device import roofline
+from autoprec.verify import leading_rows, split
 
 ALWAYS_PAYS = roofline(fp32_flops=19.5e12, low_speedup=8.0, bandwidth=1e18, launch=0.0, region=0.0,
                        device="test GPU: every 16-bit layer faster")

@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from autoprec.loss_scale import _loss_table, _trajectory, search_scaler, simulate
-from autoprec.probe import HIST_HI, HIST_LO, Probe, Ranges, suggest_scale
-from autoprec.training import Curve
+from autoprec.probe import HIST_HI, HIST_LO, Probe, Ranges, Trajectory, suggest_scale
+from autoprec.search import grad_trajectory, loss_table, search_scaler, simulate
 
 
 def _probe(center_log2: int, spread: int = 6) -> Probe:
@@ -22,16 +21,16 @@ def _probe(center_log2: int, spread: int = 6) -> Probe:
     return Probe(1.0, {"fc": r}, {}, suggest_scale(gmax, 8.0), gmax, (), 0, ("fp16",))
 
 
-def _curve(slope_log2_per_step: float, steps: int = 20, jitter: float = 0.2, seed: int = 0) -> Curve:
+def _curve(slope_log2_per_step: float, steps: int = 20, jitter: float = 0.2, seed: int = 0) -> Trajectory:
     rng = np.random.default_rng(seed)
     g = 2.0 ** (slope_log2_per_step * np.arange(steps) + jitter * rng.standard_normal(steps))
-    return Curve(tuple([1.0] * steps), tuple(float(x) for x in g))
+    return Trajectory(tuple([1.0] * steps), tuple(float(x) for x in g))
 
 
-def _defaults_cost(probe: Probe, curve: Curve | None) -> float:
-    table, off = _loss_table(probe.ranges["fc"].grad_hist)
+def _defaults_cost(probe: Probe, curve: Trajectory | None) -> float:
+    table, off = loss_table(probe.ranges["fc"].grad_hist)
     ceiling = math.log2(65504 / probe.grad_absmax)
-    traj = _trajectory(curve, 1000, 0, 8.0)
+    traj = grad_trajectory(curve, 1000, 0, 8.0)
     return simulate(traj, ceiling, table, off, init_log2=math.log2(probe.loss_scale), growth_interval=2000,
                     backoff=0.5)[1]
 
@@ -42,7 +41,7 @@ def test_chosen_settings_replayed_on_a_real_grad_scaler_skip_what_was_predicted(
     simulated, skip exactly the predicted steps, and no more than torch's defaults skip there."""
     probe, curve = _probe(-30), _curve(slope)
     choice = search_scaler(probe, ["fc"], curve, n_trials=25)
-    absolute = _trajectory(curve, 1000, 0, 8.0) + math.log2(probe.grad_absmax)
+    absolute = grad_trajectory(curve, 1000, 0, 8.0) + math.log2(probe.grad_absmax)
     real = _real_scaler_skips(absolute, init_log2=math.log2(choice.init_scale),
                               growth_interval=choice.growth_interval, backoff=choice.backoff_factor)
     assert real == round(choice.skip_rate * 1000)
@@ -69,7 +68,7 @@ def test_shrinking_gradients_grow_the_scale_sooner():
 
 def test_simulation_skips_when_the_scale_overflows():
     """A scale above the overflow ceiling skips steps and backs off until it fits."""
-    table, off = _loss_table([0] * (HIST_HI - HIST_LO))
+    table, off = loss_table([0] * (HIST_HI - HIST_LO))
     skip, _ = simulate(np.zeros(100), 16.0, table, off, init_log2=20, growth_interval=1000, backoff=0.5)
     assert skip == pytest.approx(5 / 100)  # 20 -> 19 -> 18 -> 17 -> 16 -> 15: five skipped steps
 
@@ -105,7 +104,7 @@ def test_simulation_skips_the_steps_a_real_grad_scaler_skips(init_log2, growth_i
     rounding, not the scale, would decide."""
     rng = np.random.default_rng(0)
     log2_grad = np.round(slope * np.arange(60) + rng.normal(0, 1.0, 60)) + 0.5
-    table, off = _loss_table([0] * (HIST_HI - HIST_LO))
+    table, off = loss_table([0] * (HIST_HI - HIST_LO))
     skip_rate, _ = simulate(log2_grad, math.log2(65504), table, off, init_log2=init_log2,
                             growth_interval=growth_interval, backoff=backoff)
     real = _real_scaler_skips(log2_grad, init_log2=init_log2, growth_interval=growth_interval, backoff=backoff)

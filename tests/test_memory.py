@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoprec.snapshot import Snapshot
-from autoprec.isolation import private_model
+from autoprec.probe import Snapshot
+from autoprec.tuning import private_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

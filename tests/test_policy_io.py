@@ -10,10 +10,18 @@ import pytest
 import torch
 
 import autoprec
-from autoprec.validate import FIX as FIX_TEXT
+from autoprec.core import FIX as FIX_TEXT
 from tests.helpers import cached
-from tests.models import (CNN, MLP, call_model, mlp, rmsnorm_model, transformer_block, underflow_model,
-                          underflow_optimizer)
+from tests.models import (
+    CNN,
+    MLP,
+    call_model,
+    mlp,
+    rmsnorm_model,
+    transformer_block,
+    underflow_model,
+    underflow_optimizer,
+)
 
 
 @cached

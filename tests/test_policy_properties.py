@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import autoprec
 from autoprec import LayerEntry, Policy, ScalerSettings, StepSpeed, Verification
+from autoprec.core import FIX
 from autoprec.policy import SCHEMA_VERSION
-from autoprec.validate import FIX
 from tests.models import transformer_block
 
 PRECISIONS = ("fp32", "fp16", "bf16")

@@ -156,7 +156,7 @@ def test_sdpa_on_the_math_kernel_counts_as_computing_in_fp32(learned, emulate_cu
     """On the CPU, an SDPA whose mask requires grad runs torch's math kernel, which computes BF16 inputs in FP32:
     the probe's measurement says it computes in FP32 itself (no gain, no claim of 16-bit FLOPs). A constant mask
     runs the BF16 flash kernel; emulating CUDA, the GPU's kernel choice is not the CPU's, so no claim is made."""
-    from autoprec.passes import Measure
+    from autoprec.probe import Measure
 
     torch.manual_seed(0)
     model, x = _BiasAttention(learned), torch.randn(4, 8, 32)

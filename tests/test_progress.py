@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 import autoprec
-from autoprec._memory import PeakMemory
-from autoprec._progress import Progress
+from autoprec.tuning import PeakMemory, Progress
 
 
 class _Bars:

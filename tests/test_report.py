@@ -17,8 +17,7 @@ from html.parser import HTMLParser
 import pytest
 
 import autoprec
-from autoprec.report_facts import CELL
-from autoprec.report_html import LABEL_CHAR_PX, LABEL_MAX_CHARS
+from autoprec.report import CELL, LABEL_CHAR_PX, LABEL_MAX_CHARS
 from tests.models import scatter_gnn, transformer_block
 
 _TUNED: dict[str, autoprec.Policy] = {}

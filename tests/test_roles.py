@@ -1,8 +1,7 @@
-"""Structure sharing in the probe (``autoprec.roles``): roles of repeated blocks are probed as groups, split where
+"""Structure sharing in the probe (``autoprec.probe._roles``): roles of repeated blocks are probed as groups, split where
 a member differs, and ``tune`` decides every layer as it does probing each layer alone, in fewer passes."""
 
 from __future__ import annotations
-
 
 import pytest
 import torch
@@ -10,11 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoprec
-from autoprec.probe import Runner, probe
-from autoprec.roles import Sharing, role_of, roles
+from autoprec.probe import Runner, Sharing, probe, role_of, roles
 from autoprec.trace import trace
-from tests.models import HAZARD_FACTORIES
 from tests.helpers import cached, forward_backward, rel_errors
+from tests.models import HAZARD_FACTORIES
 
 
 class _Block(nn.Module):

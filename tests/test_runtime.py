@@ -15,9 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 import autoprec
 from autoprec import LayerEntry, Policy
-from autoprec.modules import canonical_modules, class_name
+from autoprec.core import canonical_modules, class_name, module_signatures
 from autoprec.runtime import installed
-from autoprec.trace import module_signatures, trace
+from autoprec.trace import trace
 from tests.models import transformer_block
 from tests.observe import record_precision
 
@@ -192,8 +192,8 @@ def test_instance_level_forward_patch_is_respected():
 
 def test_install_cost_is_one_plan_then_one_swap_per_module(monkeypatch):
     """The first apply walks the model once; entering the context again reuses the plan: work O(modules)."""
-    import autoprec.apply as apply_mod
-    import autoprec.runtime as runtime_mod
+    import autoprec.runtime._apply as apply_mod
+    import autoprec.runtime._runtime as runtime_mod
 
     blocks = 750  # 3001 modules
     model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.LayerNorm(4)) for _ in range(blocks)])
@@ -220,7 +220,8 @@ _THREADS = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from tests.models import transformer_block
     from autoprec import LayerEntry, Policy
-    from autoprec.trace import module_signatures, trace
+    from autoprec.core import module_signatures
+    from autoprec.trace import trace
     torch.manual_seed(0)
     model, batch, _ = transformer_block()
     tr = trace(model, batch, device_type="cpu")

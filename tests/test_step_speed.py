@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import autoprec
 from autoprec import LayerEntry, Policy, StepSpeed
+from autoprec.report import UNPROVEN, clearly_faster, first_failure, speed_lines, unproven
 from autoprec.search import Decision
-from autoprec.speed_lines import UNPROVEN, clearly_faster, first_failure, speed_lines, unproven
-from autoprec.step_speed import Race, adopt, blanket, choose, measured_record
+from autoprec.verify import Race, adopt, blanket, choose, measured_record
 from tests.models import mlp, rotary_model
 
 FAST, SLOW = (0.010, 0.0101, 0.0102), (0.013, 0.0131, 0.0132)
@@ -200,9 +200,8 @@ def test_timed_tune_says_why_blanket_bf16_fails_first(timed):
 def test_retime_times_the_shipped_policy_and_says_why(one_thread):
     """After a back-off the shipped policy is timed again beside FP32 and autocast; the note says why; the
     weights are restored."""
-    from autoprec.snapshot import Snapshot
-    from autoprec.step_speed import retime
-    from autoprec.training import default_optimizer
+    from autoprec.probe import Snapshot, default_optimizer
+    from autoprec.verify import retime
 
     model, batch, loss_fn = mlp()
     before = [p.detach().clone() for p in model.parameters()]

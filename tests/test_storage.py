@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 import autoprec
-from autoprec.storage import open_storage
+from autoprec.search import open_storage
 from tests.models import transformer_block
 
 

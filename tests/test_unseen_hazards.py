@@ -7,7 +7,7 @@ no margin depends on; its errors are 7-15x under the bound), and the hazard itse
 rounding the producer's output to FP16 flips a route (a softmax winner, a top-2 set) or wipes out a
 row's variance on some of ``draw(1..20)`` and not on ``draw(0)``. And tune's own policy, tuned on
 ``draw(0)``, holds on those batches with a 16-bit fraction at least 0.9 of the careful policy's (issue 25:
-the producers of an amplifying op are measured against it, :mod:`autoprec.amplify`; the margins are large
+the producers of an amplifying op are measured against it, :mod:`autoprec.probe._amplify`; the margins are large
 by construction: a flip or a wiped row is an error of order 1, the bound 0.05).
 """
 

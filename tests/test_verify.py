@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import autoprec
+from autoprec.probe import default_optimizer, train_curve
 from autoprec.search import Decision
-from autoprec.training import default_optimizer, train_curve
 from autoprec.verify import compare, judge, verify
 from tests.models import mlp, rmsnorm_model, underflow_model, underflow_optimizer, unverifiable_tanh
 

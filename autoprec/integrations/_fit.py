@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import PolicyError
-from ..policy import Policy
+from ..policy._policy import Policy
 
 __all__ = ["fitting_module"]
 
@@ -15,7 +15,7 @@ def fitting_module(policy: Policy, module: nn.Module) -> nn.Module:
 
     Example:
         >>> import torch
-        >>> from autoprec.trace import module_signatures
+        >>> from autoprec.core import module_signatures
         >>> inner = torch.nn.Sequential(torch.nn.Linear(2, 2))
         >>> outer = torch.nn.Module(); outer.model = inner
         >>> p = Policy(layers={}, modules=module_signatures(inner))

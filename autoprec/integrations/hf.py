@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from ..errors import OptionError
-from ..policy import Policy
+from ..policy._policy import Policy
 from ..watch import Guard
 from . import _missing
 from ._fit import fitting_module

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionError
-from ..policy import Policy
+from ..policy._policy import Policy
 from ..watch import Guard
 from . import _missing
 from ._fit import fitting_module

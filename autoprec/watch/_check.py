@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..apply import apply
-from ..batch import call_model, compute_loss
-from ..formats import LOW_PRECISIONS
-from ..policy import NOISE_MULTIPLE, Policy
+from ..core._batch import call_model, compute_loss
+from ..core._formats import LOW_PRECISIONS
+from ..policy._policy import NOISE_MULTIPLE, Policy
+from ..runtime._apply import apply
 
 __all__ = ["BASELINE", "CHECK_FACTOR", "TREND", "Check", "Verdict", "gap_of", "judge_gaps"]
 

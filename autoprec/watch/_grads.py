@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..formats import info
+from ..core._formats import info
 
 __all__ = ["ScalerReading", "grad_misfit", "hook_grad", "num", "scale_of"]
 

@@ -11,13 +11,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..apply import Handle, _device_type, watched
+from ..core._formats import LOW_PRECISIONS, cuda_bf16_native, info
 from ..errors import GuardError, GuardWarning, OptionError, PolicyError
-from ..formats import LOW_PRECISIONS, cuda_bf16_native, info
-from ..policy import Policy, ScalerSettings
+from ..policy._policy import Policy, ScalerSettings
+from ..runtime._apply import Handle, _device_type, watched
 from ._check import CHECK_FACTOR, Check, Verdict, judge_gaps
 from ._events import ACTIONS, GuardEvent
-from ._grads import ScalerReading, grad_misfit, num as _num, scale_of, scaler_reset
+from ._grads import ScalerReading, grad_misfit, scale_of, scaler_reset
+from ._grads import num as _num
 from ._watch import Watch
 
 __all__ = ["DEFAULT_HEADROOM", "DEFAULT_LOSS_BOUND", "Guard", "guard"]

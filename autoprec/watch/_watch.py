@@ -2,9 +2,9 @@
 
 Each watched layer owns one row ``[max |out|, non-finite forward passes, max finite |grad|, non-finite
 backward passes]`` of one small device tensor. A layer is a unit module or an op entry
-(``module.path::op``, a functional op in a module's own code): :func:`autoprec.apply.watched` calls its
+(``module.path::op``, a functional op in a module's own code): :func:`autoprec.runtime._apply.watched` calls its
 observer with the raw 16-bit output, a unit's at the end of its region, an op entry's in
-:func:`autoprec.opmodes.run_op` as the op's region returns (once per call: an op called in a loop counts
+:func:`autoprec.runtime._opmodes.run_op` as the op's region returns (once per call: an op called in a loop counts
 each call as a pass). The observer reduces the output once, ``aminmax`` (its min and max: one pass, no
 temporary, no host sync); when the output is FP16 and requires grad it also hooks it, and backward reduces
 the gradient w.r.t. it the same way (:mod:`autoprec.watch._grads`). Eager, that is all a pass costs: the

@@ -1,0 +1,116 @@
+"""Casting tensors for a precision region: the arguments down to its format, the outputs back.
+
+Plain tensors take a fast path (pytree's per-call cost is larger than a small layer's kernel);
+containers go through :mod:`torch.utils._pytree`. FP16 on a CPU is emulated the way GPU tensor
+cores run it: operands rounded to FP16, products accumulated in FP32, the result rounded to FP16.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+from ..core._formats import to_dtype
+
+__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "emulated", "emulating_fp16", "first_float_dtype",
+           "first_float_dtype_in", "has_low", "round16"]
+
+LOW = (torch.float16, torch.bfloat16)
+CONTAINERS = (list, tuple, dict)
+
+
+def first_float_dtype(tree: Any) -> torch.dtype | None:
+    for t in pytree.tree_leaves(tree):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def first_float_dtype_in(args: tuple, kwargs: dict) -> torch.dtype | None:
+    """The first floating dtype among the arguments (plain tensors first-class; containers via pytree)."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                return a.dtype
+        elif isinstance(a, CONTAINERS):
+            found = first_float_dtype(a)
+            if found is not None:
+                return found
+    return None
+
+
+def cast_tree(tree: Any, dtype: torch.dtype | None) -> Any:
+    if dtype is None:
+        return tree
+    if isinstance(tree, torch.Tensor):  # the common case, without pytree's per-call cost
+        return tree.to(dtype) if tree.is_floating_point() and tree.dtype != dtype else tree
+    return pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t,
+        tree)
+
+
+def cast_args(args: tuple, kwargs: dict, dtype: torch.dtype) -> tuple[tuple, dict]:
+    """Cast the floating tensors among the arguments to ``dtype``."""
+    args = tuple(a if not isinstance(a, (torch.Tensor, *CONTAINERS)) else cast_tree(a, dtype) for a in args)
+    if kwargs:
+        kwargs = {k: v if not isinstance(v, (torch.Tensor, *CONTAINERS)) else cast_tree(v, dtype)
+                  for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def has_low(args: tuple, kwargs: dict) -> bool:
+    """Whether any floating tensor among the arguments is 16-bit (top level first: the common case)."""
+    nested = False
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.dtype in LOW:
+                return True
+        elif isinstance(a, CONTAINERS):
+            nested = True
+    return nested and any(isinstance(t, torch.Tensor) and t.dtype in LOW
+                          for t in pytree.tree_leaves((args, kwargs)))
+
+
+def round16(tree: Any) -> Any:
+    """Round floating tensors to FP16 values but keep them FP32 (emulated tensor-core operands)."""
+    return pytree.tree_map(
+        lambda t: t.to(torch.float16).to(torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        tree)
+
+
+def emulated(func: Callable, args: tuple, kwargs: dict) -> Any:
+    counted = not torch.compiler.is_compiling()  # eager runs only: a FLOP count never runs compiled
+    if counted:
+        _EMULATING.depth = getattr(_EMULATING, "depth", 0) + 1
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            out = func(*round16(args), **round16(kwargs))
+    finally:
+        if counted:
+            _EMULATING.depth -= 1
+    return cast_tree(out, torch.float16)
+
+
+#: ``depth`` > 0 while :func:`emulated` runs an op on FP16-rounded operands (for a FLOP count by dtype)
+_EMULATING = threading.local()
+
+
+def emulating_fp16() -> bool:
+    """Whether this thread is inside :func:`emulated`: FP32 kernels on FP16-rounded operands, as tensor cores.
+
+    Example:
+        >>> emulating_fp16()
+        False
+    """
+    return getattr(_EMULATING, "depth", 0) > 0
+
+
+def autocast_for(device_type: str, precision: str, emulate: bool) -> torch.autocast:
+    if precision == "fp32" or emulate:
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=to_dtype(precision))
+
+
