@@ -1,7 +1,7 @@
 """Doctest collection skips the integrations whose optional framework is not installed; tests and
 doctests price formats with a fixed device profile, not with timings of a busy machine, and ``tune``
 times no training steps unless a test asks for it (``measure_speed=True``): the measured step race
-(:mod:`autoprec.step_speed`) may change what ships, and a test's decisions must not hang on timings."""
+(:mod:`autoprec.verify._step_speed`) may change what ships, and a test's decisions must not hang on timings."""
 
 import importlib.util
 import os
@@ -25,8 +25,8 @@ def _pinned_device_profile(tmp_path_factory):
     CUDA targets check numerical decisions on small models; tests of the cost model pass their
     profile). Any calibration caches into a temporary directory. ``$AUTOPREC_MEASURE_SPEED=0``: tune's
     step timing is off by default (a test that checks it passes ``measure_speed=True``)."""
-    from autoprec.estimates import compute_bound
-    from autoprec.profiles import save_profile
+    from autoprec.device import compute_bound
+    from autoprec.device import save_profile
 
     cuda = str(tmp_path_factory.mktemp("profiles") / "cuda_no_call_costs.json")
     save_profile(compute_bound(device="test GPU: roofline, no per-call costs"), cuda)
