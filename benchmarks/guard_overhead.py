@@ -26,7 +26,7 @@ SGD; ``apply ms`` / ``guard ms`` medians of interleaved rounds of ``--steps`` st
 us/layer`` the difference per 16-bit layer and step. The watch's work per 16-bit layer and forward is
 fixed (eager: one ``aminmax`` over the output, its fold into the statistics deferred to the read, where
 a fixed number of ops folds every pass of every layer; compiled: the ``aminmax`` and a few 0-dim ops in
-the graph: ``tests/test_guard.py`` counts them), so the overhead is largest at small widths.
+the graph: ``tests/watch/test_guard.py`` counts them), so the overhead is largest at small widths.
 
 ``syncs/50 steps``: the guard's host reads over 50 steps (``autoprec.guard._watch._host`` counted).
 

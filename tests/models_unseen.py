@@ -195,7 +195,7 @@ def small_variance_case(seed: int = 0, batch_size: int = 256, d_in: int = 128, d
     than others: their standard deviation is ~0.01-0.1 on a mean of ~100, and the LayerNorm divides the
     producer's rounding by it. In FP16 (spacing 0.0625 at 100) the quietest row of ``draw(0)`` (the batch
     the benchmark tunes on) loses 0.23 of its normalised output (RMS), that of 8 of ``draw(1..20)``
-    more than 0.5, up to 1.07 (``tests/test_unseen_hazards.py`` checks the count in FP64).
+    more than 0.5, up to 1.07 (``tests/verify/test_unseen_hazards.py`` checks the count in FP64).
 
     Example:
         >>> case = small_variance_case()

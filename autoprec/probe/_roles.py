@@ -14,7 +14,7 @@ member's; independent roundings add (in quadrature, or linearly where they are c
 member alone is expected to err less than the group, and the margin (4: the group must sit at a
 quarter of the bound) covers what partial cancelling and measurement noise could take back. On a
 4-block GPT-2 every grouped member's gradient error alone was below its group's, about
-``1 / sqrt(n)`` of it (``tests/test_roles.py``); loss errors there are one FP32 ulp of the loss
+``1 / sqrt(n)`` of it (``tests/probe/test_roles.py``); loss errors there are one FP32 ulp of the loss
 either way. The row of each member records the role and how many layers were cast
 (:class:`autoprec.probe._passes.Measurement` ``group``, ``members``): it is a bound, not the member's own
 figure, and the report says so. The search allows a format on that bound; to order the layers it

@@ -9,7 +9,7 @@ read with the forward passes; traced: and a few 0-dim ops), no host sync; the re
 forward figures. Activation checkpointing: the hook sits on the output that
 backward flows through (non-reentrant: the original; reentrant: the recomputed one), so each backward
 pass counts once. ``torch.compile(fullgraph=True)``: the hook traces without a graph break
-(``tests/test_guard_grads.py``).
+(``tests/watch/test_guard_grads.py``).
 
 Scaler: the scale is read at each read, in the same host copy as the table (the scaler's ``_scale``
 tensor); the steps it skipped since the last read are counted from the scale's fall, as

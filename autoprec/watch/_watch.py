@@ -12,7 +12,7 @@ two 0-dim results wait in a list, and :meth:`Watch.fold` folds every waiting pas
 table at once, a fixed number of device ops (:func:`_fold`), at the read (or when
 :data:`PENDING_LIMIT` passes wait). Traced by ``torch.compile`` the observer folds each pass into its row in
 the graph (a few 0-dim ops that Inductor fuses), so the graph has no side effect on Python state; both
-folds give the same figures (``tests/test_guard.py``). BF16 outputs are
+folds give the same figures (``tests/watch/test_guard.py``). BF16 outputs are
 not hooked, and their rows' gradient columns stay 0: BF16 has FP32's exponent range (largest finite
 3.39e38, smallest normal 1.18e-38), so a gradient that overflows BF16 overflows FP32 too and no
 promotion fixes it, and BF16 runs without a GradScaler (no scale to collapse); what BF16 loses is

@@ -29,7 +29,7 @@ from torch import nn
 import autoprec
 from tests.helpers import assert_same, seed_globals, snapshot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tuned for a GPU target in BF16: on the CPU profile layers this small gain nothing and stay FP32
 KW = {"progress": False, "verify_steps": 0, "target": "cuda", "dtypes": ["bf16"]}
 # a bound tight enough that the search has a real optimum: some layers cast, some kept FP32 for the
@@ -229,7 +229,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 import torch
 torch.set_num_threads(1)  # as in the parent: the same arithmetic, so the same measurements
-import tests.test_interrupt_resume as T
+import tests.search.test_interrupt_resume as T
 import autoprec
 
 def slow_loss(out, batch):

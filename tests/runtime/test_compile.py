@@ -24,7 +24,7 @@ from autoprec.core import module_signatures
 from autoprec.trace import trace
 from tests import models as TM
 
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "benchmarks")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,8 +18,8 @@ import autoprec
 from autoprec.errors import PolicyError
 from autoprec.trace import capture, registered, trace
 
-from .flopcount import DtypeFlops, measured_fraction
-from .models_coverage import BUILDERS, scan
+from tests.flopcount import DtypeFlops, measured_fraction
+from tests.models_coverage import BUILDERS, scan
 
 _TUNED: dict[str, tuple[autoprec.Policy, nn.Module, torch.Tensor]] = {}
 

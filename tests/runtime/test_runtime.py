@@ -253,7 +253,7 @@ def test_threads_run_one_model_with_a_policy_cleanly():
     """4 threads x 40 forwards of one model with a policy: identical outputs, no state left, clean exit."""
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for _ in range(2):  # the old runtime aborted at exit in 4 of 6 runs
         done = subprocess.run([sys.executable, "-c", _THREADS.format(root=root, n=40)], capture_output=True,
                               text=True, timeout=300)

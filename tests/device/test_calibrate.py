@@ -17,7 +17,7 @@ import autoprec
 from autoprec.device import (cache_dir, calibrate, estimate, load_profile, machine, profile_from_dict, profile_to_dict, save_profile, shape_key, with_layers)
 from autoprec.trace import trace
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = 1e-3  # seconds: only the minimal set of figures gets measured
 PINNED_CPU = os.path.join(ROOT, "tests", "data", "cpu_profile.json")
 

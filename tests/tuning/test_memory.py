@@ -15,7 +15,7 @@ from torch import nn
 from autoprec.probe import Snapshot
 from autoprec.tuning import private_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_private_model_shares_the_callers_storage_not_its_objects():

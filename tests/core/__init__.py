@@ -1,0 +1,1 @@
+"""Tests of the up-front checks of tune's inputs (``autoprec/core/``)."""

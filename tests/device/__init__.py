@@ -1,0 +1,1 @@
+"""Tests of device profiles and the cost model (``autoprec/device/``)."""

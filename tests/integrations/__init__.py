@@ -1,0 +1,1 @@
+"""Tests of Lightning and Hugging Face (``autoprec/integrations/``)."""

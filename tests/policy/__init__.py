@@ -1,0 +1,1 @@
+"""Tests of stage 4, the policy and its file (``autoprec/policy/``)."""

@@ -1,0 +1,1 @@
+"""Tests of stage 2, probe (``autoprec/probe/``)."""

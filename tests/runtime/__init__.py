@@ -1,0 +1,1 @@
+"""Tests of stage 5, the runtime (eager, compiled, emulated) (``autoprec/runtime/``)."""

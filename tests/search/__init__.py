@@ -1,0 +1,1 @@
+"""Tests of stage 3, search and its storage (``autoprec/search/``)."""

@@ -1,0 +1,1 @@
+"""Tests of autoprec.tune as a whole (``autoprec/tuning/``)."""

@@ -1,0 +1,1 @@
+"""Tests of stage 6, verification, the held-out check and step speed (``autoprec/verify/``)."""
