@@ -143,3 +143,22 @@ def test_no_string_registry_behind_the_policys_methods():
     effects, so they work whichever modules were imported first."""
     source = (ROOT / "policy" / "_policy.py").read_text()
     assert "register_stage" not in source and "_STAGES" not in source
+
+
+def test_the_tests_mirror_the_packages():
+    """Each stage package has its tests in ``tests/<package>/``; no test module imports another test module (shared
+    helpers live in ``tests/models.py``, ``tests/helpers.py`` and the like)."""
+    tests = pathlib.Path(__file__).resolve().parent
+    have = {p.name for p in tests.iterdir() if (p / "__init__.py").exists()}
+    assert set(STAGES) <= have, sorted(set(STAGES) - have)
+    assert have <= set(STAGES), sorted(have - set(STAGES))
+    for path in tests.rglob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module
+            elif isinstance(node, ast.Import):
+                module = node.names[0].name
+            else:
+                continue
+            own = ".".join(path.relative_to(tests.parent).with_suffix("").parts)
+            assert not (module.split(".")[-1].startswith("test_") and module != own), f"{path.name} imports {module}"
