@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 
 from ..errors import BatchError
 
-__all__ = ["LossFn", "call_model", "compute_loss", "split_batches", "surrogate_loss", "batch_to", "seed_rng"]
+__all__ = ["LossFn", "call_model", "compute_loss", "split_batches", "surrogate_loss", "batch_to", "seed_rng", "leading_rows"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -125,3 +125,17 @@ def batch_to(batch: Any, device: torch.device) -> Any:
         'cpu'
     """
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+
+
+def leading_rows(batch: Any) -> int | None:
+    """The leading size every tensor of ``batch`` with a dimension shares (0-d tensors and other values
+    ride along), or None where they differ or there is none.
+
+    Example:
+        >>> leading_rows({"x": torch.ones(8, 3), "y": torch.ones(8), "t": torch.tensor(2.0)})
+        8
+        >>> leading_rows((torch.ones(8, 3), torch.ones(2, 30))) is None
+        True
+    """
+    sizes = {t.shape[0] for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0}
+    return sizes.pop() if len(sizes) == 1 else None

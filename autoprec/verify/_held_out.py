@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-from ..core._batch import LossFn
+from ..core._batch import LossFn, leading_rows
 from ..core._checks import check_batch
 from ..errors import AutoprecError
 from ..policy._records import HeldOut
@@ -37,7 +37,7 @@ from ..probe._probe import Probe, Runner
 from ..probe._reductions import errors
 from ..search._search import Decision, Tolerance
 
-__all__ = ["DEFAULT_FRACTION", "Checked", "Split", "accepts_part", "backoff_order", "check", "leading_rows", "split"]
+__all__ = ["DEFAULT_FRACTION", "Checked", "Split", "accepts_part", "backoff_order", "check", "split"]
 
 #: the share of what ``tune`` is given that it holds out by default
 DEFAULT_FRACTION = 0.25
@@ -55,20 +55,6 @@ class Split:
     def record(self) -> HeldOut | None:
         """The record of a split that held nothing out (None where something was)."""
         return None if self.held else HeldOut("", skipped=self.skipped)
-
-
-def leading_rows(batch: Any) -> int | None:
-    """The leading size every tensor of ``batch`` with a dimension shares (0-d tensors and other values
-    ride along), or None where they differ or there is none.
-
-    Example:
-        >>> leading_rows({"x": torch.ones(8, 3), "y": torch.ones(8), "t": torch.tensor(2.0)})
-        8
-        >>> leading_rows((torch.ones(8, 3), torch.ones(2, 30))) is None
-        True
-    """
-    sizes = {t.shape[0] for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0}
-    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _rows(batch: Any, start: int, stop: int) -> Any:

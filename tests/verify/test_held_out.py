@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 import autoprec
+from autoprec.core import leading_rows
 from autoprec.device import roofline
-from autoprec.verify import leading_rows, split
+from autoprec.verify import split
 
 ALWAYS_PAYS = roofline(fp32_flops=19.5e12, low_speedup=8.0, bandwidth=1e18, launch=0.0, region=0.0,
                        device="test GPU: every 16-bit layer faster")
