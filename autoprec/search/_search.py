@@ -42,7 +42,7 @@ from ..device._costs import DeviceProfile, StepCost, cost_note, layer_cost
 from ..distributed._ranks import Ranks
 from ..probe._probe import Probe
 from ..probe._records import Measurement, Ranges
-from ..trace._trace import Trace
+from ..trace._trace import Layer, Trace
 from ._decisions import decide, fmt_err
 from ._records import Decision, Ranked, Tolerance
 from ._split import run_split_study
@@ -282,44 +282,18 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     if key in probe.skipped:
         return [], "", Decision(key, "fp32", "no gain", f"{probe.skipped[key]}; "
                                                     f"{cost_note(layer, probe.formats, profile)}"), list(probe.formats)
-    base = layer_cost(layer, "fp32", profile)
     ok, failures, slower = [], [], []
     for fmt in probe.formats:
         m = probe.get(key, fmt)
-        rng = probe.ranges.get(key)
         if m is None:
             continue
-        if m.error is not None:
-            failures.append((0, fmt, "cannot run", f"{fmt}: {m.error}"))
-        elif m.nonfinite > (rng.nonfinite if rng else 0) or not m.finite:
-            what = f"{m.nonfinite} non-finite outputs" if m.nonfinite else "non-finite loss/gradients"
-            if rng is not None and rng.nonfinite:
-                what += f" (FP32: {rng.nonfinite})"
-            failures.append((1, fmt, "overflow", f"{fmt}: {what} (FP32 |out| max {rng.out_absmax:.4g})"
-                             if rng else f"{fmt}: {what}"))
-        elif rng is not None and rng.out_absmax * headroom > info(fmt).max:
-            failures.append((2, fmt, "range", f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
-                                              f"{headroom:g} exceeds {info(fmt).max:.4g}"))
-        elif m.amp > tol.grad:  # its rounding grows in an op it feeds: the tuning batch's error says little
-            failures.append((3, fmt, "amplified", f"{fmt}: {m.amplified()} > bound {tol.grad:g}"))
-        elif m.loss_err > tol.loss or m.grad_err > tol.grad:
-            what = "error at loss" if m.loss_err > tol.loss else "error at gradients"
-            bound = tol.loss if m.loss_err > tol.loss else tol.grad
-            lost = _underflow(probe, rng, fmt)
-            if lost >= 0.01:  # the error comes with values flushed to zero: name the cause
-                what = "underflow"
-            note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
-            failures.append((3, fmt, what, f"{fmt}: {fmt_err(m)} > bound {bound:g}{note}"))
-        elif m.full_width:
-            failures.append((9, fmt, "no gain", f"{fmt}: it computes in FP32 itself in a {fmt} region (its output "
-                                                 "comes back FP32, or torch runs it on a kernel that computes "
-                                                 "16-bit inputs in FP32): 16-bit would only add casts; "
-                                                 f"{cost_note(layer, (fmt,), profile)}"))
-        elif layer_cost(layer, fmt, profile) >= base:  # never chosen for speed where it is not faster
-            failures.append((9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}"))
-            slower.append(fmt)
-        else:
+        failure = _refusal(layer, fmt, m, probe, profile, tol, headroom)
+        if failure is None:
             ok.append(fmt)
+            continue
+        failures.append(failure)
+        if failure[0] == 9 and not m.full_width:  # "no gain" not for computing in FP32 itself: not faster alone
+            slower.append(fmt)
     failures.sort()
     for rank, fmt, why, text in failures:
         if rank < 9:  # a numerical failure, not "no gain"
@@ -334,6 +308,41 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     hazard = ", ".join(layer.hazards)
     detail = f"[{hazard}] {refused}" if hazard else refused
     return [], refused, Decision(key, "fp32", reason, detail, excluded=reason != "no gain"), slower
+
+
+def _refusal(layer: Layer, fmt: str, m: Measurement, probe: Probe, profile: DeviceProfile, tol: Tolerance,
+             headroom: float) -> tuple[int, str, str, str] | None:
+    """Why ``layer`` may not run in ``fmt`` as ``(rank, fmt, reason, detail)``, rank below 9 for a numerical
+    failure (the lowest names the layer's reason) and 9 for no gain; ``None`` where it may."""
+    rng = probe.ranges.get(layer.key)
+    if m.error is not None:
+        return (0, fmt, "cannot run", f"{fmt}: {m.error}")
+    if m.nonfinite > (rng.nonfinite if rng else 0) or not m.finite:
+        what = f"{m.nonfinite} non-finite outputs" if m.nonfinite else "non-finite loss/gradients"
+        if rng is not None and rng.nonfinite:
+            what += f" (FP32: {rng.nonfinite})"
+        return (1, fmt, "overflow", f"{fmt}: {what} (FP32 |out| max {rng.out_absmax:.4g})" if rng else f"{fmt}: {what}")
+    if rng is not None and rng.out_absmax * headroom > info(fmt).max:
+        return (2, fmt, "range", (f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
+                                  f"{headroom:g} exceeds {info(fmt).max:.4g}"))
+    if m.amp > tol.grad:  # its rounding grows in an op it feeds: the tuning batch's error says little
+        return (3, fmt, "amplified", f"{fmt}: {m.amplified()} > bound {tol.grad:g}")
+    if m.loss_err > tol.loss or m.grad_err > tol.grad:
+        what = "error at loss" if m.loss_err > tol.loss else "error at gradients"
+        bound = tol.loss if m.loss_err > tol.loss else tol.grad
+        lost = _underflow(probe, rng, fmt)
+        if lost >= 0.01:  # the error comes with values flushed to zero: name the cause
+            what = "underflow"
+        note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
+        return (3, fmt, what, f"{fmt}: {fmt_err(m)} > bound {bound:g}{note}")
+    if m.full_width:
+        return (9, fmt, "no gain", (f"{fmt}: it computes in FP32 itself in a {fmt} region (its output "
+                                    "comes back FP32, or torch runs it on a kernel that computes "
+                                    "16-bit inputs in FP32): 16-bit would only add casts; "
+                                    f"{cost_note(layer, (fmt,), profile)}"))
+    if layer_cost(layer, fmt, profile) >= layer_cost(layer, "fp32", profile):  # never chosen for speed where not faster
+        return (9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}")
+    return None
 
 
 def run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[float, float, bool]],
