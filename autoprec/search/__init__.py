@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ._loss_scale import grad_trajectory, loss_table, search_scaler, simulate
-from ._search import Decision, SearchResult, Tolerance, run_study, search
+from ._records import Decision, Tolerance
+from ._search import SearchResult, run_study, search
 from ._split import run_split_study
 from ._storage import open_storage
 

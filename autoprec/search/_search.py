@@ -41,41 +41,19 @@ from ..core._formats import info
 from ..device._costs import DeviceProfile, StepCost, cost_note, layer_cost
 from ..distributed._ranks import Ranks
 from ..probe._probe import Probe
-from ..trace._trace import Trace
+from ..probe._records import Measurement, Ranges
+from ..trace._trace import Layer, Trace
+from ._decisions import decide, fmt_err
+from ._records import Decision, Ranked, Tolerance
+from ._split import run_split_study
 from ._storage import open_storage
 
 __all__ = ["Tolerance", "Decision", "SearchResult", "search", "run_study"]
 
 log = logging.getLogger("autoprec.search")
 
-Measure = Callable[[Mapping[str, str]], "tuple[float, float, bool]"]
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The error bound: relative error at the loss and relative L2 error of the gradients."""
-
-    loss: float = 0.01
-    grad: float = 0.05
-
-    def within(self, loss_err: float, grad_err: float) -> bool:
-        """Whether both errors are inside the bound."""
-        return loss_err <= self.loss and grad_err <= self.grad
-
-    def score(self, loss_err: float, grad_err: float) -> float:
-        """The larger of the two errors as a fraction of its bound (1.0 = at the bound)."""
-        return max(loss_err / self.loss, grad_err / self.grad)
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The format of one layer and why."""
-
-    key: str
-    precision: str
-    reason: str                  # "cast", or why the layer stays FP32
-    detail: str = ""             # the measured numbers behind the reason
-    excluded: bool = False       # kept in FP32 for a numerical reason (not merely no speed gain)
+Result = tuple[float, float, bool]   # (loss_err, grad_err, finite) of one assignment against FP32
+Measure = Callable[[Mapping[str, str]], Result]
 
 
 @dataclass(frozen=True)
@@ -100,14 +78,182 @@ class SearchResult:
         return {k: d.precision for k, d in self.decisions.items()}
 
 
-def _fmt_err(m) -> str:
-    text = f"loss err {m.loss_err:.3g}, grad err {m.grad_err:.3g}"
-    if m.members > 1:  # a role's group measurement: a bound on this layer's own error
-        text += f" (at most: {m.members} layers of role {m.group} cast at once)"
-    return text
+def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfile, tolerance: Tolerance,
+           headroom: float = 8.0, n_trials: int = 30, storage: str | None = None, seed: int = 0,
+           progress: Callable[[int, int], None] | None = None, ranks: Ranks | None = None) -> SearchResult:
+    """Assign a format to every layer (see the module docstring for how).
+
+    ``measure(assignment)`` runs one forward+backward under an assignment and returns
+    ``(loss_err, grad_err, finite)`` against FP32. With ``ranks`` of several processes the trials'
+    passes are split across them (:mod:`autoprec.search._split`; no ``storage`` then) and every
+    rank returns the result one process would. ``progress(i, n)`` states the plan before the first
+    trial (``n`` trials in all, ``i`` of them done already by a resumed study), then counts each trial.
+    """
+    ranked = _rank(trace, probe, profile, tolerance, headroom)
+    space = _Space(trace, ranked, profile, measure)
+    trials = _study(trace, probe, ranked, space, tolerance, n_trials=n_trials, storage=storage, seed=seed,
+                    progress=progress, ranks=ranks)
+    k_best, passed, runner_up = _pick(space, tolerance)
+    loss_err, grad_err, _ = space.evaluate(k_best)  # k = 0 unmeasured: FP32 itself, which enters the history
+    decisions = decide(trace, probe, profile, ranked, k_best, passed, space.cost, space.assignment(k_best),
+                       space.edges)
+    history = tuple(sorted((k, space.cost(k), v[0], v[1]) for k, v in space.measured.items()))
+    log.info("search: %d open layers, %d trials, cast %d, loss err %.3g, grad err %.3g",
+             len(ranked.units), trials, k_best, loss_err, grad_err)
+    return SearchResult(decisions=decisions, order=ranked.order, k=k_best, trials=trials,
+                        loss_err=loss_err, grad_err=grad_err, cost=space.cost(k_best),
+                        cost_fp32=space.cost_fp32, history=history, runner_up=runner_up, unsafe=ranked.unsafe)
 
 
-def _estimate(tolerance: Tolerance, m) -> float:
+def _rank(trace: Trace, probe: Probe, profile: DeviceProfile, tolerance: Tolerance, headroom: float) -> Ranked:
+    """The layers the probe decides (pinned to FP32, with why) and the open layers, each with its best format
+    (cheapest, then least error; one format per tied group), ranked for the search."""
+    pinned: dict[str, Decision] = {}
+    best: dict[str, str] = {}
+    usable: dict[str, list[str]] = {}
+    refused: dict[str, str] = {}
+    joinable: dict[str, list[str]] = {}
+    unsafe: dict[str, dict[str, str]] = {}
+    for layer in trace.layers:
+        fmts, refused[layer.key], pin, slower = _usable(trace, probe, profile, tolerance, headroom, layer.key,
+                                                        unsafe)
+        if pin is not None:
+            pinned[layer.key] = pin
+            if slower and not pin.excluded:
+                joinable[layer.key] = slower
+            continue
+        usable[layer.key] = fmts
+        best[layer.key] = min(fmts, key=lambda f: (round(layer_cost(layer, f, profile), 6),
+                                                   _estimate(tolerance, probe.get(layer.key, f))))
+    _tie(trace, pinned, usable, best)
+    return Ranked(pinned=pinned, best=best, usable=usable, refused=refused, joinable=joinable, unsafe=unsafe,
+                  units=_units(trace, probe, profile, tolerance, best))
+
+
+def _units(trace: Trace, probe: Probe, profile: DeviceProfile, tolerance: Tolerance,
+           best: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:
+    """The open layers as units of decision (a tied group moves together), ordered by measured error per unit of
+    modelled cost saved, least first."""
+
+    def saving(key: str) -> float:
+        layer = trace.layer(key)
+        return layer_cost(layer, "fp32", profile) - layer_cost(layer, best[key], profile)
+
+    def sensitivity(key: str) -> float:
+        return _estimate(tolerance, probe.get(key, best[key]))
+
+    units = _groups(trace, list(best))
+    units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
+    return tuple(tuple(g) for g in units)
+
+
+class _Space:
+    """The search space, one integer: ``k`` -> the assignment casting the first ``k`` units of ``ranked`` (the
+    join rule applied, :func:`_joiners`), its modelled step time, and its measured errors.
+
+    Assignments and measurements are kept: each ``k`` is joined and measured once. ``measured`` is the table
+    of measurements the study fills (:func:`run_study`, :func:`autoprec.search._split.run_split_study`).
+    """
+
+    def __init__(self, trace: Trace, ranked: Ranked, profile: DeviceProfile, measure: Measure) -> None:
+        self.units = ranked.units
+        self._best = ranked.best
+        self.edges = StepCost(trace.layers, trace.handoff, profile)
+        self.cost_fp32 = sum({lay.key: layer_cost(lay, "fp32", profile) for lay in trace.layers}.values())
+        self.measured: dict[int, Result] = {}
+        tied = {k for g in trace.tied for k in g}
+        self._join = _joiners(trace, {k: v for k, v in ranked.joinable.items() if k not in tied}, self.edges)
+        self._pinned = {key: d.precision for key, d in ranked.pinned.items()}
+        self._measure = measure
+        self._assigned: dict[int, dict[str, str]] = {}
+
+    def assignment(self, k: int) -> dict[str, str]:
+        """Layer -> format with the first ``k`` units cast (a copy: the caller may change it)."""
+        if k not in self._assigned:
+            chosen = {key: self._best[key] for g in self.units[:k] for key in g}
+            self._assigned[k] = self._join({**self._pinned, **chosen,
+                                            **{key: "fp32" for g in self.units[k:] for key in g}})
+        return dict(self._assigned[k])
+
+    def cost(self, k: int) -> float:
+        """The modelled step time of :meth:`assignment` ``(k)``, casts priced per edge."""
+        return self.edges.total(self.assignment(k))
+
+    def measure(self, k: int) -> Result:
+        """One forward+backward under :meth:`assignment` ``(k)`` (not kept: the split study keeps its own)."""
+        return self._measure(self.assignment(k))
+
+    def evaluate(self, k: int) -> Result:
+        """The measurement of ``k``, kept in :attr:`measured`; ``k = 0`` is FP32 itself: no pass, no error."""
+        if k not in self.measured:
+            self.measured[k] = self.measure(k) if k > 0 else (0.0, 0.0, True)
+        return self.measured[k]
+
+
+def _study(trace: Trace, probe: Probe, ranked: Ranked, space: _Space, tolerance: Tolerance, *, n_trials: int,
+           storage: str | None, seed: int, progress: Callable[[int, int], None] | None, ranks: Ranks | None) -> int:
+    """Run the study over ``k`` (split across ``ranks`` of several processes, else Optuna in this one), seeded
+    with the greedy guess; its measurements land in ``space.measured``. Returns the number of trials."""
+    n = len(ranked.units)
+    greedy = _greedy(probe, ranked, tolerance)
+
+    def feasible(result: Result) -> bool:
+        return _feasible(tolerance, result)
+
+    def value(k: int, result: Result) -> float:
+        """The objective: the modelled cost of a feasible k, else worse than any feasible one."""
+        if feasible(result):
+            return space.cost(k)
+        # infeasible: worse than any feasible assignment, and worse the further out of bounds
+        return space.cost_fp32 * (2.0 + min(tolerance.score(result[0], result[1]), 1e6) if result[2] else 1e7)
+
+    if ranks is not None and ranks.world > 1:
+        return run_split_study(n, greedy, space.measure, space.measured, value, feasible,
+                               n_trials=n_trials, seed=seed, ranks=ranks, progress=progress)
+    name = f"autoprec-{trace.fingerprint}-{_digest(probe, ranked, tolerance, seed)}"
+    return run_study(name, n, greedy, space.evaluate, space.measured, value,
+                     n_trials=n_trials, storage=storage, seed=seed, progress=progress)
+
+
+def _feasible(tolerance: Tolerance, result: Result) -> bool:
+    """Whether a measured assignment ran finite and within the bound."""
+    return result[2] and tolerance.within(result[0], result[1])
+
+
+def _greedy(probe: Probe, ranked: Ranked, tolerance: Tolerance) -> int:
+    """The study's first guess: the most units whose errors, added in quadrature (independent roundings add
+    roughly so), stay within the bound."""
+    acc, greedy = 0.0, 0
+    for i, g in enumerate(ranked.units):
+        acc += sum(_estimate(tolerance, probe.get(k, ranked.best[k])) for k in g) ** 2
+        if math.sqrt(acc) <= 1.0:
+            greedy = i + 1
+    return greedy
+
+
+def _digest(probe: Probe, ranked: Ranked, tolerance: Tolerance, seed: int) -> str:
+    """The stored study's key, 12 hex digits. A stored study is reused only for the same model, batch and loss
+    (their FP32 loss and gradients), open layers, formats, bound and seed: anything else would hand back
+    measurements of another problem."""
+    h = hashlib.sha256(repr((probe.ref_loss, [(k, ranked.best[k]) for k in ranked.order], probe.formats, tolerance,
+                             seed, sorted(ranked.joinable.items()))).encode())
+    for g in probe.reference[1] if probe.reference else ():  # the FP32 gradients pin model, batch and loss
+        if g is not None:
+            h.update(g.detach().cpu().contiguous().numpy())  # the buffer itself: no copy of its bytes
+    return h.hexdigest()[:12]
+
+
+def _pick(space: _Space, tolerance: Tolerance) -> tuple[int, list[int], dict[str, str]]:
+    """The chosen ``k``: the cheapest measured within the bound (the larger on a tie; 0, FP32, where none is),
+    the ``k`` measured within the bound, and the runner-up's assignment (``{}`` where there is none)."""
+    passed = [k for k, result in space.measured.items() if _feasible(tolerance, result)]
+    by_cost = sorted(passed, key=lambda k: (space.cost(k), -k))
+    k_best = by_cost[0] if passed else 0
+    runner_up = space.assignment(by_cost[1]) if len(by_cost) > 1 else {}
+    return k_best, passed, runner_up
+
+
+def _estimate(tolerance: Tolerance, m: Measurement) -> float:
     """A layer's own error as a fraction of the bound: a role's group figure shared out in quadrature.
 
     The greedy guess adds the layers' errors in quadrature; a group of ``n`` members measured at
@@ -117,7 +263,7 @@ def _estimate(tolerance: Tolerance, m) -> float:
     return tolerance.score(m.loss_err, m.grad_err) / math.sqrt(m.members)
 
 
-def _underflow(probe: Probe, rng, fmt: str) -> float:
+def _underflow(probe: Probe, rng: Ranges | None, fmt: str) -> float:
     """Largest fraction of a layer's nonzero outputs or gradients that flush to zero in ``fmt``."""
     if rng is None:
         return 0.0
@@ -136,44 +282,18 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     if key in probe.skipped:
         return [], "", Decision(key, "fp32", "no gain", f"{probe.skipped[key]}; "
                                                     f"{cost_note(layer, probe.formats, profile)}"), list(probe.formats)
-    base = layer_cost(layer, "fp32", profile)
     ok, failures, slower = [], [], []
     for fmt in probe.formats:
         m = probe.get(key, fmt)
-        rng = probe.ranges.get(key)
         if m is None:
             continue
-        if m.error is not None:
-            failures.append((0, fmt, "cannot run", f"{fmt}: {m.error}"))
-        elif m.nonfinite > (rng.nonfinite if rng else 0) or not m.finite:
-            what = f"{m.nonfinite} non-finite outputs" if m.nonfinite else "non-finite loss/gradients"
-            if rng is not None and rng.nonfinite:
-                what += f" (FP32: {rng.nonfinite})"
-            failures.append((1, fmt, "overflow", f"{fmt}: {what} (FP32 |out| max {rng.out_absmax:.4g})"
-                             if rng else f"{fmt}: {what}"))
-        elif rng is not None and rng.out_absmax * headroom > info(fmt).max:
-            failures.append((2, fmt, "range", f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
-                                              f"{headroom:g} exceeds {info(fmt).max:.4g}"))
-        elif m.amp > tol.grad:  # its rounding grows in an op it feeds: the tuning batch's error says little
-            failures.append((3, fmt, "amplified", f"{fmt}: {m.amplified()} > bound {tol.grad:g}"))
-        elif m.loss_err > tol.loss or m.grad_err > tol.grad:
-            what = "error at loss" if m.loss_err > tol.loss else "error at gradients"
-            bound = tol.loss if m.loss_err > tol.loss else tol.grad
-            lost = _underflow(probe, rng, fmt)
-            if lost >= 0.01:  # the error comes with values flushed to zero: name the cause
-                what = "underflow"
-            note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
-            failures.append((3, fmt, what, f"{fmt}: {_fmt_err(m)} > bound {bound:g}{note}"))
-        elif m.full_width:
-            failures.append((9, fmt, "no gain", f"{fmt}: it computes in FP32 itself in a {fmt} region (its output "
-                                                 "comes back FP32, or torch runs it on a kernel that computes "
-                                                 "16-bit inputs in FP32): 16-bit would only add casts; "
-                                                 f"{cost_note(layer, (fmt,), profile)}"))
-        elif layer_cost(layer, fmt, profile) >= base:  # never chosen for speed where it is not faster
-            failures.append((9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}"))
-            slower.append(fmt)
-        else:
+        failure = _refusal(layer, fmt, m, probe, profile, tol, headroom)
+        if failure is None:
             ok.append(fmt)
+            continue
+        failures.append(failure)
+        if failure[0] == 9 and not m.full_width:  # "no gain" not for computing in FP32 itself: not faster alone
+            slower.append(fmt)
     failures.sort()
     for rank, fmt, why, text in failures:
         if rank < 9:  # a numerical failure, not "no gain"
@@ -190,170 +310,39 @@ def _usable(trace: Trace, probe: Probe, profile: DeviceProfile, tol: Tolerance, 
     return [], refused, Decision(key, "fp32", reason, detail, excluded=reason != "no gain"), slower
 
 
-def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfile, tolerance: Tolerance,
-           headroom: float = 8.0, n_trials: int = 30, storage: str | None = None, seed: int = 0,
-           progress: Callable[[int, int], None] | None = None, ranks: Ranks | None = None) -> SearchResult:
-    """Assign a format to every layer (see the module docstring for how).
-
-    ``measure(assignment)`` runs one forward+backward under an assignment and returns
-    ``(loss_err, grad_err, finite)`` against FP32. With ``ranks`` of several processes the trials'
-    passes are split across them (:mod:`autoprec.search._split`; no ``storage`` then) and every
-    rank returns the result one process would. ``progress(i, n)`` states the plan before the first
-    trial (``n`` trials in all, ``i`` of them done already by a resumed study), then counts each trial.
-    """
-    decisions: dict[str, Decision] = {}
-    best_fmt: dict[str, str] = {}
-    usable: dict[str, list[str]] = {}
-    refused: dict[str, str] = {}
-    joinable: dict[str, list[str]] = {}
-    unsafe: dict[str, dict[str, str]] = {}
-    for layer in trace.layers:
-        fmts, refused[layer.key], pinned, slower = _usable(trace, probe, profile, tolerance, headroom, layer.key,
-                                                           unsafe)
-        if pinned is not None:
-            decisions[layer.key] = pinned
-            if slower and not pinned.excluded:
-                joinable[layer.key] = slower
-            continue
-        usable[layer.key] = fmts
-        best_fmt[layer.key] = min(fmts, key=lambda f: (round(layer_cost(layer, f, profile), 6),
-                                                       _estimate(tolerance, probe.get(layer.key, f))))
-    _tie(trace, decisions, usable, best_fmt)
-
-    cost32 = {lay.key: layer_cost(lay, "fp32", profile) for lay in trace.layers}
-
-    def saving(key: str) -> float:
-        return cost32[key] - layer_cost(trace.layer(key), best_fmt[key], profile)
-
-    def sensitivity(key: str) -> float:
-        return _estimate(tolerance, probe.get(key, best_fmt[key]))
-
-    # tied groups move together: order by group, key = the group's first member
-    units = _groups(trace, list(best_fmt))
-    units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
-    order = tuple(k for g in units for k in g)
-
-    edges = StepCost(trace.layers, trace.handoff, profile)
-    tied = {k for g in trace.tied for k in g}
-    join = _joiners(trace, {k: v for k, v in joinable.items() if k not in tied}, edges)
-    assigned: dict[int, dict[str, str]] = {}
-
-    def assignment(k: int) -> dict[str, str]:
-        if k not in assigned:
-            chosen = {key: best_fmt[key] for g in units[:k] for key in g}
-            assigned[k] = join({**{key: d.precision for key, d in decisions.items()}, **chosen,
-                                **{key: "fp32" for g in units[k:] for key in g}})
-        return dict(assigned[k])
-
-    def cost_of(a: Mapping[str, str]) -> float:
-        return edges.total(a)
-
-    total32 = sum(cost32.values())
-    cache: dict[int, tuple[float, float, bool]] = {}
-
-    def evaluate(k: int) -> tuple[float, float, bool]:
-        if k not in cache:
-            cache[k] = measure(assignment(k)) if k > 0 else (0.0, 0.0, True)
-        return cache[k]
-
-    # greedy guess: errors of independent roundings add roughly in quadrature
-    acc, greedy = 0.0, 0
-    for i, g in enumerate(units):
-        acc += sum(sensitivity(k) for k in g) ** 2
-        if math.sqrt(acc) <= 1.0:
-            greedy = i + 1
-
-    n = len(units)
-    # a stored study is reused only for the same model, batch and loss (their FP32 loss and gradients),
-    # open layers, formats, bound and seed: anything else would hand back measurements of another problem
-    h = hashlib.sha256(repr((probe.ref_loss, [(k, best_fmt[k]) for k in order], probe.formats, tolerance,
-                             seed, sorted(joinable.items()))).encode())
-    for g in probe.reference[1] if probe.reference else ():  # the FP32 gradients pin model, batch and loss
-        if g is not None:
-            h.update(g.detach().cpu().contiguous().numpy())  # the buffer itself: no copy of its bytes
-    digest = h.hexdigest()[:12]
-
-    def feasible(result: tuple[float, float, bool]) -> bool:
-        return result[2] and tolerance.within(result[0], result[1])
-
-    def value(k: int, result: tuple[float, float, bool]) -> float:
-        """The objective: the modelled cost of a feasible k, else worse than any feasible one."""
-        if feasible(result):
-            return cost_of(assignment(k))
-        # infeasible: worse than any feasible assignment, and worse the further out of bounds
-        return total32 * (2.0 + min(tolerance.score(result[0], result[1]), 1e6) if result[2] else 1e7)
-
-    if ranks is not None and ranks.world > 1:
-        from ._split import run_split_study
-
-        trials = run_split_study(n, greedy, lambda k: measure(assignment(k)), cache, value, feasible,
-                                 n_trials=n_trials, seed=seed, ranks=ranks, progress=progress)
-    else:
-        trials = run_study(f"autoprec-{trace.fingerprint}-{digest}", n, greedy, evaluate, cache, value,
-                            n_trials=n_trials, storage=storage, seed=seed, progress=progress)
-    feasible = [(k, v) for k, v in cache.items() if v[2] and tolerance.within(v[0], v[1])]
-    ranked = sorted(feasible, key=lambda kv: (cost_of(assignment(kv[0])), -kv[0]))
-    k_best = ranked[0][0] if feasible else 0
-    runner_up = assignment(ranked[1][0]) if len(ranked) > 1 else {}
-    loss_err, grad_err, _ = evaluate(k_best)
-    cast_units = {x for g in units[:k_best] for x in g}
-    position = {key: i for i, g in enumerate(units) for key in g}
-    for key in order:
-        if key in cast_units:
-            detail = f"{best_fmt[key]}: {_fmt_err(probe.get(key, best_fmt[key]))}"
-            others = [f"{f}: {_fmt_err(probe.get(key, f))}" for f in usable[key] if f != best_fmt[key]]
-            if others:
-                detail += "; also within the bound: " + ", ".join(others)
-            if refused[key]:
-                detail += "; refused " + refused[key]
-            decisions[key] = Decision(key, best_fmt[key], "cast", detail)
-        else:
-            m = probe.get(key, best_fmt[key])
-            # left out for cost where an assignment casting it was measured within the bound: not numerics
-            wider = [k for k, _ in feasible if k > position[key]]
-            if wider:
-                k2 = min(wider)
-                decisions[key] = Decision(
-                    key, "fp32", "no gain",
-                    f"alone in {best_fmt[key]}: {_fmt_err(m)}; casting the first {k2} layers with it was measured "
-                    f"within the bound, but the modelled step time is {_ms(cost_of(assignment(k2)))} against "
-                    f"{_ms(cost_of(assignment(k_best)))} with {k_best} cast (casts priced per edge); "
-                    f"{cost_note(trace.layer(key), (best_fmt[key],), profile)}")
-            else:
-                decisions[key] = Decision(key, "fp32", "combined error",
-                                          f"alone in {best_fmt[key]}: {_fmt_err(m)}; casting it too put the "
-                                          f"measured total over the bound", excluded=True)
-    final = assignment(k_best)
-    for key, d in list(decisions.items()):
-        fmt = final[key]
-        if fmt != d.precision:  # joined its neighbours
-            producers = edges.producers.get(key, ())
-            a32 = {**final, key: "fp32"}
-            priced = (f"with the casts on its edges, it and the layers it feeds cost {_ms(edges.local(key, final))} "
-                      f"in {fmt} against {_ms(edges.local(key, a32))} in fp32")
-            if key in probe.skipped:
-                from_ = [p for p in producers if final.get(p) == fmt]
-                detail = (f"follows: its inputs come in {fmt} from {', '.join(sorted(from_))}, handed over uncast; "
-                          if from_ and len(from_) == len(producers) else f"joins its neighbours in {fmt}; ")
-                detail += f"{probe.skipped[key]}; {priced}"
-            else:
-                m = probe.get(key, fmt)
-                detail = f"joins its neighbours in {fmt}: {fmt}: {_fmt_err(m)} alone (within the bound); {priced}"
-            decisions[key] = Decision(key, fmt, "cast", detail)
-        elif key in joinable and d.reason == "no gain" and any(
-                final.get(n, "fp32") != "fp32" for n in (*edges.producers.get(key, ()), *edges.consumers.get(key, ()))):
-            alt = {**final, key: joinable[key][0]}
-            decisions[key] = Decision(key, d.precision, d.reason,
-                                      f"{d.detail}; beside its neighbours in this policy, with the casts on its "
-                                      f"edges, it and the layers it feeds cost {_ms(edges.local(key, final))} in fp32 "
-                                      f"against {_ms(edges.local(key, alt))} in {joinable[key][0]}", d.excluded)
-    decisions = {lay.key: decisions[lay.key] for lay in trace.layers}
-    history = tuple(sorted((k, cost_of(assignment(k)), v[0], v[1]) for k, v in cache.items()))
-    log.info("search: %d open layers, %d trials, cast %d, loss err %.3g, grad err %.3g",
-             n, trials, k_best, loss_err, grad_err)
-    return SearchResult(decisions=decisions, order=order, k=k_best, trials=trials,
-                        loss_err=loss_err, grad_err=grad_err, cost=cost_of(assignment(k_best)),
-                        cost_fp32=total32, history=history, runner_up=runner_up, unsafe=unsafe)
+def _refusal(layer: Layer, fmt: str, m: Measurement, probe: Probe, profile: DeviceProfile, tol: Tolerance,
+             headroom: float) -> tuple[int, str, str, str] | None:
+    """Why ``layer`` may not run in ``fmt`` as ``(rank, fmt, reason, detail)``, rank below 9 for a numerical
+    failure (the lowest names the layer's reason) and 9 for no gain; ``None`` where it may."""
+    rng = probe.ranges.get(layer.key)
+    if m.error is not None:
+        return (0, fmt, "cannot run", f"{fmt}: {m.error}")
+    if m.nonfinite > (rng.nonfinite if rng else 0) or not m.finite:
+        what = f"{m.nonfinite} non-finite outputs" if m.nonfinite else "non-finite loss/gradients"
+        if rng is not None and rng.nonfinite:
+            what += f" (FP32: {rng.nonfinite})"
+        return (1, fmt, "overflow", f"{fmt}: {what} (FP32 |out| max {rng.out_absmax:.4g})" if rng else f"{fmt}: {what}")
+    if rng is not None and rng.out_absmax * headroom > info(fmt).max:
+        return (2, fmt, "range", (f"{fmt}: FP32 |out| max {rng.out_absmax:.4g} x headroom "
+                                  f"{headroom:g} exceeds {info(fmt).max:.4g}"))
+    if m.amp > tol.grad:  # its rounding grows in an op it feeds: the tuning batch's error says little
+        return (3, fmt, "amplified", f"{fmt}: {m.amplified()} > bound {tol.grad:g}")
+    if m.loss_err > tol.loss or m.grad_err > tol.grad:
+        what = "error at loss" if m.loss_err > tol.loss else "error at gradients"
+        bound = tol.loss if m.loss_err > tol.loss else tol.grad
+        lost = _underflow(probe, rng, fmt)
+        if lost >= 0.01:  # the error comes with values flushed to zero: name the cause
+            what = "underflow"
+        note = f", {100 * lost:.1f}% of its values flush to zero" if lost else ""
+        return (3, fmt, what, f"{fmt}: {fmt_err(m)} > bound {bound:g}{note}")
+    if m.full_width:
+        return (9, fmt, "no gain", (f"{fmt}: it computes in FP32 itself in a {fmt} region (its output "
+                                    "comes back FP32, or torch runs it on a kernel that computes "
+                                    "16-bit inputs in FP32): 16-bit would only add casts; "
+                                    f"{cost_note(layer, (fmt,), profile)}"))
+    if layer_cost(layer, fmt, profile) >= layer_cost(layer, "fp32", profile):  # never chosen for speed where not faster
+        return (9, fmt, "no gain", f"{fmt}: not faster: {cost_note(layer, (fmt,), profile)}")
+    return None
 
 
 def run_study(name: str, n: int, greedy: int, evaluate: Callable[[int], tuple[float, float, bool]],
@@ -421,10 +410,6 @@ def _tie(trace: Trace, decisions: dict[str, Decision], usable: dict[str, list[st
         fmt = best_fmt[heavy] if best_fmt[heavy] in common else sorted(common)[0]
         for k in open_members:
             best_fmt[k] = fmt
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3g} ms"
 
 
 def _joiners(trace: Trace, candidates: Mapping[str, Sequence[str]],
