@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -271,19 +272,39 @@ def _record(model: nn.Module, batch: Any, units: dict[str, nn.Module], opaque: s
     return recorder
 
 
+@contextmanager
+def _untouched(model: nn.Module) -> Iterator[None]:
+    """The model's buffers (BatchNorm's running statistics) and the global RNG as they were before: the trace
+    runs the model's forward for real, which would update the one and draw from the other (train-mode
+    dropout)."""
+    saved = [(mod, name, buf, buf.detach().clone()) for mod in model.modules()
+             for name, buf in mod._buffers.items() if buf is not None]
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for mod, name, buf, copy in saved:
+                    mod._buffers[name] = buf  # a forward that rebinds a buffer gets its own tensor back
+                    buf.copy_(copy)
+
+
 def trace(model: nn.Module, batch: Any, *, device_type: str) -> Trace:
-    """Trace ``model`` on ``batch`` into layers (the model is run, never changed).
+    """Trace ``model`` on ``batch`` into layers (the model is run, never changed: its buffers and the global
+    RNG are as they were).
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
         >>> [l.key for l in trace(m, torch.ones(2, 8), device_type="cpu").layers]
         ['0', '1']
     """
-    nodes, opaque, route = capture(model, batch)
-    modules = canonical_modules(model)
-    units = leaves(modules)
-    fx, fx_numel = fx_ops(nodes, units)
-    recorder = _record(model, batch, units, set(opaque), device_type, modules)
+    with _untouched(model):
+        nodes, opaque, route = capture(model, batch)
+        modules = canonical_modules(model)
+        units = leaves(modules)
+        fx, fx_numel = fx_ops(nodes, units)
+        recorder = _record(model, batch, units, set(opaque), device_type, modules)
 
     layers = []
     for key in recorder.order:

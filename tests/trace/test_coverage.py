@@ -17,7 +17,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import autoprec
 from autoprec.errors import PolicyError
 from autoprec.trace import capture, registered, trace
-
 from tests.flopcount import DtypeFlops, measured_fraction
 from tests.models_coverage import BUILDERS, scan
 

@@ -242,8 +242,6 @@ def test_rng_untouched_by_a_model_without_randomness():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: trace runs a train-mode Dropout's forward on the global RNG "
-                                       "(tune restores it; trace alone does not)")
 def test_rng_untouched_by_a_model_with_dropout():
     """Tracing a model with a train-mode Dropout leaves the global RNG where it was (``the model is run, never
     changed``: the caller's next dropout mask must not depend on whether it traced)."""
@@ -255,8 +253,6 @@ def test_rng_untouched_by_a_model_with_dropout():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-@pytest.mark.xfail(strict=True, reason="finding: trace's eager forward updates train-mode BatchNorm running stats "
-                                       "(tune works on a private model; trace alone does not)")
 def test_batchnorm_buffers_untouched():
     """Tracing a train-mode CNN leaves its BatchNorm running statistics and batch counts as they were."""
     model, x, _ = TM.cnn(batch_size=2)
