@@ -5,19 +5,42 @@ Each record (:class:`~autoprec.LayerEntry`, :class:`~autoprec.ScalerSettings`,
 ``__post_init__`` with these helpers, so a policy written by hand in Python is held to the same
 rules as one read from JSON. Every refusal is a :class:`~autoprec.PolicyError` that names the
 record and field, shows the value found, says what is allowed, and how to fix it.
+
+Other files go through the same helpers: where ``record`` is a :class:`Source` (a device profile
+file, :mod:`autoprec.device._files`), the refusal is that source's error class, with its fix.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..errors import PolicyError
+from ..errors import AutoprecError, PolicyError
 
-__all__ = ["FIX", "bad", "check_bool", "check_choice", "check_int", "check_number", "check_str",
+__all__ = ["FIX", "Source", "bad", "check_bool", "check_choice", "check_int", "check_number", "check_str",
            "check_str_map", "check_numbers", "check_strings"]
 
 FIX = "correct it (in the policy file, or the code that built the record) or re-run autoprec.tune for a new policy"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file whose fields the helpers check, when it is not a policy record: its name in messages, the
+    error its refusals raise, and the fix they name.
+
+    Example:
+        >>> from autoprec.errors import ProfileError
+        >>> where = Source("device profile 'gpu.json'", ProfileError, "re-run `autoprec calibrate`")
+        >>> check_int(where, "threads", -1)
+        Traceback (most recent call last):
+        ...
+        autoprec.errors.ProfileError: device profile 'gpu.json': field 'threads' is -1; allowed: an integer >= 0; fix: re-run `autoprec calibrate`
+    """
+
+    name: str
+    error: type[AutoprecError]
+    fix: str
 
 
 def _show(value: Any) -> str:
@@ -25,13 +48,18 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def bad(record: str, name: str, value: Any, allowed: str) -> PolicyError:
+def bad(record: str | Source, name: str, value: Any, allowed: str) -> AutoprecError:
     """The error for one field: the record, the field, the value found, what is allowed, the fix.
+
+    ``record`` names a policy record (a :class:`~autoprec.PolicyError`), or is a :class:`Source` (its error
+    and fix).
 
     Example:
         >>> print(bad("LayerEntry", "precision", "fp8", "one of 'fp32', 'fp16', 'bf16'"))
         LayerEntry field 'precision' is 'fp8' (str); allowed: one of 'fp32', 'fp16', 'bf16'; correct it (in the policy file, or the code that built the record) or re-run autoprec.tune for a new policy
     """
+    if isinstance(record, Source):
+        return record.error(f"{record.name}: field {name!r} is {_show(value)}; allowed: {allowed}; fix: {record.fix}")
     return PolicyError(f"{record} field {name!r} is {_show(value)} ({type(value).__name__}); allowed: {allowed}; {FIX}")
 
 
@@ -39,7 +67,7 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)  # JSON true/false is not a number
 
 
-def check_number(record: str, name: str, value: Any, *, low: float | None = 0.0, strict: bool = False,
+def check_number(record: str | Source, name: str, value: Any, *, low: float | None = 0.0, strict: bool = False,
                  high: float | None = None, finite: bool = True) -> float:
     """A real number in range; returns it as a float.
 
@@ -72,7 +100,7 @@ def check_number(record: str, name: str, value: Any, *, low: float | None = 0.0,
     return x
 
 
-def check_int(record: str, name: str, value: Any, *, low: int = 0) -> int:
+def check_int(record: str | Source, name: str, value: Any, *, low: int = 0) -> int:
     """An integer (not a bool) of at least ``low``.
 
     Example:
@@ -84,7 +112,7 @@ def check_int(record: str, name: str, value: Any, *, low: int = 0) -> int:
     return value
 
 
-def check_bool(record: str, name: str, value: Any) -> bool:
+def check_bool(record: str | Source, name: str, value: Any) -> bool:
     """``True`` or ``False`` (JSON ``true``/``false``), not a string or number that looks like one.
 
     Example:
@@ -98,7 +126,7 @@ def check_bool(record: str, name: str, value: Any) -> bool:
     return value
 
 
-def check_str(record: str, name: str, value: Any) -> str:
+def check_str(record: str | Source, name: str, value: Any) -> str:
     """A string.
 
     Example:
@@ -110,7 +138,7 @@ def check_str(record: str, name: str, value: Any) -> str:
     return value
 
 
-def check_choice(record: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
+def check_choice(record: str | Source, name: str, value: Any, choices: tuple[str, ...]) -> str:
     """One of ``choices``.
 
     Example:
@@ -122,7 +150,8 @@ def check_choice(record: str, name: str, value: Any, choices: tuple[str, ...]) -
     return value
 
 
-def check_strings(record: str, name: str, value: Any, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
+def check_strings(record: str | Source, name: str, value: Any,
+                  choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """A list or tuple of strings (each one of ``choices`` where given); returns a tuple.
 
     Example:
@@ -137,7 +166,7 @@ def check_strings(record: str, name: str, value: Any, choices: tuple[str, ...] |
     return tuple(value)
 
 
-def check_numbers(record: str, name: str, value: Any, *, finite: bool = True) -> tuple[float, ...]:
+def check_numbers(record: str | Source, name: str, value: Any, *, finite: bool = True) -> tuple[float, ...]:
     """A list or tuple of numbers (NaN and inf only where ``finite=False``); returns a tuple of floats.
 
     Example:
@@ -156,7 +185,7 @@ def check_numbers(record: str, name: str, value: Any, *, finite: bool = True) ->
     return out
 
 
-def check_str_map(record: str, name: str, value: Any, check: Callable[[str, Any], Any] | None = None,
+def check_str_map(record: str | Source, name: str, value: Any, check: Callable[[str, Any], Any] | None = None,
                   allowed: str = "an object of string -> string") -> dict[str, Any]:
     """A dict with string keys; values are strings, or pass ``check(key, value)`` (which may convert them).
 

@@ -8,10 +8,11 @@ naming the field, the value found, what is allowed, and the fix.
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+from ..core._fields import Source, bad, check_int, check_number, check_str
 from ..errors import ProfileError
 from ._costs import ELEMENTWISE, KINDS, Curve, DeviceProfile
 
@@ -84,30 +85,21 @@ def load_profile(path: str | os.PathLike, *, origin: str = "file") -> DeviceProf
     return profile_from_dict(data, source=where, origin=origin)
 
 
-def _bad(source: str, field: str, value: Any, allowed: str) -> ProfileError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return ProfileError(f"device profile {source!r}: field {field!r} is {shown}; allowed: {allowed}; fix: {_FIX}")
-
-
-def _number(source: str, field: str, value: Any, *, positive: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (positive and value == 0):
-        raise _bad(source, field, value, "a finite number " + ("> 0" if positive else ">= 0"))
-    return float(value)
-
-
-def _object(source: str, field: str, value: Any) -> Mapping[str, Any]:
+def _object(where: Source, field: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise _bad(source, field, value, "a JSON object")
+        raise bad(where, field, value, "a JSON object")
     return value
 
 
-def _formats(source: str, field: str, value: Mapping[str, Any], required: tuple[str, ...]) -> None:
+def _formats(where: Source, field: str, value: Mapping[str, Any], required: tuple[str, ...]) -> None:
     unknown = [f for f in value if f not in _FORMATS]
     missing = [f for f in required if f not in value]
     if unknown or missing:
-        raise _bad(source, field, sorted(value), f"the formats {list(required)} (each of {list(_FORMATS)})")
+        raise bad(where, field, sorted(value), f"the formats {list(required)} (each of {list(_FORMATS)})")
+
+
+def _positive(where: Source, field: str, values: list[Any]) -> tuple[float, ...]:
+    return tuple(check_number(where, f"{field}[{j}]", x, strict=True) for j, x in enumerate(values))
 
 
 def profile_from_dict(data: Any, *, source: str = "<dict>", origin: str = "file") -> DeviceProfile:
@@ -121,89 +113,115 @@ def profile_from_dict(data: Any, *, source: str = "<dict>", origin: str = "file"
         ...
         autoprec.errors.ProfileError: device profile '<dict>': field 'cast.bf16' is -1.0; allowed: a finite number > 0; fix: re-run `autoprec calibrate --out FILE` on the target device to write a valid profile
     """
-    data = _object(source, "(top level)", data)
+    where = Source(f"device profile {source!r}", ProfileError, _FIX)
+    data = _object(where, "(top level)", data)
+    _check_header(where, data)
+    cast, region, fmts = _cast_and_region(where, data)
+    curves = _curves(where, data.get("curves"), fmts)
+    elementwise = _elementwise(where, data.get("elementwise"), fmts)
+    layers = _layers(where, data.get("layers", {}), fmts)
+    ops = data.get("full_width_ops", [])
+    if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+        raise bad(where, "full_width_ops", ops, "a list of op names")
+    return DeviceProfile(
+        target=data["target"], device=data["device"], capability=data["capability"], origin=origin,
+        curves=curves, elementwise=elementwise,
+        cast={f: check_number(where, f"cast.{f}", v, strict=True) for f, v in cast.items()},
+        region={f: check_number(where, f"region.{f}", v) for f, v in region.items()},
+        layers=layers, full_width_ops=frozenset(ops), torch_version=data["torch_version"], threads=data["threads"],
+        source=source)
+
+
+def _check_header(where: Source, data: Mapping[str, Any]) -> None:
+    """The schema version, no unknown field, and the fields that say which device the profile is of."""
     version = data.get(_VERSION_KEY)
     if type(version) is not int or version != PROFILE_VERSION:
-        raise ProfileError(f"device profile {source!r}: field {_VERSION_KEY!r} is {version!r}; allowed: "
-                           f"{PROFILE_VERSION} (the version this autoprec reads); fix: {_FIX}")
+        raise bad(where, _VERSION_KEY, version, f"{PROFILE_VERSION} (the version this autoprec reads)")
     known = {_VERSION_KEY, "target", "device", "capability", "torch_version", "threads", "curves", "elementwise",
              "cast", "region", "layers", "full_width_ops"}
     for key in data:
         if key not in known:
-            raise _bad(source, key, data[key], f"only the fields {sorted(known)}")
-    target = data.get("target")
-    if target not in ("cpu", "cuda"):
-        raise _bad(source, "target", target, "'cpu' or 'cuda'")
+            raise bad(where, key, data[key], f"only the fields {sorted(known)}")
+    if data.get("target") not in ("cpu", "cuda"):
+        raise bad(where, "target", data.get("target"), "'cpu' or 'cuda'")
     for key in ("device", "capability", "torch_version"):
-        if not isinstance(data.get(key), str):
-            raise _bad(source, key, data.get(key), "a string")
-    threads = data.get("threads")
-    if type(threads) is not int or threads < 0:
-        raise _bad(source, "threads", threads, "an integer >= 0")
-    cast = _object(source, "cast", data.get("cast"))
+        check_str(where, key, data.get(key))
+    check_int(where, "threads", data.get("threads"))
+
+
+def _cast_and_region(where: Source, data: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any],
+                                                                        tuple[str, ...]]:
+    """The cast and region objects (their figures are checked as the profile is built) and the formats priced."""
+    cast = _object(where, "cast", data.get("cast"))
     low = tuple(f for f in cast)
     if not low:
-        raise _bad(source, "cast", dict(cast), "at least one of 'fp16', 'bf16'")
-    fmts = ("fp32",) + low
-    _formats(source, "cast", cast, low)
+        raise bad(where, "cast", dict(cast), "at least one of 'fp16', 'bf16'")
+    _formats(where, "cast", cast, low)
     if "fp32" in cast:
-        raise _bad(source, "cast", sorted(cast), "'fp16' and/or 'bf16' (FP32 needs no cast)")
-    region = _object(source, "region", data.get("region"))
-    _formats(source, "region", region, low)
-    curves_raw = data.get("curves")
-    if not isinstance(curves_raw, list) or not curves_raw:
-        raise _bad(source, "curves", curves_raw, "a non-empty list of {kind, flops, seconds}")
-    curves = []
-    for i, c in enumerate(curves_raw):
-        c = _object(source, f"curves[{i}]", c)
-        if c.get("kind") not in KINDS:
-            raise _bad(source, f"curves[{i}].kind", c.get("kind"), f"one of {list(KINDS)}")
-        flops = c.get("flops")
-        if not isinstance(flops, list) or len(flops) < 2:
-            raise _bad(source, f"curves[{i}].flops", flops, "a list of 2 or more FLOP counts")
-        xs = tuple(_number(source, f"curves[{i}].flops[{j}]", x, positive=True) for j, x in enumerate(flops))
-        if any(b <= a for a, b in zip(xs, xs[1:])):
-            raise _bad(source, f"curves[{i}].flops", flops, "strictly ascending sizes")
-        secs = _object(source, f"curves[{i}].seconds", c.get("seconds"))
-        _formats(source, f"curves[{i}].seconds", secs, fmts)
-        ys = {}
-        for f, s in secs.items():
-            name = f"curves[{i}].seconds.{f}"
-            if not isinstance(s, list) or len(s) != len(xs):
-                raise _bad(source, name, s, f"a list of {len(xs)} times, one per size")
-            ys[f] = tuple(_number(source, f"{name}[{j}]", y, positive=True) for j, y in enumerate(s))
-            if any(b < a for a, b in zip(ys[f], ys[f][1:])):
-                raise _bad(source, name, s, "times that do not decrease as the size grows")
-        curves.append(Curve(c["kind"], xs, ys))
+        raise bad(where, "cast", sorted(cast), "'fp16' and/or 'bf16' (FP32 needs no cast)")
+    region = _object(where, "region", data.get("region"))
+    _formats(where, "region", region, low)
+    return cast, region, ("fp32",) + low
+
+
+def _curves(where: Source, raw: Any, fmts: tuple[str, ...]) -> tuple[Curve, ...]:
+    """The time-against-size curves: ascending sizes, times that do not decrease, a matmul curve among them."""
+    if not isinstance(raw, list) or not raw:
+        raise bad(where, "curves", raw, "a non-empty list of {kind, flops, seconds}")
+    curves = tuple(_curve(where, i, c, fmts) for i, c in enumerate(raw))
     if not any(c.kind == "matmul" for c in curves):
-        raise _bad(source, "curves", [c.kind for c in curves], "a 'matmul' curve among them")
-    ew = _object(source, "elementwise", data.get("elementwise"))
+        raise bad(where, "curves", [c.kind for c in curves], "a 'matmul' curve among them")
+    return curves
+
+
+def _curve(where: Source, i: int, raw: Any, fmts: tuple[str, ...]) -> Curve:
+    c = _object(where, f"curves[{i}]", raw)
+    if c.get("kind") not in KINDS:
+        raise bad(where, f"curves[{i}].kind", c.get("kind"), f"one of {list(KINDS)}")
+    flops = c.get("flops")
+    if not isinstance(flops, list) or len(flops) < 2:
+        raise bad(where, f"curves[{i}].flops", flops, "a list of 2 or more FLOP counts")
+    xs = _positive(where, f"curves[{i}].flops", flops)
+    if any(b <= a for a, b in zip(xs, xs[1:])):
+        raise bad(where, f"curves[{i}].flops", flops, "strictly ascending sizes")
+    secs = _object(where, f"curves[{i}].seconds", c.get("seconds"))
+    _formats(where, f"curves[{i}].seconds", secs, fmts)
+    ys = {}
+    for f, s in secs.items():
+        name = f"curves[{i}].seconds.{f}"
+        if not isinstance(s, list) or len(s) != len(xs):
+            raise bad(where, name, s, f"a list of {len(xs)} times, one per size")
+        ys[f] = _positive(where, name, s)
+        if any(b < a for a, b in zip(ys[f], ys[f][1:])):
+            raise bad(where, name, s, "times that do not decrease as the size grows")
+    return Curve(c["kind"], xs, ys)
+
+
+def _elementwise(where: Source, raw: Any, fmts: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per elementwise class and format: seconds per call (>= 0) and per element (> 0)."""
+    ew = _object(where, "elementwise", raw)
     if sorted(ew) != sorted(ELEMENTWISE):
-        raise _bad(source, "elementwise", sorted(ew), f"exactly the classes {list(ELEMENTWISE)}")
-    elementwise = {}
+        raise bad(where, "elementwise", sorted(ew), f"exactly the classes {list(ELEMENTWISE)}")
+    elementwise: dict[str, dict[str, tuple[float, float]]] = {}
     for k, per in ew.items():
-        per = _object(source, f"elementwise.{k}", per)
-        _formats(source, f"elementwise.{k}", per, fmts)
+        per = _object(where, f"elementwise.{k}", per)
+        _formats(where, f"elementwise.{k}", per, fmts)
         elementwise[k] = {}
         for f, v in per.items():
             if not isinstance(v, list) or len(v) != 2:
-                raise _bad(source, f"elementwise.{k}.{f}", v, "[seconds per call, seconds per element]")
-            elementwise[k][f] = (_number(source, f"elementwise.{k}.{f}[0]", v[0]),
-                                 _number(source, f"elementwise.{k}.{f}[1]", v[1], positive=True))
+                raise bad(where, f"elementwise.{k}.{f}", v, "[seconds per call, seconds per element]")
+            elementwise[k][f] = (check_number(where, f"elementwise.{k}.{f}[0]", v[0]),
+                                 check_number(where, f"elementwise.{k}.{f}[1]", v[1], strict=True))
+    return elementwise
+
+
+def _layers(where: Source, raw: Any, fmts: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The model's layers timed at their shapes: per layer, seconds (> 0) per format."""
     layers = {}
-    for k, per in _object(source, "layers", data.get("layers", {})).items():
-        per = _object(source, f"layers.{k}", per)
+    for k, per in _object(where, "layers", raw).items():
+        per = _object(where, f"layers.{k}", per)
         for f in per:
             if f not in fmts:
-                raise _bad(source, f"layers.{k}", sorted(per), f"formats among {list(fmts)}")
-        layers[str(k)] = {f: _number(source, f"layers.{k}.{f}", v, positive=True) for f, v in per.items()}
-    ops = data.get("full_width_ops", [])
-    if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
-        raise _bad(source, "full_width_ops", ops, "a list of op names")
-    return DeviceProfile(
-        target=target, device=data["device"], capability=data["capability"], origin=origin,
-        curves=tuple(curves), elementwise=elementwise,
-        cast={f: _number(source, f"cast.{f}", v, positive=True) for f, v in cast.items()},
-        region={f: _number(source, f"region.{f}", v) for f, v in region.items()},
-        layers=layers, full_width_ops=frozenset(ops), torch_version=data["torch_version"], threads=threads,
-        source=source)
+                raise bad(where, f"layers.{k}", sorted(per), f"formats among {list(fmts)}")
+        layers[str(k)] = {f: check_number(where, f"layers.{k}.{f}", v, strict=True) for f, v in per.items()}
+    return layers

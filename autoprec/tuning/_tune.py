@@ -6,35 +6,46 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable
+from typing import Any
 
-import torch
 from torch import nn
 
 from ..core._batch import LossFn, split_batches
 from ..core._checks import check_batch, check_batches, check_model, check_options, check_storage
 from ..core._formats import check_formats, resolve_target
-from ..core._modules import canonical_modules
-from ..device._calibration import resolve_profile, with_layers
-from ..device._costs import DeviceProfile, StepCost, format_speed
+from ..device._calibration import resolve_profile
+from ..device._costs import DeviceProfile
 from ..distributed._ranks import Ranks, current
 from ..errors import OptionError, RankError
-from ..policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings
-from ..probe._probe import Runner, errors, evidence, probe
-from ..probe._roles import Sharing, roles, units
-from ..probe._snapshot import Snapshot, park, unpark
-from ..probe._training import OptimizerFactory, default_optimizer, train_curve
-from ..report._speed_lines import first_failure, modelled_record, profile_label, unproven
-from ..search._loss_scale import search_scaler
-from ..search._search import Decision, Tolerance, search
-from ..trace._trace import trace
+from ..policy._policy import Policy
+from ..probe._snapshot import Snapshot
+from ..probe._training import OptimizerFactory, default_optimizer
+from ..search._search import Tolerance
 from ..verify._held_out import DEFAULT_FRACTION, Split, accepts_part, split
-from ..verify._held_out import check as check_held_out
-from ..verify._step_speed import adopt, blanket, measured_record, race, retime
-from ..verify._verify import check_reference, nothing_cast, unverified, verify
+from ..verify._verify import unverified
 from ._isolation import preserve_global_state, private_model
 from ._memory import PeakMemory
+from ._options import Passes, TuneOptions
 from ._progress import Progress
+from ._stages import (
+    Choice,
+    Reference,
+    Searched,
+    agree_inputs,
+    held_out_stage,
+    layer_timings,
+    probe_stage,
+    race_stage,
+    reference_stage,
+    retime_stage,
+    scaler_stage,
+    search_stage,
+    speed_record,
+    trace_stage,
+    tune_stats,
+    verify_stage,
+)
 
 __all__ = ["tune"]
 
@@ -166,7 +177,12 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         raise OptionError(f"storage={storage!r} on {ranks.world} ranks: a tune under torch.distributed shares "
                           "its trials through the process group, not an Optuna storage; pass storage=None, or "
                           "run separate processes without a process group on one storage")
-    tol = Tolerance(loss=float(tolerance), grad=float(grad_tolerance))
+    opts = TuneOptions(formats=formats, target=target, device=device,
+                       tol=Tolerance(loss=float(tolerance), grad=float(grad_tolerance)),
+                       verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
+                       optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
+                       headroom=float(headroom), seed=seed, verify_compile=verify_compile, share_roles=share_roles,
+                       timing=timing)
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with preserve_global_state():
@@ -189,13 +205,8 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                     tuned: list[Policy] = []
 
                     def run() -> str:
-                        tuned.append(_tune(work, parts, all_batches, loss_fn, formats=formats, target=target,
-                                           device=device, tol=tol, verify_tolerance=float(verify_tolerance),
-                                           verify_steps=verify_steps, optimizer=optimizer or default_optimizer,
-                                           n_trials=n_trials, storage=storage, headroom=float(headroom), seed=seed,
-                                           bar=bar, started=started, verify_compile=verify_compile, profile=prof,
-                                           ranks=ranks, snapshot=snap, share_roles=share_roles,
-                                           timing=timing))
+                        tuned.append(_tune(work, parts, all_batches, loss_fn, opts, profile=prof, ranks=ranks,
+                                           bar=bar, snapshot=snap, started=started))
                         return _outcome(tuned[0])
 
                     _agree(ranks.run(run, "tune"))  # one rank's failure raises on all; the ranks' policies must agree
@@ -205,23 +216,6 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     if policy.verification is not None and not policy.verification.passed:
         unverified(policy, strict)
     return policy
-
-
-def _modelled(tr: Any, profile: DeviceProfile, policy: Policy, result: Any) -> float:
-    """The device profile's step time of ``policy``'s assignment over FP32's (casts priced per edge)."""
-    if not result.cost_fp32:
-        return 1.0
-    return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32
-
-
-def _bf16_fallback(pr: Any, result: Any, keys: list[str]) -> dict[str, str]:
-    """The FP16 layers that verification may move to BF16 before FP32: probed in BF16 without a numerical
-    failure (``result.unsafe``). Where FP16 was chosen for speed, BF16 runs at its speed on the GPUs that
-    run both; a layer that joined FP16 neighbours (probed, or not probed for want of work and hazard)
-    follows them to BF16."""
-    refused = result.unsafe.get("bf16", {})
-    return {k: "bf16" for k in keys if "bf16" in pr.formats and k not in refused
-            and (pr.get(k, "bf16") is not None or k in pr.skipped)}  # skipped: no work, no hazard: it follows
 
 
 def speed_measured(option: bool | None) -> bool:
@@ -254,214 +248,34 @@ def _agree(outcomes: list[str]) -> None:
                         "machines or thread counts?): tune on one process, or on ranks of one kind of machine")
 
 
-def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None, *, formats: tuple[str, ...],
-          target: str, device: torch.device, tol: Tolerance, verify_tolerance: float, verify_steps: int,
-          optimizer: OptimizerFactory, n_trials: int, storage: str | None, headroom: float, seed: int,
-          bar: Progress, started: float, verify_compile: str | None, profile: DeviceProfile,
-          ranks: Ranks, snapshot: Snapshot, share_roles: bool, timing: bool) -> Policy:
-    device_type = device.type
-    emulate = device_type == "cpu"
-    batches = parts.decide  # what the probe and search decide on: the held-out part is checked on (autoprec.verify._held_out)
-
-    bar.stage("trace", 1)
-    tr = trace(work, full[0], device_type=device_type)  # the user's whole batch: layers priced at its shapes
-    bar.advance()
-
-    candidates, skipped = [], {}
-    for lay in tr.layers:
-        if lay.flops > 0 or lay.hazards:
-            candidates.append(lay.key)
-        else:
-            skipped[lay.key] = "no matmul/conv work to speed up and no known hazard"
-    if profile.origin == "calibrated" and profile.target == device_type:  # the model's layers at their shapes
-        timed = [lay for lay in tr.layers if lay.key in candidates]
-        profile = ranks.run(lambda: with_layers(profile, timed, canonical_modules(work), device=device)
-                            if ranks.rank == 0 else None, "timing the model's layers")[0]  # rank 0's timings
-    emulated = emulate and target == "cuda"  # a CUDA policy measured on a CPU: CUDA autocast's rules
-    ranks.agree((tr.fingerprint, candidates, formats, target, tol, verify_tolerance, verify_steps, n_trials,
-                 headroom, seed, verify_compile, len(batches)), "the model's layers or tune's options",
-                "run tune with the same model, batches and options on every rank")
-    runner = Runner(work, loss_fn, tr, device_type=device_type, emulate_fp16=emulate, emulate_cuda=emulated,
-                    seed=seed)
-    share = Sharing(loss=tol.loss, grad=tol.grad) if share_roles else None
-    planned = len(units(candidates, roles(tr, candidates))) if share is not None else len(candidates)
-    # this rank's share of the measurements (as autoprec.probe deals them); a role that splits adds passes
-    probe_plan = len(batches) + len(ranks.share(range(planned * len(formats))))
-    bar.expect({"probe": probe_plan, "search": min(n_trials, len(candidates) + 1),
-                "held-out check": 2 * len(parts.held), "reference run": verify_steps,
-                "verify": verify_steps * (2 if verify_compile else 1)})  # the search's is its most: its plan follows
-    bar.stage("probe", probe_plan, unit="pass")
-    pr = probe(runner, batches, candidates, formats, headroom=headroom, progress=lambda key: bar.advance(),
-               skipped=skipped, share=share, ranks=ranks)
+def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None, opts: TuneOptions, *,
+          profile: DeviceProfile, ranks: Ranks, bar: Progress, snapshot: Snapshot, started: float) -> Policy:
+    """The stages in order on the private model ``work``: decisions on ``parts.decide``, checks on the rest."""
+    tr, candidates, skipped = trace_stage(work, full[0], opts, bar)  # the user's whole batch: priced at its shapes
+    profile = layer_timings(profile, tr, candidates, work, opts, ranks)
+    agree_inputs(ranks, tr, candidates, opts, len(parts.decide))
+    runner, pr = probe_stage(work, parts, loss_fn, tr, candidates, skipped, opts, ranks, bar)
     probe_passes = runner.passes
-    ref_loss, ref_grads = pr.reference
-    ref: dict[str, Any] = {"grads": ref_grads}  # after the search, the reference gradients live here alone
-    del ref_grads
-
-    def measure(assignment: dict[str, str], scale: float | None = None) -> tuple[float, float, bool]:
-        fp16 = "fp16" in assignment.values()
-        s = (scale or pr.loss_scale) if fp16 else 1.0
-        loss, grads = runner.run(batches[0], dict(assignment), scale=s)
-        return errors(loss, grads, ref_loss, ref["grads"], reuse=True)
-
-    bar.stage("search", None, unit="trial")  # its bar opens when the search states its plan: what the probe left open
-
-    def searched(i: int, n: int) -> None:  # trial i of n (a resumed study starts past 0; i = 0 states the plan)
-        bar.plan(n)
-        bar.advance(max(0, i - bar.done))
-
-    result = search(tr, pr, measure, profile=profile, tolerance=tol, headroom=headroom, n_trials=n_trials,
-                    storage=storage, seed=seed, progress=searched, ranks=ranks)
+    reference = Reference(runner, parts.decide[0], pr.loss_scale, *pr.reference)
+    result = search_stage(tr, pr, reference, profile, opts, ranks, bar)
     search_passes = runner.passes - probe_passes
     pr = dataclasses.replace(pr, reference=())  # parked while training: see autoprec.probe._snapshot.park
-
-    decisions = dict(result.decisions)
-
-    def make_policy(decisions: Mapping[str, Decision], scaler: ScalerSettings | None) -> Policy:
-        layers = {}
-        for lay in tr.layers:
-            d = decisions[lay.key]
-            rng = pr.ranges.get(lay.key)
-            layers[lay.key] = LayerEntry(precision=d.precision, reason=d.reason, detail=d.detail,
-                                         excluded=d.excluded, kind=lay.kind, op=lay.op, hazards=lay.hazards,
-                                         flops=lay.flops, out_absmax=rng.out_absmax if rng else 0.0,
-                                         grad_absmax=rng.grad_absmax if rng else 0.0, measured=evidence(pr, lay.key))
-        fp16_used = any(d.precision == "fp16" for d in decisions.values())
-        return Policy(layers=layers, target=target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
-                      handoff=dict(tr.handoff), unseen=dict(tr.unseen), formats=formats,
-                      scaler=scaler if fp16_used else None,
-                      tolerance={"loss": tol.loss, "grad": tol.grad, "verify": verify_tolerance},
-                      emulated=emulated)
-
-    measured = (result.loss_err, result.grad_err)
-    order, parked_box = result.order, []
-
-    def hold_off() -> None:  # the reference gradients, off the device while runs hold gradients and optimizer state
-        if not parked_box:
-            parked_box.append(park(ref))
-
-    raced = None
-    if timing:  # before verification, so that verification verifies what ships
-        bar.stage("step timing", 1)
-        snapshot.restore()
-        keys = [lay.key for lay in tr.layers]
-        alternatives = {f"all {f}": blanket(keys, f, result.unsafe.get(f, {}), tr.tied) for f in formats}
-        alternatives.update({"runner-up": result.runner_up} if result.runner_up else {})
-        probe_scale = ScalerSettings(init_scale=pr.loss_scale)
-        raced = ranks.run(lambda: race(
-            work, full, loss_fn, search=result.assignment, alternatives=alternatives, unsafe=result.unsafe,
-            measure=measure, within=tol.within, make=lambda a: make_policy(adopt(decisions, a, ""), probe_scale),
-            formats=formats, device_type=device_type, optimizer=optimizer, seed=seed, snapshot=snapshot,
-            before_timing=hold_off) if ranks.rank == 0 else None, "timing training steps")[0]  # rank 0's decides
-        bar.advance()
+    s = Searched(work, full, loss_fn, opts, tr, pr, result, reference, ranks, bar, snapshot)
+    choice, raced = Choice(dict(result.decisions), result.order, (result.loss_err, result.grad_err)), None
+    if opts.timing:  # before verification, so that verification verifies what ships
+        choice, raced = race_stage(s, choice)
         search_passes = runner.passes - probe_passes  # with the alternatives' measurements (rank 0's)
-        if raced.chosen != "search":
-            decisions = adopt(decisions, raced.assignment, f"moved by the measured step race: {raced.note}")
-            order = (*order, *(k for k, d in decisions.items() if d.reason == "cast" and k not in order))
-            measured = raced.errors
-    held = parts.record()
-    held_passes = 0
-    if parts.held and not any(d.precision != "fp32" for d in decisions.values()):
-        held = HeldOut(parts.what, skipped="nothing cast: an FP32 policy has nothing to check")
-    elif parts.held:  # the policy on data it was not decided on: back off until it holds there too
-        bar.stage("held-out check", 2 * len(parts.held), unit="pass")
-        hold_off()  # the tuning batch's reference gradients, off the device while the held-out ones are on it
-        checked_out = check_held_out(runner, parts, decisions, probe=pr, tol=tol, tuning=measured, tied=tr.tied,
-                                     scale=pr.loss_scale, progress=bar.advance)
-        held, held_passes = checked_out.record, checked_out.passes
-        if held.backed_off:  # what ships changed: its errors on the tuning batch, as the search's were measured
-            decisions = checked_out.decisions
-            ref["grads"] = unpark(parked_box.pop())
-            measured = measure({key: d.precision for key, d in decisions.items()})[:2]
-    fp32_curve = parked = speed = None
-    label = profile_label(profile.origin, target, profile.source)
-    cast_any = any(d.precision != "fp32" for d in decisions.values())
-    if verify_steps > 0 and cast_any:  # the FP32 reference trajectory: gradient trend for the scaler, curve for verify
-        bar.stage("reference run", verify_steps)
-        hold_off()
-        parked = parked_box[0]
-        snapshot.restore()  # from the caller's state: the passes so far moved batch-norm statistics
-        fp32_curve = train_curve(work, full, loss_fn, steps=verify_steps, policy=None, device_type=device_type,
-                                 scaler=None, optimizer=optimizer, seed=seed, on_step=bar.advance,
-                                 snapshot=snapshot)
-        check_reference(fp32_curve, verify_steps, optimizer)
-    fp16_keys = [k for k, d in decisions.items() if d.precision == "fp16"]
-    scaler = scaler_choice = None
-    if fp16_keys:
-        scaler_choice = search_scaler(pr, fp16_keys, fp32_curve, seed=seed)
-        scaler = ScalerSettings(init_scale=scaler_choice.init_scale, growth_interval=scaler_choice.growth_interval,
-                                backoff_factor=scaler_choice.backoff_factor)
-    verification = None
-    verify_passes = verify_steps if fp32_curve is not None else 0
-    if fp32_curve is not None:
-        bar.stage("verify", verify_steps * (2 if verify_compile else 1))
-        checked = verify(work, full, loss_fn, decisions, order, fp32_curve, bound=verify_tolerance,
-                         scaler=scaler, make_policy=make_policy, device_type=device_type, optimizer=optimizer,
-                         seed=seed, on_step=bar.advance, compile_backend=verify_compile, snapshot=snapshot,
-                         fallback=_bf16_fallback(pr, result, fp16_keys))
-        decisions, verification, scaler = checked.decisions, checked.verification, checked.scaler
-        policy = checked.policy  # the very policy that was trained and compared
-        verify_passes += checked.passes
-        if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
-            ref["grads"] = unpark(parked)
-            scale = scaler.init_scale if scaler is not None else None
-            measured = measure({key: d.precision for key, d in decisions.items()}, scale)[:2]
-    else:
-        policy = make_policy(decisions, scaler)
-        if verify_steps > 0:  # nothing cast: no run would compare anything
-            verification = nothing_cast((), verify_tolerance)
-    backed = sum(d.reason in ("verification back-off", "held-out back-off") for d in decisions.values())
-    if raced is not None and backed:  # what ships is not what the race timed: time it again
-        raced = dataclasses.replace(raced, blanket=unproven(raced.blanket))
-        speed = ranks.run(lambda: retime(work, full, loss_fn, policy, raced,
-                                         why=f"the held-out check and verification backed off {backed} layer(s)",
-                                         modelled=_modelled(tr, profile, policy, result), profile=label,
-                                         formats=formats, device_type=device_type, optimizer=optimizer,
-                                         seed=seed, snapshot=snapshot) if ranks.rank == 0 else None,
-                          "timing training steps")[0]
-
-    stats = {
-        "tuning_seconds": round(time.perf_counter() - started, 3),
-        "probe_passes": probe_passes,
-        "search_passes": search_passes + (1 if verification is not None and verification.rounds > 1 else 0),
-        "verify_passes": verify_passes,
-        "held_out_passes": held_passes,
-        "world_size": ranks.world,  # the passes above are this rank's (autoprec.distributed._ranks)
-        "trials": result.trials,
-        "headroom": headroom,  # the range margin the probe and search used (autoprec.guard checks with it)
-        "candidates": len(candidates),
-        "probe_roles": len({m.group for m in pr.measurements.values() if m.members > 1}),
-        "probe_shared": sum(m.members > 1 for m in pr.measurements.values()),  # rows that are a role's bound
-        "probe_measurements": len(pr.measurements),
-        "measured_loss_err": float(measured[0]),
-        "measured_grad_err": float(measured[1]),
-        "modelled_cost_ratio": round(_modelled(tr, profile, policy, result), 4),  # of the policy that ships
-        "fx_route": tr.fx_route,
-        "fx_nodes": tr.fx_nodes,
-        "loss_scale_suggested": pr.loss_scale,
-        "scaler_trials": scaler_choice.trials if scaler_choice else 0,
-        "scaler_predicted_skip_rate": scaler_choice.skip_rate if scaler_choice else 0.0,
-        "fp32_grad_absmax": pr.grad_absmax,
-        "device": profile.device,
-        "capability": profile.capability,
-        "profile_origin": profile.origin,
-        "profile": profile.describe(),
-        "calibration_seconds": round(profile.seconds, 3),
-        # modelled FP32 step time of the matmul/conv layers over that in each format (< 1: slower)
-        "format_speed": format_speed([tr.layer(k) for k in candidates], formats, profile),
-    }
-    bar.close()  # the last stage ends: its count, time and peak memory go into the stats
-    stats.update(bar.summary())
-    if speed is None and raced is not None:
-        if verification is not None and not verification.passed:
-            raced = dataclasses.replace(raced, blanket=unproven(raced.blanket))
-        speed = measured_record(raced, modelled=stats["modelled_cost_ratio"], profile=label)
-    elif speed is None:
-        speed = modelled_record(stats["modelled_cost_ratio"], label,
-                                {f: first_failure(result.unsafe.get(f, {})) for f in formats},
-                                f"target {target}, tuned on {device_type}" if target != device_type
-                                else "step timing switched off (measure_speed=False or $AUTOPREC_MEASURE_SPEED=0)")
-    policy = dataclasses.replace(policy, verification=verification, stats=stats, speed=speed, held_out=held)
+    held, held_passes, choice = held_out_stage(s, parts, choice)
+    fp32_curve = reference_stage(s, choice)
+    scaler, scaler_choice = scaler_stage(s, choice, fp32_curve)
+    choice, verification, scaler, policy, verify_passes = verify_stage(s, choice, fp32_curve, scaler)
+    raced, speed = retime_stage(s, choice, policy, raced, profile)
+    remeasured = 1 if verification is not None and verification.rounds > 1 else 0
+    passes = Passes(probe=probe_passes, search=search_passes + remeasured, verify=verify_passes, held_out=held_passes)
+    stats = tune_stats(s, profile, candidates, policy, choice, scaler_choice, passes, started)
+    if speed is None:
+        speed = speed_record(s, profile, raced, verification, stats.modelled_cost_ratio)
+    policy = dataclasses.replace(policy, verification=verification, stats=stats.as_dict(), speed=speed, held_out=held)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
-             stats["tuning_seconds"], 100 * policy.low_precision_fraction())
+             stats.tuning_seconds, 100 * policy.low_precision_fraction())
     return policy
