@@ -11,10 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from .device._calibration import calibrate
-from .device._costs import DeviceProfile
-from .device._files import load_profile
-from .distributed._fsdp import fsdp_plan
+from .device import DeviceProfile, calibrate, load_profile
+from .distributed import fsdp_plan
 from .errors import (
     AutoprecError,
     AutoprecWarning,
@@ -31,12 +29,6 @@ from .errors import (
     VerificationError,
     VerificationWarning,
 )
-from .policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
-from .device import DeviceProfile, calibrate, load_profile
-from .distributed import fsdp_plan
-from .errors import (AutoprecError, AutoprecWarning, BatchError, DeviceWarning, FormatError, GuardError, GuardWarning,
-                     ModelError, OptionError, PolicyError, ProfileError, RankError, VerificationError,
-                     VerificationWarning)
 from .policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification, load
 from .runtime import Handle
 from .tuning import tune

@@ -86,7 +86,7 @@ def _gpt2(shape: str) -> tuple[torch.nn.Module, torch.Tensor]:
 def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     """All figures of one shape (run in its own process)."""
     import autoprec.probe._probe as P
-    from autoprec.probe import Runner, errors, probe
+    from autoprec.probe import Runner, probe, relative_errors
     from autoprec.trace import trace
 
     model, ids = _gpt2(shape)
@@ -97,7 +97,7 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     formats = ("bf16", "fp16")
     runner = Runner(model, None, tr, device_type="cpu", emulate_fp16=True, emulate_cuda=True, seed=0)
     ref_loss, ref_grads = runner.run(batch, {})
-    # as the probe calls it: where errors() can overwrite the pass's gradients and take the reference's
+    # as the probe calls it: where relative_errors() can overwrite the pass's gradients and take the reference's
     # norm once (autoprec after issue 14), it does; earlier versions take neither
     fused = "reuse" in inspect.signature(errors).parameters
     kw = {"reuse": True, "ref_norm": P.grad_norm(ref_grads, ref_loss)} if fused else {}
@@ -115,7 +115,7 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
         loss, grads = runner.run(batch, {key: fmt})
         passes.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        errors(loss, grads, ref_loss, ref_grads, **kw)
+        relative_errors(loss, grads, ref_loss, ref_grads, **kw)
         errs.append(time.perf_counter() - t0)
         del loss, grads
     blocks, width, vocab = SHAPES[shape]

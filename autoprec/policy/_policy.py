@@ -15,7 +15,7 @@ import math
 import os
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn

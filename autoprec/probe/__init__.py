@@ -6,10 +6,10 @@ from ._amplify import Amplification, Consumer, consumers, gain, rows
 from ._passes import Measure
 from ._probe import probe, suggest_scale
 from ._records import Measurement, Probe, Ranges
-from ._reductions import HIST_HI, HIST_LO, errors, grad_norm
+from ._reductions import HIST_HI, HIST_LO, grad_norm, relative_errors
 from ._roles import Sharing, role_of, roles
 from ._runner import Runner
 from ._snapshot import Snapshot
 from ._training import Trajectory, default_optimizer, train_curve
 
-__all__ = ["Amplification", "Consumer", "HIST_HI", "HIST_LO", "Measure", "Measurement", "Probe", "Ranges", "Runner", "Sharing", "Snapshot", "Trajectory", "consumers", "default_optimizer", "errors", "gain", "grad_norm", "probe", "role_of", "roles", "rows", "suggest_scale", "train_curve"]
+__all__ = ["Amplification", "Consumer", "HIST_HI", "HIST_LO", "Measure", "Measurement", "Probe", "Ranges", "Runner", "Sharing", "Snapshot", "Trajectory", "consumers", "default_optimizer", "gain", "grad_norm", "probe", "relative_errors", "role_of", "roles", "rows", "suggest_scale", "train_curve"]

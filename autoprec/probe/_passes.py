@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 
 from ._amplify import Amplification, Reach, tee
 from ._records import Measurement
-from ._reductions import errors, grad_norm
+from ._reductions import grad_norm, relative_errors
 
 if TYPE_CHECKING:
     from ._runner import Runner
@@ -157,7 +157,7 @@ class Measure:
                 self.progress(name)
             return f"{type(exc).__name__}: {str(exc)[:200]}"
         ref_loss, ref_grads, ref_norm = self.ref
-        loss_err, grad_err, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
+        loss_err, grad_err, finite = relative_errors(loss, grads, ref_loss, ref_grads, reuse=True, ref_norm=ref_norm)
         del loss, grads  # this pass's gradients go before the next pass makes its own
         if self.progress is not None:
             self.progress(name)

@@ -38,8 +38,8 @@ from ..distributed._ranks import Ranks
 from ..errors import ModelError, RankError
 from ._amplify import Amplification, consumers, tee
 from ._passes import Measure
-from ._records import Measurement, Probe, Ranges
-from ._reductions import HIST_BINS, HIST_HI, HIST_LO, errors, grad_norm, log2_hist
+from ._records import Measurement, Probe
+from ._reductions import HIST_BINS, grad_norm, log2_hist
 from ._roles import Sharing, measure_role, roles, units
 from ._runner import RangeWatcher, Runner
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["errors", "grad_norm", "log2_hist", "finite_absmax", "HIST_LO", "HIST_HI", "HIST_BINS"]
+__all__ = ["relative_errors", "grad_norm", "log2_hist", "finite_absmax", "HIST_LO", "HIST_HI", "HIST_BINS"]
 
 #: log2 histogram bounds: bucket i counts values with floor(log2|x|) == HIST_LO + i
 HIST_LO, HIST_HI = -160, 130
@@ -50,7 +50,7 @@ def finite_absmax(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x.abs(), 0).amax().double()
 
 
-def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
+def relative_errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: torch.Tensor,
            ref_grads: Sequence[torch.Tensor | None], *, reuse: bool = False,
            ref_norm: torch.Tensor | None = None) -> tuple[float, float, bool]:
     """(loss relative error, gradient relative L2 error, all finite) against a reference.
@@ -63,9 +63,9 @@ def errors(loss: torch.Tensor, grads: Sequence[torch.Tensor | None], ref_loss: t
 
     Example:
         >>> r = [torch.tensor([3.0, 4.0]), None]
-        >>> errors(torch.tensor(1.1), [torch.tensor([3.0, 4.5]), None], torch.tensor(1.0), r)
+        >>> relative_errors(torch.tensor(1.1), [torch.tensor([3.0, 4.5]), None], torch.tensor(1.0), r)
         (0.10000002384185791, 0.1, True)
-        >>> errors(torch.tensor(1.0), [torch.tensor([float("inf"), 4.0]), None], torch.tensor(1.0), r)
+        >>> relative_errors(torch.tensor(1.0), [torch.tensor([float("inf"), 4.0]), None], torch.tensor(1.0), r)
         (inf, inf, False)
     """
     got = [(g, r) for g, r in zip(grads, ref_grads) if r is not None and g is not None and r.numel()]

@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from ..device._costs import DeviceProfile, StepCost, cost_note
-from ..probe._probe import Probe
-from ..probe._records import Measurement
+from ..probe._records import Measurement, Probe
 from ..trace._trace import Layer, Trace
 from ._records import Decision, Ranked
 

@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from ..core._formats import info
-from ..probe._probe import HIST_LO, Probe
+from ..probe._records import Probe
+from ..probe._reductions import HIST_LO
 from ..probe._training import Trajectory
 
 __all__ = ["ScalerChoice", "GROWTH_INTERVALS", "BACKOFF_FACTORS", "simulate", "search_scaler", "loss_table", "grad_trajectory"]

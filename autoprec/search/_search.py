@@ -40,8 +40,7 @@ import optuna
 from ..core._formats import info
 from ..device._costs import DeviceProfile, StepCost, cost_note, layer_cost
 from ..distributed._ranks import Ranks
-from ..probe._probe import Probe
-from ..probe._records import Measurement, Ranges
+from ..probe._records import Measurement, Probe, Ranges
 from ..trace._trace import Layer, Trace
 from ._decisions import decide, fmt_err
 from ._records import Decision, Ranked, Tolerance

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ._isolation import private_model
 from ._memory import PeakMemory
+from ._options import TuneOptions, TuneStats
 from ._progress import Progress
 from ._tune import tune
 
-__all__ = ["PeakMemory", "Progress", "private_model", "tune"]
+__all__ = ["PeakMemory", "Progress", "TuneOptions", "TuneStats", "private_model", "tune"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..probe._training import OptimizerFactory
-from ..search._search import Tolerance
+from ..search._records import Tolerance
 
 __all__ = ["Passes", "TuneOptions", "TuneStats"]
 
@@ -28,7 +28,7 @@ class TuneOptions:
     Example:
         >>> import torch
         >>> from autoprec.probe._training import default_optimizer
-        >>> from autoprec.search._search import Tolerance
+        >>> from autoprec.search import Tolerance
         >>> o = TuneOptions(formats=("bf16",), target="cuda", device=torch.device("cpu"), tol=Tolerance(0.01, 0.05),
         ...                 verify_tolerance=0.05, verify_steps=20, optimizer=default_optimizer, n_trials=30,
         ...                 storage=None, headroom=8.0, seed=0, verify_compile=None, share_roles=True, timing=False)

@@ -22,13 +22,17 @@ from ..device._calibration import with_layers
 from ..device._costs import DeviceProfile, StepCost, format_speed
 from ..distributed._ranks import Ranks
 from ..policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification
-from ..probe._probe import Probe, Runner, errors, evidence, probe
+from ..probe._probe import evidence, probe
+from ..probe._records import Probe
+from ..probe._reductions import relative_errors
 from ..probe._roles import Sharing, roles, units
+from ..probe._runner import Runner
 from ..probe._snapshot import Snapshot, park, unpark
 from ..probe._training import Trajectory, train_curve
 from ..report._speed_lines import first_failure, modelled_record, profile_label, unproven
 from ..search._loss_scale import ScalerChoice, search_scaler
-from ..search._search import Decision, SearchResult, search
+from ..search._records import Decision
+from ..search._search import SearchResult, search
 from ..trace._trace import Trace, trace
 from ..verify._held_out import Split
 from ..verify._held_out import check as check_held_out
@@ -59,7 +63,7 @@ class Reference:
         fp16 = "fp16" in assignment.values()
         s = (scale or self.loss_scale) if fp16 else 1.0
         loss, grads = self.runner.run(self.batch, dict(assignment), scale=s)
-        return errors(loss, grads, self.loss, self._ref["grads"], reuse=True)
+        return relative_errors(loss, grads, self.loss, self._ref["grads"], reuse=True)
 
     def hold_off(self) -> None:
         """Park the reference gradients off the device (once: a second call while parked does nothing)."""

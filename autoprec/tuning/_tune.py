@@ -21,7 +21,7 @@ from ..errors import OptionError, RankError
 from ..policy._policy import Policy
 from ..probe._snapshot import Snapshot
 from ..probe._training import OptimizerFactory, default_optimizer
-from ..search._search import Tolerance
+from ..search._records import Tolerance
 from ..verify._held_out import DEFAULT_FRACTION, Split, accepts_part, split
 from ..verify._verify import unverified
 from ._isolation import preserve_global_state, private_model

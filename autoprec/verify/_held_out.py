@@ -33,9 +33,10 @@ from ..core._batch import LossFn, leading_rows
 from ..core._checks import check_batch
 from ..errors import AutoprecError
 from ..policy._records import HeldOut
-from ..probe._probe import Probe, Runner
-from ..probe._reductions import errors
-from ..search._search import Decision, Tolerance
+from ..probe._records import Probe
+from ..probe._reductions import relative_errors
+from ..probe._runner import Runner
+from ..search._records import Decision, Tolerance
 
 __all__ = ["DEFAULT_FRACTION", "Checked", "Split", "accepts_part", "backoff_order", "check", "split"]
 
@@ -153,7 +154,7 @@ def _errors(runner: Runner, held: Sequence[Any], refs: list, assignment: Mapping
     for batch, (ref_loss, ref_grads) in zip(held, refs):
         fp16 = "fp16" in assignment.values()
         loss, grads = runner.run(batch, dict(assignment), scale=scale if fp16 else 1.0)
-        le, ge, finite = errors(loss, grads, ref_loss, ref_grads, reuse=True)
+        le, ge, finite = relative_errors(loss, grads, ref_loss, ref_grads, reuse=True)
         le, ge = (le, ge) if finite else (math.inf, math.inf)
         worst = (max(worst[0], le), max(worst[1], ge))
     return worst

@@ -35,7 +35,7 @@ from ..device._timing import Clock
 from ..policy._records import StepSpeed
 from ..probe._snapshot import Snapshot
 from ..report._speed_lines import clearly_faster, first_failure, step_ms
-from ..search._search import Decision
+from ..search._records import Decision
 
 if TYPE_CHECKING:
     from ..policy._policy import Policy

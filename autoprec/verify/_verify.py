@@ -33,7 +33,7 @@ from ..errors import ModelError, VerificationError, VerificationWarning
 from ..policy._policy import NOISE_MULTIPLE, Policy, ScalerSettings, Verification, scaler_for
 from ..probe._snapshot import Snapshot
 from ..probe._training import OptimizerFactory, Trajectory, train_curve
-from ..search._search import Decision
+from ..search._records import Decision
 from ..trace._flops import DtypeFlops
 
 __all__ = ["VerifyResult", "check_reference", "compare", "judge", "noise_floor", "nothing_cast", "unverified",

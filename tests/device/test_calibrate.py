@@ -14,7 +14,18 @@ import torch
 from torch import nn
 
 import autoprec
-from autoprec.device import (cache_dir, calibrate, estimate, load_profile, machine, profile_from_dict, profile_to_dict, save_profile, shape_key, with_layers)
+from autoprec.device import (
+    cache_dir,
+    calibrate,
+    estimate,
+    load_profile,
+    machine,
+    profile_from_dict,
+    profile_to_dict,
+    save_profile,
+    shape_key,
+    with_layers,
+)
 from autoprec.trace import trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,7 +12,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 import autoprec
-from autoprec.device import (Curve, DeviceProfile, StepCost, estimate, layer_cost, load_profile, monotone, profile_from_dict, profile_to_dict, save_profile, shape_key)
+from autoprec.device import (
+    Curve,
+    DeviceProfile,
+    StepCost,
+    estimate,
+    layer_cost,
+    load_profile,
+    monotone,
+    profile_from_dict,
+    profile_to_dict,
+    save_profile,
+    shape_key,
+)
 from autoprec.trace import Layer, trace
 
 PINNED_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "cpu_profile.json")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from autoprec.probe import HIST_HI, HIST_LO, Runner, errors, grad_norm, probe
+from autoprec.probe import HIST_HI, HIST_LO, Runner, grad_norm, probe, relative_errors
 from autoprec.trace import trace
 
 _HOST_READS = {"item", "tolist", "__float__", "__bool__", "__int__"}
@@ -58,7 +58,7 @@ def test_errors_match_fp64_sums_over_every_gradient(scale):
     """Loss and gradient errors equal the FP64 per-parameter definition, also where an FP32 norm would overflow."""
     loss, got, ref_loss, ref = _case(0, scale)
     want = _loop_errors(loss, got, ref_loss, ref)
-    have = errors(loss, [None if g is None else g.clone() for g in got], ref_loss, ref)
+    have = relative_errors(loss, [None if g is None else g.clone() for g in got], ref_loss, ref)
     assert have[2] is True and have[0] == pytest.approx(want[0], rel=1e-6)
     assert have[1] == pytest.approx(want[1], rel=1e-5) and 0 < have[1] < math.inf
 
@@ -68,19 +68,19 @@ def test_a_non_finite_gradient_or_loss_is_not_finite(bad):
     """One non-finite gradient value, or a non-finite loss, gives (inf, inf, False)."""
     loss, got, ref_loss, ref = _case(1)
     got[3][1, 2, 0] = bad
-    assert errors(loss, got, ref_loss, ref) == (math.inf, math.inf, False)
+    assert relative_errors(loss, got, ref_loss, ref) == (math.inf, math.inf, False)
     _, got, _, _ = _case(1)
-    assert errors(torch.tensor(bad), got, ref_loss, ref) == (math.inf, math.inf, False)
+    assert relative_errors(torch.tensor(bad), got, ref_loss, ref) == (math.inf, math.inf, False)
 
 
 def test_reuse_overwrites_the_gradients_and_gives_the_same_figures():
     """``reuse=True`` leaves each gradient holding its difference to the reference; the figures do not change."""
     loss, got, ref_loss, ref = _case(2)
     kept = [None if g is None else g.clone() for g in got]
-    first = errors(loss, kept, ref_loss, ref)
+    first = relative_errors(loss, kept, ref_loss, ref)
     assert all(a is None or torch.equal(a, b) for a, b in zip(kept, got))  # reuse=False: untouched
     norm = grad_norm(ref, ref_loss)
-    assert errors(loss, got, ref_loss, ref, reuse=True, ref_norm=norm) == pytest.approx(first, rel=1e-12)
+    assert relative_errors(loss, got, ref_loss, ref, reuse=True, ref_norm=norm) == pytest.approx(first, rel=1e-12)
     assert torch.equal(got[0], kept[0] - ref[0])
 
 
@@ -90,7 +90,7 @@ def test_errors_read_the_host_once_whatever_the_number_of_parameters():
         ref = [torch.randn(4) for _ in range(n)]
         got = [r + 1e-3 for r in ref]
         with _HostReads() as mode:
-            errors(torch.tensor(1.0), got, torch.tensor(1.0), ref)
+            relative_errors(torch.tensor(1.0), got, torch.tensor(1.0), ref)
         assert mode.reads == 1, n
 
 
