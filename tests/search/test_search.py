@@ -20,7 +20,7 @@ from torch import nn
 
 from autoprec.device import compute_bound, layer_cost, load_profile, roofline
 from autoprec.device._costs import cost_note
-from autoprec.probe import Runner, errors, probe
+from autoprec.probe import Runner, probe, relative_errors
 from autoprec.search import Decision, SearchResult, Tolerance, search
 from autoprec.search._decisions import fmt_err
 from autoprec.trace import trace
@@ -114,7 +114,7 @@ class Setup:
         ref_loss, ref_grads = self.probe.reference
         scale = self.probe.loss_scale if "fp16" in assignment.values() else 1.0
         loss, grads = self.runner.run(self.batch, dict(assignment), scale=scale)
-        return errors(loss, grads, ref_loss, ref_grads, reuse=True)
+        return relative_errors(loss, grads, ref_loss, ref_grads, reuse=True)
 
     def search(self, measure=None, **kw) -> SearchResult:
         kw = {"profile": ALWAYS_PAYS, "tolerance": Tolerance(), **kw}
