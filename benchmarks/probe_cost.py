@@ -6,7 +6,7 @@ FP16), then, interleaved over a sample of candidate layers:
 
 - ``plain``: one FP32 forward+backward of the model without autoprec;
 - ``pass``: one probe pass (``Runner.run``: the layer in 16-bit, the rest FP32, the gradients handed back);
-- ``errors``: the per-pass error computation (``probe.errors``) against the FP32 reference;
+- ``errors``: the per-pass error computation (``autoprec.probe.relative_errors``) against the FP32 reference;
 
 the peak RSS of those sampled passes above the RSS before them (model, trace and FP32 reference in
 place; the peak is reset with Linux's ``/proc/self/clear_refs`` in this benchmark's own process); and,
@@ -99,7 +99,7 @@ def measure(shape: str, samples: int, full_probe: bool) -> dict[str, Any]:
     ref_loss, ref_grads = runner.run(batch, {})
     # as the probe calls it: where relative_errors() can overwrite the pass's gradients and take the reference's
     # norm once (autoprec after issue 14), it does; earlier versions take neither
-    fused = "reuse" in inspect.signature(errors).parameters
+    fused = "reuse" in inspect.signature(relative_errors).parameters
     kw = {"reuse": True, "ref_norm": P.grad_norm(ref_grads, ref_loss)} if fused else {}
     before = _hwm_reset()  # the trace's own peak is not the passes'
     step = max(1, len(candidates) // samples)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._policy import SCHEMA_VERSION, Policy, load, scaler_for
-from ._records import HeldOut, LayerEntry, ScalerSettings, StepSpeed, Verification, low_fraction
+from ._policy import Policy, SCHEMA_VERSION, load, scaler_for
+from ._records import BACK_OFFS, HeldOut, LayerEntry, NOISE_MULTIPLE, ScalerSettings, StepSpeed, Verification, low_fraction
 
-__all__ = ["HeldOut", "LayerEntry", "Policy", "SCHEMA_VERSION", "ScalerSettings", "StepSpeed", "Verification", "load", "low_fraction", "scaler_for"]
+__all__ = ["BACK_OFFS", "HeldOut", "LayerEntry", "NOISE_MULTIPLE", "Policy", "SCHEMA_VERSION", "ScalerSettings", "StepSpeed", "Verification", "load", "low_fraction", "scaler_for"]

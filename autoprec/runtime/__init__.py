@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from ._apply import Handle, apply, autocast, watched
 from ._emulation import rule_of, run_as_cuda
-from ._runtime import Runtime, installed
+from ._runtime import Runtime, Watcher, installed
 
-__all__ = ["Handle", "Runtime", "apply", "autocast", "installed", "rule_of", "run_as_cuda", "watched"]
+__all__ = ["Handle", "Runtime", "Watcher", "apply", "autocast", "installed", "rule_of", "run_as_cuda", "watched"]
