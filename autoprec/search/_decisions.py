@@ -46,14 +46,14 @@ def ms(seconds: float) -> str:
 
 def decide(trace: Trace, probe: Probe, profile: DeviceProfile, ranked: Ranked, k_best: int, passed: Sequence[int],
            cost: Callable[[int], float], final: Mapping[str, str], edges: StepCost) -> dict[str, Decision]:
-    """Every layer's decision, in the trace's order, once the search chose to cast the first ``k_best`` units.
+    """Every layer's decision, in the trace's order, once the search chose to cast the first ``k_best`` moves.
 
     ``passed``: the ``k`` measured within the bound; ``cost(k)``: the modelled step time of casting the
-    first ``k`` units; ``final``: the chosen assignment, the join rule applied.
+    first ``k`` moves; ``final``: the chosen assignment, the join rule applied.
     """
     decisions = dict(ranked.pinned)
-    cast = {key for g in ranked.units[:k_best] for key in g}
-    position = {key: i for i, g in enumerate(ranked.units) for key in g}
+    cast = {key for g in ranked.moves[:k_best] for key in g}
+    position = {key: i for i, g in enumerate(ranked.moves) for key in g}
     for key in ranked.order:
         if key in cast:
             decisions[key] = cast_decision(key, probe, ranked)
@@ -85,7 +85,7 @@ def cast_decision(key: str, probe: Probe, ranked: Ranked) -> Decision:
 
 def left_out(layer: Layer, probe: Probe, profile: DeviceProfile, best: str, k_best: int, wider: int | None,
              cost: Callable[[int], float]) -> Decision:
-    """An open layer left in FP32: *no gain* where casting the first ``wider`` units (it among them) was measured
+    """An open layer left in FP32: *no gain* where casting the first ``wider`` moves (it among them) was measured
     within the bound but costs more than casting ``k_best``, else *combined error*."""
     key = layer.key
     m = probe.get(key, best)

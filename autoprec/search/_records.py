@@ -46,7 +46,7 @@ class Decision:
 class Ranked:
     """What the probe leaves to the search: the layers it decided, and the open layers' best formats, ranked.
 
-    ``units`` are the open layers as units of decision (a tied group is one unit), least sensitive per
+    ``moves`` are the open layers as moves (a tied group is one move), least sensitive per
     unit of cost saved first: the search casts the first ``k`` of them.
     """
 
@@ -56,9 +56,9 @@ class Ranked:
     refused: dict[str, str]            # layer -> the formats refused to it and why ("" where none)
     joinable: dict[str, list[str]]     # pinned layer -> formats refused it only for speed: it may join neighbours
     unsafe: dict[str, dict[str, str]]  # format -> layer -> why it fails numerically there
-    units: tuple[tuple[str, ...], ...]
+    moves: tuple[tuple[str, ...], ...]
 
     @property
     def order(self) -> tuple[str, ...]:
         """The open layers, least sensitive first."""
-        return tuple(k for g in self.units for k in g)
+        return tuple(k for g in self.moves for k in g)

@@ -98,7 +98,7 @@ def search(trace: Trace, probe: Probe, measure: Measure, *, profile: DeviceProfi
                        space.edges)
     history = tuple(sorted((k, space.cost(k), v[0], v[1]) for k, v in space.measured.items()))
     log.info("search: %d open layers, %d trials, cast %d, loss err %.3g, grad err %.3g",
-             len(ranked.units), trials, k_best, loss_err, grad_err)
+             len(ranked.moves), trials, k_best, loss_err, grad_err)
     return SearchResult(decisions=decisions, order=ranked.order, k=k_best, trials=trials,
                         loss_err=loss_err, grad_err=grad_err, cost=space.cost(k_best),
                         cost_fp32=space.cost_fp32, history=history, runner_up=runner_up, unsafe=ranked.unsafe)
@@ -126,12 +126,12 @@ def _rank(trace: Trace, probe: Probe, profile: DeviceProfile, tolerance: Toleran
                                                    _estimate(tolerance, probe.get(layer.key, f))))
     _tie(trace, pinned, usable, best)
     return Ranked(pinned=pinned, best=best, usable=usable, refused=refused, joinable=joinable, unsafe=unsafe,
-                  units=_units(trace, probe, profile, tolerance, best))
+                  moves=_moves(trace, probe, profile, tolerance, best))
 
 
-def _units(trace: Trace, probe: Probe, profile: DeviceProfile, tolerance: Tolerance,
+def _moves(trace: Trace, probe: Probe, profile: DeviceProfile, tolerance: Tolerance,
            best: Mapping[str, str]) -> tuple[tuple[str, ...], ...]:
-    """The open layers as units of decision (a tied group moves together), ordered by measured error per unit of
+    """The open layers as moves (one layer, or a tied group that moves together), ordered by measured error per unit of
     modelled cost saved, least first."""
 
     def saving(key: str) -> float:
@@ -141,13 +141,13 @@ def _units(trace: Trace, probe: Probe, profile: DeviceProfile, tolerance: Tolera
     def sensitivity(key: str) -> float:
         return _estimate(tolerance, probe.get(key, best[key]))
 
-    units = _groups(trace, list(best))
-    units.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
-    return tuple(tuple(g) for g in units)
+    moves = _groups(trace, list(best))
+    moves.sort(key=lambda g: sum(sensitivity(k) for k in g) / max(sum(saving(k) for k in g), 1e-30))
+    return tuple(tuple(g) for g in moves)
 
 
 class _Space:
-    """The search space, one integer: ``k`` -> the assignment casting the first ``k`` units of ``ranked`` (the
+    """The search space, one integer: ``k`` -> the assignment casting the first ``k`` moves of ``ranked`` (the
     join rule applied, :func:`_joiners`), its modelled step time, and its measured errors.
 
     Assignments and measurements are kept: each ``k`` is joined and measured once. ``measured`` is the table
@@ -155,7 +155,7 @@ class _Space:
     """
 
     def __init__(self, trace: Trace, ranked: Ranked, profile: DeviceProfile, measure: Measure) -> None:
-        self.units = ranked.units
+        self.moves = ranked.moves
         self._best = ranked.best
         self.edges = StepCost(trace.layers, trace.handoff, profile)
         self.cost_fp32 = sum({lay.key: layer_cost(lay, "fp32", profile) for lay in trace.layers}.values())
@@ -167,11 +167,11 @@ class _Space:
         self._assigned: dict[int, dict[str, str]] = {}
 
     def assignment(self, k: int) -> dict[str, str]:
-        """Layer -> format with the first ``k`` units cast (a copy: the caller may change it)."""
+        """Layer -> format with the first ``k`` moves cast (a copy: the caller may change it)."""
         if k not in self._assigned:
-            chosen = {key: self._best[key] for g in self.units[:k] for key in g}
+            chosen = {key: self._best[key] for g in self.moves[:k] for key in g}
             self._assigned[k] = self._join({**self._pinned, **chosen,
-                                            **{key: "fp32" for g in self.units[k:] for key in g}})
+                                            **{key: "fp32" for g in self.moves[k:] for key in g}})
         return dict(self._assigned[k])
 
     def cost(self, k: int) -> float:
@@ -193,7 +193,7 @@ def _study(trace: Trace, probe: Probe, ranked: Ranked, space: _Space, tolerance:
            storage: str | None, seed: int, progress: Callable[[int, int], None] | None, ranks: Ranks | None) -> int:
     """Run the study over ``k`` (split across ``ranks`` of several processes, else Optuna in this one), seeded
     with the greedy guess; its measurements land in ``space.measured``. Returns the number of trials."""
-    n = len(ranked.units)
+    n = len(ranked.moves)
     greedy = _greedy(probe, ranked, tolerance)
 
     def feasible(result: Result) -> bool:
@@ -220,10 +220,10 @@ def _feasible(tolerance: Tolerance, result: Result) -> bool:
 
 
 def _greedy(probe: Probe, ranked: Ranked, tolerance: Tolerance) -> int:
-    """The study's first guess: the most units whose errors, added in quadrature (independent roundings add
+    """The study's first guess: the most moves whose errors, added in quadrature (independent roundings add
     roughly so), stay within the bound."""
     acc, greedy = 0.0, 0
-    for i, g in enumerate(ranked.units):
+    for i, g in enumerate(ranked.moves):
         acc += sum(_estimate(tolerance, probe.get(k, ranked.best[k])) for k in g) ** 2
         if math.sqrt(acc) <= 1.0:
             greedy = i + 1
@@ -491,7 +491,7 @@ def _runs(order: Sequence[str], edges: StepCost) -> list[list[str]]:
 
 
 def _groups(trace: Trace, open_keys: Sequence[str]) -> list[list[str]]:
-    """Open layers as units of decision: a tied group is one unit."""
+    """Open layers as moves: a tied group is one move."""
     seen: set[str] = set()
     out = []
     tied = {k: g for g in trace.tied for k in g}

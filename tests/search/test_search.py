@@ -380,7 +380,7 @@ def test_the_same_inputs_and_seed_give_the_same_result():
 
 @pytest.mark.parametrize("n_trials, plan", [(30, 5), (3, 3)])
 def test_progress_states_the_plan_then_counts_each_trial(n_trials, plan):
-    """``progress(0, n)`` before the first trial, then ``(i, n)`` after trial i; n is min(n_trials, open units + 1)."""
+    """``progress(0, n)`` before the first trial, then ``(i, n)`` after trial i; n is min(n_trials, open moves + 1)."""
     s = net()
     seen: list[tuple[int, int]] = []
     res = s.search(n_trials=n_trials, progress=lambda i, n: seen.append((i, n)))
