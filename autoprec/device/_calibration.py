@@ -255,7 +255,7 @@ def resolve_profile(profile: Any, *, target: str, device: torch.device, formats:
         >>> resolve_profile(gpu, target="cpu", device=torch.device("cpu"), formats=("bf16",))
         Traceback (most recent call last):
         ...
-        autoprec.errors.ProfileError: the device profile 'CUDA GPU (assumed A100/H100 class)' is for target 'cuda', but the policy is tuned for 'cpu': pass target='cuda', or a profile calibrated on a cpu device
+        autoprec.errors.ProfileError: the device profile 'built-in H100 estimate (public figures; FP32 matmuls strict, 67 TFLOP/s)' is for target 'cuda', but the policy is tuned for 'cpu': pass target='cuda', or a profile calibrated on a cpu device
     """
     if isinstance(profile, DeviceProfile):
         found = profile

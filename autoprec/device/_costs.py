@@ -249,7 +249,7 @@ def format_speed(layers: list[Layer], formats: tuple[str, ...], profile: DeviceP
         ...             work_numel=4096 * 1024, param_numel=1024 * 1025, calls=1)
         >>> from autoprec.device import estimate
         >>> format_speed([lin], ("bf16",), estimate("cuda"))
-        {'bf16': {'speed': 3.3818, 'faster': 1, 'layers': 1}}
+        {'bf16': {'speed': 4.3558, 'faster': 1, 'layers': 1}}
     """
     heavy = [lay for lay in layers if lay.flops > 0]
     t32 = [layer_cost(lay, "fp32", profile) for lay in heavy]
