@@ -151,7 +151,7 @@ def _tune_and_write(args: argparse.Namespace, rank: int) -> int:
                                   storage=args.storage, seed=args.seed, progress=not args.quiet,
                                   verify_tolerance=args.verify_tolerance, strict=args.strict,
                                   profile=args.profile, share_roles=not args.no_share_roles,
-                                  held_out=args.held_out)
+                                  held_out=args.held_out, train_batch_size=args.train_batch_size)
     if args.no_measure_speed:
         kwargs["measure_speed"] = False
     if args.budget is not None:
@@ -373,6 +373,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--held-out", type=float, default=0.25,
                    help="share of the batches (or of one batch's rows) the policy is checked on, not tuned on (0.25; "
                         "0 switches the check off)")
+    t.add_argument("--train-batch-size", type=int, default=None, metavar="N",
+                   help="rows of your real training step when the factory's batch is smaller: layers are priced "
+                        "at that step (default: the batch as given)")
     t.add_argument("--profile", help="device profile JSON from 'autoprec calibrate' for the target device "
                                      "(default: calibrate here, or the built-in CUDA estimate)")
     t.add_argument("--no-share-roles", action="store_true",

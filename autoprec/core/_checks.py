@@ -24,7 +24,7 @@ def _number(value: Any) -> bool:
 def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any, verify_steps: Any, n_trials: Any,
                   headroom: Any, seed: Any, progress: Any, optimizer: Any, verify_compile: Any = None,
                   strict: Any = False, share_roles: Any = True, measure_speed: Any = None,
-                  held_out: Any = 0.25) -> None:
+                  held_out: Any = 0.25, train_batch_size: Any = None) -> None:
     """Raise :class:`OptionError` for an option of the wrong kind or out of range.
 
     Example:
@@ -55,6 +55,10 @@ def check_options(*, tolerance: Any, grad_tolerance: Any, verify_tolerance: Any,
     if not _number(held_out) or not 0 <= held_out < 1:
         raise OptionError(f"held_out={held_out!r} must be a fraction in [0, 1): the share of the batches (or of "
                           "one batch's rows) the policy is checked on and not tuned on; 0 switches the check off")
+    if train_batch_size is not None and (not isinstance(train_batch_size, int) or isinstance(train_batch_size, bool)
+                                         or train_batch_size < 1):
+        raise OptionError(f"train_batch_size={train_batch_size!r} must be the rows of your real training step (an "
+                          "integer of at least 1), or None to price the tuning batch as given")
     if optimizer is not None and not callable(optimizer):
         raise OptionError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, "
                           "e.g. lambda p: torch.optim.AdamW(p, lr=1e-3)")

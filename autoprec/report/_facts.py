@@ -108,6 +108,8 @@ def device_lines(st: dict[str, Any]) -> list[str]:
     Example:
         >>> device_lines({"profile_origin": "estimate", "profile": "built-in estimate for cuda"})
         ['speed figures: built-in estimate for cuda **(an estimate, not measured on the device)**']
+        >>> device_lines({"profile_origin": "calibrated", "profile": "this CPU", "priced_rows": 8192})
+        ['speed figures: this CPU; priced at a training step of 8192 rows (train_batch_size), not the tuning batch']
     """
     origin = st.get("profile_origin")
     if not isinstance(origin, str):
@@ -115,6 +117,9 @@ def device_lines(st: dict[str, Any]) -> list[str]:
     lines = [f"speed figures: {st.get('profile', origin)}"]
     if origin == "estimate":
         lines[-1] += " **(an estimate, not measured on the device)**"
+    rows = st.get("priced_rows")
+    if isinstance(rows, int) and not isinstance(rows, bool):
+        lines[-1] += f"; priced at a training step of {rows} rows (train_batch_size), not the tuning batch"
     speeds = st.get("format_speed")
     for fmt, sp in sorted(speeds.items(), key=lambda kv: str(kv[0])) if isinstance(speeds, dict) else ():
         speed = sp.get("speed") if isinstance(sp, dict) else None

@@ -50,6 +50,8 @@ class TuneOptions:
     verify_compile: str | None        # a torch.compile backend verification also trains with
     share_roles: bool                 # probe repeated blocks' roles as groups first
     timing: bool                      # time real training steps (the tuning device is the target)
+    rows: int | None = None           # the tuning batch's rows (its tensors' shared leading size), if any
+    train_batch_size: int | None = None  # the real training step's rows: layers are priced at that step
 
     @property
     def device_type(self) -> str:
@@ -88,7 +90,7 @@ class TuneStats:
         ...               modelled_cost_ratio=0.5, fx_route="fx", fx_nodes=5, loss_scale_suggested=1.0,
         ...               scaler_trials=0, scaler_predicted_skip_rate=0.0, fp32_grad_absmax=1.0, device="cpu",
         ...               capability="", profile_origin="estimate", profile="estimate", calibration_seconds=0.0,
-        ...               format_speed={"bf16": 2.0}, progress={"stages": {}})
+        ...               priced_rows=None, format_speed={"bf16": 2.0}, progress={"stages": {}})
         >>> list(s.as_dict())[:3], list(s.as_dict())[-2:]
         (['tuning_seconds', 'probe_passes', 'search_passes'], ['format_speed', 'stages'])
     """
@@ -119,6 +121,7 @@ class TuneStats:
     profile_origin: str
     profile: str
     calibration_seconds: float
+    priced_rows: int | None           # the batch rows the costs were priced at (train_batch_size), else None
     format_speed: Mapping[str, Any]   # modelled FP32 step time of the matmul/conv layers over each format's (< 1: slower)
     progress: Mapping[str, Any]       # the progress bars' summary: stages (passes, time, peak memory), the meter's peak
 

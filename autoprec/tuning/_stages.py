@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from ..core._modules import canonical_modules
 from ..device._calibration import with_layers
 from ..device._costs import DeviceProfile, StepCost, format_speed
 from ..distributed._ranks import Ranks
+from ..errors import DeviceWarning
 from ..policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification
 from ..probe._probe import evidence, probe
 from ..probe._records import Probe
@@ -33,6 +35,7 @@ from ..report._speed_lines import first_failure, modelled_record, profile_label,
 from ..search._loss_scale import ScalerChoice, search_scaler
 from ..search._records import Decision
 from ..search._search import SearchResult, search
+from ..trace._rescale import rescaled
 from ..trace._trace import Trace, trace
 from ..verify._held_out import Split
 from ..verify._held_out import check as check_held_out
@@ -41,9 +44,28 @@ from ..verify._verify import check_reference, nothing_cast, verify
 from ._options import Passes, TuneOptions, TuneStats
 from ._progress import Progress
 
-__all__ = ["Choice", "Reference", "Searched", "agree_inputs", "bf16_fallback", "held_out_stage", "layer_timings",
-           "modelled", "probe_stage", "race_stage", "reference_stage", "retime_stage", "scaler_stage", "search_stage",
-           "speed_record", "trace_stage", "tune_stats", "verify_stage"]
+__all__ = [
+    "Choice",
+    "Reference",
+    "Searched",
+    "agree_inputs",
+    "bf16_fallback",
+    "held_out_stage",
+    "layer_timings",
+    "modelled",
+    "priced_trace",
+    "probe_stage",
+    "race_stage",
+    "reference_stage",
+    "retime_stage",
+    "scaler_stage",
+    "search_stage",
+    "speed_record",
+    "trace_stage",
+    "tune_stats",
+    "verify_stage",
+    "warn_launch_bound",
+]
 
 
 class Reference:
@@ -99,6 +121,12 @@ class Searched:
     ranks: Ranks
     bar: Progress
     snapshot: Snapshot
+    priced: Trace | None = None     # the trace the costs were priced at (``tr`` at train_batch_size), if another
+
+    @property
+    def pricing(self) -> Trace:
+        """The trace the costs are priced at: ``priced``, else the traced one."""
+        return self.priced if self.priced is not None else self.tr
 
     def policy(self, decisions: Mapping[str, Decision], scaler: ScalerSettings | None) -> Policy:
         """The policy of ``decisions`` (with ``scaler`` where a layer runs in FP16)."""
@@ -171,6 +199,37 @@ def probe_stage(work: nn.Module, parts: Split, loss_fn: LossFn | None, tr: Trace
     pr = probe(runner, batches, candidates, o.formats, headroom=o.headroom, progress=lambda key: bar.advance(),
                skipped=skipped, share=share, ranks=ranks)
     return runner, pr
+
+
+def priced_trace(tr: Trace, opts: TuneOptions) -> Trace:
+    """The trace the search prices: ``tr`` at ``opts.train_batch_size`` rows where one is given
+    (:func:`autoprec.trace._rescale.rescaled`), else ``tr`` itself."""
+    if opts.train_batch_size is None or opts.rows is None:
+        return tr
+    return rescaled(tr, opts.rows, opts.train_batch_size)
+
+
+#: the share of the matmul FLOPs kept FP32 for "no gain" above which tuning for another device warns
+LAUNCH_BOUND_SHARE = 0.5
+
+
+def warn_launch_bound(s: Searched, profile: DeviceProfile) -> None:
+    """Warn (:class:`~autoprec.DeviceWarning`) when tuning for another device than this one, without
+    ``train_batch_size``, the search kept most matmul FLOPs FP32 because no format is faster at the tuning
+    batch's shapes: the real step is usually larger, and priced there the decision would differ."""
+    o = s.opts
+    if o.train_batch_size is not None or o.target == o.device_type:
+        return
+    flops = {lay.key: lay.flops for lay in s.tr.layers if lay.flops > 0}
+    idle = sum(f for k, f in flops.items() if s.result.decisions[k].reason == "no gain")
+    if not flops or idle <= LAUNCH_BOUND_SHARE * sum(flops.values()):
+        return
+    rows = f"{o.rows} rows" if o.rows is not None else "the batch given"
+    warnings.warn(f"{100 * idle / sum(flops.values()):.0f}% of the matmul/conv FLOPs stay FP32 for no gain: at the "
+                  f"tuning batch's shapes ({rows}) no 16-bit format is faster on {profile.device}, where a real "
+                  "training step is usually larger; pass the rows of your training step, "
+                  "tune(..., train_batch_size=N) (CLI: --train-batch-size N), to price that step",
+                  DeviceWarning, stacklevel=4)
 
 
 def search_stage(tr: Trace, pr: Probe, reference: Reference, profile: DeviceProfile, opts: TuneOptions,
@@ -295,7 +354,7 @@ def retime_stage(s: Searched, choice: Choice, policy: Policy, raced: Race | None
     label = profile_label(profile.origin, o.target, profile.source)
     speed = s.ranks.run(lambda: retime(s.work, s.full, s.loss_fn, policy, raced,
                                        why=f"the held-out check and verification backed off {backed} layer(s)",
-                                       modelled=modelled(s.tr, profile, policy, s.result), profile=label,
+                                       modelled=modelled(s.pricing, profile, policy, s.result), profile=label,
                                        formats=o.formats, device_type=o.device_type, optimizer=o.optimizer,
                                        seed=o.seed, snapshot=s.snapshot) if s.ranks.rank == 0 else None,
                         "timing training steps")[0]
@@ -329,13 +388,15 @@ def tune_stats(s: Searched, profile: DeviceProfile, candidates: list[str], polic
         probe_roles=len({m.group for m in pr.measurements.values() if m.members > 1}),
         probe_shared=sum(m.members > 1 for m in pr.measurements.values()), probe_measurements=len(pr.measurements),
         measured_loss_err=float(choice.measured[0]), measured_grad_err=float(choice.measured[1]),
-        modelled_cost_ratio=round(modelled(tr, profile, policy, s.result), 4), fx_route=tr.fx_route,
+        modelled_cost_ratio=round(modelled(s.pricing, profile, policy, s.result), 4), fx_route=tr.fx_route,
         fx_nodes=tr.fx_nodes, loss_scale_suggested=pr.loss_scale,
         scaler_trials=scaler_choice.trials if scaler_choice else 0,
         scaler_predicted_skip_rate=scaler_choice.skip_rate if scaler_choice else 0.0,
         fp32_grad_absmax=pr.grad_absmax, device=profile.device, capability=profile.capability,
         profile_origin=profile.origin, profile=profile.describe(), calibration_seconds=round(profile.seconds, 3),
-        format_speed=format_speed([tr.layer(k) for k in candidates], o.formats, profile), progress=s.bar.summary())
+        priced_rows=o.train_batch_size,
+        format_speed=format_speed([s.pricing.layer(k) for k in candidates], o.formats, profile),
+        progress=s.bar.summary())
 
 
 def modelled(tr: Trace, profile: DeviceProfile, policy: Policy, result: SearchResult) -> float:

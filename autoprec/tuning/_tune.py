@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core._batch import LossFn, split_batches
+from ..core._batch import LossFn, leading_rows, split_batches
 from ..core._checks import check_batch, check_batches, check_model, check_options, check_storage
 from ..core._formats import check_formats, resolve_target
 from ..device._calibration import resolve_profile
@@ -35,6 +35,7 @@ from ._stages import (
     agree_inputs,
     held_out_stage,
     layer_timings,
+    priced_trace,
     probe_stage,
     race_stage,
     reference_stage,
@@ -45,6 +46,7 @@ from ._stages import (
     trace_stage,
     tune_stats,
     verify_stage,
+    warn_launch_bound,
 )
 
 __all__ = ["tune"]
@@ -71,7 +73,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
          headroom: float = 8.0, progress: bool = True, seed: int = 0,
          verify_compile: str | None = None, profile: str | DeviceProfile | None = None,
          strict: bool = False, share_roles: bool = True, measure_speed: bool | None = None,
-         held_out: float = DEFAULT_FRACTION) -> Policy:
+         held_out: float = DEFAULT_FRACTION, train_batch_size: int | None = None) -> Policy:
     """Measure where ``model`` may run in FP16/BF16 and return the tuned :class:`Policy`.
 
     Args:
@@ -132,6 +134,13 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
             must be within ``tolerance``/``grad_tolerance`` there too, or layers go back to FP32 (the
             most amplified, then the closest to the bound, first) until it is; ``policy.held_out``
             keeps both figures and the calibrated margin. 0 switches the check off.
+        train_batch_size: the rows of the real training step when the tuning batch is smaller: every layer
+            that takes the batch is priced at that step (its shapes, FLOPs and elements scaled along the
+            batch's leading dimension, :mod:`autoprec.trace._rescale`); the probe, the search's
+            measurements and verification still run on the batch given. On a GPU a small batch's matmuls
+            are launch-bound, where 16-bit buys nothing, and the real step's are not. None (default):
+            price the batch as given; tuning for another device than this one, a warning says when most
+            of the matmul FLOPs gain nothing at the tuning shapes.
 
     Raises :class:`~autoprec.ModelError` when FP32 training itself does not stay finite with the
     verification optimizer: nothing could be verified against it (pass an ``optimizer`` that
@@ -165,7 +174,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     check_options(tolerance=tolerance, grad_tolerance=grad_tolerance, verify_tolerance=verify_tolerance,
                   verify_steps=verify_steps, n_trials=n_trials, headroom=headroom, seed=seed, progress=progress,
                   optimizer=optimizer, verify_compile=verify_compile, strict=strict, share_roles=share_roles,
-                  measure_speed=measure_speed, held_out=held_out)
+                  measure_speed=measure_speed, held_out=held_out, train_batch_size=train_batch_size)
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
@@ -182,7 +191,11 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                        verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                        optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
                        headroom=float(headroom), seed=seed, verify_compile=verify_compile, share_roles=share_roles,
-                       timing=timing)
+                       timing=timing, rows=leading_rows(batch), train_batch_size=train_batch_size)
+    if train_batch_size is not None and opts.rows is None:
+        raise OptionError(f"train_batch_size={train_batch_size} scales the batch's leading (batch) dimension, but the "
+                          "batch's tensors share no leading size: pass a batch whose tensors all lead with the "
+                          "batch rows, or train_batch_size=None")
     all_batches = split_batches(batch, batches)
     started = time.perf_counter()
     with preserve_global_state():
@@ -257,10 +270,12 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     runner, pr = probe_stage(work, parts, loss_fn, tr, candidates, skipped, opts, ranks, bar)
     probe_passes = runner.passes
     reference = Reference(runner, parts.decide[0], pr.loss_scale, *pr.reference)
-    result = search_stage(tr, pr, reference, profile, opts, ranks, bar)
+    priced = priced_trace(tr, opts)
+    result = search_stage(priced, pr, reference, profile, opts, ranks, bar)
     search_passes = runner.passes - probe_passes
     pr = dataclasses.replace(pr, reference=())  # parked while training: see autoprec.probe._snapshot.park
-    s = Searched(work, full, loss_fn, opts, tr, pr, result, reference, ranks, bar, snapshot)
+    s = Searched(work, full, loss_fn, opts, tr, pr, result, reference, ranks, bar, snapshot, priced)
+    warn_launch_bound(s, profile)
     choice, raced = Choice(dict(result.decisions), result.order, (result.loss_err, result.grad_err)), None
     if opts.timing:  # before verification, so that verification verifies what ships
         choice, raced = race_stage(s, choice)
