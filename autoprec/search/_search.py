@@ -36,6 +36,7 @@ from typing import Callable, Mapping, Sequence
 # backend it lacks (redis), and that traceback's frames would pin whatever was on the stack at the
 # first import: the reference gradients and the model copy of the first tune, for good.
 import optuna
+import torch
 
 from ..core._formats import info
 from ..device._costs import DeviceProfile, StepCost, cost_note, layer_cost
@@ -47,7 +48,7 @@ from ._records import Decision, Ranked, Tolerance
 from ._split import run_split_study
 from ._storage import open_storage
 
-__all__ = ["Tolerance", "Decision", "SearchResult", "search", "run_study"]
+__all__ = ["FINGERPRINT_SAMPLES", "Decision", "SearchResult", "Tolerance", "grad_fingerprint", "run_study", "search"]
 
 log = logging.getLogger("autoprec.search")
 
@@ -236,10 +237,39 @@ def _digest(probe: Probe, ranked: Ranked, tolerance: Tolerance, seed: int) -> st
     measurements of another problem."""
     h = hashlib.sha256(repr((probe.ref_loss, [(k, ranked.best[k]) for k in ranked.order], probe.formats, tolerance,
                              seed, sorted(ranked.joinable.items()))).encode())
-    for g in probe.reference[1] if probe.reference else ():  # the FP32 gradients pin model, batch and loss
-        if g is not None:
-            h.update(g.detach().cpu().contiguous().numpy())  # the buffer itself: no copy of its bytes
+    if probe.reference:  # the FP32 gradients pin model, batch and loss
+        h.update(grad_fingerprint(probe.reference[1]))
     return h.hexdigest()[:12]
+
+
+#: gradient elements each gradient's fingerprint samples, evenly spaced
+FINGERPRINT_SAMPLES = 1024
+
+
+def grad_fingerprint(grads: Sequence[torch.Tensor | None]) -> bytes:
+    """Bytes that pin a set of gradients, computed on their device and copied to the host once: per gradient its
+    size, its sum and its L2 norm (in FP64) and up to :data:`FINGERPRINT_SAMPLES` evenly spaced elements. A few
+    kB whatever the model's size, where the gradients themselves are its parameters' size; any dtype (BF16 too).
+
+    Example:
+        >>> a = grad_fingerprint([torch.ones(4096), None])
+        >>> a == grad_fingerprint([torch.ones(4096)]), a == grad_fingerprint([torch.ones(4096).bfloat16()])
+        (True, True)
+        >>> b = torch.ones(4096); b[7] = 2.0  # between the samples: the sum sees it
+        >>> a == grad_fingerprint([b])
+        False
+    """
+    rows = []
+    for g in grads:
+        if g is None:
+            continue
+        flat = g.detach().reshape(-1)
+        step = max(1, -(-flat.numel() // FINGERPRINT_SAMPLES))
+        stats = torch.stack([torch.sum(flat, dtype=torch.float64),
+                             torch.linalg.vector_norm(flat, dtype=torch.float64),
+                             torch.tensor(float(flat.numel()), dtype=torch.float64, device=flat.device)])
+        rows.append(torch.cat([stats, flat[::step].to(torch.float64)]))
+    return torch.cat(rows).cpu().numpy().tobytes() if rows else b""
 
 
 def _pick(space: _Space, tolerance: Tolerance) -> tuple[int, list[int], dict[str, str]]:

@@ -392,3 +392,17 @@ def test_compute_bound_is_the_cuda_roofline_the_suite_pins():
     s = net()
     res = s.search(profile=compute_bound())
     assert {"fc2", "fc3"} <= set(res.order)
+
+
+def test_the_study_key_reads_a_few_kb_of_the_gradients_whatever_their_size():
+    """The stored study's key pins the FP32 gradients by a fingerprint computed where they are: its bytes grow with
+    the number of gradients, not their size (a 4M-element gradient gives 1027 FP64 figures); BF16 gradients work;
+    a change anywhere shows in the sum."""
+    from autoprec.search._search import FINGERPRINT_SAMPLES, grad_fingerprint
+
+    big = torch.randn(4 * 2 ** 20, generator=torch.Generator().manual_seed(0))
+    assert len(grad_fingerprint([big, None])) == 8 * (3 + FINGERPRINT_SAMPLES)
+    assert len(grad_fingerprint([big.bfloat16()])) == 8 * (3 + FINGERPRINT_SAMPLES)
+    moved = big.clone()
+    moved[1] += 1.0  # not a sampled element
+    assert grad_fingerprint([moved]) != grad_fingerprint([big]) and grad_fingerprint([big]) == grad_fingerprint([big])
