@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ..core._formats import to_dtype
 from ._amplify import Amplification, Reach, tee
 from ._records import Measurement
 from ._reductions import grad_norm, relative_errors
@@ -39,10 +40,11 @@ class CountWatcher:
         ({'fc': 1}, True)
     """
 
-    def __init__(self, keys: Iterable[str], *, sdpa_paths: bool = False) -> None:
+    def __init__(self, keys: Iterable[str], *, sdpa_paths: bool = False, dtype: torch.dtype | None = None) -> None:
         self.count: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, set[torch.dtype]] = {k: set() for k in keys}  # floating dtypes of its own output
         self.sdpa_paths = sdpa_paths  # ask torch which SDPA kernel runs (the policy's own device, not emulated)
+        self.dtype = dtype  # the regions' format: the SDPA kernel is chosen for the inputs as the region casts them
         self.wide: set[str] = set()   # layers torch ran on a path that computes 16-bit inputs in FP32
 
     def read(self) -> dict[str, int]:
@@ -58,7 +60,8 @@ class CountWatcher:
         return key in self.wide or (bool(self.dtypes[key]) and self.dtypes[key] <= {torch.float32, torch.float64})
 
     def enter(self, key: str, kind: str, inputs: tuple) -> None:
-        if self.sdpa_paths and kind == "op" and key in self.dtypes and _is_sdpa(key) and _math_sdpa(*inputs):
+        if self.sdpa_paths and kind == "op" and key in self.dtypes and _is_sdpa(key) and _math_sdpa(*inputs,
+                                                                                                    self.dtype):
             self.wide.add(key)
 
     def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
@@ -75,17 +78,24 @@ def _is_sdpa(key: str) -> bool:
     return key.rpartition("::")[2].startswith("scaled_dot_product_attention")
 
 
-def _math_sdpa(args: tuple, kwargs: dict) -> bool:
+def _math_sdpa(args: tuple, kwargs: dict, dtype: torch.dtype | None = None) -> bool:
     """Whether torch runs this ``scaled_dot_product_attention`` call on its math kernel (on a CPU: a mask
-    that requires grad, dropout), which computes half/bfloat16 inputs in FP32.
+    that requires grad, dropout), which computes half/bfloat16 inputs in FP32. ``dtype``: the format the
+    region casts the floating inputs to before the call (the kernel choice depends on it: flash attention
+    takes only 16-bit inputs); torch is asked about inputs of that dtype, allocated, not computed.
 
     Example:
         >>> q = torch.randn(1, 2, 4, 8)
         >>> _math_sdpa((q, q, q), {}), _math_sdpa((q, q, q, torch.zeros(4, 4, requires_grad=True)), {})
         (False, True)
+        >>> _math_sdpa((q, q, q), {}, torch.bfloat16)
+        False
     """
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     bound = {**dict(zip(names, args)), **kwargs}
+    if dtype is not None:  # as the region will call it: floating inputs in its format (a bool mask stays)
+        bound = {k: torch.empty_like(v, dtype=dtype, requires_grad=v.requires_grad)
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in bound.items()}
     try:
         choice = torch._fused_sdp_choice(bound["query"], bound["key"], bound["value"], bound.get("attn_mask"),
                                          float(bound.get("dropout_p", 0.0)), bool(bound.get("is_causal", False)),
@@ -146,7 +156,7 @@ class Measure:
         ``name`` (the layer or role measured) goes to the progress callback.
         """
         # on the policy's own device torch's SDPA kernel choice is known; emulating CUDA, the GPU's is not this
-        counter = CountWatcher(keys, sdpa_paths=not self.runner.emulate_cuda)
+        counter = CountWatcher(keys, sdpa_paths=not self.runner.emulate_cuda, dtype=to_dtype(fmt))
         try:
             loss, grads = self.runner.run(self.batch, {k: fmt for k in keys},
                                           scale=self.scale if fmt == "fp16" else 1.0, watcher=tee(counter, self.amp))
