@@ -26,7 +26,8 @@ import logging
 import os
 import platform
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ from ._estimates import CPU_FP32_OPS, CUDA_FP32_OPS, estimate
 from ._files import load_profile, save_profile
 from ._timing import GIVE_UP, Clock
 
-__all__ = ["cache_dir", "calibrate", "machine", "resolve_profile", "with_layers", "cache_file"]
+__all__ = ["cache_dir", "cache_file", "calibrate", "fp32_kind", "machine", "resolve_profile", "with_layers"]
 
 log = logging.getLogger("autoprec.calibration")
 
@@ -67,7 +68,10 @@ def cache_dir() -> str:
 
 
 def machine(device: torch.device) -> tuple[str, str]:
-    """``(device name, capability)`` of a CPU or CUDA device.
+    """``(device name, capability)`` of a CPU or CUDA device. The capability names which FP32 runs here, as
+    the speed of "fp32" depends on it: on CUDA, matmuls strict or on TF32 (``allow_tf32``, PyTorch's default
+    strict) and cuDNN convolutions (default TF32); on a CPU, a ``float32_matmul_precision`` other than
+    ``"highest"``. It is part of the calibration cache's key, the profile and the report.
 
     Example:
         >>> name, capability = machine(torch.device("cpu"))
@@ -76,7 +80,7 @@ def machine(device: torch.device) -> tuple[str, str]:
     """
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        return torch.cuda.get_device_name(device), f"sm_{major}{minor}"
+        return torch.cuda.get_device_name(device), f"sm_{major}{minor}, {fp32_kind('cuda')}"
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -92,7 +96,26 @@ def machine(device: torch.device) -> tuple[str, str]:
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     if isa and isa.strip().upper() != "ALL":
         out += f", oneDNN max ISA {isa.strip().upper()}"
-    return name, out
+    kind = fp32_kind("cpu")
+    return name, out + (f", {kind}" if kind else "")
+
+
+def fp32_kind(device_type: str) -> str:
+    """Which FP32 matmuls (and, on CUDA, convolutions) run in this process, in words; "" on a CPU at
+    PyTorch's default precision.
+
+    Example:
+        >>> fp32_kind("cpu")  # PyTorch's default: "highest"
+        ''
+        >>> fp32_kind("cuda")  # PyTorch's defaults, whether or not a GPU is here
+        'FP32 matmuls strict, convolutions TF32'
+    """
+    if device_type == "cuda":
+        matmul = "TF32" if torch.backends.cuda.matmul.allow_tf32 else "strict"
+        conv = "TF32" if torch.backends.cudnn.allow_tf32 else "strict"
+        return f"FP32 matmuls {matmul}, convolutions {conv}"
+    precision = torch.get_float32_matmul_precision()
+    return "" if precision == "highest" else f"FP32 matmul precision {precision}"
 
 
 def _key(device: torch.device) -> tuple[str, str, str]:
