@@ -38,7 +38,7 @@ from ..distributed._ranks import Ranks
 from ..errors import ModelError, RankError
 from ._amplify import Amplification, consumers, tee
 from ._passes import Measure
-from ._records import Measurement, Probe
+from ._records import Measurement, Probe, Ranges
 from ._reductions import HIST_BINS, grad_norm, log2_hist
 from ._roles import Sharing, measure_role, roles, units
 from ._runner import RangeWatcher, Runner
@@ -79,31 +79,8 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     state: dict[str, Any] = {}
     found = consumers(runner.trace, runner.modules)
     amp = Amplification(found) if found else None  # records the amplifying ops' inputs on the first batch
-
-    def reference() -> tuple[float, float]:
-        param_hist: torch.Tensor | None = None
-        for i, batch in enumerate(batches):
-            loss, grads = runner.run(batch, {}, watcher=tee(watcher, amp) if i == 0 else watcher)
-            if progress is not None:
-                progress("")
-            present = [g for g in grads if g is not None and g.numel()]
-            amax = torch._foreach_norm(present, math.inf) if present else []
-            check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
-            if not all(math.isfinite(x) for x in check):
-                raise ModelError(f"the model's FP32 loss or gradients are not finite on batch {i} "
-                                 f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
-                                 "fix the model or the batch first")
-            for g in present:
-                param_hist = log2_hist(g) if param_hist is None else param_hist + log2_hist(g)
-            if i == 0:
-                state.update(loss=loss, grads=grads, amax=max(check[1:], default=0.0),
-                             nonfinite=dict(watcher.nonfinite))  # what FP32 itself emits on the measured batch
-        state["hist"] = param_hist
-        if ranks.world == 1:  # nothing to compare with: no host read
-            return 0.0, 0.0
-        return float(state["loss"]), float(grad_norm(state["grads"], state["loss"]))
-
-    refs = ranks.run(reference, "the probe's FP32 reference pass")
+    refs = ranks.run(lambda: _reference(runner, batches, watcher, amp, progress, ranks.world, state),
+                     "the probe's FP32 reference pass")
     _same_reference(refs)
     ref_loss, ref_grads, ref_amax = state["loss"], state["grads"], state["amax"]
     ranges = watcher.ranges(state["nonfinite"])
@@ -115,6 +92,56 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
         amp.compare()
     measure = Measure(runner, batches[0], ref_loss, ref_grads, scale, progress, amp)
     work = [(name, tuple(members), fmt) for name, members in units(candidates, groups) for fmt in formats]
+    measurements = _measure_work(ranks, measure, work, share, ranges, headroom)
+    log.info("probed %d layers (%d roles) x %d formats in %d passes (rank %d of %d)", len(candidates), len(groups),
+             len(formats), runner.passes, ranks.rank, ranks.world)
+    hist = state["hist"].tolist() if state["hist"] is not None else [0] * HIST_BINS
+    return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
+                 grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
+                 formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
+
+
+def _reference(runner: Runner, batches: Sequence[Any], watcher: RangeWatcher, amp: Amplification | None,
+               progress: Callable[[str], None] | None, world: int, state: dict[str, Any]) -> tuple[float, float]:
+    """The FP32 reference passes, one per batch, into ``watcher`` and ``state``; the first batch's loss and
+    gradient norm where other ranks compare them (``(0.0, 0.0)`` alone: no host read).
+
+    ``state`` gets the first batch's ``loss``, ``grads``, their largest magnitude (``amax``) and what
+    FP32 itself emits non-finite (``nonfinite``), and ``hist``, every batch's parameter-gradient histogram.
+    """
+    param_hist: torch.Tensor | None = None
+    for i, batch in enumerate(batches):
+        loss, grads = runner.run(batch, {}, watcher=tee(watcher, amp) if i == 0 else watcher)
+        if progress is not None:
+            progress("")
+        present = [g for g in grads if g is not None and g.numel()]
+        check = _finite_check(i, loss, present)
+        for g in present:
+            param_hist = log2_hist(g) if param_hist is None else param_hist + log2_hist(g)
+        if i == 0:
+            state.update(loss=loss, grads=grads, amax=max(check[1:], default=0.0),
+                         nonfinite=dict(watcher.nonfinite))  # what FP32 itself emits on the measured batch
+    state["hist"] = param_hist
+    if world == 1:  # nothing to compare with: no host read
+        return 0.0, 0.0
+    return float(state["loss"]), float(grad_norm(state["grads"], state["loss"]))
+
+
+def _finite_check(i: int, loss: torch.Tensor, present: list[torch.Tensor]) -> list[float]:
+    """Batch ``i``'s FP32 loss and the largest magnitude of each gradient (one host read); all must be finite."""
+    amax = torch._foreach_norm(present, math.inf) if present else []
+    check = torch.stack([loss.double().reshape(())] + [a.double() for a in amax]).tolist()  # one sync
+    if not all(math.isfinite(x) for x in check):
+        raise ModelError(f"the model's FP32 loss or gradients are not finite on batch {i} "
+                         f"(loss={check[0]}): autoprec cannot tune a model that is broken in FP32; "
+                         "fix the model or the batch first")
+    return check
+
+
+def _measure_work(ranks: Ranks, measure: Measure, work: list[tuple[str, tuple[str, ...], str]],
+                  share: Sharing | None, ranges: dict[str, Ranges], headroom: float) -> dict[tuple[str, str], Measurement]:
+    """Each ``(layer or role, members, format)`` of ``work`` measured, this rank's share here, gathered from
+    every rank, in the order of the work."""
 
     def measure_share() -> list[tuple[int, dict[tuple[str, str], Measurement]]]:
         out = []
@@ -128,13 +155,7 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     parts: dict[int, dict[tuple[str, str], Measurement]] = {}
     for part in ranks.run(measure_share, "the probe"):
         parts.update(part)
-    measurements = {pair: m for i in range(len(work)) for pair, m in parts[i].items()}  # in the order of the work
-    log.info("probed %d layers (%d roles) x %d formats in %d passes (rank %d of %d)", len(candidates), len(groups),
-             len(formats), runner.passes, ranks.rank, ranks.world)
-    hist = state["hist"].tolist() if state["hist"] is not None else [0] * HIST_BINS
-    return Probe(ref_loss=float(ref_loss), ranges=ranges, measurements=measurements, loss_scale=scale,
-                 grad_absmax=grad_absmax, param_grad_hist=tuple(hist), passes=runner.passes,
-                 formats=tuple(formats), skipped=dict(skipped or {}), reference=(ref_loss, ref_grads))
+    return {pair: m for i in range(len(work)) for pair, m in parts[i].items()}
 
 
 def _same_reference(refs: list[tuple[float, float]]) -> None:

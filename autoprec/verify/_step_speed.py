@@ -23,7 +23,7 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
@@ -67,26 +67,62 @@ def time_steps(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None,
         >>> sorted(t), [len(v) for v in t.values()], dropped
         (['autocast bf16', 'fp32'], [3, 3], {})
     """
-    from ..policy._policy import scaler_for
-    from ..runtime._apply import apply
-
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer(params)
-    devices = [torch.cuda.current_device()] if device_type == "cuda" and torch.cuda.is_available() else []
-    bad: dict[str, str] = {}
+    steps = _Steps(model, batches, loss_fn, optimizer(params), device_type, seed,
+                   devices=[torch.cuda.current_device()] if device_type == "cuda" and torch.cuda.is_available() else [])
+    clock = Clock(torch.device(device_type), 0.0)
+    try:
+        times = _timed(clock, variants, steps, seconds=seconds, least=least, most=most)
+    finally:
+        for p in params:
+            p.grad = None
+        del steps.opt  # the steps' optimizer (and its state) goes now, whatever holds the steps
+        if snapshot is not None:
+            snapshot.restore()
+    return {k: tuple(v) for k, v in times.items() if k not in steps.bad}, steps.bad
 
-    def step_of(name: str, variant: Any) -> Callable[[], None]:
-        if isinstance(variant, str):
-            scaler = torch.amp.GradScaler(device_type) if variant == "fp16" else None
-            context = lambda: torch.autocast(device_type, dtype=to_dtype(variant))  # noqa: E731
-        else:
-            scaler = scaler_for(variant, device_type) if variant is not None else None
-            context = torch.enable_grad
+
+def _timed(clock: Clock, variants: Mapping[str, Any], steps: _Steps, *, seconds: float, least: int,
+           most: int) -> dict[str, list[float]]:
+    """Each variant's step warmed up (one that raises is dropped, in ``steps.bad``), then all timed in rounds."""
+    timed = {}
+    for name, variant in variants.items():
+        timed[name] = steps.of(name, variant)
+        try:
+            clock.once(timed[name])  # the warm-up: first calls pay one-off costs
+        except Exception as exc:  # noqa: BLE001 - e.g. a CPU without FP16 kernels for an op: dropped, said
+            steps.bad[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            del timed[name]
+    clock.deadline = time.perf_counter() + seconds
+    return clock.rounds(timed, least=least, most=most, warmup=0)
+
+
+@dataclass
+class _Steps:
+    """The training steps :func:`time_steps` times: one optimizer for every variant, and the variants dropped."""
+
+    model: nn.Module
+    batches: Sequence[Any]
+    loss_fn: LossFn | None
+    opt: torch.optim.Optimizer
+    device_type: str
+    seed: int
+    devices: list[int]
+    bad: dict[str, str] = field(default_factory=dict)  # variant -> why it was dropped
+
+    def of(self, name: str, variant: Any) -> Callable[[], None]:
+        """One training step of ``variant``: its ``i``-th call trains on batch ``i`` with seed ``seed + i``.
+
+        A non-finite loss skips the update and drops the variant (in :attr:`bad`, with the step it came at).
+        """
+        context, scaler = _context(variant, self.device_type)
+        model, batches, loss_fn, device_type, seed, devices, bad = (
+            self.model, self.batches, self.loss_fn, self.device_type, self.seed, self.devices, self.bad)
         count = [0]
 
         def step() -> None:
             batch = batches[count[0] % len(batches)]
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             with torch.random.fork_rng(devices=devices):
                 seed_rng(seed + count[0], device_type)
                 with context():
@@ -95,45 +131,41 @@ def time_steps(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None,
             finite = math.isfinite(float(loss.detach()))
             if scaler is not None:
                 scaler.scale(loss.float()).backward()
-                scaler.step(opt)  # skipped by the scaler itself on non-finite gradients
+                scaler.step(self.opt)  # skipped by the scaler itself on non-finite gradients
                 scaler.update()
             else:
                 loss.float().backward()
                 if finite:
-                    opt.step()
+                    self.opt.step()
             if not finite:
                 bad.setdefault(name, f"non-finite loss at its step {count[0]}")
 
         if variant is None or isinstance(variant, str):
             return step
+        return _installed(variant, model, step)
 
-        def installed() -> None:  # the policy is installed for this step only: variants interleave
-            handle = apply(variant, model)
-            try:
-                step()
-            finally:
-                handle.remove()
-        return installed
 
-    clock = Clock(torch.device(device_type), 0.0)
-    try:
-        steps = {}
-        for name, variant in variants.items():
-            steps[name] = step_of(name, variant)
-            try:
-                clock.once(steps[name])  # the warm-up: first calls pay one-off costs
-            except Exception as exc:  # noqa: BLE001 - e.g. a CPU without FP16 kernels for an op: dropped, said
-                bad[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                del steps[name]
-        clock.deadline = time.perf_counter() + seconds
-        times = clock.rounds(steps, least=least, most=most, warmup=0)
-    finally:
-        for p in params:
-            p.grad = None
-        del opt
-        if snapshot is not None:
-            snapshot.restore()
-    return {k: tuple(v) for k, v in times.items() if k not in bad}, bad
+def _context(variant: Any, device_type: str) -> tuple[Callable[[], Any], torch.amp.GradScaler | None]:
+    """The context a variant's forward runs in, and its GradScaler (None without FP16 layers)."""
+    from ..policy._policy import scaler_for
+
+    if isinstance(variant, str):
+        scaler = torch.amp.GradScaler(device_type) if variant == "fp16" else None
+        return (lambda: torch.autocast(device_type, dtype=to_dtype(variant))), scaler
+    return torch.enable_grad, scaler_for(variant, device_type) if variant is not None else None
+
+
+def _installed(policy: Policy, model: nn.Module, step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` with ``policy`` installed for that step only: variants interleave."""
+    from ..runtime._apply import apply
+
+    def installed() -> None:
+        handle = apply(policy, model)
+        try:
+            step()
+        finally:
+            handle.remove()
+    return installed
 
 
 def choose(seconds: Mapping[str, Sequence[float]], current: str, alternatives: Sequence[str]) -> str:

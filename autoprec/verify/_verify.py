@@ -121,6 +121,49 @@ class VerifyResult:
     policy: Policy                 # the verified policy (its verification not yet filled in)
 
 
+@dataclass
+class _Runs:
+    """What every training run of one :func:`verify` shares, the noise floor once measured, and the passes used."""
+
+    model: nn.Module
+    batches: Sequence[Any]
+    loss_fn: LossFn | None
+    fp32: Trajectory
+    bound: float
+    device_type: str
+    optimizer: OptimizerFactory
+    seed: int
+    on_step: Callable[[], None] | None
+    snapshot: Snapshot | None
+    passes: int = 0
+    floors: list[float] = dataclasses.field(default_factory=list)  # the noise floor, once measured
+
+    @property
+    def floor(self) -> float:
+        """The noise floor measured so far (0 until then)."""
+        return self.floors[0] if self.floors else 0.0
+
+    def train(self, policy: Policy, amp: torch.amp.GradScaler | None, **extra: Any) -> Trajectory:
+        """The training curve of ``policy`` (with ``amp``, its scaler), trained as the FP32 reference was."""
+        steps = len(self.fp32.losses)
+        curve = train_curve(self.model, self.batches, self.loss_fn, steps=steps, policy=policy,
+                            device_type=self.device_type, scaler=amp, optimizer=self.optimizer, seed=self.seed,
+                            on_step=self.on_step, snapshot=self.snapshot, **extra)
+        self.passes += steps
+        return curve
+
+    def floor_for(self, policy: Policy, gap: float) -> float:
+        """The noise floor, measured once, and only when a finite gap exceeds the bound (0 until then)."""
+        low = [p for p in policy.assignment.values() if p != "fp32"]
+        if not self.floors and low and self.bound < gap < math.inf:
+            self.floors.append(noise_floor(self.model, self.batches, self.loss_fn, self.fp32,
+                                           precision="bf16" if "bf16" in low else "fp16",
+                                           device_type=self.device_type, optimizer=self.optimizer, seed=self.seed,
+                                           snapshot=self.snapshot))
+            self.passes += len(self.fp32.losses)
+        return self.floor
+
+
 def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, decisions: Mapping[str, Decision],
            order: Sequence[str], fp32: Trajectory, *, bound: float, scaler: ScalerSettings | None,
            make_policy: Callable[[Mapping[str, Decision], ScalerSettings | None], Policy], device_type: str,
@@ -147,95 +190,113 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     ``torch.compile`` and must meet the same bound.
     """
     decisions = dict(decisions)
-    steps = len(fp32.losses)
-    passes = 0
-    note = ""
-    floors: list[float] = []  # the noise floor, once measured
-
-    def floor_for(policy: Policy, gap: float) -> float:
-        """The noise floor, measured once, and only when a finite gap exceeds the bound (0 until then)."""
-        nonlocal passes
-        low = [p for p in policy.assignment.values() if p != "fp32"]
-        if not floors and low and bound < gap < math.inf:
-            floors.append(noise_floor(model, batches, loss_fn, fp32, precision="bf16" if "bf16" in low else "fp16",
-                                      device_type=device_type, optimizer=optimizer, seed=seed,
-                                      snapshot=snapshot))
-            passes += steps
-        return floors[0] if floors else 0.0
-
+    runs = _Runs(model, batches, loss_fn, fp32, bound, device_type, optimizer, seed, on_step, snapshot)
+    last: tuple[Verification, str] | None = None  # the round before and the back-off note that followed it
     for rounds in range(1, max_rounds + 1):
         policy = make_policy(decisions, scaler)
         if all(p == "fp32" for p in policy.assignment.values()):  # nothing to compare: no run
-            verdict = nothing_cast(fp32.losses, bound, rounds=rounds, noise_floor=floors[0] if floors else 0.0,
-                                   last=None if rounds == 1 else (verdict, note))
+            verdict = nothing_cast(fp32.losses, bound, rounds=rounds, noise_floor=runs.floor, last=last)
             log.info("verification round %d: %s", rounds, verdict.note)
             break
         amp = scaler_for(policy, device_type)
-        fp16 = amp is not None
-        count = DtypeFlops()  # what the first step's forward really ran in
-        curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
-                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step, snapshot=snapshot,
-                            count=count)
-        passes += steps
-        gap = compare(fp32.losses, curve.losses)
-        floor = floor_for(policy, gap)
-        passed, threshold = judge(gap, bound=bound, floor=floor, longest_skip_run=curve.longest_skip_run,
-                                  max_skip_run=max_skip_run)
-        verdict = Verification(passed=passed, steps=steps, fp32_losses=tuple(fp32.losses),
-                               policy_losses=tuple(curve.losses), max_gap=gap, bound=bound,
-                               skipped_steps=curve.skipped, longest_skip_run=curve.longest_skip_run,
-                               rounds=rounds, note=note, noise_floor=floor, flops_by_dtype=dict(count.flops))
-        cast = [key for key in order if decisions[key].reason == "cast"]
-        # layers the search joined to their 16-bit neighbours (cheap layers, outside ``order``) go last,
-        # all at once: they were there for neighbours that have gone back to FP32 by then
-        joined = [k for k, d in decisions.items() if d.precision != "fp32" and k not in set(order)]
-        if passed or not (cast or joined):
+        verdict, threshold = _trained_round(runs, policy, amp, rounds=rounds, note=last[1] if last else "",
+                                            max_skip_run=max_skip_run)
+        cast, joined = _still_cast(decisions, order)
+        if verdict.passed or not (cast or joined):
             break
-        lowered = [k for k, d in decisions.items() if d.precision == "fp16" and k in (fallback or {})]
-        drop = lowered or (cast[-max(1, len(cast) // 4):] if cast else joined)
-        for key in drop:
-            d = decisions[key]
-            lower = (fallback or {}).get(key) if d.precision == "fp16" else None
-            if lower is not None:  # FP16 -> BF16 where BF16 holds: still cast, backed off further if need be
-                decisions[key] = dataclasses.replace(d, precision=lower, detail=(
-                    f"{d.detail}; moved from fp16 to {lower} by verification round {rounds}: the policy's loss gap "
-                    f"{gap:.3g} exceeded the threshold {threshold:.3g}"))
-                continue
-            # not a measurement on this layer: the whole policy failed, and this layer was among the
-            # probe's most sensitive cast layers. excluded stays False (no numerical reason measured here).
-            decisions[key] = dataclasses.replace(
-                d, precision="fp32", reason="verification back-off", excluded=False,
-                detail=f"{d.detail}; moved to FP32 by verification round {rounds}: the policy's loss gap "
-                       f"{gap:.3g} exceeded the threshold {threshold:.3g} (longest skip run "
-                       f"{curve.longest_skip_run}), and "
-                       + ("the probe ranked this layer among the most sensitive quarter of the cast layers"
-                          if cast else "it had joined 16-bit neighbours that back-off had moved to FP32")
-                       + "; this layer itself was not measured to fail")
-        if curve.longest_skip_run >= max_skip_run and fp16 and scaler is not None:
+        note = _back_off(decisions, cast, joined, fallback, rounds=rounds, gap=verdict.max_gap,
+                         threshold=threshold, skip_run=verdict.longest_skip_run)
+        if verdict.longest_skip_run >= max_skip_run and amp is not None and scaler is not None:
             scaler = dataclasses.replace(scaler, init_scale=max(1.0, scaler.init_scale / 16))
-        note = (f"moved {len(drop)} FP16 layer(s) to BF16 after round {rounds}" if lowered
-                else f"backed off {len(drop)} layer(s) after round {rounds}")
-        log.info("verification round %d failed (gap %.3g, threshold %.3g, skip run %d): %s", rounds, gap,
-                 threshold, curve.longest_skip_run, note)
+        log.info("verification round %d failed (gap %.3g, threshold %.3g, skip run %d): %s", rounds,
+                 verdict.max_gap, threshold, verdict.longest_skip_run, note)
+        last = (verdict, note)
     if compile_backend is not None and not verdict.nothing_cast:
-        amp = scaler_for(policy, device_type)
-        curve = train_curve(model, batches, loss_fn, steps=steps, policy=policy, device_type=device_type,
-                            scaler=amp, optimizer=optimizer, seed=seed, on_step=on_step,
-                            compile_backend=compile_backend, snapshot=snapshot)
-        passes += steps
-        gap = compare(fp32.losses, curve.losses)
-        verdict = dataclasses.replace(verdict, noise_floor=floor_for(policy, gap))
-        ok = judge(gap, bound=bound, floor=verdict.noise_floor, longest_skip_run=curve.longest_skip_run,
-                   max_skip_run=max_skip_run)[0]
-        verdict = dataclasses.replace(
-            verdict, passed=verdict.passed and ok, compiled=compile_backend, compiled_losses=tuple(curve.losses),
-            compiled_max_gap=gap,
-            note="; ".join(n for n in (verdict.note, "" if ok else f"compiled ({compile_backend}) run failed: "
-                                       f"loss gap {gap:.3g}, longest skip run {curve.longest_skip_run}") if n))
-        if not ok:
-            log.warning("the policy trained under torch.compile(backend=%r) failed verification (gap %.3g)",
-                        compile_backend, gap)
-    return VerifyResult(decisions=decisions, verification=verdict, scaler=scaler, passes=passes, policy=policy)
+        verdict = _compiled(runs, policy, verdict, compile_backend, max_skip_run=max_skip_run)
+    return VerifyResult(decisions=decisions, verification=verdict, scaler=scaler, passes=runs.passes, policy=policy)
+
+
+def _trained_round(runs: _Runs, policy: Policy, amp: torch.amp.GradScaler | None, *, rounds: int, note: str,
+                   max_skip_run: int) -> tuple[Verification, float]:
+    """Round ``rounds``: ``policy`` trained and judged against the FP32 curve; its verdict and threshold."""
+    count = DtypeFlops()  # what the first step's forward really ran in
+    curve = runs.train(policy, amp, count=count)
+    gap = compare(runs.fp32.losses, curve.losses)
+    floor = runs.floor_for(policy, gap)
+    passed, threshold = judge(gap, bound=runs.bound, floor=floor, longest_skip_run=curve.longest_skip_run,
+                              max_skip_run=max_skip_run)
+    verdict = Verification(passed=passed, steps=len(runs.fp32.losses), fp32_losses=tuple(runs.fp32.losses),
+                           policy_losses=tuple(curve.losses), max_gap=gap, bound=runs.bound,
+                           skipped_steps=curve.skipped, longest_skip_run=curve.longest_skip_run,
+                           rounds=rounds, note=note, noise_floor=floor, flops_by_dtype=dict(count.flops))
+    return verdict, threshold
+
+
+def _still_cast(decisions: Mapping[str, Decision], order: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The cast layers of ``order`` (least sensitive first), and the 16-bit layers the search joined to them."""
+    cast = [key for key in order if decisions[key].reason == "cast"]
+    # layers the search joined to their 16-bit neighbours (cheap layers, outside ``order``) go last,
+    # all at once: they were there for neighbours that have gone back to FP32 by then
+    joined = [k for k, d in decisions.items() if d.precision != "fp32" and k not in set(order)]
+    return cast, joined
+
+
+def _back_off(decisions: dict[str, Decision], cast: Sequence[str], joined: Sequence[str],
+              fallback: Mapping[str, str] | None, *, rounds: int, gap: float, threshold: float,
+              skip_run: int) -> str:
+    """Move the layers that failing round ``rounds`` gives up (``decisions`` in place); the note saying so.
+
+    Every FP16 layer with a ``fallback`` goes to it at once; else the most sensitive quarter of
+    ``cast`` goes to FP32, or, with none of it left, every layer of ``joined``.
+    """
+    fallback = fallback or {}
+    lowered = [k for k, d in decisions.items() if d.precision == "fp16" and k in fallback]
+    drop = lowered or (cast[-max(1, len(cast) // 4):] if cast else joined)
+    for key in drop:
+        d = decisions[key]
+        lower = fallback.get(key) if d.precision == "fp16" else None
+        decisions[key] = _moved(d, lower, rounds=rounds, gap=gap, threshold=threshold, skip_run=skip_run,
+                                ranked=bool(cast))
+    return (f"moved {len(drop)} FP16 layer(s) to BF16 after round {rounds}" if lowered
+            else f"backed off {len(drop)} layer(s) after round {rounds}")
+
+
+def _moved(d: Decision, lower: str | None, *, rounds: int, gap: float, threshold: float, skip_run: int,
+           ranked: bool) -> Decision:
+    """``d`` moved by verification round ``rounds``: to ``lower`` (a BF16 fallback for FP16), else to FP32."""
+    if lower is not None:  # FP16 -> BF16 where BF16 holds: still cast, backed off further if need be
+        return dataclasses.replace(d, precision=lower, detail=(
+            f"{d.detail}; moved from fp16 to {lower} by verification round {rounds}: the policy's loss gap "
+            f"{gap:.3g} exceeded the threshold {threshold:.3g}"))
+    # not a measurement on this layer: the whole policy failed, and this layer was among the
+    # probe's most sensitive cast layers. excluded stays False (no numerical reason measured here).
+    return dataclasses.replace(
+        d, precision="fp32", reason="verification back-off", excluded=False,
+        detail=f"{d.detail}; moved to FP32 by verification round {rounds}: the policy's loss gap "
+               f"{gap:.3g} exceeded the threshold {threshold:.3g} (longest skip run "
+               f"{skip_run}), and "
+               + ("the probe ranked this layer among the most sensitive quarter of the cast layers"
+                  if ranked else "it had joined 16-bit neighbours that back-off had moved to FP32")
+               + "; this layer itself was not measured to fail")
+
+
+def _compiled(runs: _Runs, policy: Policy, verdict: Verification, backend: str, *,
+              max_skip_run: int) -> Verification:
+    """``verdict`` with the final ``policy`` trained once more under ``torch.compile(backend=backend)``."""
+    curve = runs.train(policy, scaler_for(policy, runs.device_type), compile_backend=backend)
+    gap = compare(runs.fp32.losses, curve.losses)
+    verdict = dataclasses.replace(verdict, noise_floor=runs.floor_for(policy, gap))
+    ok = judge(gap, bound=runs.bound, floor=verdict.noise_floor, longest_skip_run=curve.longest_skip_run,
+               max_skip_run=max_skip_run)[0]
+    verdict = dataclasses.replace(
+        verdict, passed=verdict.passed and ok, compiled=backend, compiled_losses=tuple(curve.losses),
+        compiled_max_gap=gap,
+        note="; ".join(n for n in (verdict.note, "" if ok else f"compiled ({backend}) run failed: "
+                                   f"loss gap {gap:.3g}, longest skip run {curve.longest_skip_run}") if n))
+    if not ok:
+        log.warning("the policy trained under torch.compile(backend=%r) failed verification (gap %.3g)",
+                    backend, gap)
+    return verdict
 
 
 def nothing_cast(fp32_losses: Sequence[float], bound: float, *, rounds: int = 1, noise_floor: float = 0.0,
