@@ -40,7 +40,7 @@ from ._amplify import Amplification, consumers, tee
 from ._passes import Measure
 from ._records import Measurement, Probe, Ranges
 from ._reductions import HIST_BINS, grad_norm, log2_hist
-from ._roles import Sharing, measure_role, roles, units
+from ._roles import Sharing, measure_role, probe_groups, roles
 from ._runner import RangeWatcher, Runner
 
 __all__ = ["probe", "evidence", "suggest_scale"]
@@ -91,7 +91,7 @@ def probe(runner: Runner, batches: Sequence[Any], candidates: Iterable[str], for
     if amp is not None:
         amp.compare()
     measure = Measure(runner, batches[0], ref_loss, ref_grads, scale, progress, amp)
-    work = [(name, tuple(members), fmt) for name, members in units(candidates, groups) for fmt in formats]
+    work = [(name, tuple(members), fmt) for name, members in probe_groups(candidates, groups) for fmt in formats]
     measurements = _measure_work(ranks, measure, work, share, ranges, headroom)
     log.info("probed %d layers (%d roles) x %d formats in %d passes (rank %d of %d)", len(candidates), len(groups),
              len(formats), runner.passes, ranks.rank, ranks.world)

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from ._passes import Measure
     from ._records import Measurement, Ranges
 
-__all__ = ["Sharing", "measure_role", "role_of", "roles", "units"]
+__all__ = ["Sharing", "measure_role", "role_of", "probe_groups", "roles"]
 
 log = logging.getLogger("autoprec.roles")
 
@@ -159,11 +159,11 @@ def roles(trace: Trace, candidates: Iterable[str]) -> dict[str, tuple[str, ...]]
     return out
 
 
-def units(candidates: Sequence[str], groups: Mapping[str, tuple[str, ...]]) -> list[tuple[str, tuple[str, ...]]]:
-    """The candidates as probe units ``(role name or key, members)``, each at its first member's place.
+def probe_groups(candidates: Sequence[str], groups: Mapping[str, tuple[str, ...]]) -> list[tuple[str, tuple[str, ...]]]:
+    """The candidates as the probe measures them, ``(role name or key, members)`` (a role, or one layer), each at its first member's place.
 
     Example:
-        >>> units(["a.0", "b", "a.1"], {"a.*": ("a.0", "a.1")})
+        >>> probe_groups(["a.0", "b", "a.1"], {"a.*": ("a.0", "a.1")})
         [('a.*', ('a.0', 'a.1')), ('b', ('b',))]
     """
     of = {k: name for name, members in groups.items() for k in members}

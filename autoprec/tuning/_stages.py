@@ -27,7 +27,7 @@ from ..policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSp
 from ..probe._probe import evidence, probe
 from ..probe._records import Probe
 from ..probe._reductions import relative_errors
-from ..probe._roles import Sharing, roles, units
+from ..probe._roles import Sharing, probe_groups, roles
 from ..probe._runner import Runner
 from ..probe._snapshot import Snapshot, park, unpark
 from ..probe._training import Trajectory, train_curve
@@ -189,7 +189,7 @@ def probe_stage(work: nn.Module, parts: Split, loss_fn: LossFn | None, tr: Trace
     runner = Runner(work, loss_fn, tr, device_type=o.device_type, emulate_fp16=o.device_type == "cpu",
                     emulate_cuda=o.emulated, seed=o.seed)
     share = Sharing(loss=o.tol.loss, grad=o.tol.grad) if o.share_roles else None
-    planned = len(units(candidates, roles(tr, candidates))) if share is not None else len(candidates)
+    planned = len(probe_groups(candidates, roles(tr, candidates))) if share is not None else len(candidates)
     # this rank's share of the measurements (as autoprec.probe deals them); a role that splits adds passes
     probe_plan = len(batches) + len(ranks.share(range(planned * len(o.formats))))
     bar.expect({"probe": probe_plan, "search": min(o.n_trials, len(candidates) + 1),
