@@ -2,7 +2,7 @@
 with ``train_batch_size``.
 
 GPT-2 from a transformers config (``--shape blocks x width``, default 12 x 768: GPT-2 small; random init, dropout
-off), a tuning batch of 2 sequences of 128 tokens, ``target="cuda"`` priced by the built-in H100 estimate (strict
+off; ``--vocab`` tokens, GPT-2's 50257 by default), a tuning batch of 2 sequences of 128 tokens, ``target="cuda"`` priced by the built-in H100 estimate (strict
 FP32 unless TF32 is allowed), BF16 (``--dtypes``), held-out check off, ``--verify-steps`` steps. Tuned twice:
 
 * ``as given``: the layers priced at 2 x 128 tokens;
@@ -35,14 +35,15 @@ from autoprec.errors import DeviceWarning
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def gpt2(shape: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A random-init GPT-2 of ``blocks x width`` and a batch of 2 x 128 tokens (labels = inputs)."""
+def gpt2(shape: str, vocab: int = 50257) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A random-init GPT-2 of ``blocks x width`` (and ``vocab`` tokens) and a batch of 2 x 128 tokens (labels =
+    inputs)."""
     import transformers as tf
 
     blocks, width = (int(v) for v in shape.split("x"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        config = tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64), n_positions=128,
+        config = tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64), n_positions=128, vocab_size=vocab,
                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         model = tf.GPT2LMHeadModel(config).float().train()
         ids = torch.randint(0, config.vocab_size, (2, 128))
@@ -70,13 +71,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shape", default="12x768")
     ap.add_argument("--train-rows", type=int, default=64)
     ap.add_argument("--dtypes", default="bf16")
+    ap.add_argument("--vocab", type=int, default=50257, help="vocabulary size (GPT-2's by default; small for tests)")
     ap.add_argument("--verify-steps", type=int, default=2)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "train_step.json"))
     args = ap.parse_args(argv)
-    os.environ.pop("AUTOPREC_PROFILE", None)  # the default path: the built-in estimate for CUDA
-    model, batch = gpt2(args.shape)
-    rows = [run(model, batch, None, args.dtypes, args.verify_steps),
-            run(model, batch, args.train_rows, args.dtypes, args.verify_steps)]
+    pinned = os.environ.pop("AUTOPREC_PROFILE", None)  # the default path: the built-in estimate for CUDA
+    try:
+        model, batch = gpt2(args.shape, args.vocab)
+        rows = [run(model, batch, None, args.dtypes, args.verify_steps),
+                run(model, batch, args.train_rows, args.dtypes, args.verify_steps)]
+    finally:
+        if pinned is not None:
+            os.environ["AUTOPREC_PROFILE"] = pinned
     print(f"GPT-2 {args.shape}, tuned for CUDA on this CPU ({rows[0]['device']}), tuning batch 2 x 128 tokens\n")
     print("| priced at | matmul FLOPs in 16-bit | matmul layers cast | kept FP32, no gain | modelled step / FP32 | "
           "tune s | warned |")
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"train_batch_size={r['train_batch_size']} ({128 * r['train_batch_size']} tokens)"
         print(f"| {at} | {100 * r['low_fraction']:.1f}% | {r['cast']} of {r['matmul_layers']} | {r['no_gain']} | "
               f"{r['modelled_cost_ratio']:.3f} | {r['tune_s']} | {'yes' if r['warned'] else 'no'} |")
-    result = {"shape": args.shape, "dtypes": args.dtypes, "verify_steps": args.verify_steps, "rows": rows,
+    result = {"shape": args.shape, "vocab": args.vocab, "dtypes": args.dtypes, "verify_steps": args.verify_steps, "rows": rows,
               "torch": torch.__version__, "cores": os.cpu_count()}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

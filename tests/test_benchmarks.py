@@ -226,3 +226,19 @@ def test_guard_overhead_times_the_guard_beside_the_policy_on_gpt2_and_llama(tmp_
         assert r["syncs_per_50_steps"] == 1 and r["graphs_compiled_in_timed_rounds"] == 0
         assert f"| {r['model']} | {r['median_ms']['policy']} | {r['median_ms']['guard']} |" in printed
     assert [row["width"] for row in result["rows"]] == [32]
+
+
+def test_train_step_prices_gpt2_at_the_tuning_batch_and_at_the_training_step(tmp_path, capsys):
+    """``train_step.py`` on a one-block GPT-2 with a small vocabulary: two tunes for CUDA on the default estimate,
+    the second priced at ``train_batch_size``; the JSON holds both rows, the table prints them."""
+    import train_step
+
+    out = tmp_path / "train_step.json"
+    result = train_step.main(["--shape", "1x64", "--vocab", "64", "--verify-steps", "0", "--train-rows", "64",
+                              "--out", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result)) and [r["train_batch_size"] for r in saved["rows"]] == [None, 64]
+    assert all("H100" in r["device"] and 0 <= r["low_fraction"] <= 1 and r["matmul_layers"] > 0 for r in saved["rows"])
+    assert "| train_batch_size=64 (8192 tokens) |" in printed and "| 2 x 128 tokens (as given) |" in printed
+    assert os.environ.get("AUTOPREC_PROFILE")  # the suite's pin is back for the tests after it
