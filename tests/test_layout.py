@@ -195,3 +195,15 @@ def test_every_dotted_reference_in_the_code_and_docs_resolves():
                     missing.add(f"{path.relative_to(repo)}: {ref}")
                     break
     assert not missing, sorted(missing)
+
+
+def test_the_readme_layout_table_names_every_module():
+    """README's "How the code is laid out" names each stage package and each of its modules: the table stays the
+    map of the code."""
+    readme = (ROOT.parent / "README.md").read_text()
+    section = readme.split("## How the code is laid out", 1)[1]
+    for pkg in STAGES:
+        assert f"`{pkg}/`" in section, pkg
+        for path in (ROOT / pkg).glob("*.py"):
+            if path.name != "__init__.py":
+                assert f"`{path.stem}`" in section, f"{pkg}/{path.name}"
