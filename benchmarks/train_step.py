@@ -21,33 +21,23 @@ GPT-2 small); ``--shape 2x64 --verify-steps 0`` for a quick look.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 import warnings
 from typing import Any
 
 import torch
 
-import autoprec
-from autoprec.errors import DeviceWarning
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _measure import write_json  # noqa: E402
+from scaling import gpt2  # noqa: E402  (the GPT-2 of scaling.py --gpt2: random init, 2 x 128 tokens)
+
+import autoprec  # noqa: E402
+from autoprec.errors import DeviceWarning  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def gpt2(shape: str, vocab: int = 50257) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A random-init GPT-2 of ``blocks x width`` (and ``vocab`` tokens) and a batch of 2 x 128 tokens (labels =
-    inputs)."""
-    import transformers as tf
-
-    blocks, width = (int(v) for v in shape.split("x"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = tf.GPT2Config(n_layer=blocks, n_embd=width, n_head=max(1, width // 64), n_positions=128, vocab_size=vocab,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-        model = tf.GPT2LMHeadModel(config).float().train()
-        ids = torch.randint(0, config.vocab_size, (2, 128))
-    return model, {"input_ids": ids, "labels": ids.clone()}
 
 
 def run(model: torch.nn.Module, batch: Any, train_rows: int | None, dtypes: str, verify_steps: int) -> dict[str, Any]:
@@ -94,10 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['modelled_cost_ratio']:.3f} | {r['tune_s']} | {'yes' if r['warned'] else 'no'} |")
     result = {"shape": args.shape, "vocab": args.vocab, "dtypes": args.dtypes, "verify_steps": args.verify_steps, "rows": rows,
               "torch": torch.__version__, "cores": os.cpu_count()}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    return write_json(args.out, result)
 
 
 if __name__ == "__main__":
