@@ -121,12 +121,7 @@ class Searched:
     ranks: Ranks
     bar: Progress
     snapshot: Snapshot
-    priced: Trace | None = None     # the trace the costs were priced at (``tr`` at train_batch_size), if another
-
-    @property
-    def pricing(self) -> Trace:
-        """The trace the costs are priced at: ``priced``, else the traced one."""
-        return self.priced if self.priced is not None else self.tr
+    priced: Trace                   # the trace the costs are priced at: ``tr`` itself, or at train_batch_size
 
     def policy(self, decisions: Mapping[str, Decision], scaler: ScalerSettings | None) -> Policy:
         """The policy of ``decisions`` (with ``scaler`` where a layer runs in FP16)."""
@@ -204,9 +199,9 @@ def probe_stage(work: nn.Module, parts: Split, loss_fn: LossFn | None, tr: Trace
 def priced_trace(tr: Trace, opts: TuneOptions) -> Trace:
     """The trace the search prices: ``tr`` at ``opts.train_batch_size`` rows where one is given
     (:func:`autoprec.trace._rescale.rescaled`), else ``tr`` itself."""
-    if opts.train_batch_size is None or opts.rows is None:
+    if opts.train_batch_size is None:
         return tr
-    return rescaled(tr, opts.rows, opts.train_batch_size)
+    return rescaled(tr, opts.rows, opts.train_batch_size)  # tune refused a train_batch_size without rows
 
 
 #: the share of the matmul FLOPs kept FP32 for "no gain" above which tuning for another device warns
@@ -354,7 +349,7 @@ def retime_stage(s: Searched, choice: Choice, policy: Policy, raced: Race | None
     label = profile_label(profile.origin, o.target, profile.source)
     speed = s.ranks.run(lambda: retime(s.work, s.full, s.loss_fn, policy, raced,
                                        why=f"the held-out check and verification backed off {backed} layer(s)",
-                                       modelled=modelled(s.pricing, profile, policy, s.result), profile=label,
+                                       modelled=modelled(s.priced, profile, policy, s.result), profile=label,
                                        formats=o.formats, device_type=o.device_type, optimizer=o.optimizer,
                                        seed=o.seed, snapshot=s.snapshot) if s.ranks.rank == 0 else None,
                         "timing training steps")[0]
@@ -388,14 +383,14 @@ def tune_stats(s: Searched, profile: DeviceProfile, candidates: list[str], polic
         probe_roles=len({m.group for m in pr.measurements.values() if m.members > 1}),
         probe_shared=sum(m.members > 1 for m in pr.measurements.values()), probe_measurements=len(pr.measurements),
         measured_loss_err=float(choice.measured[0]), measured_grad_err=float(choice.measured[1]),
-        modelled_cost_ratio=round(modelled(s.pricing, profile, policy, s.result), 4), fx_route=tr.fx_route,
+        modelled_cost_ratio=round(modelled(s.priced, profile, policy, s.result), 4), fx_route=tr.fx_route,
         fx_nodes=tr.fx_nodes, loss_scale_suggested=pr.loss_scale,
         scaler_trials=scaler_choice.trials if scaler_choice else 0,
         scaler_predicted_skip_rate=scaler_choice.skip_rate if scaler_choice else 0.0,
         fp32_grad_absmax=pr.grad_absmax, device=profile.device, capability=profile.capability,
         profile_origin=profile.origin, profile=profile.describe(), calibration_seconds=round(profile.seconds, 3),
         priced_rows=o.train_batch_size,
-        format_speed=format_speed([s.pricing.layer(k) for k in candidates], o.formats, profile),
+        format_speed=format_speed([s.priced.layer(k) for k in candidates], o.formats, profile),
         progress=s.bar.summary())
 
 
