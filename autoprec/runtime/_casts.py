@@ -15,8 +15,8 @@ from torch.utils import _pytree as pytree
 
 from ..core._formats import to_dtype
 
-__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "emulated", "emulating_fp16", "first_float_dtype",
-           "first_float_dtype_in", "has_low", "round16"]
+__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "dynamo_compiling", "eager", "emulated", "emulating_fp16",
+           "enter_autocast", "first_float_dtype", "first_float_dtype_in", "has_low", "leave_autocast", "round16"]
 
 LOW = (torch.float16, torch.bfloat16)
 CONTAINERS = (list, tuple, dict)
@@ -114,3 +114,49 @@ def autocast_for(device_type: str, precision: str, emulate: bool) -> torch.autoc
     return torch.autocast(device_type, dtype=to_dtype(precision))
 
 
+
+
+#: ``torch.compiler.is_dynamo_compiling`` where torch has it: one Python call in eager mode, folded by Dynamo
+dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)
+
+
+def eager() -> bool:
+    """Whether this code runs as it is: not traced by Dynamo or export, no function mode (a proxy mode of
+    make_fx, a mode of the runtime's own) active. Only then may a region switch autocast with torch's C
+    calls (:func:`enter_autocast`), which a tracer would not record: else it enters ``torch.autocast``.
+
+    Example:
+        >>> eager()
+        True
+    """
+    # Dynamo first: it folds that call to True, and never reads the flag (True while it traces) to guard on it
+    return not (dynamo_compiling() or getattr(torch.compiler, "_is_compiling_flag", False)
+                or torch._C._is_torch_function_mode_enabled())
+
+
+def enter_autocast(device_type: str, dtype: torch.dtype | None) -> tuple[bool, torch.dtype]:
+    """What ``torch.autocast(device_type, dtype, enabled=dtype is not None).__enter__`` does, without building
+    the object (eager mode only, see :func:`eager`); returns the state :func:`leave_autocast` restores.
+
+    Example:
+        >>> prev = enter_autocast("cpu", torch.bfloat16)
+        >>> torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        (True, torch.bfloat16)
+        >>> leave_autocast("cpu", prev)
+        >>> torch.is_autocast_enabled("cpu")
+        False
+    """
+    prev = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    torch.set_autocast_enabled(device_type, dtype is not None)
+    if dtype is not None:
+        torch.set_autocast_dtype(device_type, dtype)
+    torch.autocast_increment_nesting()
+    return prev
+
+
+def leave_autocast(device_type: str, prev: tuple[bool, torch.dtype]) -> None:
+    """Undo :func:`enter_autocast` (its ``__exit__``: the cast cache is cleared when the outermost region ends)."""
+    if torch.autocast_decrement_nesting() == 0:
+        torch.clear_autocast_cache()
+    torch.set_autocast_enabled(device_type, prev[0])
+    torch.set_autocast_dtype(device_type, prev[1])

@@ -15,13 +15,22 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..core._formats import to_dtype
 from ..core._ops import AUTOCAST_GAPS, MATMUL_OPS, op_name
-from ._casts import LOW, autocast_for, cast_args, cast_tree, emulated, first_float_dtype_in
+from ._casts import (
+    LOW,
+    autocast_for,
+    cast_args,
+    cast_tree,
+    eager,
+    emulated,
+    enter_autocast,
+    first_float_dtype_in,
+    leave_autocast,
+)
 from ._emulation import rule_of, run_as_cuda
 from ._sites import call_site
 
-__all__ = ["MODE_HANDLERS", "CastGaps", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
+__all__ = ["MODE_HANDLERS", "CastGaps", "EagerOwnCode", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
            "run_eagerly_after_a_break", "run_op"]
 
 
@@ -90,8 +99,11 @@ class OwnCode(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.depth:
             return func(*args, **kwargs)
+        return self.handle(func, op_of(func), args, kwargs)
+
+    def handle(self, func: Callable, named: tuple[str, bool] | None, args: tuple, kwargs: dict) -> Any:
+        """Run one op of the module's own code: in its layer's region, or as it is where it is no layer."""
         spec = self.spec
-        named = op_of(func)
         if named is None or spec.opaque:  # no layer of its own
             out = func(*args, **kwargs)
             flow = getattr(spec.watcher, "call", None)
@@ -106,6 +118,30 @@ class OwnCode(TorchFunctionMode):
         n = sites.setdefault(call_site() or n, len(sites))
         key = f"{spec.path}::{base}" + (f"_{n}" if n else "")
         return run_op(spec, key, func, args, kwargs, in_place, base)
+
+
+#: op names by torch function, for :class:`EagerOwnCode` (the functions torch hands a mode: a bounded set)
+_NAMES: dict[Any, tuple[str, bool] | None] = {}
+
+
+class EagerOwnCode(OwnCode):
+    """:class:`OwnCode` in eager mode, where each op of the model pays for its Python calls: an op name is a
+    dict lookup, an op that is no layer returns at once, and the runtime takes the mode off the stack
+    while a child module runs (so the child's ops never reach it) instead of raising ``depth``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.depth:
+            return func(*args, **kwargs)
+        try:
+            named = _NAMES[func]
+        except KeyError:
+            named = _NAMES[func] = op_name(func)
+        except TypeError:  # an unhashable callable
+            named = op_name(func)
+        if named is None and self.spec.watcher is None:
+            return func(*args, **kwargs)
+        return self.handle(func, named, args, kwargs)
 
 
 def run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
@@ -125,7 +161,8 @@ def run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
 
 
 MODE_HANDLERS = (Emulate.__torch_function__.__code__, EmulateCuda.__torch_function__.__code__,
-                 OwnCode.__torch_function__.__code__, CastGaps.__torch_function__.__code__)
+                 OwnCode.__torch_function__.__code__, OwnCode.handle.__code__, EagerOwnCode.__torch_function__.__code__,
+                 CastGaps.__torch_function__.__code__)
 
 
 def op_of(func: Any) -> tuple[str, bool] | None:
@@ -153,6 +190,9 @@ def back_dtype(spec_fed: bool, handback: torch.dtype, args: tuple, kwargs: dict)
     return first
 
 
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def run_op(spec: Any, key: str, func: Callable, args: tuple, kwargs: dict, in_place: bool, base: str) -> Any:
     precision = spec.entries.get(key) if spec.entries else None
     watcher = spec.watcher
@@ -165,16 +205,16 @@ def run_op(spec: Any, key: str, func: Callable, args: tuple, kwargs: dict, in_pl
         return out
     back = back_dtype(key in spec.op_fed, spec.handback, args, kwargs)
     emulate = precision == "fp16" and spec.emulate_fp16
-    dtype = to_dtype(precision)
-    with autocast_for(spec.device_type, precision, emulate):
-        cargs, ckwargs = cast_args(args, kwargs, dtype)
-        rule = rule_of(func) if spec.emulate_cuda and dtype in LOW else None
-        if rule is not None:  # a policy for CUDA on a CPU: as CUDA autocast runs it
-            raw = run_as_cuda(rule, func, cargs, ckwargs, dtype)
-        elif emulate and base in MATMUL_OPS:
-            raw = emulated(func, cargs, ckwargs)
-        else:
-            raw = func(*cargs, **ckwargs)
+    dtype = _DTYPES[precision]
+    if eager():  # what torch.autocast's __enter__/__exit__ do, without building the object each call
+        prev = enter_autocast(spec.device_type, None if precision == "fp32" or emulate else dtype)
+        try:
+            raw = _region(spec, func, args, kwargs, dtype, emulate, base)
+        finally:
+            leave_autocast(spec.device_type, prev)
+    else:
+        with autocast_for(spec.device_type, precision, emulate):
+            raw = _region(spec, func, args, kwargs, dtype, emulate, base)
     observe = spec.op_observe.get(key) if spec.op_observe else None
     if observe is not None:  # autoprec.guard's watch, as _unit tells it of a unit's raw output
         observe(raw)
@@ -191,3 +231,12 @@ def run_op(spec: Any, key: str, func: Callable, args: tuple, kwargs: dict, in_pl
     return final
 
 
+def _region(spec: Any, func: Callable, args: tuple, kwargs: dict, dtype: torch.dtype, emulate: bool, base: str) -> Any:
+    """One op in its region's format, inside the region's autocast."""
+    cargs, ckwargs = cast_args(args, kwargs, dtype)
+    rule = rule_of(func) if spec.emulate_cuda and dtype in LOW else None
+    if rule is not None:  # a policy for CUDA on a CPU: as CUDA autocast runs it
+        return run_as_cuda(rule, func, cargs, ckwargs, dtype)
+    if emulate and base in MATMUL_OPS:
+        return emulated(func, cargs, ckwargs)
+    return func(*cargs, **ckwargs)

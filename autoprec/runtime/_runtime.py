@@ -43,7 +43,7 @@ dtype, FFTs as cuFFT runs them (see :mod:`autoprec.runtime._emulation`).
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
@@ -52,10 +52,11 @@ from torch import nn
 from ..core._formats import to_dtype
 from ..core._modules import canonical_modules
 from ..errors import PolicyError
-from ._casts import LOW, autocast_for, cast_args, cast_tree, has_low
+from ._casts import LOW, autocast_for, cast_args, cast_tree, dynamo_compiling, eager, has_low
 from ._opmodes import (
     MODE_HANDLERS,
     CastGaps,
+    EagerOwnCode,
     Emulate,
     EmulateCuda,
     EmulateCudaFp16,
@@ -68,6 +69,7 @@ from ._opmodes import (
 __all__ = ["Patches", "Runtime", "Watcher", "installed"]
 
 _SPEC = "_autoprec_spec"
+_modes_on = torch._C._is_torch_function_mode_enabled
 
 
 class Watcher(Protocol):
@@ -91,7 +93,7 @@ class _Spec:
     device_type: str
     precision: str | None = None       # a unit's region, or None
     dtype: torch.dtype | None = None   # its torch dtype
-    autocast_on: bool = False          # its region enables autocast (16-bit, not emulated)
+    autocast_dtype: torch.dtype | None = None  # the dtype its region's autocast runs (16-bit, not emulated), else None
     unit: bool = False
     emulate: bool = False              # FP16 matmuls emulated inside (CPU)
     gaps: bool = False                 # 16-bit, and may call ops autocast leaves alone (see ``_may_gap``)
@@ -111,6 +113,13 @@ class _Spec:
     watcher: Any = None
     observe: Callable[[Any], None] | None = None  # told of a 16-bit unit's raw output (autoprec.guard's watch)
     op_observe: Mapping[str, Callable[[Any], None]] | None = None  # op key -> told of that 16-bit op's raw output
+    # derived: a unit, no boundary, no root (its forward goes straight to ``_unit``); a region without a mode inside
+    direct: bool = field(init=False)
+    plain: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "direct", self.unit and not self.boundary and not self.root)
+        object.__setattr__(self, "plain", not (self.emulate or self.gaps or (self.emulate_cuda and self.dtype in LOW)))
 
 
 # -- one module's forward ---------------------------------------------------------------------
@@ -126,23 +135,39 @@ def _check_fp32_params(path: str, module: nn.Module) -> None:
 
 
 def _call(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    if spec.boundary:
-        mode = owner()
+    run = _unit if spec.unit and not spec.root else _body
+    n = torch._C._len_torch_function_stack() if spec.boundary else 0
+    if n:  # a boundary under a mode: its parent's own code may be tracked
+        top = torch._C._get_function_stack_at(n - 1)
+        if type(top) is EagerOwnCode:  # eager: the parent's mode steps off the stack while its child runs
+            torch._C._pop_torch_function_stack()
+            try:
+                return run(spec, forward, module, args, kwargs)
+            finally:
+                torch._C._push_on_torch_function_stack(top)
+        mode = owner()  # traced, or another mode above it: the parent's mode lets the child's ops pass
         if mode is not None:
             mode.depth += 1
             try:
-                return _body(spec, forward, module, args, kwargs)
+                return run(spec, forward, module, args, kwargs)
             finally:
                 mode.depth -= 1
-    return _body(spec, forward, module, args, kwargs)
+    return run(spec, forward, module, args, kwargs)
 
 
 def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec.unit:
         out = _unit(spec, forward, module, args, kwargs)
     elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type) or has_low(args, kwargs)):
-        with OwnCode(spec):
-            out = forward(module, *args, **kwargs)
+        if eager():  # the mode pushed by hand: what its __enter__/__exit__ do, without their Python calls
+            torch._C._push_on_torch_function_stack(EagerOwnCode(spec))
+            try:
+                out = forward(module, *args, **kwargs)
+            finally:
+                torch._C._pop_torch_function_stack()
+        else:
+            with OwnCode(spec):
+                out = forward(module, *args, **kwargs)
     else:
         out = forward(module, *args, **kwargs)
     if spec.root and spec.watcher is not None and hasattr(spec.watcher, "finish"):
@@ -151,11 +176,14 @@ def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
 
 
 def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    precision, watcher = spec.precision, spec.watcher
+    # in eager mode each Python call here costs per layer and step: the common call (one plain tensor) and the
+    # region's autocast (what torch.autocast's __enter__/__exit__ do, see ``enter_autocast``) are inline
+    precision, watcher, device = spec.precision, spec.watcher, spec.device_type
     if watcher is not None:
         watcher.enter(spec.path, "module", (args, kwargs))
-    if precision is None or (precision == "fp32" and not torch.is_autocast_enabled(spec.device_type)
-                             and not has_low(args, kwargs)):
+    x = args[0] if len(args) == 1 and not kwargs and type(args[0]) is torch.Tensor else None
+    if precision is None or (precision == "fp32" and not torch.is_autocast_enabled(device)
+                             and not (x.dtype in LOW if x is not None else has_low(args, kwargs))):
         try:
             out = forward(module, *args, **kwargs)  # nothing to cast, no autocast to undo
         except RuntimeError:
@@ -167,27 +195,37 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
         return out
     if precision == "fp32":
         _check_fp32_params(spec.path, module)
-    back = back_dtype(spec.fed, spec.handback, args, kwargs)
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        # the context manager: Dynamo traces it, and proxy modes (export, make_fx) record it
-        with autocast_for(spec.device_type, precision, spec.emulate):
+    if x is not None:
+        first = x.dtype if x.is_floating_point() else None
+        back = spec.handback if spec.fed and first in LOW else first
+    else:
+        back = back_dtype(spec.fed, spec.handback, args, kwargs)
+    if dynamo_compiling() or getattr(torch.compiler, "_is_compiling_flag", False) or _modes_on():
+        # not eager (see ``eager``, the order too): the context manager, which Dynamo traces and proxies record
+        with autocast_for(device, precision, spec.emulate):
             out = _region_body(spec, forward, module, args, kwargs)
     else:
-        # eager: what torch.autocast's __enter__/__exit__ do, without building the object each call
-        device = spec.device_type
         prev, prev_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-        torch.set_autocast_enabled(device, spec.autocast_on)
-        if spec.autocast_on:
-            torch.set_autocast_dtype(device, spec.dtype)
+        torch.set_autocast_enabled(device, spec.autocast_dtype is not None)
+        if spec.autocast_dtype is not None:
+            torch.set_autocast_dtype(device, spec.autocast_dtype)
         torch.autocast_increment_nesting()
         try:
-            out = _region_body(spec, forward, module, args, kwargs)
+            if x is not None and spec.plain:
+                out = forward(module, x.to(spec.dtype) if x.is_floating_point() else x)
+            else:
+                out = _region_body(spec, forward, module, args, kwargs)
         finally:
             if torch.autocast_decrement_nesting() == 0:
                 torch.clear_autocast_cache()
             torch.set_autocast_enabled(device, prev)
             torch.set_autocast_dtype(device, prev_dtype)
-    final = out if spec.keep and torch.is_grad_enabled() else cast_tree(out, back)
+    if spec.keep and torch.is_grad_enabled():
+        final = out
+    elif type(out) is torch.Tensor and back is not None:
+        final = out.to(back) if out.is_floating_point() else out
+    else:
+        final = cast_tree(out, back)
     if spec.observe is not None:
         spec.observe(out)
     if watcher is not None and out is not None:
@@ -220,21 +258,18 @@ def _may_gap(module: nn.Module) -> bool:
     return any(p.dim() >= 3 for p in module._parameters.values() if p is not None and p.is_floating_point())
 
 
-def _forward(spec: _Spec | None, base_forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    if spec is None:
-        return base_forward(module, *args, **kwargs)
-    if spec.unit and not spec.boundary and not spec.root:  # the common case, two calls shorter
-        return _unit(spec, base_forward, module, args, kwargs)
-    return _call(spec, base_forward, module, args, kwargs)
-
-
 def _forward_of(base_forward: Callable) -> Callable:
     def forward(self, *args, **kwargs):
-        return _forward(self.__dict__.get(_SPEC), base_forward, self, args, kwargs)
+        spec = self.__dict__.get(_SPEC)
+        if spec is None:  # a module the policy left (or one of its class written without it)
+            return base_forward(self, *args, **kwargs)
+        if spec.direct:  # a unit, no boundary, no root: the common case, shortest
+            return _unit(spec, base_forward, self, args, kwargs)
+        return _call(spec, base_forward, self, args, kwargs)
     return forward
 
 
-_WRAPPER_FRAMES = (_forward_of(nn.Module.forward).__code__, _forward.__code__, _call.__code__, _body.__code__,
+_WRAPPER_FRAMES = (_forward_of(nn.Module.forward).__code__, _call.__code__, _body.__code__,
                    _unit.__code__, _region_body.__code__)
 _registered = False
 
@@ -413,7 +448,8 @@ class Runtime:
             spec = _Spec(
                 path=path, device_type=self.device_type, precision=precision, unit=unit,
                 dtype=None if precision is None else to_dtype(precision),
-                autocast_on=precision in ("fp16", "bf16") and not (precision == "fp16" and self.emulate_fp16),
+                autocast_dtype=to_dtype(precision) if precision in ("fp16", "bf16")
+                and not (precision == "fp16" and self.emulate_fp16) else None,
                 emulate=precision == "fp16" and self.emulate_fp16, keep=path in self.keep, fed=path in self.fed,
                 gaps=unit and precision in ("fp16", "bf16") and _may_gap(mod),
                 handback=handback, boundary=boundary, own=tracked,

@@ -46,11 +46,20 @@ def _site(frames: Iterable[tuple[str, int, int]]) -> tuple[tuple[str, int, int],
     return tuple(found) or None
 
 
-def _python_frames() -> Iterator[tuple[str, int, int]]:
+def _python_site() -> tuple[tuple[str, int, int], ...] | None:
+    """:func:`_site` over the Python stack, as one loop (no generator: the eager op pays for each call)."""
+    found: list[tuple[str, int, int]] = []
     frame = sys._getframe(2)
     while frame is not None:
-        yield frame.f_code.co_filename, frame.f_code.co_firstlineno, frame.f_lineno
+        code = frame.f_code
+        name = code.co_filename
+        if name.startswith(_OURS):
+            if found:
+                break
+        elif not name.startswith(_TORCH) or name.startswith(_TORCH_MODULES):
+            found.append((name, code.co_firstlineno, frame.f_lineno))
         frame = frame.f_back
+    return tuple(found) or None
 
 
 def _dynamo_frames() -> Iterator[tuple[str, int, int]]:
@@ -79,7 +88,8 @@ def call_site() -> tuple[tuple[str, int, int], ...] | None:
         >>> forward()[0][1:] == (forward.__code__.co_firstlineno, forward.__code__.co_firstlineno + 1)
         True
     """
-    return _site(_dynamo_frames() if torch.compiler.is_compiling() else _python_frames())
+    # torch.compile runs it for real while tracing (see below), with the compiling flag set
+    return _site(_dynamo_frames()) if torch.compiler.is_compiling() else _python_site()
 
 
 # Dynamo runs it while tracing (it reads the tracer's frames) and keeps its result as a constant
