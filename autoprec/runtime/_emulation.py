@@ -8,13 +8,15 @@ CUDA runs it. Inside a 16-bit region CUDA autocast
   :func:`autoprec.runtime._casts.emulated`;
 * computes its FP32 ops in FP32, whatever the region's format: the inputs are cast up and the output
   stays FP32 (pow, rsqrt, exp/log, softmax, norms, sums, losses: :data:`autoprec.core._ops.CUDA_FP32_OPS`);
+  the lists are the installed torch's own (:data:`autoprec.core._ops.CUDA_LISTS`, read from its header);
 * runs its promote ops in the widest floating dtype among their inputs;
 * refuses ``binary_cross_entropy`` (unsafe to autocast) and runs every other op in the dtype that
   arrives.
 
 CPU autocast has other lists (it computes FFTs, linear algebra, 3-D pooling and padding in FP32 and
 leaves softmax, norms and pow alone), so inside an emulated region the rules above replace it for
-the ops they name, and the ops only CPU autocast lifts run with it switched off.
+the ops they name, and the ops only CPU autocast acts on (read from torch's dispatcher) run with it
+switched off.
 
 FFTs: cuFFT transforms FP16 (only at power-of-two signal sizes) and not BF16; the CPU has kernels
 for neither. An FP16 transform is emulated: computed in FP32 from the FP16 input and rounded to FP16
@@ -38,14 +40,15 @@ from ._casts import LOW, emulated
 
 __all__ = ["rule_of", "run_as_cuda"]
 
-#: torch's CPU autocast FP32 list less CUDA's (by torch function name): CUDA runs these in the dtype
-#: that arrives, so an emulated region runs them with CPU autocast off
-_CPU_ONLY_FP32 = frozenset({
-    "ctc_loss", "max_pool3d", "avg_pool3d", "adaptive_avg_pool3d", "adaptive_max_pool3d", "max_unpool2d",
-    "max_unpool3d", "fractional_max_pool2d", "fractional_max_pool3d", "pad", "polar", "quantile", "nanquantile",
-    "stft", "istft", "trace", "view_as_complex", "inverse", "pinverse", "cholesky", "cholesky_solve",
-    "cholesky_inverse", "lu_solve", "orgqr", "ormqr", "geqrf",
-})
+def _autocast_ops(key: str) -> frozenset[str]:
+    """The aten ops (names without overloads) torch's dispatcher has an autocast kernel for at ``key``."""
+    return frozenset(op.split("::")[-1].split(".")[0] for op in torch._C._dispatch_get_registrations_for_dispatch_key(key))
+
+
+#: the ops torch's CPU autocast acts on (FP32 lifts, lower casts, promotes) and CUDA's does not, read from the
+#: dispatcher, and pad and istft, which call some: CUDA runs them in the dtype that arrives, so an emulated region
+#: runs them with CPU autocast off
+_CPU_ONLY = (_autocast_ops("AutocastCPU") - _autocast_ops("AutocastCUDA")) | {"pad", "istft"}
 
 _BCE = ("torch.nn.functional.binary_cross_entropy and torch.nn.BCELoss are unsafe to autocast (CUDA refuses them "
         "in a 16-bit region; emulated on the CPU): combine the sigmoid before it with the loss, as "
@@ -79,7 +82,7 @@ def rule_of(func: Any) -> str | None:
         return "fft"
     if name == "binary_cross_entropy":
         return "refuse"
-    if name in _CPU_ONLY_FP32 or (name.startswith("linalg_") and not name.endswith("_")):
+    if name in _CPU_ONLY or (name.startswith("linalg_") and not name.endswith("_")):
         return "native"
     return None
 
