@@ -190,6 +190,8 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
               cache: bool = True, fresh: bool = False) -> DeviceProfile:
     """Measure the device profile of ``device`` for FP32 and ``dtypes`` (or read it from the cache).
 
+    ``device``: ``"cpu"``, ``"cuda"`` (the current CUDA device) or ``"cuda:N"``; every tensor, event and
+    synchronize of the measuring is on that device, and its name and capability key the cache.
     ``seconds`` bounds the measuring: the ladders stop at the budget (their two smallest sizes are
     always measured). The result is cached per machine unless ``cache=False``; a cached profile
     measures nothing (``profile.seconds`` is 0). ``fresh=True`` measures even where a cached profile
