@@ -119,7 +119,7 @@ def test_the_host_clock_times_real_calls():
 
 def test_the_cuda_ladder_reaches_8192_and_the_cpu_ladder_stays():
     """The GEMM ladder on CUDA climbs to 8192; a CPU's stops at 1024 (the budget bounds both)."""
-    cuda, cpu = dict((k, s) for k, s, _ in ladders("cuda")), dict((k, s) for k, s, _ in ladders("cpu"))
+    cuda, cpu = {k: s for k, s, _ in ladders("cuda")}, {k: s for k, s, _ in ladders("cpu")}
     assert cuda["matmul"][-3:] == (2048, 4096, 8192) and cpu["matmul"][-1] == 1024
     assert all(cuda[k][:len(cpu[k])] == cpu[k] for k in cpu)  # the GPU's ladders extend the CPU's
     assert [k for k, _, _ in ladders("cuda")] == ["matmul", "attention", "conv"]
