@@ -60,9 +60,10 @@ _CUDA_ATTN = _ATTN + (1024, 2048, 4096)
 
 
 def ladders(device_type: str) -> tuple[tuple[str, tuple[int, ...], float], ...]:
-    """The kernels :func:`calibrate` times on a ``device_type``, in order: ``(kind, sizes, share)``, the
-    share the cumulative part of the budget left after the elementwise work that the ladders up to
-    this one may use (matmul 60%, then attention and conv 20% each). The ladders stop at the budget.
+    """The kernels :func:`calibrate` times on a ``device_type``, in order: ``(kind, sizes, share)``, where
+    ``share`` is the part of the budget left after the elementwise work that this ladder and those
+    before it may use together (matmul 60%, then attention and conv 20% each). Each ladder stops at
+    its part of the budget, after its two smallest sizes.
 
     Example:
         >>> [sizes[-1] for kind, sizes, share in ladders("cpu")], [sizes[-1] for _, sizes, _ in ladders("cuda")]
