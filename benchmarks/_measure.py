@@ -473,8 +473,10 @@ def step_times(model: nn.Module, samples: list[Sample], variants: list[Variant],
 
     One CPU thread, variants interleaved (the order rotates every round: autoprec's
     ``Clock.rounds``, which ``tune``'s own step timing uses) so that load on the machine hits them
-    alike; each variant trains its own copy with its precision installed once. A model on a GPU is
-    synchronised before and after each step, so a step's time is its GPU time.
+    alike; each variant trains its own copy with its precision installed once. A step's time is a
+    throughput: each sample runs steps back to back between two events (CUDA events on a GPU) and
+    synchronizes once, as many as the warm-up says fill ``autoprec.device._timing.SAMPLE_S`` (one
+    for a step longer than that).
     """
     from autoprec.device import Clock
 

@@ -1,11 +1,14 @@
 """Calibrate where you tune: measure the device's speeds per format, bounded in time, cached per machine.
 
-:func:`calibrate` measures what the cost model (:mod:`autoprec.device._costs`) prices, on the device, with
-the intra-op threads the caller has set, forward+backward, formats interleaved (see
-:mod:`autoprec.device._timing`):
+:func:`calibrate` measures what the cost model (:mod:`autoprec.device._costs`) prices, on the device
+(``cuda:N``: that GPU, its events and its synchronize), with the intra-op threads the caller has set,
+forward+backward, formats interleaved. Each figure is a throughput: seconds per call of calls
+launched back to back between two events, one synchronize per sample, as a training step launches
+its kernels (see :mod:`autoprec.device._timing`):
 
 * matmul, conv and attention kernels along a ladder of sizes (each under ``torch.autocast`` with
-  its input already in the format and FP32 weights, as the runtime runs a layer);
+  its input already in the format and FP32 weights, as the runtime runs a layer), up to 8192-wide
+  GEMMs on a GPU and 1024 on a CPU (:func:`ladders`);
 * elementwise work (pointwise, norm, softmax, scatter accumulation) at two sizes, giving a cost
   per call (the dispatcher on a CPU, the kernel launch on a GPU) and per element, and the cost of
   a cast per element;
@@ -39,16 +42,36 @@ from . import _timing as timing
 from ._costs import DeviceProfile, layer_cost, shape_key
 from ._estimates import CPU_FP32_OPS, CUDA_FP32_OPS, estimate
 from ._files import load_profile, save_profile
-from ._timing import GIVE_UP, Clock
+from ._timing import GIVE_UP, Clock, pinned
 
-__all__ = ["cache_dir", "cache_file", "calibrate", "fp32_kind", "machine", "resolve_profile", "with_layers"]
+__all__ = ["cache_dir", "cache_file", "calibrate", "fp32_kind", "ladders", "machine", "resolve_profile", "with_layers"]
 
 log = logging.getLogger("autoprec.calibration")
 
-#: Square GEMM sides, conv channels, attention sequence lengths of the ladders, smallest first.
+#: Square GEMM sides, conv channels, attention sequence lengths of the ladders, smallest first. A GPU
+#: climbs further: its 16-bit gain grows with the size up to where the tensor cores are busy, and
+#: beyond its largest measured size a curve is priced at that size's throughput.
 _GEMM = (32, 64, 128, 256, 512, 1024)
 _CONV = (8, 16, 32, 64, 128)
 _ATTN = (32, 64, 128, 256, 512)
+_CUDA_GEMM = _GEMM + (2048, 4096, 8192)
+_CUDA_CONV = _CONV + (256, 512)
+_CUDA_ATTN = _ATTN + (1024, 2048, 4096)
+
+
+def ladders(device_type: str) -> tuple[tuple[str, tuple[int, ...], float], ...]:
+    """The kernels :func:`calibrate` times on a ``device_type``, in order: ``(kind, sizes, share)``, where
+    ``share`` is the part of the budget left after the elementwise work that this ladder and those
+    before it may use together (matmul 60%, then attention and conv 20% each). Each ladder stops at
+    its part of the budget, after its two smallest sizes.
+
+    Example:
+        >>> [sizes[-1] for kind, sizes, share in ladders("cpu")], [sizes[-1] for _, sizes, _ in ladders("cuda")]
+        ([1024, 512, 128], [8192, 4096, 512])
+    """
+    if device_type == "cuda":
+        return ("matmul", _CUDA_GEMM, 0.6), ("attention", _CUDA_ATTN, 0.8), ("conv", _CUDA_CONV, 1.0)
+    return ("matmul", _GEMM, 0.6), ("attention", _ATTN, 0.8), ("conv", _CONV, 1.0)
 
 
 def cache_dir() -> str:
@@ -148,10 +171,28 @@ def _cached(device: torch.device) -> DeviceProfile | None:
         return None
 
 
+def _device(device: str | torch.device) -> torch.device:
+    """The device to calibrate, with its index (``cuda``: the current CUDA device), or :class:`OptionError`."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"calibrate device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError(f"calibrate device {str(device)!r}: this process sees no CUDA device; calibrate "
+                              "on the GPU machine, or pass device='cpu'")
+        if device.index is not None and device.index >= count:
+            raise OptionError(f"calibrate device {str(device)!r}: this process sees {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}; pass one of those")
+    return pinned(device)
+
+
 def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("bf16",), seconds: float = 3.0,
               cache: bool = True, fresh: bool = False) -> DeviceProfile:
     """Measure the device profile of ``device`` for FP32 and ``dtypes`` (or read it from the cache).
 
+    ``device``: ``"cpu"``, ``"cuda"`` (the current CUDA device) or ``"cuda:N"``; every tensor, event and
+    synchronize of the measuring is on that device, and its name and capability key the cache.
     ``seconds`` bounds the measuring: the ladders stop at the budget (their two smallest sizes are
     always measured). The result is cached per machine unless ``cache=False``; a cached profile
     measures nothing (``profile.seconds`` is 0). ``fresh=True`` measures even where a cached profile
@@ -164,9 +205,7 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
         >>> p.origin, p.formats
         ('calibrated', ('fp32', 'bf16'))
     """
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise OptionError(f"calibrate device {str(device)!r} is not supported: use 'cpu' or 'cuda'")
+    device = _device(device)
     if not isinstance(seconds, (int, float)) or not seconds > 0:
         raise OptionError(f"calibrate seconds={seconds!r} must be a positive number of seconds, e.g. 3.0")
     names = {from_dtype(to_dtype(d)) for d in ([dtypes] if isinstance(dtypes, str) else dtypes)}
@@ -185,7 +224,7 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
         elementwise, cast = timing.elementwise(formats, clock, device, gen)
         end, curves = clock.deadline, []
         remaining = max(end - time.perf_counter(), 0.0)
-        for kind, sizes, share in (("matmul", _GEMM, 0.6), ("attention", _ATTN, 0.8), ("conv", _CONV, 1.0)):
+        for kind, sizes, share in ladders(device.type):
             clock.deadline = end - remaining * (1.0 - share)  # matmul 60% of what is left, then 20%, 20%
             curves.append(timing.curve(kind, sizes, formats, clock, device, gen))
     took = time.perf_counter() - started
@@ -224,7 +263,7 @@ def with_layers(profile: DeviceProfile, layers: Iterable[Layer], modules: Mappin
         >>> p.layers[shape_key(tr.layers[0])]["fp32"] > 0  # seconds, forward+backward at its shape
         True
     """
-    started = time.perf_counter()
+    started, device = time.perf_counter(), pinned(device)
     todo = sorted((lay for lay in layers if shape_key(lay) not in profile.layers), key=lambda lay: -lay.flops)
     if not todo:
         return profile

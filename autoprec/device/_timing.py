@@ -3,10 +3,20 @@
 Every step runs as a training step does: forward under ``torch.autocast`` in the format (inputs
 already in it, weights FP32 and cast by autocast, as in the runtime's regions), then backward,
 with parameter gradients reset. Inputs come from a private generator, never the global RNG.
+
+What a figure measures is throughput, seconds per call as a training step's stream of kernels runs
+them: after a warm-up, one sample calls a step ``k`` times back to back between a start and an end
+event and synchronizes once (:meth:`Clock.sample`); ``k`` makes a sample last about
+:data:`SAMPLE_S`. On CUDA the events are ``torch.cuda.Event`` on the timed device's current stream
+and the synchronize is that device's, so the launch latency that a synchronize around every call
+would add to a small kernel is not counted, and a step that the host cannot launch as fast as the
+GPU runs it is priced at the host's pace. On a CPU the same loop runs with :class:`HostEvent`, the
+host clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -20,7 +30,7 @@ from ..core._formats import to_dtype
 from ..trace._trace import Layer
 from ._costs import ELEMENTWISE, Curve
 
-__all__ = ["Clock", "curve", "elementwise", "layer_step", "monotone", "region"]
+__all__ = ["Clock", "HostEvent", "curve", "elementwise", "layer_step", "monotone", "pinned", "region"]
 
 #: A format more than this many times slower than FP32 at a size is not timed at larger sizes (a CPU
 #: without FP16 kernels: its large sizes alone would outlast the budget); its times there are the
@@ -28,8 +38,61 @@ __all__ = ["Clock", "curve", "elementwise", "layer_step", "monotone", "region"]
 GIVE_UP = 16.0
 
 
+#: Seconds one timed sample should last: a callable shorter than this is called back to back ``k``
+#: times in one sample (``k`` from its time after a warm-up), so the per-call figure is the
+#: throughput of a stream of calls: the GPU's launch latency and the one synchronize per sample are
+#: spread over ``k`` calls instead of added to each.
+SAMPLE_S = {"cuda": 2e-3, "cpu": 1e-3}
+#: The most calls in one sample.
+MOST_CALLS = 1000
+
+
+class HostEvent:
+    """The host clock with the interface of ``torch.cuda.Event`` that :class:`Clock` uses: ``record``
+    and ``elapsed_time`` (milliseconds), so that a CPU runs the same timing loop as a GPU.
+
+    Example:
+        >>> ticks = iter([1.0, 1.5])
+        >>> start, end = HostEvent(lambda: next(ticks)), HostEvent(lambda: next(ticks))
+        >>> start.record(); end.record()
+        >>> start.elapsed_time(end)
+        500.0
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self.at = math.nan
+
+    def record(self, stream: Any = None) -> None:
+        self.at = self.clock()
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        return (end.at - self.at) * 1e3
+
+
+def pinned(device: str | torch.device) -> torch.device:
+    """``device`` with its index: ``cuda`` is the current CUDA device, ``cuda:N`` stays ``N`` (no CUDA
+    call then), anything else is itself. Timing on a device times its own stream and synchronizes it.
+
+    Example:
+        >>> pinned("cuda:1"), pinned("cpu")
+        (device(type='cuda', index=1), device(type='cpu'))
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class Clock:
     """Times forward+backward closures, interleaved across formats, until a deadline.
+
+    One *sample* of a closure calls it ``k`` times back to back between two events (CUDA events on
+    ``device``'s current stream; :class:`HostEvent` on a CPU) and synchronizes once, after the end
+    event: its figure is the elapsed time over ``k``, seconds per call of a stream of calls (the
+    throughput), not the latency of one call with a synchronize around it. ``k`` comes from the
+    closure's time after a warm-up call, so that a sample lasts about ``sample_s``. ``sync`` and
+    ``event`` are the synchronize and the event factory used; ``timed`` counts the calls made.
 
     Example:
         >>> clock = Clock(torch.device("cpu"), time.perf_counter() + 1.0)
@@ -39,41 +102,80 @@ class Clock:
         True
     """
 
-    def __init__(self, device: torch.device, deadline: float) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    def __init__(self, device: torch.device, deadline: float, *, sample_s: float | None = None) -> None:
+        self.device = pinned(device)
+        cuda = self.device.type == "cuda"
+        self.sync: Callable[[], None] = (lambda: torch.cuda.synchronize(self.device)) if cuda else (lambda: None)
+        self.event: Callable[[], Any] = (lambda: torch.cuda.Event(enable_timing=True)) if cuda else HostEvent
+        self.sample_s = SAMPLE_S.get(self.device.type, SAMPLE_S["cpu"]) if sample_s is None else sample_s
         self.deadline = deadline
         self.timed = 0
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
+    def sample(self, fn: Callable[[], None], calls: int = 1) -> float:
+        """Seconds per call of ``fn`` called ``calls`` times back to back: an event before the first
+        and after the last, one synchronize, the elapsed time over ``calls``.
+
+        Example:
+            >>> n = []
+            >>> Clock(torch.device("cpu"), 0.0).sample(lambda: n.append(1), calls=4) >= 0, len(n)
+            (True, 4)
+        """
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            start, end = self.event(), self.event()
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+        self.sync()
+        self.timed += calls
+        return start.elapsed_time(end) / 1e3 / calls
+
     def once(self, fn: Callable[[], None]) -> float:
-        self.sync()
-        t = time.perf_counter()
-        fn()
-        self.sync()
-        self.timed += 1
-        return time.perf_counter() - t
+        """Seconds of one call of ``fn`` (a sample of one call): a warm-up, a first estimate."""
+        return self.sample(fn, 1)
+
+    def calls(self, seconds: float) -> int:
+        """Calls of a closure of ``seconds`` per call in one sample: enough to last ``sample_s``.
+
+        Example:
+            >>> clock = Clock(torch.device("cpu"), 0.0, sample_s=1e-3)
+            >>> clock.calls(1e-4), clock.calls(5e-3), clock.calls(0.0)
+            (10, 1, 1000)
+        """
+        return max(1, min(MOST_CALLS, int(self.sample_s / max(seconds, 1e-9))))
+
+    def warm(self, fn: Callable[[], None]) -> tuple[float, int]:
+        """A warm-up call of ``fn`` (first calls pay one-off costs: not a figure), then, if it was shorter
+        than a sample, a second call as the estimate: ``(seconds per call, calls per sample)``."""
+        t = self.once(fn)
+        if t < self.sample_s:
+            t = self.once(fn)
+        return t, self.calls(t)
 
     def fastest(self, fns: Mapping[str, Callable[[], None]], reps: int = 5, slice_s: float = 0.25) -> dict[str, float]:
-        """Least seconds of each closure over up to ``reps`` interleaved rounds within ``slice_s`` and
-        the budget (at least one round), after one warm-up call each. The least, not the median: other
-        load on the machine only ever adds time, and a profile is read for ratios between formats
-        timed side by side."""
-        first = {k: self.once(f) for k, f in fns.items()}  # first calls pay one-off costs: not figures
-        rounds = max(1, min(reps, int(min(slice_s, self.left()) / max(sum(first.values()), 1e-9))))
+        """Least seconds per call of each closure over up to ``reps`` interleaved rounds of one sample
+        each within ``slice_s`` and the budget (at least one round), after a warm-up each. The least,
+        not the median: other load on the machine only ever adds time, and a profile is read for
+        ratios between formats timed side by side."""
+        first = {k: self.warm(f) for k, f in fns.items()}
+        per_round = sum(t * n for t, n in first.values())
+        rounds = max(1, min(reps, int(min(slice_s, self.left()) / max(per_round, 1e-9))))
         times: dict[str, list[float]] = {k: [] for k in fns}
         for _ in range(rounds):
             for k, f in fns.items():
-                times[k].append(self.once(f))
+                times[k].append(self.sample(f, first[k][1]))
         return {k: min(v) for k, v in times.items()}
 
     def rounds(self, fns: Mapping[str, Callable[[], None]], *, least: int = 3, most: int = 9,
                warmup: int = 1) -> dict[str, list[float]]:
-        """Seconds of each closure in every round: ``warmup`` untimed calls of each first, then rounds
-        that call every closure once, the order rotating by one each round (load on the machine and
-        whatever a call leaves behind hit them alike): at least ``least`` rounds, and more while the
-        deadline allows, up to ``most``. For medians and spreads of whole steps (see
+        """Seconds per call of each closure in every round: ``warmup`` untimed calls of each first, then
+        rounds that take one sample of every closure, the order rotating by one each round (load on the
+        machine and whatever a call leaves behind hit them alike): at least ``least`` rounds, and more
+        while the deadline allows, up to ``most``. A sample makes as many calls as the last warm-up call
+        says fill ``sample_s``; with ``warmup=0``, one. For medians and spreads of whole steps (see
         :mod:`autoprec.verify._step_speed`).
 
         Example:
@@ -82,29 +184,32 @@ class Clock:
             {'a': 3, 'b': 3}
         """
         names = list(fns)
+        calls = dict.fromkeys(names, 1)
         for _ in range(warmup):
             for k in names:
-                self.once(fns[k])
+                calls[k] = self.calls(self.once(fns[k]))
         times: dict[str, list[float]] = {k: [] for k in names}
         r = 0
         while r < least or (r < most and self.left() > 0):
             shift = r % max(len(names), 1)
             for k in names[shift:] + names[:shift]:
-                times[k].append(self.once(fns[k]))
+                times[k].append(self.sample(fns[k], calls[k]))
             r += 1
         return times
 
     def paired(self, a: Callable[[], None], b: Callable[[], None], reps: int = 15, slice_s: float = 0.4) -> float:
-        """Median over rounds of ``a``'s time minus ``b``'s, the two run back to back (in turn first):
-        a small difference between two steps that load on the machine slows alike."""
-        first = self.once(a) + self.once(b)
-        rounds = max(3, min(reps, int(min(slice_s, max(self.left(), 0.0)) / max(first, 1e-9))))
+        """Median over rounds of ``a``'s seconds per call minus ``b``'s, a sample of each back to back (in
+        turn first), both of as many calls as fill ``sample_s`` for the slower: a small difference
+        between two steps that load on the machine slows alike."""
+        (ta, _), (tb, _) = self.warm(a), self.warm(b)
+        calls = self.calls(max(ta, tb))
+        rounds = max(3, min(reps, int(min(slice_s, max(self.left(), 0.0)) / max((ta + tb) * calls, 1e-9))))
         diffs = []
         for r in range(rounds):
             if r % 2:
-                tb, ta = self.once(b), self.once(a)
+                tb, ta = self.sample(b, calls), self.sample(a, calls)
             else:
-                ta, tb = self.once(a), self.once(b)
+                ta, tb = self.sample(a, calls), self.sample(b, calls)
             diffs.append(ta - tb)
         return statistics.median(diffs)
 
