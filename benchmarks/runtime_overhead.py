@@ -14,6 +14,12 @@ Columns, per model size (modules in the model), one thread, medians of interleav
   and with each layer wrapped in its own ``with torch.autocast(...)`` block and casts by hand
   (what the issue bounds the 16-bit layer's cost by).
 
+And on a 12-layer HF GPT-2 (width 64, 2 x 32 tokens, random init), one training forward: the Python calls it
+makes (``sys.setprofile``: every Python frame entered; the same count on any CPU) and its median time, without
+autoprec, under blanket ``torch.autocast`` BF16, and with three policies: every layer BF16 (the op entries in
+the model's own code too: attention's SDPA, the loss), the module entries only in BF16, every layer FP32.
+On a GPU, where a GPT-2 small step takes 10-20 ms, each call is host time the GPU may wait for.
+
 Run: ``python benchmarks/runtime_overhead.py [--sizes 200 800 3000] [--repeats 30]``; writes
 ``benchmarks/results/runtime_overhead.json``.
 """
@@ -116,6 +122,65 @@ def measure(modules: int, repeats: int) -> dict[str, float]:
             "autocast_block_us": round(1e3 * med["autocast"] / n_layers, 2)}
 
 
+def _calls(fn) -> int:
+    n = 0
+
+    def count(frame, event, arg):
+        nonlocal n
+        n += event == "call"
+
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n
+
+
+def gpt2_calls(repeats: int) -> list[dict]:
+    """Python calls and median ms of one GPT-2 training forward per variant (see the module docstring)."""
+    import contextlib
+
+    import transformers
+
+    from autoprec.trace import trace
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 512, (2, 32))
+    batch = {"input_ids": ids, "labels": ids}
+    tr = trace(model, batch, device_type="cpu")
+    sig = module_signatures(model)
+
+    def policy(precision: str, ops: bool) -> Policy:
+        return Policy(layers={x.key: LayerEntry(precision) for x in tr.layers if ops or "::" not in x.key},
+                      modules=sig, handoff=tr.handoff)
+
+    variants = {"no autoprec": (contextlib.nullcontext, None),
+                "blanket autocast bf16": (lambda: torch.autocast("cpu", dtype=torch.bfloat16), None),
+                "policy: every layer bf16": (contextlib.nullcontext, policy("bf16", True)),
+                "policy: modules bf16": (contextlib.nullcontext, policy("bf16", False)),
+                "policy: every layer fp32": (contextlib.nullcontext, policy("fp32", True))}
+    rows = []
+    for name, (context, pol) in variants.items():
+        handle = pol.apply(model) if pol is not None else None
+        try:
+            with context():
+                model(**batch)
+                calls = _calls(lambda: model(**batch))
+                ms = statistics.median(_median_ms(lambda: model(**batch), 5) for _ in range(max(1, repeats // 5)))
+        finally:
+            if handle is not None:
+                handle.remove()
+        rows.append({"variant": name, "python_calls": calls, "ms": round(ms, 2)})
+    blanket = rows[1]["python_calls"]
+    for row in rows:
+        row["calls_vs_autocast"] = round(row["python_calls"] / blanket, 3)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 800, 3000])
@@ -131,8 +196,14 @@ def main(argv: list[str] | None = None) -> dict:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(row[h]) for h in header) + " |")
+    gpt2 = gpt2_calls(args.repeats)
+    print(f"\n# one training forward of a 12-layer GPT-2 (width 64, 2 x 32 tokens), {_cpu_name()}, 1 thread")
+    print("| variant | Python calls | calls / blanket autocast | ms (median) |")
+    print("|---|---:|---:|---:|")
+    for row in gpt2:
+        print(f"| {row['variant']} | {row['python_calls']} | {row['calls_vs_autocast']} | {row['ms']} |")
     result = {"cpu": _cpu_name(), "torch": torch.__version__,
-              "bf16_native": bool(torch.cpu._is_avx512_bf16_supported()), "rows": rows}
+              "bf16_native": bool(torch.cpu._is_avx512_bf16_supported()), "rows": rows, "gpt2": gpt2}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -51,8 +51,19 @@ from torch import nn
 
 from ..core._formats import to_dtype
 from ..core._modules import canonical_modules
+from ..core._ops import CUDA_LOWER_OPS
 from ..errors import PolicyError
-from ._casts import LOW, autocast_for, cast_args, cast_tree, dynamo_compiling, eager, has_low
+from ._casts import (
+    LOW,
+    autocast_for,
+    cast_args,
+    cast_tree,
+    dynamo_compiling,
+    eager,
+    enter_autocast,
+    has_low,
+    leave_autocast,
+)
 from ._opmodes import (
     MODE_HANDLERS,
     CastGaps,
@@ -113,6 +124,7 @@ class _Spec:
     watcher: Any = None
     observe: Callable[[Any], None] | None = None  # told of a 16-bit unit's raw output (autoprec.guard's watch)
     op_observe: Mapping[str, Callable[[Any], None]] | None = None  # op key -> told of that 16-bit op's raw output
+    covered: torch.dtype | None = None  # own code whose op entries autocast alone runs as their regions would
     # derived: a unit, no boundary, no root (its forward goes straight to ``_unit``); a region without a mode inside
     direct: bool = field(init=False)
     plain: bool = field(init=False)
@@ -159,7 +171,9 @@ def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
     if spec.unit:
         out = _unit(spec, forward, module, args, kwargs)
     elif spec.own and (spec.own_always or torch.is_autocast_enabled(spec.device_type) or has_low(args, kwargs)):
-        if eager():  # the mode pushed by hand: what its __enter__/__exit__ do, without their Python calls
+        if spec.covered is not None and spec.op_observe is None and torch.is_grad_enabled():
+            out = _covered(spec, forward, module, args, kwargs)
+        elif eager():  # the mode pushed by hand: what its __enter__/__exit__ do, without their Python calls
             torch._C._push_on_torch_function_stack(EagerOwnCode(spec))
             try:
                 out = forward(module, *args, **kwargs)
@@ -173,6 +187,49 @@ def _body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
     if spec.root and spec.watcher is not None and hasattr(spec.watcher, "finish"):
         spec.watcher.finish(out)
     return out
+
+
+#: Ops that a device's autocast casts to its 16-bit format (all floating inputs, as a region casts them) and that
+#: have no in-place form (autocast leaves in-place calls alone), by the names op layers have.
+AUTOCAST_COVERS = {
+    "cpu": frozenset({"linear", "matmul", "mm", "bmm", "einsum", "prelu", "scaled_dot_product_attention", "conv1d",
+                      "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}),
+    "cuda": frozenset({"linear", "matmul", "mm", "bmm", "einsum", "prelu", "scaled_dot_product_attention", "conv1d",
+                       "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}) & CUDA_LOWER_OPS,
+}
+
+
+def _covers(entries: Mapping[str, str], keep: frozenset, device_type: str, handback: torch.dtype,
+            emulate_fp16: bool) -> torch.dtype | None:
+    """The 16-bit dtype in which ``torch.autocast`` over a module's own code gives exactly what its op regions give,
+    or None: every op entry is one 16-bit format, hands its output on uncast (``keep``: it flows only into layers,
+    through views and ops that follow its format, see :mod:`autoprec.trace`), and is an op autocast casts
+    (``AUTOCAST_COVERS``) from the model's FP32; and every child module is a unit, which runs a region of its own
+    (one the assignment leaves out, never seen to run, an FP32 one), so the autocast reaches no code of theirs.
+    Then no function mode has to see each op of the forward (a view, a shape read): on a 12-layer GPT-2 that is
+    hundreds of Python calls per step. An op of that own code the trace never saw (a branch it did not take)
+    runs under the autocast too."""
+    formats = set(entries.values())
+    if len(formats) != 1 or handback != torch.float32:
+        return None
+    (precision,) = formats
+    covers = AUTOCAST_COVERS.get(device_type, frozenset())
+    if precision not in ("fp16", "bf16") or (precision == "fp16" and emulate_fp16) or any(k not in keep or k.split("::", 1)[1].rstrip("_0123456789") not in covers
+                                                for k in entries):
+        return None
+    return to_dtype(precision)
+
+
+def _covered(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Own code run under autocast alone (see ``_covers``)."""
+    if eager():
+        prev = enter_autocast(spec.device_type, spec.covered)
+        try:
+            return forward(module, *args, **kwargs)
+        finally:
+            leave_autocast(spec.device_type, prev)
+    with torch.autocast(spec.device_type, dtype=spec.covered):
+        return forward(module, *args, **kwargs)
 
 
 def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -270,7 +327,7 @@ def _forward_of(base_forward: Callable) -> Callable:
 
 
 _WRAPPER_FRAMES = (_forward_of(nn.Module.forward).__code__, _call.__code__, _body.__code__,
-                   _unit.__code__, _region_body.__code__)
+                   _unit.__code__, _covered.__code__, _region_body.__code__)
 _registered = False
 
 
@@ -433,18 +490,21 @@ class Runtime:
         skip = {path for path in mods if any(a in self.units for a in _ancestors(path))}
         own = {path for path in mods if path not in self.units and path not in skip
                and (path in entries or watching)}
+        covered = self._covered(own, entries, handback) if not watching else {}
         out = []
         for path, mod in mods.items():
             if path in skip:
                 continue
             parent = path.rpartition(".")[0] if "." in path else ("" if path else None)
             boundary = parent is not None and parent in own
-            unit = path in self.units and (path in self.assignment or watching)
+            # a unit the assignment leaves out, in covered own code: FP32, out of its parent's autocast
+            lone = parent in covered and path in self.units and path not in self.assignment
+            unit = path in self.units and (path in self.assignment or watching or lone)
             mine = entries.get(path, {})
             tracked = path in own
             if not (boundary or unit or tracked or (watching and path == "")):
                 continue
-            precision = self.assignment.get(path) if path in self.units else None
+            precision = "fp32" if lone else self.assignment.get(path) if path in self.units else None
             spec = _Spec(
                 path=path, device_type=self.device_type, precision=precision, unit=unit,
                 dtype=None if precision is None else to_dtype(precision),
@@ -457,9 +517,22 @@ class Runtime:
                 opaque=path in self.opaque, entries=mine or None,
                 op_keep=frozenset(k for k in mine if k in self.keep), op_fed=frozenset(k for k in mine if k in self.fed),
                 emulate_fp16=self.emulate_fp16, emulate_cuda=self.emulate_cuda, root=path == "",
-                watcher=self.watcher)
+                watcher=self.watcher, covered=covered.get(path))
             out.append((mod, spec))
         return out
+
+    def _covered(self, own: set[str], entries: Mapping[str, Mapping[str, str]], handback: torch.dtype,
+                 ) -> dict[str, torch.dtype]:
+        """The own-code modules that run under autocast alone (see ``_covers``), and its dtype for each."""
+        if self.emulate_cuda:  # CUDA's rules on a CPU take a mode
+            return {}
+        containers: set[str] = set()  # modules with a child that is no unit: its code would run in the autocast
+        for path in self._modules:
+            if path and path not in self.units:
+                containers.add(path.rpartition(".")[0])
+        found = {path: _covers(entries[path], self.keep, self.device_type, handback, self.emulate_fp16)
+                 for path in own if path in entries and path not in containers}
+        return {path: dtype for path, dtype in found.items() if dtype is not None}
 
     def install(self) -> "Runtime":
         """Patch the modules of :meth:`plan`; returns self."""
