@@ -100,8 +100,8 @@ def resolve_target(target: str | torch.device | None, model_device: torch.device
     return kind
 
 
-def cuda_bf16_native() -> bool:
-    """Whether the current CUDA device runs BF16 in hardware (Ampere and later), not emulated.
+def cuda_bf16_native(device: torch.device | int | None = None) -> bool:
+    """Whether a CUDA device (default: the current one) runs BF16 in hardware (Ampere and later), not emulated.
 
     Example:
         >>> isinstance(cuda_bf16_native(), bool)
@@ -109,10 +109,11 @@ def cuda_bf16_native() -> bool:
     """
     if not torch.cuda.is_available():
         return False
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch without the argument: it did not count emulation then
-        return bool(torch.cuda.is_bf16_supported())
+    with torch.cuda.device(device):  # torch asks the current device
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch without the argument: it did not count emulation then
+            return bool(torch.cuda.is_bf16_supported())
 
 
 def default_formats(target: str) -> tuple[str, ...]:
@@ -164,6 +165,6 @@ def check_formats(dtypes: Iterable[str] | str | None, target: str, run_device: t
         raise OptionError(f"dtypes={dtypes!r} names no 16-bit format, so there is nothing to tune: name 'fp16' "
                           "and/or 'bf16' (FP32 is always allowed), or leave dtypes out for the target's default")
     if target == "cuda" and "bf16" in formats and torch.cuda.is_available() and run_device.type == "cuda":
-        if not cuda_bf16_native():
+        if not cuda_bf16_native(run_device):
             raise FormatError("this CUDA device cannot run bf16 (no native BF16 before Ampere): pass dtypes=['fp16']")
     return formats

@@ -156,8 +156,9 @@ def _checked(policy: Policy, model: nn.Module) -> str:
     if device not in ("cpu", "cuda"):
         raise FormatError(f"autoprec runs policies on 'cpu' and 'cuda' devices, not {device!r}: "
                           "move the model to one of them first")
-    if device == "cuda" and "bf16" in policy.assignment.values() and not cuda_bf16_native():
-        raise FormatError(f"this CUDA device ({torch.cuda.get_device_name()}) cannot run bf16, which the policy "
+    on = next((t.device for t in model.parameters()), None)  # the model's CUDA device, not the current one
+    if device == "cuda" and "bf16" in policy.assignment.values() and not cuda_bf16_native(on):
+        raise FormatError(f"this CUDA device ({torch.cuda.get_device_name(on)}) cannot run bf16, which the policy "
                           "assigns: tune again with dtypes=['fp16']")
     return device
 

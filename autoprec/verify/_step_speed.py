@@ -68,9 +68,13 @@ def time_steps(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None,
         (['autocast bf16', 'fp32'], [3, 3], {})
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    # the device the model is on (cuda:N), not the current one: its stream is timed, its generator forked
+    device = next((p.device for p in model.parameters()), torch.device(device_type))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     steps = _Steps(model, batches, loss_fn, optimizer(params), device_type, seed,
-                   devices=[torch.cuda.current_device()] if device_type == "cuda" and torch.cuda.is_available() else [])
-    clock = Clock(torch.device(device_type), 0.0)
+                   devices=[device.index] if device.type == "cuda" else [])
+    clock = Clock(device, 0.0)
     try:
         times = _timed(clock, variants, steps, seconds=seconds, least=least, most=most)
     finally:
