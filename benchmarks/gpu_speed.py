@@ -129,7 +129,9 @@ def build(name: str, size: str, device: str, n_batches: int = 3, batch: int | No
 
 def _runners(copies: dict[str, torch.nn.Module], variants: dict[str, Variant], backend: str) -> list[Runner]:
     """One runner per variant on its own copy; the TF32 flag set around each one's whole step."""
-    optimizer = lambda p: torch.optim.AdamW(p, lr=1e-4)  # noqa: E731
+    def optimizer(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-4)
+
     runners = []
     for n in VARIANTS:
         v, m = variants[n.removesuffix("-compiled")], copies[n]
@@ -220,12 +222,12 @@ def verdicts(row: dict[str, Any]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The Markdown tables: step times and verdicts, compile cost, peak memory."""
-    out = [f"device: {meta['device']}; outside the variants: TF32 matmul {meta['tf32_matmul']}, cuDNN TF32 "
-           f"{meta['tf32_cudnn']}; fp32 = strict FP32 matmuls, fp32-tf32 = TF32 matmuls; "
-           f"compiled: torch.compile, backend {meta['args']['backend']}", "",
-           "| model | mode | params | FP32 ms/step | FP32-TF32 | amp-bf16 | amp-fp16 | autoprec | "
-           "policy / best autocast | FP32 / policy | TF32 / policy | target met (FP32 / TF32) | "
-           "16-bit FLOPs (policy) | cast MiB/step: autocast bf16 / policy | tune s |",
+    out = [(f"device: {meta['device']}; outside the variants: TF32 matmul {meta['tf32_matmul']}, cuDNN TF32 "
+            f"{meta['tf32_cudnn']}; fp32 = strict FP32 matmuls, fp32-tf32 = TF32 matmuls; "
+            f"compiled: torch.compile, backend {meta['args']['backend']}"), "",
+           ("| model | mode | params | FP32 ms/step | FP32-TF32 | amp-bf16 | amp-fp16 | autoprec | "
+            "policy / best autocast | FP32 / policy | TF32 / policy | target met (FP32 / TF32) | "
+            "16-bit FLOPs (policy) | cast MiB/step: autocast bf16 / policy | tune s |"),
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: | ---: | ---: |"]
     yes = {True: "yes", False: "no"}
     for r in rows:

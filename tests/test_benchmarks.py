@@ -1,5 +1,6 @@
-"""The benchmarks' code paths, run tiny: the GPU benchmark on the CPU (CI has no GPU; the real run needs
-one), the compile benchmark on one quick model with the fast ``aot_eager`` backend."""
+"""The benchmarks' code paths, run tiny: the GPU benchmark's TF32 switch (its whole run, tiny on the CPU, is
+``tests/test_gpu_run.py``'s dry run of ``benchmarks/gpu/run.sh``; CI has no GPU), the compile benchmark on one quick
+model with the fast ``aot_eager`` backend."""
 
 from __future__ import annotations
 
@@ -15,42 +16,6 @@ pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
-def test_gpu_speed_runs_every_variant_and_reports_the_target(tmp_path, one_thread, capsys):
-    """All ten variants train and are timed, strict FP32 and TF32 among them; each compiled variant compiles once,
-    switching the TF32 flag between interleaved variants compiles nothing again; the printed table (and the
-    Markdown file beside the JSON) shows the ratios and verdicts the JSON holds."""
-    import gpu_speed
-    import torch
-
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
-    rows = gpu_speed.main(["--device", "cpu", "--size", "tiny", "--rounds", "2", "--warmup", "1", "--batch", "2",
-                           "--seq", "16", "--backend", "eager",  # Dynamo alone: the compiled path, fast
-                           "--out-dir", str(tmp_path)])
-    printed = capsys.readouterr().out
-    saved = json.loads((tmp_path / "gpu_speed.json").read_text())
-    assert (tmp_path / "gpu_speed.md").read_text() == printed
-    assert saved["results"] == json.loads(json.dumps(rows))
-    assert saved["meta"]["tf32_variants"] == ["fp32-tf32", "fp32-tf32-compiled"]
-    assert torch.backends.cuda.matmul.allow_tf32 == tf32_before  # set around the TF32 variants' steps only
-    assert [r["model"] for r in rows] == ["gpt2", "resnet50"]
-    assert len(gpu_speed.VARIANTS) == 10 and {"fp32-tf32", "fp32-tf32-compiled"} <= set(gpu_speed.VARIANTS)
-    assert rows[0]["batch"] == {"input_ids": [2, 16], "labels": [2, 16]}
-    assert rows[1]["batch"]["pixel_values"][0] == 2
-    for r in rows:
-        assert all(r["timing"][v]["median_s"] > 0 and r["timing"][v]["n"] == 2 for v in gpu_speed.VARIANTS)
-        assert [v for v in gpu_speed.VARIANTS if r["timing"][v]["tf32_matmuls"]] == ["fp32-tf32", "fp32-tf32-compiled"]
-        for k in ("", "_compiled"):
-            ratio, verdict, tf32 = r[f"policy_vs_autocast{k}"], r[f"meets_target{k}"], r[f"meets_target_tf32{k}"]
-            assert math.isfinite(ratio) and ratio > 0 and isinstance(verdict, bool) and isinstance(tf32, bool)
-            assert math.isfinite(r[f"tf32_speedup{k}"]) and r[f"tf32_speedup{k}"] > 0
-            assert (f"| {ratio:.3f} | {r[f'speedup_vs_fp32{k}']:.2f}x | {r[f'speedup_vs_tf32{k}']:.2f}x | "
-                    f"{'yes' if verdict else 'no'} / {'yes' if tf32 else 'no'} |" in printed), (r["model"], k)
-        assert sorted(r["compile"]) == sorted(v for v in gpu_speed.VARIANTS if v.endswith("-compiled"))
-        for v, c in r["compile"].items():  # compiled once: a graph or more, no recompile after the first step
-            assert c["graphs"] >= 1 and c["recompiles"] == 0 and c["compile_s"] > 0, (v, c["recompile_reasons"])
-        assert r["policy"]["verified"] is True and r["policy"]["passes"] > 0
-
-
 def test_tf32_flag_is_guarded_and_switching_it_between_variants_recompiles_nothing(one_thread):
     """What the TF32 variants rely on: Dynamo guards ``allow_tf32`` (a call under the other setting compiles its
     own graph, never runs the one compiled under the first), and calls interleaved under both settings reuse
@@ -62,7 +27,9 @@ def test_tf32_flag_is_guarded_and_switching_it_between_variants_recompiles_nothi
     torch._dynamo.reset()
     model, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
     fn = torch.compile(model, backend="aot_eager")
-    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
     before, start = torch.backends.cuda.matmul.allow_tf32, graphs()
     with gpu_speed.tf32_matmuls(False):
         fn(x).sum().backward()
@@ -106,7 +73,7 @@ def test_compiled_tf32_variant_runs_tf32_matmuls_on_cuda():
         if round_ == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs  # the second round reused both graphs
-    assert err[False] < 1e-5 < 1e-4 < err[True], err
+    assert err[False] < 1e-5 and err[True] > 1e-4, err  # strict FP32 ~1e-7 here, TF32 (10-bit mantissa) ~1e-3
     torch._dynamo.reset()
 
 

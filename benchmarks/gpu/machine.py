@@ -33,7 +33,7 @@ def describe() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(), "cpu_count": os.cpu_count(),
         "pythonpath": os.environ.get("PYTHONPATH"),
-        "nvidia_smi": subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.strip() if smi else None,
+        "nvidia_smi": subprocess.run([smi, "-L"], check=False, capture_output=True, text=True).stdout.strip() if smi else None,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "tf32_env": {k: os.environ.get(k) for k in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE")},

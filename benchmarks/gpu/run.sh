@@ -10,8 +10,8 @@
 #   gpu_speed  benchmarks/gpu_speed.py on GPT-2 small at a real step (8 x 1024 tokens): FP32 strict and TF32,
 #              blanket BF16 and FP16 autocast, the tuned policy, each eager and compiled
 #
-# Each stage runs under its own time limit (in all under 8 minutes: deps 30 s, machine 30 s, tests 120 s,
-# calibrate 60 s, gpu_speed 230 s, each plus at most 10 s to die after the limit); a stage that fails does not stop
+# Each stage runs under its own time limit (in all at most 8 minutes: deps 20 s, machine 15 s, tests 110 s,
+# calibrate 50 s, gpu_speed 260 s, each plus at most 5 s to die after the limit); a stage that fails does not stop
 # the later ones. Everything lands in $OUT (default benchmarks/results/gpu): each stage's log, stages.json (each
 # stage's exit code, seconds, limit), machine.json, tests.xml, profile.json, gpu_speed.json and gpu_speed.md.
 # The exit code is 1 if any stage failed.
@@ -38,6 +38,7 @@ export PYTHONPATH="$DEPS:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export AUTOPREC_CACHE_DIR=${AUTOPREC_CACHE_DIR:-$OUT/autoprec-cache}  # calibrate's profile, read by gpu_speed's tune
 export PYTHONUNBUFFERED=1
 
+KILL_AFTER=5  # seconds a stage gets to die after its limit's SIGTERM, before SIGKILL
 ENTRIES=()
 FAILED=()
 
@@ -56,13 +57,13 @@ run_stage() {
     echo "=== $name (limit ${limit} s): $*"
     local t0 t1 rc
     t0=$(date +%s.%N)
-    timeout -k 10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout -k "$KILL_AFTER" "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
     t1=$(date +%s.%N)
     local seconds timed_out=false
     seconds=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then timed_out=true; fi
-    ENTRIES+=("{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $seconds, \"limit_s\": $limit, \"timed_out\": $timed_out, \"log\": \"$name.log\"}")
+    ENTRIES+=("{\"name\": \"$name\", \"rc\": $rc, \"seconds\": $seconds, \"limit_s\": $limit, \"kill_after_s\": $KILL_AFTER, \"timed_out\": $timed_out, \"log\": \"$name.log\"}")
     if [ "$rc" -ne 0 ]; then FAILED+=("$name"); fi
     write_stages
     echo "=== $name: exit $rc after $seconds s"
@@ -82,13 +83,13 @@ fi
 read -r -a SPEED_MORE <<< "${GPU_SPEED_ARGS:-}"
 write_stages
 
-run_stage deps "${T_DEPS:-30}" "$PYTHON" benchmarks/gpu/wheels.py install "$WHEELS" "$DEPS"
-run_stage machine "${T_MACHINE:-30}" "$PYTHON" benchmarks/gpu/machine.py "$OUT" "${MACHINE[@]}"
-run_stage tests "${T_TESTS:-120}" "$PYTHON" -m pytest -v -rs -p no:cacheprovider --durations=15 \
+run_stage deps "${T_DEPS:-20}" "$PYTHON" benchmarks/gpu/wheels.py install "$WHEELS" "$DEPS"
+run_stage machine "${T_MACHINE:-15}" "$PYTHON" benchmarks/gpu/machine.py "$OUT" "${MACHINE[@]}"
+run_stage tests "${T_TESTS:-110}" "$PYTHON" -m pytest -v -rs -p no:cacheprovider --durations=15 \
     --junitxml="$OUT/tests.xml" "${CUDA_TESTS[@]}"
-run_stage calibrate "${T_CALIBRATE:-60}" "$PYTHON" -m autoprec calibrate "${CALIBRATE[@]}" --fresh \
+run_stage calibrate "${T_CALIBRATE:-50}" "$PYTHON" -m autoprec calibrate "${CALIBRATE[@]}" --fresh \
     --out "$OUT/profile.json"
-run_stage gpu_speed "${T_GPU_SPEED:-230}" "$PYTHON" benchmarks/gpu_speed.py "${SPEED[@]}" "${SPEED_MORE[@]}" \
+run_stage gpu_speed "${T_GPU_SPEED:-260}" "$PYTHON" benchmarks/gpu_speed.py "${SPEED[@]}" "${SPEED_MORE[@]}" \
     --out-dir "$OUT"
 
 echo "=== stages: $(cat "$OUT/stages.json")"

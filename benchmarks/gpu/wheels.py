@@ -151,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print(" ".join(download_command()))
         return 0
     if args.what == "download":
-        return subprocess.run([sys.executable, "-m", *download_command(args.dest)]).returncode
+        rc = subprocess.run([sys.executable, "-m", *download_command(args.dest)], check=False).returncode
+        got = [p for p in pathlib.Path(args.dest).glob("*.whl") if any(p.name.lower().startswith(
+            _norm(pin.split("==")[0]).replace("-", "_").lower() + "-") for pin in PINS)]
+        print(f"{len(got)} wheels, {sum(p.stat().st_size for p in got) / 2**20:.1f} MiB in {args.dest}")
+        return rc
     if not pathlib.Path(args.wheel_dir).is_dir():
         print(f"no folder {args.wheel_dir}: download the wheels first ({' '.join(download_command())})",
               file=sys.stderr)
