@@ -41,6 +41,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -150,8 +151,40 @@ def _progress(model: str) -> Any:
     return say
 
 
+@contextmanager
+def partial_on_sigterm(path: str, name: str, runners: list[Runner], info: dict[str, Any]) -> Iterator[None]:
+    """Inside, a SIGTERM (``run.sh``'s stage limit) writes what was measured so far to ``path`` and exits 124:
+    ``info`` and each runner's warm-up steps (an eager variant's last is a steady step), graphs and timed steps.
+
+    Example:
+        >>> with partial_on_sigterm("/tmp/x.partial.json", "m", [], {}):
+        ...     signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        True
+    """
+    def dump(signum: int, frame: Any) -> None:
+        state = {"model": name, "complete": False, **info, "runners": {
+            r.name: {"compiled": r.compiled, "warmup_s": r.warmup_s, "graphs": r.graphs, "recompiles": r.recompiles,
+                     "times": r.times} for r in runners}}
+        with open(path, "w") as f:
+            json.dump(state, f, indent=1)
+        print(f"[{name}] stopped by SIGTERM: what was measured is in {path}", file=sys.stderr, flush=True)
+        raise SystemExit(124)
+    old = signal.signal(signal.SIGTERM, dump)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Tune ``name``'s policy, time every variant; the row the JSON holds (``verdicts`` adds the ratios)."""
+    runners: list[Runner] = []
+    info: dict[str, Any] = {}
+    with partial_on_sigterm(os.path.splitext(args.out)[0] + ".partial.json", name, runners, info):
+        return _run_model(name, args, runners, info)
+
+
+def _run_model(name: str, args: argparse.Namespace, runners: list[Runner], info: dict[str, Any]) -> dict[str, Any]:
     model, batches = build(name, args.size, args.device, batch=args.batch, seq=args.seq)
     device_type = torch.device(args.device).type
     copies = {v: copy.deepcopy(model) for v in VARIANTS}  # each variant's own, before anything ran
@@ -159,12 +192,13 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tf32_matmuls(False):
         policy = autoprec.tune(model, batches[0], target="cuda", progress=False)
     tune_s = time.perf_counter() - t0
+    info.update(tune_s=round(tune_s, 1), low_fraction=round(policy.low_precision_fraction(), 4))
     print(f"[{name}] tuned in {tune_s:.1f} s", file=sys.stderr, flush=True)
     variants = {"fp32": fp32_variant(), "fp32-tf32": Variant("fp32-tf32"),
                 "amp-bf16": amp_variant("bf16", device_type), "amp-fp16": amp_variant("fp16", device_type),
                 "autoprec": policy_variant("autoprec", policy, device=device_type)}
     samples = [(b, None) for b in batches]
-    runners = _runners(copies, variants, args.backend)
+    runners += _runners(copies, variants, args.backend)
     try:
         time_steps(runners, samples, repeats=args.rounds, warmup=args.warmup, max_warmup=max(args.warmup, 8),
                    measure_peak=True, progress=_progress(name))

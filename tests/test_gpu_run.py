@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -109,6 +110,25 @@ def _check_gpu_speed(saved: dict, printed: str) -> None:
         for v, c in r["compile"].items():  # compiled once: a graph or more, no recompile after the first step
             assert c["graphs"] >= 1 and c["recompiles"] == 0 and c["compile_s"] > 0, (v, c["recompile_reasons"])
         assert r["policy"]["verified"] is True and r["policy"]["passes"] > 0
+
+
+def test_gpu_speed_stopped_at_its_limit_writes_what_it_measured(tmp_path):
+    """The stage limit's SIGTERM while variants are timed: exit 124 and a partial JSON with what is known (the tune's
+    figures, each runner's warm-up and timed steps so far: what a timed-out GPU run still tells); the handler
+    before it is back afterwards."""
+    import gpu_speed
+    import torch
+    from compile_speed import make_runner
+
+    before = signal.getsignal(signal.SIGTERM)
+    runner = make_runner("fp32", torch.nn.Linear(4, 4), compiled=False)
+    runner.warmup_s, runner.times = [0.5, 0.1], [0.1]
+    path = tmp_path / "gpu_speed.partial.json"
+    with pytest.raises(SystemExit) as stop, gpu_speed.partial_on_sigterm(str(path), "gpt2", [runner], {"tune_s": 9.5}):
+        signal.raise_signal(signal.SIGTERM)
+    assert stop.value.code == 124 and signal.getsignal(signal.SIGTERM) == before
+    assert json.loads(path.read_text()) == {"model": "gpt2", "complete": False, "tune_s": 9.5, "runners": {"fp32": {
+        "compiled": False, "warmup_s": [0.5, 0.1], "graphs": 0, "recompiles": 0, "times": [0.1]}}}
 
 
 def test_the_stage_limits_fit_in_eight_minutes():

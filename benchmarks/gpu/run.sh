@@ -13,7 +13,8 @@
 # Each stage runs under its own time limit (in all at most 8 minutes: deps 20 s, machine 15 s, tests 110 s,
 # calibrate 50 s, gpu_speed 260 s, each plus at most 5 s to die after the limit); a stage that fails does not stop
 # the later ones. Everything lands in $OUT (default benchmarks/results/gpu): each stage's log, stages.json (each
-# stage's exit code, seconds, limit), machine.json, tests.xml, profile.json, gpu_speed.json and gpu_speed.md.
+# stage's exit code, seconds, limit), machine.json, tests.xml, profile.json, gpu_speed.json and gpu_speed.md
+# (gpu_speed.partial.json instead where gpu_speed reached its limit: the tune's time, each variant's warm-up steps).
 # The exit code is 1 if any stage failed.
 #
 #   bash benchmarks/gpu/run.sh                       # on the GPU machine (carry .whl)
