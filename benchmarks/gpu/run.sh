@@ -26,14 +26,15 @@
 # (more arguments for gpu_speed.py, e.g. "--rounds 30").
 
 set -u -o pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
-ROOT=$PWD
-OUT=${OUT:-benchmarks/results/gpu}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd) || exit 2
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # paths given are the caller's
+OUT=$(absolute "${OUT:-$ROOT/benchmarks/results/gpu}")
+WHEELS=$(absolute "${WHEELS:-$ROOT/.whl}")
+DEPS=$(absolute "${DEPS:-$(mktemp -d)}")
+mkdir -p "$OUT" "$DEPS" || exit 2
+cd "$ROOT" || exit 2
 DRY=${GPU_RUN_DRY:-0}
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
-WHEELS=${WHEELS:-.whl}
-DEPS=${DEPS:-$(mktemp -d)}
 STAGES=${GPU_RUN_STAGES:-deps machine tests calibrate gpu_speed}
 export PYTHONPATH="$DEPS:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export AUTOPREC_CACHE_DIR=${AUTOPREC_CACHE_DIR:-$OUT/autoprec-cache}  # calibrate's profile, read by gpu_speed's tune
