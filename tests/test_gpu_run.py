@@ -96,7 +96,7 @@ def _check_gpu_speed(saved: dict, printed: str) -> None:
     assert saved["meta"]["tf32_variants"] == ["fp32-tf32", "fp32-tf32-compiled"] and saved["meta"]["tf32_matmul"] is False
     assert [r["model"] for r in rows] == ["gpt2", "resnet50"]
     assert len(gpu_speed.VARIANTS) == 10 and {"fp32-tf32", "fp32-tf32-compiled"} <= set(gpu_speed.VARIANTS)
-    assert rows[0]["batch"] == {"input_ids": [2, 16], "labels": [2, 16]} and rows[1]["batch"]["pixel_values"][0] == 2
+    assert rows[0]["batch"] == {"input_ids": [4, 16], "labels": [4, 16]} and rows[1]["batch"]["pixel_values"][0] == 4
     for r in rows:
         assert all(r["timing"][v]["median_s"] > 0 and r["timing"][v]["n"] == 1 for v in gpu_speed.VARIANTS)
         assert [v for v in gpu_speed.VARIANTS if r["timing"][v]["tf32_matmuls"]] == ["fp32-tf32", "fp32-tf32-compiled"]

@@ -73,10 +73,11 @@ run_stage() {
 
 mapfile -t CUDA_TESTS < <(grep -v -e '^#' -e '^[[:space:]]*$' benchmarks/gpu/cuda_tests.txt)
 if [ "$DRY" = 1 ]; then
+    export OMP_NUM_THREADS=1  # tiny tensors: one thread is as fast, and immune to a busy machine's contention
     CUDA_TESTS=("${CUDA_TESTS[0]}")  # collected and skipped on a CPU: the stage's plumbing, fast
     MACHINE=()
     CALIBRATE=(--device cpu --dtypes bf16 --seconds 0.5)
-    SPEED=(--device cpu --size tiny --models gpt2 --batch 2 --seq 16 --rounds 1 --warmup 1 --backend eager)
+    SPEED=(--device cpu --size tiny --models gpt2 --batch 4 --seq 16 --rounds 1 --warmup 1 --backend eager)
 else
     MACHINE=(--require-cuda)
     CALIBRATE=(--device cuda --dtypes "fp16,bf16" --seconds 25)
