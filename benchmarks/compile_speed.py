@@ -83,7 +83,8 @@ BENIGN = {"loss": 0.01, "grad": 0.05}  # autoprec's default tolerance and grad_t
 @dataclass
 class Runner:
     """One variant's model copy and training state. ``fn`` is what a step calls (the copy, or its
-    ``torch.compile`` wrapper); ``context()`` is entered around the forward (blanket autocast)."""
+    ``torch.compile`` wrapper); ``context()`` is entered around the forward (blanket autocast), ``around()``
+    around the whole step, backward and optimizer included, compiling steps too (global flags such as TF32)."""
 
     name: str
     model: torch.nn.Module
@@ -93,6 +94,7 @@ class Runner:
     scaler: Any = None
     handle: Any = None
     compiled: bool = False
+    around: Callable[[], Any] = nullcontext
     # filled in by time_steps
     warmup_s: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
@@ -105,11 +107,12 @@ class Runner:
 
 def make_runner(name: str, model: torch.nn.Module, *, compiled: bool, backend: str = "inductor",
                 context: Callable[[], Any] = nullcontext, scaler: Any = None, handle: Any = None,
-                optimizer: Callable[[Any], torch.optim.Optimizer] | None = None) -> Runner:
+                optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+                around: Callable[[], Any] = nullcontext) -> Runner:
     """``model`` must already be this variant's own copy, with its precision installed (``handle``)."""
     optimizer = optimizer or (lambda p: torch.optim.AdamW(p, lr=1e-4))
     fn = torch.compile(model, backend=backend) if compiled else model
-    return Runner(name, model, fn, optimizer(model.parameters()), context, scaler, handle, compiled)
+    return Runner(name, model, fn, optimizer(model.parameters()), context, scaler, handle, compiled, around)
 
 
 def _dynamo_state() -> tuple[int, int]:
@@ -127,24 +130,26 @@ def _new_guard_failures(n_before: int) -> list[str]:
 def train_step(r: Runner, sample: Any, sync: Callable[[], None]) -> float:
     """One timed training step: forward (+ loss), backward, optimizer step. Returns seconds."""
     batch, loss_fn = sample
-    sync()
-    t0 = time.perf_counter()
-    r.optimizer.zero_grad(set_to_none=True)
-    with r.context():
-        loss = loss_of(call_model(r.fn, batch), batch, loss_fn)
-    if r.scaler is not None:
-        r.scaler.scale(loss.float()).backward()
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-    else:
-        loss.float().backward()
-        r.optimizer.step()
-    sync()
-    return time.perf_counter() - t0
+    with r.around():
+        sync()
+        t0 = time.perf_counter()
+        r.optimizer.zero_grad(set_to_none=True)
+        with r.context():
+            loss = loss_of(call_model(r.fn, batch), batch, loss_fn)
+        if r.scaler is not None:
+            r.scaler.scale(loss.float()).backward()
+            r.scaler.step(r.optimizer)
+            r.scaler.update()
+        else:
+            loss.float().backward()
+            r.optimizer.step()
+        sync()
+        return time.perf_counter() - t0
 
 
 def time_steps(runners: list[Runner], samples: list[Any], *, repeats: int, steps: int = 1, warmup: int = 2,
-               max_warmup: int = 8, measure_peak: bool = False) -> None:
+               max_warmup: int = 8, measure_peak: bool = False,
+               progress: Callable[[Runner], None] | None = None) -> None:
     """Time training steps of every runner (results in its ``times``, ``warmup_s``, ``graphs``, ...).
 
     Warm-up: each runner alone, at least ``warmup`` steps and until a step compiles no new Dynamo
@@ -154,20 +159,21 @@ def time_steps(runners: list[Runner], samples: list[Any], *, repeats: int, steps
     synchronised around each step. Graphs compiled after a runner's first step are its recompiles
     (with the guard failures that caused them). ``measure_peak``: on a GPU, the memory one extra
     steady-state step adds at its peak over what was allocated before it (every runner's weights
-    and optimizer state).
+    and optimizer state). ``progress(runner)`` is called after each runner's warm-up.
     """
     cuda = next(runners[0].model.parameters()).is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # before the first (compiling) step: Inductor's CPU kernels keep this count
     try:
-        _time_steps(runners, samples, cuda, sync, repeats, steps, warmup, max_warmup, measure_peak)
+        _time_steps(runners, samples, cuda, sync, repeats, steps, warmup, max_warmup, measure_peak, progress)
     finally:
         torch.set_num_threads(threads)
 
 
 def _time_steps(runners: list[Runner], samples: list[Any], cuda: bool, sync: Callable[[], None], repeats: int,
-                steps: int, warmup: int, max_warmup: int, measure_peak: bool) -> None:
+                steps: int, warmup: int, max_warmup: int, measure_peak: bool,
+                progress: Callable[[Runner], None] | None = None) -> None:
     def step(r: Runner, i: int, first: bool = False) -> float:
         graphs0, fails0 = _dynamo_state()
         dt = train_step(r, samples[i % len(samples)], sync)
@@ -185,6 +191,8 @@ def _time_steps(runners: list[Runner], samples: list[Any], cuda: bool, sync: Cal
             r.warmup_s.append(step(r, i, first=i == 0))
             if i + 1 >= warmup and (i == 0 and r.graphs == 0 or i > 0 and r.recompiles == before):
                 break
+        if progress is not None:
+            progress(r)
     for rep in range(repeats):
         k = rep % len(runners)
         for r in runners[k:] + runners[:k]:

@@ -1,5 +1,6 @@
-"""The benchmarks' code paths, run tiny: the GPU benchmark on the CPU (CI has no GPU; the real run needs
-one), the compile benchmark on one quick model with the fast ``aot_eager`` backend."""
+"""The benchmarks' code paths, run tiny: the GPU benchmark's TF32 switch (its whole run, tiny on the CPU, is
+``tests/test_gpu_run.py``'s dry run of ``benchmarks/gpu/run.sh``; CI has no GPU), the compile benchmark on one quick
+model with the fast ``aot_eager`` backend."""
 
 from __future__ import annotations
 
@@ -15,30 +16,65 @@ pytest.importorskip("transformers")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 
-def test_gpu_speed_runs_every_variant_and_reports_the_target(tmp_path, one_thread, capsys):
-    """All eight variants train and are timed; each compiled variant compiles once; the printed table shows the
-    ratios and verdicts the JSON holds."""
+def test_tf32_flag_is_guarded_and_switching_it_between_variants_recompiles_nothing(one_thread):
+    """What the TF32 variants rely on: Dynamo guards ``allow_tf32`` (a call under the other setting compiles its
+    own graph, never runs the one compiled under the first), and calls interleaved under both settings reuse
+    those two graphs; ``tf32_matmuls`` restores the flag, also on an exception."""
     import gpu_speed
+    import torch
+    from torch._dynamo.utils import counters
 
-    out = tmp_path / "gpu_speed.json"
-    rows = gpu_speed.main(["--device", "cpu", "--size", "tiny", "--rounds", "2", "--warmup", "1",
-                           "--backend", "eager", "--out", str(out)])  # Dynamo alone: the compiled path, fast
-    printed = capsys.readouterr().out
-    saved = json.loads(out.read_text())
-    assert saved["results"] == json.loads(json.dumps(rows))
-    assert [r["model"] for r in rows] == ["gpt2", "resnet50"]
-    assert len(gpu_speed.VARIANTS) == 8
-    for r in rows:
-        assert all(r["timing"][v]["median_s"] > 0 and r["timing"][v]["n"] == 2 for v in gpu_speed.VARIANTS)
-        for k in ("", "_compiled"):
-            ratio, verdict = r[f"policy_vs_autocast{k}"], r[f"meets_target{k}"]
-            assert math.isfinite(ratio) and ratio > 0 and isinstance(verdict, bool)
-            assert (f"| {ratio:.3f} | {r[f'speedup_vs_fp32{k}']:.2f}x | {'yes' if verdict else 'no'} |"
-                    in printed), (r["model"], k)
-        assert sorted(r["compile"]) == sorted(v for v in gpu_speed.VARIANTS if v.endswith("-compiled"))
-        for v, c in r["compile"].items():  # compiled once: a graph or more, no recompile after the first step
-            assert c["graphs"] >= 1 and c["recompiles"] == 0 and c["compile_s"] > 0, (v, c["recompile_reasons"])
-        assert r["policy"]["verified"] is True and r["policy"]["passes"] > 0
+    torch._dynamo.reset()
+    model, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    fn = torch.compile(model, backend="aot_eager")
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+    before, start = torch.backends.cuda.matmul.allow_tf32, graphs()
+    with gpu_speed.tf32_matmuls(False):
+        fn(x).sum().backward()
+    with gpu_speed.tf32_matmuls(True):
+        fn(x).sum().backward()
+    assert graphs() - start == 2
+    for _ in range(3):
+        for on in (False, True):
+            with gpu_speed.tf32_matmuls(on):
+                assert torch.backends.cuda.matmul.allow_tf32 is on
+                fn(x).sum().backward()
+    assert graphs() - start == 2 and torch.backends.cuda.matmul.allow_tf32 == before
+    with pytest.raises(RuntimeError, match="inside"), gpu_speed.tf32_matmuls(not before):
+        raise RuntimeError("inside")
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    torch._dynamo.reset()
+
+
+def test_compiled_tf32_variant_runs_tf32_matmuls_on_cuda():
+    """On a GPU, under Inductor: the graph compiled and run under ``tf32_matmuls(True)`` rounds its matmul to TF32
+    (error against FP64 far above strict FP32's), the one under ``tf32_matmuls(False)`` does not, each matches
+    eager under the same setting, and switching between them compiles nothing again."""
+    import gpu_speed
+    import torch
+    from torch._dynamo.utils import counters
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch._dynamo.reset()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
+    ref = (a.double() @ b.double()).float()
+    fn = torch.compile(lambda a, b: torch.relu(a @ b) - torch.relu(-(a @ b)))  # a matmul and a fused epilogue
+    err = {}
+    for round_ in range(2):
+        for on in (False, True):
+            with gpu_speed.tf32_matmuls(on):
+                out, eager = fn(a, b), a @ b
+            err[on] = ((out - ref).abs().max() / ref.abs().max()).item()
+            assert torch.allclose(out, eager, rtol=0, atol=1e-3 * ref.abs().max().item()), on
+        if round_ == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs  # the second round reused both graphs
+    assert err[False] < 1e-5 and err[True] > 1e-4, err  # strict FP32 ~1e-7 here, TF32 (10-bit mantissa) ~1e-3
+    torch._dynamo.reset()
 
 
 def test_gpu_speed_refuses_cuda_without_a_gpu():
