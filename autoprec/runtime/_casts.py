@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 
 from ..core._formats import to_dtype
 
-__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "dynamo_compiling", "eager", "emulated", "emulating_fp16",
+__all__ = ["CONTAINERS", "LOW", "autocast_for", "cast_args", "cast_tree", "dynamo_compiling", "eager", "emulated", "emulating",
            "enter_autocast", "first_float_dtype", "first_float_dtype_in", "has_low", "leave_autocast", "round16"]
 
 LOW = (torch.float16, torch.bfloat16)
@@ -74,38 +74,49 @@ def has_low(args: tuple, kwargs: dict) -> bool:
                           for t in pytree.tree_leaves((args, kwargs)))
 
 
-def round16(tree: Any) -> Any:
-    """Round floating tensors to FP16 values but keep them FP32 (emulated tensor-core operands)."""
+def round16(tree: Any, dtype: torch.dtype = torch.float16) -> Any:
+    """Round floating tensors to ``dtype``'s values (FP16, BF16) but keep them FP32 (emulated tensor-core operands)."""
     return pytree.tree_map(
-        lambda t: t.to(torch.float16).to(torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        lambda t: t.to(dtype).to(torch.float32) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
         tree)
 
 
-def emulated(func: Callable, args: tuple, kwargs: dict) -> Any:
+def emulated(func: Callable, args: tuple, kwargs: dict, dtype: torch.dtype = torch.float16) -> Any:
+    """``func`` as a GPU's tensor cores run it in ``dtype`` (FP16, BF16): operands rounded to ``dtype``, products
+    accumulated in FP32 (an FP32 kernel, autocast off), the result rounded to ``dtype``. On a CPU without fast
+    kernels for ``dtype`` (no FP16 kernels at all; BF16 without AVX512-BF16, 10-60x slower than FP32) this runs
+    at FP32's speed, with the numerics of the GPU it stands for on every CPU alike.
+
+    Example:
+        >>> a = torch.tensor([[1.0 + 2 ** -9]])
+        >>> emulated(torch.matmul, (a, a), {}, torch.bfloat16)
+        tensor([[1.]], dtype=torch.bfloat16)
+    """
     counted = not torch.compiler.is_compiling()  # eager runs only: a FLOP count never runs compiled
     if counted:
-        _EMULATING.depth = getattr(_EMULATING, "depth", 0) + 1
+        _EMULATING.dtypes = [*getattr(_EMULATING, "dtypes", []), dtype]
     try:
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            out = func(*round16(args), **round16(kwargs))
+            out = func(*round16(args, dtype), **round16(kwargs, dtype))
     finally:
         if counted:
-            _EMULATING.depth -= 1
-    return cast_tree(out, torch.float16)
+            _EMULATING.dtypes = _EMULATING.dtypes[:-1]
+    return cast_tree(out, dtype)
 
 
-#: ``depth`` > 0 while :func:`emulated` runs an op on FP16-rounded operands (for a FLOP count by dtype)
+#: ``dtypes``: the formats :func:`emulated` runs ops in on this thread now, innermost last (a FLOP count by dtype)
 _EMULATING = threading.local()
 
 
-def emulating_fp16() -> bool:
-    """Whether this thread is inside :func:`emulated`: FP32 kernels on FP16-rounded operands, as tensor cores.
+def emulating() -> torch.dtype | None:
+    """The format this thread's :func:`emulated` op runs in (FP32 kernels on operands rounded to it), or None.
 
     Example:
-        >>> emulating_fp16()
-        False
+        >>> emulating() is None
+        True
     """
-    return getattr(_EMULATING, "depth", 0) > 0
+    dtypes = getattr(_EMULATING, "dtypes", None)
+    return dtypes[-1] if dtypes else None
 
 
 def autocast_for(device_type: str, precision: str, emulate: bool) -> torch.autocast:

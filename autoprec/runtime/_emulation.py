@@ -3,9 +3,10 @@
 A policy tuned for CUDA on a machine without one is measured (probe, search, verification) the way
 CUDA runs it. Inside a 16-bit region CUDA autocast
 
-* casts its lower-precision ops (the matmul/conv family) to the region's format; FP16 ones run as
-  tensor cores run them (FP16-rounded operands, FP32 accumulation, an FP16 result), see
-  :func:`autoprec.runtime._casts.emulated`;
+* casts its lower-precision ops (the matmul/conv family) to the region's format; they run as tensor
+  cores run them (operands rounded to FP16 or BF16, FP32 accumulation, a 16-bit result), see
+  :func:`autoprec.runtime._casts.emulated`: FP32 kernels, so at FP32's speed on every CPU (the CPU has
+  no FP16 kernels, and BF16 ones only with AVX512-BF16);
 * computes its FP32 ops in FP32, whatever the region's format: the inputs are cast up and the output
   stays FP32 (pow, rsqrt, exp/log, softmax, norms, sums, losses: :data:`autoprec.core._ops.CUDA_FP32_OPS`);
   the lists are the installed torch's own (:data:`autoprec.core._ops.CUDA_LISTS`, read from its header);
@@ -122,10 +123,10 @@ def run_as_cuda(rule: str, func: Callable, args: tuple, kwargs: dict, low: torch
     """
     if kwargs.get("out") is not None:  # out= calls do not autocast
         return func(*args, **kwargs)
-    if rule == "lower":
-        if low == torch.float16:
-            return emulated(func, args, kwargs)
-        return func(*_recast(args, low), **_recast(kwargs, low))
+    if rule == "lower":  # tensor cores: 16-bit operands, FP32 accumulation, a 16-bit result
+        if _widest(args, kwargs) is None:  # FP64 (or no floating input): autocast leaves it alone
+            return func(*args, **kwargs)
+        return emulated(func, args, kwargs, low)
     if rule == "refuse":
         raise RuntimeError(_BCE)
     with torch.autocast("cpu", enabled=False):

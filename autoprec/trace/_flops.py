@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..runtime._casts import emulating_fp16
+from ..runtime._casts import emulating
 
 __all__ = ["DtypeFlops", "dispatch_flops", "registered"]
 
@@ -174,8 +174,8 @@ class DtypeFlops(TorchDispatchMode):
         if n:
             dtype = next((t.dtype for t in pytree.tree_leaves((args, kwargs))
                           if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
-            if dtype == torch.float32 and emulating_fp16():  # FP16 as a GPU runs it, emulated on a CPU
-                dtype = torch.float16
+            if dtype == torch.float32 and emulating() is not None:  # 16-bit as a GPU runs it, emulated on a CPU
+                dtype = emulating()
             name = str(dtype).removeprefix("torch.")
             self.flops[name] = self.flops.get(name, 0) + n
         return out

@@ -130,7 +130,7 @@ def test_a_gpu_policys_emulated_fp16_counts_as_fp16():
     torch.manual_seed(0)
     model, x = nn.Sequential(nn.Linear(16, 16)), torch.randn(8, 16)
     policy = autoprec.Policy(layers={"0": autoprec.LayerEntry("fp16")}, target="cuda")
-    with policy.autocast(model), Counted() as count, DtypeFlops() as plain:
+    with policy.autocast(model), Counted() as count, DtypeFlops(emulated=False) as plain:
         model(x)
     assert count.flops == {"float16": 2 * 8 * 16 * 16}
     assert dict(plain.flops) == {torch.float32: 2 * 8 * 16 * 16}
