@@ -12,8 +12,8 @@ from torch import nn
 
 from autoprec.core import unit_modules
 from autoprec.runtime import Runtime
-from tests.models_coverage import GroupedExperts
 from tests.flopcount import DtypeFlops
+from tests.models_coverage import GroupedExperts
 
 
 class Block(nn.Module):
@@ -148,7 +148,7 @@ def test_transformers_experts_are_one_unit_in_bf16(impl):
 def test_transformers_grouped_mm_experts_compile_with_no_break_added():
     """Compiled, Mixtral's grouped-mm experts in BF16 add no graph break to the FP32 model's and give eager's values:
     transformers runs ``F.grouped_mm`` there only with BF16 weights, which the region hands it."""
-    block, args = _mixtral_experts("grouped_mm")
+    block, _ = _mixtral_experts("grouped_mm")
     experts = Holder(block.experts)
     x = torch.randn(12, 32)
     idx = torch.tensor([[i % 4, (i + 1) % 4] for i in range(12)])
