@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-__all__ = ["ATOMIC", "canonical_modules", "class_name", "inside", "leaves", "module_signatures", "signatures_of",
+__all__ = ["ATOMIC", "canonical_modules", "class_name", "inside", "leaves", "module_signatures", "signatures_of", "stacked",
            "unit_modules", "unwrap"]
 
 # wrapper class name -> the attribute holding the wrapped module; matched by name so that no
@@ -84,12 +84,30 @@ def canonical_modules(model: nn.Module, links: dict[str, tuple[Any, str, nn.Modu
 
 #: Modules whose ``forward`` never calls their children as modules (``nn.MultiheadAttention`` hands
 #: ``out_proj``'s weight to one functional call, or runs one fused kernel): a layer of their own, run
-#: as one piece, like a leaf. Matched by class name along the MRO, so no subclass escapes.
+#: as one piece, like a leaf. Matched by class name along the MRO, so no subclass escapes. Modules with
+#: stacked weights of their own (:func:`stacked`) and no parameters below them are atomic too: MoE experts.
 ATOMIC = frozenset({"MultiheadAttention"})
 
 
 def _atomic(module: nn.Module) -> bool:
-    return any(cls.__name__ in ATOMIC for cls in type(module).__mro__)
+    if any(cls.__name__ in ATOMIC for cls in type(module).__mro__):
+        return True
+    # stacked experts whose children hold no parameters (an activation): their forward runs the experts
+    # (one grouped matmul, batched matmuls, or a loop over slices) as one piece, a layer of its own
+    return stacked(module) and not any(True for c in module.children() for _ in c.parameters())
+
+
+def stacked(module: nn.Module) -> bool:
+    """Whether ``module`` holds stacked weights of its own: a floating parameter of 3 dimensions or more
+    in a module that is no convolution (grouped experts: ``(experts, in, out)``).
+
+    Example:
+        >>> stacked(nn.Linear(2, 2)), stacked(nn.Conv2d(1, 1, 3)), stacked(nn.Bilinear(2, 2, 2))
+        (False, False, True)
+    """
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return any(p.dim() >= 3 for p in module._parameters.values() if p is not None and p.is_floating_point())
 
 
 def unit_modules(model: nn.Module) -> dict[str, nn.Module]:

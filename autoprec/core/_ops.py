@@ -28,9 +28,10 @@ MATMUL_OPS = frozenset({
 })
 
 #: Matmul-class ops that autocast (CPU and CUDA) leaves alone: fed a 16-bit activation and an FP32
-#: weight they raise, so a 16-bit region casts their floating operands itself. Under torch.compile,
-#: Dynamo hands no function mode a function torch does not list as overridable (``torch._grouped_mm``):
-#: there that cast cannot happen (and torch 2.13 compiles grouped_mm with BF16 operands only).
+#: weight they raise, so a 16-bit unit that may call them runs with its own weights cast to its format
+#: (``autoprec.runtime``), and an op layer's region casts its operands. A function mode could not do it
+#: under torch.compile: Dynamo hands no mode a function torch does not list as overridable
+#: (``torch._grouped_mm``), and torch 2.13 compiles grouped_mm with BF16 operands only.
 AUTOCAST_GAPS = frozenset({"bilinear", "grouped_mm"})
 
 #: Torch-level names that are one op under another name.

@@ -175,7 +175,13 @@ def _body(layer: Layer, run: str, profile: DeviceProfile) -> tuple[float, str]:
 
 
 def _full_width(layer: Layer, profile: DeviceProfile) -> bool:
-    return any(o.strip("_") in profile.full_width_ops for o in layer.ops)  # __pow__, index_add_
+    """Whether the layer's work runs in FP32 inside a 16-bit region: an op of ``full_width_ops`` (``__pow__``,
+    ``index_add_``), in a layer whose body is no matmul. A unit module with matmul FLOPs is priced by them, in
+    its format (its matmuls run in it: autocast's own, and grouped experts' with their stacked weights cast in
+    the region, see ``autoprec.runtime``): a routing ``cumsum`` or a ``sum`` beside them does not make them FP32."""
+    if layer.kind == "module" and layer.flops > 0:
+        return False
+    return any(o.strip("_") in profile.full_width_ops for o in layer.ops)
 
 
 def layer_cost(layer: Layer, precision: str, profile: DeviceProfile, *, casts: bool = True) -> float:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ..core._ops import AUTOCAST_GAPS, MATMUL_OPS, op_name
+from ..core._ops import MATMUL_OPS, op_name
 from ._casts import (
     LOW,
     autocast_for,
@@ -30,7 +30,7 @@ from ._casts import (
 from ._emulation import rule_of, run_as_cuda
 from ._sites import call_site
 
-__all__ = ["MODE_HANDLERS", "CastGaps", "EagerOwnCode", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
+__all__ = ["MODE_HANDLERS", "EagerOwnCode", "Emulate", "EmulateCuda", "EmulateCudaFp16", "OwnCode", "back_dtype", "op_of", "owner",
            "run_eagerly_after_a_break", "run_op"]
 
 
@@ -62,22 +62,6 @@ class EmulateCudaFp16(EmulateCuda):
     """Inside an FP16 unit of a policy for CUDA, on a CPU: CUDA autocast's rules, FP16 matmuls as tensor cores."""
 
     low = torch.float16
-
-
-class CastGaps(TorchFunctionMode):
-    """Inside a 16-bit unit that may call ops autocast leaves alone (:data:`~autoprec.core._ops.AUTOCAST_GAPS`):
-    their floating operands (the weights too) are cast to the region's format, as autocast does for its own."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.dtype = dtype
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        named = op_of(func)
-        if named is not None and named[0] in AUTOCAST_GAPS:
-            args, kwargs = cast_args(args, kwargs, self.dtype)
-        return func(*args, **kwargs)
 
 
 class OwnCode(TorchFunctionMode):
@@ -161,8 +145,7 @@ def run_eagerly_after_a_break(codes: Iterable[Any], *, recursive: bool) -> None:
 
 
 MODE_HANDLERS = (Emulate.__torch_function__.__code__, EmulateCuda.__torch_function__.__code__,
-                 OwnCode.__torch_function__.__code__, OwnCode.handle.__code__, EagerOwnCode.__torch_function__.__code__,
-                 CastGaps.__torch_function__.__code__)
+                 OwnCode.__torch_function__.__code__, OwnCode.handle.__code__, EagerOwnCode.__torch_function__.__code__)
 
 
 def op_of(func: Any) -> tuple[str, bool] | None:

@@ -48,9 +48,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 import torch
 from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ..core._formats import to_dtype
-from ..core._modules import canonical_modules
+from ..core._modules import canonical_modules, stacked
 from ..core._ops import CUDA_LOWER_OPS
 from ..errors import PolicyError
 from ._casts import (
@@ -66,7 +67,6 @@ from ._casts import (
 )
 from ._opmodes import (
     MODE_HANDLERS,
-    CastGaps,
     EagerOwnCode,
     Emulate,
     EmulateCuda,
@@ -107,7 +107,7 @@ class _Spec:
     autocast_dtype: torch.dtype | None = None  # the dtype its region's autocast runs (16-bit, not emulated), else None
     unit: bool = False
     emulate: bool = False              # FP16 matmuls emulated inside (CPU)
-    gaps: bool = False                 # 16-bit, and may call ops autocast leaves alone (see ``_may_gap``)
+    gaps: bool = False                 # 16-bit, its own parameters cast inside the region (see ``_may_gap``)
     keep: bool = False                 # hands a 16-bit output on uncast (handoff)
     fed: bool = False                  # fed by a kept layer: hands back ``handback`` for 16-bit input
     handback: torch.dtype = torch.float32
@@ -292,27 +292,38 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
 
 def _region_body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     args, kwargs = cast_args(args, kwargs, spec.dtype)
+    if spec.gaps:  # the module's own weights in the region's format, their gradients to the FP32 masters
+        with _reparametrize_module(module, _cast_params(module, spec.dtype)):
+            return _inside(spec, forward, module, args, kwargs)
+    return _inside(spec, forward, module, args, kwargs)
+
+
+def _inside(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     if spec.emulate_cuda and spec.dtype in LOW:
         with EmulateCudaFp16() if spec.dtype == torch.float16 else EmulateCuda():
             return forward(module, *args, **kwargs)
     if spec.emulate:
         with Emulate():
             return forward(module, *args, **kwargs)
-    if spec.gaps:
-        with CastGaps(spec.dtype):
-            return forward(module, *args, **kwargs)
     return forward(module, *args, **kwargs)
 
 
+def _cast_params(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A unit's own floating parameters cast to ``dtype`` (a differentiable copy, as FSDP2's ``param_dtype``
+    gathers them): what the region runs with, in place of the parameters, for one call."""
+    return {name: p.to(dtype) for name, p in module._parameters.items()
+            if p is not None and p.is_floating_point() and p.dtype != dtype}
+
+
 def _may_gap(module: nn.Module) -> bool:
-    """Whether a unit may call a matmul-class op that autocast does not cast (``AUTOCAST_GAPS``):
-    ``nn.Bilinear``, and modules holding stacked (3-D and up) weights that are no convolution, as
-    grouped experts do. Only these pay for the extra function mode."""
+    """Whether a 16-bit unit runs with its own parameters cast to its format (see ``_region_body``): one that
+    may call a matmul-class op autocast does not cast (``AUTOCAST_GAPS``), ``nn.Bilinear``, and modules holding
+    stacked (3-D and up) weights that are no convolution, as grouped experts do (``F.grouped_mm`` over them,
+    or batched matmuls and per-expert slices in a loop). Casting the weights, not the op's operands in a
+    function mode, is what ``torch.compile`` traces: Dynamo hands no mode ``torch._grouped_mm``."""
     if isinstance(module, nn.Bilinear):
         return True
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return False
-    return any(p.dim() >= 3 for p in module._parameters.values() if p is not None and p.is_floating_point())
+    return stacked(module)
 
 
 def _forward_of(base_forward: Callable) -> Callable:
@@ -327,7 +338,8 @@ def _forward_of(base_forward: Callable) -> Callable:
 
 
 _WRAPPER_FRAMES = (_forward_of(nn.Module.forward).__code__, _call.__code__, _body.__code__,
-                   _unit.__code__, _covered.__code__, _region_body.__code__)
+                   _unit.__code__, _covered.__code__, _region_body.__code__,
+                   _inside.__code__)
 _registered = False
 
 
