@@ -17,7 +17,7 @@ from ._speed_lines import speed_lines
 if TYPE_CHECKING:
     from ..policy._policy import Policy
 
-__all__ = ["CELL", "device_lines", "fractions_line", "guard_revisions", "memory_text", "num", "short", "strip_profile",
+__all__ = ["CELL", "device_lines", "experts_line", "fractions_line", "guard_revisions", "memory_text", "num", "short", "strip_profile",
            "summary", "why_nothing_cast"]
 
 
@@ -99,6 +99,37 @@ def fractions_line(policy: "Policy") -> str:
         return f"matmul/conv FLOPs in 16-bit: **0.0%**: nothing cast ({of})"
     why = "verification did not run" if ver is None else "a policy file from before the count"
     return f"matmul/conv FLOPs in 16-bit: **{predicted}** predicted from the layers' formats (not measured: {why}), of {of}"
+
+
+#: a parameter of three dimensions or more in a module signature (``up(4, 128, 512)``): stacked expert weights
+_STACKED = re.compile(r"\w+\(\d+, \d+, \d+")
+
+
+def experts_line(policy: "Policy") -> str | None:
+    """The mixture-of-experts line: the layers whose modules hold stacked (3-D and up) weights and are no
+    convolution, as grouped experts are; their share of the matmul/conv FLOPs and their formats. None where
+    the model has none.
+
+    Example:
+        >>> from autoprec.policy import Policy, LayerEntry
+        >>> p = Policy(layers={"experts": LayerEntry("bf16", flops=96), "router": LayerEntry("fp32", flops=4)},
+        ...            modules={"experts": "GroupedExperts[up(4, 8, 16)]", "router": "Linear[weight(4, 8)]"})
+        >>> print(experts_line(p))
+        experts (stacked expert weights): 1 layer, 96.0% of the matmul/conv FLOPs; by format: bf16 1 (96 FLOPs)
+    """
+    experts = {k: e for k, e in policy.layers.items()
+               if _STACKED.search(policy.modules.get(k, "")) and not policy.modules[k].startswith("Conv")}
+    if not experts:
+        return None
+    total = sum(e.flops for e in policy.layers.values()) + sum(policy.unseen.values())
+    flops = sum(e.flops for e in experts.values())
+    by: dict[str, list[int]] = {}
+    for e in experts.values():
+        by.setdefault(e.precision, []).append(e.flops)
+    share = f"{100 * flops / total:.1f}%" if total else "-"
+    formats = ", ".join(f"{p} {len(v)} ({sum(v)} FLOPs)" for p, v in sorted(by.items()))
+    return (f"experts (stacked expert weights): {len(experts)} layer{'s' if len(experts) > 1 else ''}, {share} of "
+            f"the matmul/conv FLOPs; by format: {formats}")
 
 
 def device_lines(st: dict[str, Any]) -> list[str]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 from ._facts import (
     device_lines,
+    experts_line,
     fractions_line,
     held_out_line,
     memory_text,
@@ -142,6 +143,9 @@ def _header(policy: "Policy", s: dict[str, Any]) -> Section:
     counts = ", ".join(f"{n} {p}" for p, n in sorted(s["layers_per_precision"].items()))
     items.append(f"layers: {s['layers']} ({counts})")
     items.append(fractions_line(policy))
+    experts = experts_line(policy)
+    if experts is not None:
+        items.append(experts)
     if s["tolerance"]:
         items.append("error bound: " + ", ".join(f"{k} {v:g}" for k, v in s["tolerance"].items()))
     if s["scaler"]:

@@ -317,3 +317,22 @@ def test_in_a_real_browser_no_chart_text_is_cut_and_the_page_fits(name, tmp_path
     shot = tmp_path / "report.png"
     subprocess.run(args + [f"--screenshot={shot}", path.as_uri()], capture_output=True, timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_counts_the_experts_flops_and_their_format():
+    """A mixture of experts: the report's header names its stacked-weight experts, their share of the matmul FLOPs
+    and their format; a model without experts gets no such line."""
+    from autoprec import LayerEntry, Policy
+    from autoprec.core import module_signatures
+    from tests.models_coverage import moe
+
+    model, _ = moe()
+    modules = module_signatures(model)
+    flops = {"inp": 10, "router": 1, "experts": 80, "out": 9}
+    layers = {k: LayerEntry("fp32" if k == "router" else "bf16", flops=f) for k, f in flops.items()}
+    md = Policy(layers=layers, modules=modules).report()
+    assert "experts (stacked expert weights): 1 layer, 80.0% of the matmul/conv FLOPs; by format: bf16 1 (80 FLOPs)" \
+        in md
+    plain = Policy(layers={k: v for k, v in layers.items() if k != "experts"},
+                   modules={k: v for k, v in modules.items() if k != "experts"}).report()
+    assert "experts (stacked" not in plain
