@@ -122,7 +122,8 @@ def measure(modules: int, repeats: int) -> dict[str, float]:
             "autocast_block_us": round(1e3 * med["autocast"] / n_layers, 2)}
 
 
-def _calls(fn) -> int:
+def python_calls(fn) -> int:
+    """The Python calls ``fn()`` makes: every Python frame entered (``sys.setprofile``'s "call" events)."""
     n = 0
 
     def count(frame, event, arg):
@@ -169,7 +170,7 @@ def gpt2_calls(repeats: int) -> list[dict]:
         try:
             with context():
                 model(**batch)
-                calls = _calls(lambda: model(**batch))
+                calls = python_calls(lambda: model(**batch))
                 ms = statistics.median(_median_ms(lambda: model(**batch), 5) for _ in range(max(1, repeats // 5)))
         finally:
             if handle is not None:

@@ -6,8 +6,8 @@ for. Counted with ``sys.setprofile`` (every Python frame entered), not timed: th
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -17,25 +17,14 @@ from autoprec.core import module_signatures
 from autoprec.runtime import _apply, _runtime
 from autoprec.trace import trace
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+from runtime_overhead import python_calls  # noqa: E402  (the benchmark's count: one definition)
+
 transformers = pytest.importorskip("transformers")
 
 #: the issue's bound: a GPT-2 policy's eager forward at most 1.3x blanket autocast's Python calls
 BOUND = 1.3
-
-
-def _calls(fn: Callable[[], object]) -> int:
-    n = 0
-
-    def count(frame, event, arg):
-        nonlocal n
-        n += event == "call"
-
-    sys.setprofile(count)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return n
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def _policy(model, tr, precision: str, ops: bool = True) -> Policy:
 def _forward_calls(model, batch, context) -> int:
     with context():
         model(**batch)  # the first call builds what later calls reuse (the plan, HF's caches)
-        return _calls(lambda: model(**batch))
+        return python_calls(lambda: model(**batch))
 
 
 @pytest.mark.parametrize("precision,ops", [("bf16", True), ("bf16", False), ("fp32", True)],
