@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -72,8 +72,10 @@ class _Fp8Region(nn.Module):
         self.inner = float8_linear.from_float(linear, config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the output's dtype is an nn.Linear's: BF16 under autocast, else the input's (a region emulating BF16)
+        dtype = torch.bfloat16 if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            return self.inner(x.to(torch.bfloat16))
+            return self.inner(x.to(torch.bfloat16)).to(dtype)
 
 
 class _Tap(nn.Module):
@@ -227,13 +229,17 @@ class _Pass:
     input_grads: dict[str, torch.Tensor | None]
 
 
-def _run(model: nn.Module, batch: Any, loss_fn: LossFn | None, taps: dict[str, _Tap], seed: int) -> _Pass:
-    """One forward+backward under BF16 autocast with ``taps`` in place; the gradients by ``autograd.grad`` (the
-    model's ``.grad`` fields are left alone)."""
+Region = Callable[[], contextlib.AbstractContextManager]
+
+
+def _run(model: nn.Module, batch: Any, loss_fn: LossFn | None, taps: dict[str, _Tap], seed: int,
+         region: Region | None) -> _Pass:
+    """One forward+backward in the BF16 region (BF16 autocast unless ``region``) with ``taps`` in place; the
+    gradients by ``autograd.grad`` (the model's ``.grad`` fields are left alone)."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _swapped(model, taps):
         seed_rng(seed, device.type)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with region() if region is not None else torch.autocast(device.type, dtype=torch.bfloat16):
             loss = compute_loss(call_model(model, batch), batch, loss_fn)
         weights = {p: t.inner.weight if isinstance(t.inner, nn.Linear) else t.inner.inner.weight
                    for p, t in taps.items()}
@@ -251,10 +257,12 @@ def _flat(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 
 def fp8_errors(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, paths: Sequence[str] | None = None, *,
-               recipe: Fp8Recipe = "tensorwise", seed: int = 0) -> dict[str, Fp8Error]:
+               recipe: Fp8Recipe = "tensorwise", seed: int = 0, region: Region | None = None) -> dict[str, Fp8Error]:
     """Each Linear's FP8 error relative to BF16: one BF16 pass for all, then per Linear one pass with that Linear
     alone in FP8 (``recipe``), the rest of the model under BF16 autocast in both. ``paths`` defaults to every
     ``nn.Linear``. The model is left as it was (modules, parameters, ``.grad``); judge with :meth:`Fp8Error.judge`.
+    ``region`` (a context-manager factory) replaces BF16 autocast as the region both passes run in, e.g. BF16
+    emulated in FP32 on a CPU without fast BF16 (``benchmarks/fp8.py``).
 
     Raises :class:`~autoprec.FormatError` naming the ``autoprec[fp8]`` extra when torchao is missing.
 
@@ -271,11 +279,11 @@ def fp8_errors(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, path
     paths = linear_paths(model) if paths is None else list(paths)
     linears = _linears(model, paths)
     config = _config(recipe, next(model.parameters()).device)
-    ref = _run(model, batch, loss_fn, {p: _Tap(m) for p, m in linears.items()}, seed)
+    ref = _run(model, batch, loss_fn, {p: _Tap(m) for p, m in linears.items()}, seed, region)
     out = {}
     for path, linear in linears.items():
         start = time.perf_counter()
-        got = _run(model, batch, loss_fn, {path: _Tap(_Fp8Region(linear, config))}, seed)
+        got = _run(model, batch, loss_fn, {path: _Tap(_Fp8Region(linear, config))}, seed, region)
         out[path] = Fp8Error(path=path, recipe=recipe, forward_db=sqnr(ref.outs[path], got.outs[path]),
                              weight_grad_db=_maybe(ref.weight_grads[path], got.weight_grads[path]),
                              input_grad_db=_maybe(ref.input_grads[path], got.input_grads[path]),

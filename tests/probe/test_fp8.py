@@ -105,3 +105,12 @@ def test_a_missing_torchao_names_the_extra(monkeypatch):
     with pytest.raises(FormatError, match=message), fp8_linears(model, ["0"]):
         pass
     assert type(model[0]) is nn.Linear
+
+
+def test_an_fp8_linear_returns_the_dtype_an_nn_linear_would(torchao):
+    """BF16 under autocast, the input's dtype outside it (a region that emulates BF16 in FP32)."""
+    model = outlier_model()
+    with fp8_linears(model, ["0"]):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model[0](torch.randn(2, 32)).dtype == torch.bfloat16
+        assert model[0](torch.randn(2, 32)).dtype == torch.float32
