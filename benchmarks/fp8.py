@@ -2,10 +2,12 @@
 the fraction of Linear FLOPs that makes, and the loss after a short training run against BF16 and FP32.
 
 Everything runs on this CPU with torchao's FP8 emulated (``Float8LinearConfig(emulate=True)``: FP8's casts, scales
-and rounding, not its speed), the rest of the model under BF16 autocast; recipe ``tensorwise`` unless ``--recipe``.
+and rounding, not its speed), the rest of the model in its BF16 region (below); recipe ``tensorwise`` unless
+``--recipe``.
 
-Models (random init, dropout off, vocabulary 2048, a learnable synthetic language: each token has 4 possible
-successors drawn once from a fixed generator, so the loss falls from ln 2048 = 7.6 towards ln 4 = 1.4):
+Models (random init, dropout off, vocabulary 2048, a learnable synthetic language over its first 128 tokens: each
+has 4 possible successors drawn once from a fixed generator, so the loss falls from ln 2048 = 7.6 through
+ln 128 = 4.9 towards ln 4 = 1.4):
 
 - ``llama``: ``transformers.LlamaForCausalLM``, width 512, intermediate 1376, 8 heads, 2 key/value heads (Llama 3's
   grouped-query shape: ``k_proj``/``v_proj`` are 512 -> 128), untied head;
@@ -14,7 +16,7 @@ successors drawn once from a fixed generator, so the loss falls from ln 2048 = 7
 
 Per Linear: ``autoprec.probe.fp8_errors`` (forward, weight-gradient and input-gradient SQNR relative to BF16, loss
 change) and ``Fp8Error.judge`` (>= 18 dB forward, >= 17 dB weight gradient: torchao's ``Float8Linear`` test), at
-init and again on the weights after the BF16 run. Assignments, each trained ``--steps`` steps (AdamW, lr 1e-3,
+init and again on the weights after the BF16 run. Assignments, each trained ``--steps`` steps (AdamW, lr 2e-3,
 batch ``--batch`` x ``--seq`` tokens, the same batches and init for every run):
 
 - ``fp32``, ``bf16``: no FP8 (the references);
@@ -32,7 +34,7 @@ kernels (``torch.cpu._is_avx512_bf16_supported()`` False; BF16 matmuls are then 
 BF16 region is emulated at the Linears' GEMMs (:class:`Bf16Gemms`: BF16-rounded operands and results, FP32
 accumulation; attention and the other ops in FP32), in the probe and in the runs alike.
 
-Run:  python benchmarks/fp8.py [--models llama gpt2] [--steps 30] [--width 512] [--layers 2] [--batch 4 --seq 64]
+Run:  python benchmarks/fp8.py [--models llama gpt2] [--steps 30] [--width 512] [--layers 2] [--batch 4 --seq 32]
 Writes benchmarks/results/fp8.json (``--out``).
 """
 
@@ -57,6 +59,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from autoprec.probe import fp8_errors, fp8_linears, linear_paths
 
 VOCAB = 2048
+ACTIVE = 128  # the tokens the language uses: a short run learns their frequencies, then their successors
+LR = 2e-3
 ASSIGNMENTS = ["fp32", "bf16", "torchao", "titan-names", "titan-auto", "measured"]
 
 
@@ -122,12 +126,12 @@ MODELS = {"llama": _llama, "gpt2": _gpt2}
 
 
 def _batches(n: int, batch: int, seq: int) -> list[torch.Tensor]:
-    """``n`` batches of a fixed 4-successor Markov language over the vocabulary."""
+    """``n`` batches of a fixed 4-successor Markov language over the first ``ACTIVE`` tokens of the vocabulary."""
     gen = torch.Generator().manual_seed(1234)
-    succ = torch.randint(0, VOCAB, (VOCAB, 4), generator=gen)
+    succ = torch.randint(0, ACTIVE, (ACTIVE, 4), generator=gen)
     out = []
     for _ in range(n):
-        tok = torch.randint(0, VOCAB, (batch,), generator=gen)
+        tok = torch.randint(0, ACTIVE, (batch,), generator=gen)
         rows = [tok]
         for _ in range(seq - 1):
             tok = succ[tok, torch.randint(0, 4, (batch,), generator=gen)]
@@ -175,7 +179,7 @@ def _titan(model: nn.Module, recipe: str, auto: bool) -> list[str]:
 
 def _train(model: nn.Module, batches: list[torch.Tensor], mode: str, fp8: list[str], recipe: str) -> list[float]:
     """Train ``model`` in place: FP32, or BF16 autocast with the Linears at ``fp8`` in FP8; the per-step losses."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
     region = fp8_linears(model, fp8, recipe=recipe) if fp8 else contextlib.nullcontext()
     losses = []
     with region:
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "fp8.json"))
