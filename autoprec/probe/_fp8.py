@@ -64,7 +64,11 @@ def _config(recipe: str, device: torch.device) -> Any:
 
 class _Fp8Region(nn.Module):
     """A Linear's GEMMs in FP8: autocast off inside, the input in BF16 (as a BF16 region hands it over), the
-    Parameters shared with the original Linear (no copy)."""
+    Parameters shared with the original Linear (no copy).
+
+    Not ``Float8Linear`` under autocast as it is: it casts its input only under CUDA autocast (to CUDA's autocast
+    dtype), so under CPU autocast the input stays FP32 while its output is BF16, and ``rowwise_with_gw_hp``'s
+    high-precision weight-gradient product fails on the mixed dtypes (torchao 0.18, torch 2.13)."""
 
     def __init__(self, linear: nn.Linear, config: Any) -> None:
         super().__init__()
