@@ -14,8 +14,8 @@ Per run: the 16-bit share of matmul FLOPs, the layers in BF16 and kept for no ga
 (policy / FP32, at the priced shapes), tuning seconds, and whether tune warned that the tuning shapes are
 launch-bound. Writes ``benchmarks/results/train_step.json``.
 
-Run: ``python benchmarks/train_step.py [--shape 12x768] [--train-rows 64] [--verify-steps 2]`` (~4 min here for
-GPT-2 small); ``--shape 2x64 --verify-steps 0`` for a quick look.
+Run: ``python benchmarks/train_step.py [--shape 12x768] [--train-rows 64] [--verify-steps 2]`` (about 35 min on 2 cores
+here, with the test suite beside it, for GPT-2 small); ``--shape 2x64 --verify-steps 0`` for a quick look.
 """
 
 from __future__ import annotations
