@@ -138,26 +138,36 @@ def python_calls(fn) -> int:
     return n
 
 
-def gpt2_calls(repeats: int) -> list[dict]:
-    """Python calls and median ms of one GPT-2 training forward per variant (see the module docstring)."""
-    import contextlib
-
+def gpt2_case(width: int = 64, vocab: int = 512, rows: int = 2, seq: int = 32) -> tuple[nn.Module, dict, object]:
+    """A 12-layer HF GPT-2 (random init, dropout off), a batch with labels, and its trace."""
     import transformers
 
     from autoprec.trace import trace
 
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=12, n_embd=64, n_head=4, vocab_size=512, n_positions=64, bos_token_id=0,
-                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(n_layer=12, n_embd=width, n_head=max(1, width // 16), vocab_size=vocab,
+                                  n_positions=seq, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, 512, (2, 32))
+    ids = torch.randint(0, vocab, (rows, seq))
     batch = {"input_ids": ids, "labels": ids}
-    tr = trace(model, batch, device_type="cpu")
-    sig = module_signatures(model)
+    return model, batch, trace(model, batch, device_type="cpu")
+
+
+def policy_of(model: nn.Module, tr, precision: str, ops: bool = True) -> Policy:
+    """Every traced layer in ``precision`` (``ops=False``: the module entries only), with the trace's handoff."""
+    return Policy(layers={x.key: LayerEntry(precision) for x in tr.layers if ops or "::" not in x.key},
+                  modules=module_signatures(model), handoff=tr.handoff)
+
+
+def gpt2_calls(repeats: int) -> list[dict]:
+    """Python calls and median ms of one GPT-2 training forward per variant (see the module docstring)."""
+    import contextlib
+
+    model, batch, tr = gpt2_case()
 
     def policy(precision: str, ops: bool) -> Policy:
-        return Policy(layers={x.key: LayerEntry(precision) for x in tr.layers if ops or "::" not in x.key},
-                      modules=sig, handoff=tr.handoff)
+        return policy_of(model, tr, precision, ops)
 
     variants = {"no autoprec": (contextlib.nullcontext, None),
                 "blanket autocast bf16": (lambda: torch.autocast("cpu", dtype=torch.bfloat16), None),

@@ -12,14 +12,11 @@ import sys
 import pytest
 import torch
 
-from autoprec import LayerEntry, Policy
-from autoprec.core import module_signatures
 from autoprec.runtime import _apply, _runtime
-from autoprec.trace import trace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "benchmarks"))
-from runtime_overhead import python_calls  # noqa: E402  (the benchmark's count: one definition)
+from runtime_overhead import gpt2_case, policy_of, python_calls  # noqa: E402  (the benchmark's model and count)
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,19 +26,7 @@ BOUND = 1.3
 
 @pytest.fixture(scope="module")
 def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=12, n_embd=32, n_head=2, vocab_size=128, n_positions=32, bos_token_id=0,
-                                  eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, 128, (2, 16))
-    batch = {"input_ids": ids, "labels": ids}
-    tr = trace(model, batch, device_type="cpu")
-    return model, batch, tr
-
-
-def _policy(model, tr, precision: str, ops: bool = True) -> Policy:
-    layers = {layer.key: LayerEntry(precision) for layer in tr.layers if ops or "::" not in layer.key}
-    return Policy(layers=layers, modules=module_signatures(model), handoff=tr.handoff)
+    return gpt2_case(width=32, vocab=128, rows=2, seq=16)
 
 
 def _forward_calls(model, batch, context) -> int:
@@ -56,7 +41,7 @@ def test_a_gpt2_policy_costs_at_most_1_3x_blanket_autocasts_python_calls(gpt2, p
     """Every layer in BF16 (the op entries too: attention and the loss in the model's own code), module entries
     only, or all FP32: each forward's Python calls within 1.3x of ``torch.autocast``'s over the whole model."""
     model, batch, tr = gpt2
-    policy = _policy(model, tr, precision, ops)
+    policy = policy_of(model, tr, precision, ops)
     assert ops == any("::" in k for k in policy.assignment)
     blanket = _forward_calls(model, batch, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     with policy.apply(model):
@@ -70,7 +55,7 @@ def test_attention_own_code_runs_under_autocast_alone_with_the_modes_values(gpt2
     model, batch, tr = gpt2
 
     def run() -> tuple[list[str], torch.Tensor, list[torch.Tensor]]:
-        policy = _policy(model, tr, "bf16")  # a policy of its own: a plan of its own
+        policy = policy_of(model, tr, "bf16")  # a policy of its own: a plan of its own
         model.zero_grad()
         with policy.apply(model):
             covered = sorted(spec.path for _, spec in _apply._PLANS[model].plan if spec.covered is not None)
