@@ -25,41 +25,16 @@ import torch
 from torch import nn
 
 from ..core._batch import LossFn, call_model, compute_loss, seed_rng
-from ..errors import FormatError, OptionError
+from ..core._fp8 import FP8_RECIPES, float8
+from ..core._fp8 import config as fp8_config
+from ..errors import FormatError, OptionError  # noqa: F401  (FormatError: the doctests)
 
 __all__ = ["FP8_RECIPES", "Fp8Error", "Fp8Recipe", "Fp8Verdict", "fp8_errors", "fp8_linears", "linear_paths", "sqnr"]
 
 logger = logging.getLogger("autoprec.probe")
 
 Fp8Recipe = Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
-#: torchao's training recipes (``Float8LinearConfig.from_recipe_name``); each emulates on the CPU (torchao 0.18)
-FP8_RECIPES: tuple[str, ...] = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
-_MISSING = ("FP8 needs torchao, which is not installed: pip install 'autoprec[fp8]' (torchao>=0.18), "
-            "or leave 'fp8' out of the formats")
 
-
-def _float8() -> tuple[Any, Any]:
-    """torchao's ``Float8LinearConfig`` and ``Float8Linear``, or a :class:`FormatError` naming the extra."""
-    quiet = logging.getLogger("torchao")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its CUDA kernels' libraries fail to load on a CPU build, and it says so
-    try:
-        from torchao.float8 import Float8LinearConfig
-        from torchao.float8.float8_linear import Float8Linear
-    except ImportError as e:
-        raise FormatError(_MISSING) from e
-    finally:
-        quiet.setLevel(level)
-    return Float8LinearConfig, Float8Linear
-
-
-def _config(recipe: str, device: torch.device) -> Any:
-    """torchao's config for ``recipe``, emulated unless ``device`` is a CUDA device with FP8 GEMMs (sm89+)."""
-    if recipe not in FP8_RECIPES:
-        raise OptionError(f"unknown FP8 recipe {recipe!r}: use one of {', '.join(FP8_RECIPES)}")
-    config_cls, _ = _float8()
-    native = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    return dataclasses.replace(config_cls.from_recipe_name(recipe), emulate=not native)
 
 
 class _Fp8Region(nn.Module):
@@ -72,8 +47,7 @@ class _Fp8Region(nn.Module):
 
     def __init__(self, linear: nn.Linear, config: Any) -> None:
         super().__init__()
-        _, float8_linear = _float8()
-        self.inner = float8_linear.from_float(linear, config=config)
+        self.inner = float8()[1].from_float(linear, config=config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the output's dtype is an nn.Linear's: BF16 under autocast, else the input's (a region emulating BF16)
@@ -155,7 +129,7 @@ def fp8_linears(model: nn.Module, paths: Sequence[str], *, recipe: Fp8Recipe = "
     """
     linears = _linears(model, paths)
     device = next(model.parameters()).device
-    config = _config(recipe, device) if paths else None
+    config = fp8_config(recipe, device) if paths else None
     with _swapped(model, {p: _Fp8Region(m, config) for p, m in linears.items()}):
         yield model
 
@@ -282,7 +256,7 @@ def fp8_errors(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, path
     """
     paths = linear_paths(model) if paths is None else list(paths)
     linears = _linears(model, paths)
-    config = _config(recipe, next(model.parameters()).device)
+    config = fp8_config(recipe, next(model.parameters()).device)
     ref = _run(model, batch, loss_fn, {p: _Tap(m) for p, m in linears.items()}, seed, region)
     out = {}
     for path, linear in linears.items():
