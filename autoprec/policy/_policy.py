@@ -29,7 +29,9 @@ from ._records import NOISE_MULTIPLE, HeldOut, LayerEntry, ScalerSettings, StepS
 __all__ = ["SCHEMA_VERSION", "NOISE_MULTIPLE", "HeldOut", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification", "Policy",
            "load"]
 
-SCHEMA_VERSION = 1
+#: 2 added FP8 (the ``"fp8"`` precision with a layer's ``recipe``); files of version 1 load unchanged.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Policy:
         object.__setattr__(self, "handoff", check_str_map(
             r, "handoff", self.handoff, lambda k, v: check_strings(r, f"handoff[{k!r}]", v),
             "an object of layer name -> list of layer names"))
-        object.__setattr__(self, "formats", check_strings(r, "formats", self.formats, LOW_PRECISIONS))
+        object.__setattr__(self, "formats", check_strings(r, "formats", self.formats, LOW_PRECISIONS + ("fp8",)))
         if self.scaler is not None and not isinstance(self.scaler, ScalerSettings):
             raise bad(r, "scaler", self.scaler, "null or an autoprec.ScalerSettings")
         object.__setattr__(self, "tolerance", check_str_map(
@@ -111,6 +113,16 @@ class Policy:
         """
         return {k: e.precision for k, e in self.layers.items()}
 
+    @property
+    def recipes(self) -> dict[str, str]:
+        """FP8 layer key -> its torchao recipe (``"fp8"`` layers only).
+
+        Example:
+            >>> Policy(layers={"fc": LayerEntry("fp8", recipe="rowwise"), "head": LayerEntry("bf16")}).recipes
+            {'fc': 'rowwise'}
+        """
+        return {k: e.recipe for k, e in self.layers.items() if e.precision == "fp8"}
+
     def excluded(self) -> dict[str, LayerEntry]:
         """The layers kept in FP32 for a numerical reason.
 
@@ -122,7 +134,7 @@ class Policy:
 
     def low_precision_fraction(self) -> float:
         """Fraction of the model's forward matmul-class FLOPs (measured at run time by the trace) in
-        layers assigned FP16 or BF16; FLOPs that run outside every layer (``unseen``) count as FP32.
+        layers assigned FP16, BF16 or FP8; FLOPs that run outside every layer (``unseen``) count as FP32.
 
         Example:
             >>> Policy(layers={"a": LayerEntry("bf16", flops=3), "b": LayerEntry("fp32", flops=1)}
@@ -140,7 +152,7 @@ class Policy:
 
         Example:
             >>> Policy(layers={}).to_dict()["schema_version"]
-            1
+            2
         """
         data = asdict(self)
         data["layers"] = {k: asdict(v) for k, v in self.layers.items()}
@@ -158,10 +170,11 @@ class Policy:
         if not isinstance(data, Mapping):
             raise PolicyError(f"a policy is a JSON object, got {type(data).__name__}: is this a policy file?")
         version = data.get("schema_version")
-        if type(version) is not int or version != SCHEMA_VERSION:
-            raise PolicyError(f"unknown policy schema version {version!r}: this autoprec reads version "
-                              f"{SCHEMA_VERSION}; re-run autoprec.tune to make a new policy")
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            raise PolicyError(f"unknown policy schema version {version!r}: this autoprec reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}; re-run autoprec.tune to make a new policy")
         data = {k: v for k, v in data.items() if k not in _DROPPED}
+        data["schema_version"] = SCHEMA_VERSION  # an older file holds nothing a newer field changes the meaning of
         layers = data.get("layers")
         if not isinstance(layers, Mapping):
             raise bad("Policy", "layers", layers, "an object of layer name -> entry")

@@ -22,6 +22,7 @@ from ..core._fields import (
     check_strings,
 )
 from ..core._formats import PRECISIONS
+from ..core._fp8 import FP8_RECIPES
 from ..errors import PolicyError
 
 __all__ = ["BACK_OFFS", "LOW_DTYPES", "NOISE_MULTIPLE", "HeldOut", "LayerEntry", "ScalerSettings", "StepSpeed", "Verification",
@@ -35,10 +36,15 @@ class LayerEntry:
     Example:
         >>> LayerEntry("bf16", flops=10).precision
         'bf16'
+        >>> LayerEntry("fp8", recipe="rowwise").recipe
+        'rowwise'
         >>> LayerEntry("fp8")
         Traceback (most recent call last):
         ...
-        autoprec.errors.PolicyError: LayerEntry field 'precision' is 'fp8' (str); allowed: one of 'fp32', 'fp16', 'bf16'; correct it (in the policy file, or the code that built the record) or re-run autoprec.tune for a new policy
+        autoprec.errors.PolicyError: LayerEntry field 'recipe' is '' (str); allowed: one of 'tensorwise', 'rowwise', 'rowwise_with_gw_hp' (an fp8 layer names its torchao recipe); correct it (in the policy file, or the code that built the record) or re-run autoprec.tune for a new policy
+
+    ``"fp8"`` is for a Linear's GEMMs (forward and both backward) in FP8 with a torchao ``recipe``; the rest of
+    the layer runs in its BF16 region. Other precisions have no recipe.
     """
 
     precision: str
@@ -52,10 +58,19 @@ class LayerEntry:
     out_absmax: float = 0.0        # FP32 reference: largest |output|, over all tuning batches
     grad_absmax: float = 0.0       # FP32 reference: largest |gradient| reaching its output
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # format -> probe figures
+    recipe: str = ""               # fp8: torchao's recipe; "" otherwise
 
     def __post_init__(self) -> None:
         r = "LayerEntry"
-        check_choice(r, "precision", self.precision, PRECISIONS)
+        check_choice(r, "precision", self.precision, PRECISIONS + ("fp8",))
+        if self.precision == "fp8":
+            if self.recipe not in FP8_RECIPES:
+                raise bad(r, "recipe", self.recipe, "one of " + ", ".join(map(repr, FP8_RECIPES))
+                          + " (an fp8 layer names its torchao recipe)")
+            if self.kind != "module":
+                raise bad(r, "precision", self.precision, "fp8 only for a module (a Linear's GEMMs), not an op entry")
+        elif self.recipe != "":
+            raise bad(r, "recipe", self.recipe, f"'' for a {self.precision} layer (a recipe is FP8's)")
         for name in ("reason", "detail", "op"):
             check_str(r, name, getattr(self, name))
         check_bool(r, "excluded", self.excluded)

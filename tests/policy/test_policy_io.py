@@ -204,18 +204,23 @@ CORRUPTED = {
     "truncated": (lambda: _text()[: len(_text()) // 2], r"is not valid JSON .*re-run autoprec.tune"),
     "empty": (lambda: "", r"is not valid JSON \(Expecting value at line 1\)"),
     "not_an_object": (lambda: "[1, 2, 3]", r"a policy is a JSON object, got list: is this a policy file\?"),
-    "schema_version_2": (_edit(lambda d: d.__setitem__("schema_version", 2)),
-                         r"unknown policy schema version 2: this autoprec reads version 1; re-run autoprec.tune"),
+    "schema_version_3": (_edit(lambda d: d.__setitem__("schema_version", 3)),
+                         r"unknown policy schema version 3: this autoprec reads versions 1, 2; re-run autoprec.tune"),
     "schema_version_missing": (_edit(lambda d: d.pop("schema_version")), r"unknown policy schema version None"),
-    "precision_fp8": (_layer("precision", "fp8"), r"layer 'fc1': LayerEntry field 'precision' is 'fp8' \(str\); "
-                      r"allowed: one of 'fp32', 'fp16', 'bf16'" + FIX),
+    "precision_fp8": (_layer("precision", "fp8"), r"layer 'fc1': LayerEntry field 'recipe' is '' \(str\); "
+                      r"allowed: one of 'tensorwise', 'rowwise', 'rowwise_with_gw_hp' \(an fp8 layer names its "
+                      r"torchao recipe\)" + FIX),
+    "precision_fp9": (_layer("precision", "fp9"), r"layer 'fc1': LayerEntry field 'precision' is 'fp9' \(str\); "
+                      r"allowed: one of 'fp32', 'fp16', 'bf16', 'fp8'" + FIX),
+    "recipe_on_bf16": (_layer("recipe", "rowwise"), r"layer 'fc1': LayerEntry field 'recipe' is 'rowwise' \(str\); "
+                       r"allowed: '' for a (bf16|fp32|fp16) layer \(a recipe is FP8's\)" + FIX),
     "precision_missing": (_edit(lambda d: d["layers"]["fc1"].pop("precision")),
                           r"layer 'fc1': required fields \['precision'\] are missing" + FIX),
     "layer_not_object": (_edit(lambda d: d["layers"].__setitem__("fc1", "bf16")),
                          r"layer 'fc1': expected an object of LayerEntry fields, got a string" + FIX),
-    "formats_fp8": (_edit(lambda d: d.__setitem__("formats", ["fp16", "fp8"])),
-                    r"Policy field 'formats' is \['fp16', 'fp8'\] \(list\); allowed: a list of strings from "
-                    r"'fp16', 'bf16'" + FIX),
+    "formats_fp4": (_edit(lambda d: d.__setitem__("formats", ["fp16", "fp4"])),
+                    r"Policy field 'formats' is \['fp16', 'fp4'\] \(list\); allowed: a list of strings from "
+                    r"'fp16', 'bf16', 'fp8'" + FIX),
     "unknown_policy_field": (_edit(lambda d: d.__setitem__("colour", "blue")),
                              r"policy: unknown fields \['colour'\]; a Policy has \['layers', .*\]" + FIX),
     "unknown_layer_field": (_layer("colour", "blue"),
@@ -292,7 +297,7 @@ def test_corrupted_policy_file_names_field_value_allowed_and_fix(kind, tmp_path)
 
 
 @pytest.mark.parametrize("build,message", [
-    (lambda: autoprec.LayerEntry("fp8"), r"^LayerEntry field 'precision' is 'fp8'"),
+    (lambda: autoprec.LayerEntry("fp9"), r"^LayerEntry field 'precision' is 'fp9'"),
     (lambda: autoprec.LayerEntry("bf16", flops="many"), r"^LayerEntry field 'flops' is 'many'"),
     (lambda: autoprec.ScalerSettings(init_scale=0), r"^ScalerSettings field 'init_scale' is 0"),
     (lambda: autoprec.Policy(layers={"fc": "bf16"}), r"^Policy field \"layers\['fc'\]\" is 'bf16' \(str\); "
@@ -367,3 +372,29 @@ def test_grad_scaler_takes_the_training_device_and_warns_for_another():
         assert cpu.grad_scaler()._device == "cpu" and cpu.grad_scaler(torch.device("cpu")).get_scale() == 65536.0
     with pytest.raises(autoprec.OptionError, match=r"grad_scaler\(device='tpu'\) is not a device: pass where"):
         cpu.grad_scaler("tpu")
+
+
+def test_a_version_1_file_loads_unchanged(tmp_path):
+    """Files written before FP8 (schema 1: no ``recipe`` field) load as the same policy, read as the current version."""
+    policy = autoprec.Policy(layers={"fc1": autoprec.LayerEntry("bf16", flops=8), "fc2": autoprec.LayerEntry("fp32")},
+                             target="cpu", formats=("bf16",))
+    data = policy.to_dict()
+    data["schema_version"] = 1
+    for entry in data["layers"].values():
+        del entry["recipe"]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data))
+    loaded = autoprec.load(path)
+    assert loaded == policy and loaded.schema_version == 2 and loaded.recipes == {}
+
+
+def test_fp8_entries_round_trip(tmp_path):
+    """An fp8 entry keeps its recipe through the file; ``recipes`` lists the FP8 layers and their recipes."""
+    policy = autoprec.Policy(layers={"fc1": autoprec.LayerEntry("fp8", recipe="rowwise", flops=8),
+                                     "fc2": autoprec.LayerEntry("bf16", flops=2)}, target="cuda",
+                             formats=("bf16", "fp8"))
+    policy.save(tmp_path / "p.json")
+    loaded = autoprec.load(tmp_path / "p.json")
+    assert loaded == policy and loaded.recipes == {"fc1": "rowwise"}
+    assert json.loads((tmp_path / "p.json").read_text())["layers"]["fc1"]["recipe"] == "rowwise"
+    assert loaded.low_precision_fraction() == 1.0

@@ -248,7 +248,7 @@ GARBAGE = [None, True, False, 0, -1, 1, 2, 1.5, -0.0, "", "fp8", "fp32", "x" * 5
            -1e308, 5e-324, 2 ** 63, -(2 ** 63), 2 ** 64 + 1, 10 ** 300, _deep(50), _deep(300),
            _Raw("1e400"), _Raw("-1e400"), _Raw("1e-400"), _Raw("NaN"), _Raw("-Infinity"),
            _Raw("123456789012345678901234567890.5e-10")]
-SCHEMA_VERSIONS = [0, 2, -1, 1.5, "1", "v1", None, [1], {"v": 1}, 10 ** 20]
+SCHEMA_VERSIONS = [0, 3, -1, 1.5, "1", "v1", None, [1], {"v": 1}, 10 ** 20]
 
 
 def _garbage(draw, choices=GARBAGE):
@@ -397,7 +397,7 @@ MESSAGE_FORMS = {
                 r"re-run autoprec.tune",
     "not a policy": r"policy file '.*' is not a policy \(\w+\): it may be corrupt; re-run autoprec.tune",
     "not an object": r"a policy is a JSON object, got \w+: is this a policy file\?",
-    "schema version": r"unknown policy schema version .*: this autoprec reads version 1; re-run autoprec.tune "
+    "schema version": r"unknown policy schema version .*: this autoprec reads versions? 1(, 2)?; re-run autoprec.tune "
                       r"to make a new policy",
     "field": _WHERE + r"(?:LayerEntry|ScalerSettings|Verification|StepSpeed|HeldOut|Policy) field .+ is .+ \(\w+\); allowed: .+; " + _FIX,
     "unknown fields": _WHERE + r"unknown fields \[.*\]; a \w+ has \[.*\]; " + _FIX,
