@@ -105,20 +105,22 @@ def config(recipe: str, device: torch.device) -> Any:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Fp8Gemms:
-    """What one FP8 Linear runs with: the recipe, torchao's config and its GEMM configs (``LinearMMConfig``)."""
+    """What one FP8 Linear runs with: the recipe, torchao's config, its GEMM configs (``LinearMMConfig``) and the
+    autograd function (held here: the import is no work for ``torch.compile`` to trace at each call)."""
 
     recipe: str
     config: Any
     mm_config: Any
+    function: Any
 
 
 @functools.lru_cache(maxsize=32)
 def _gemms(recipe: str, emulate: bool) -> Fp8Gemms:
-    config_cls, float8_linear, _ = float8()
+    config_cls, float8_linear, function = float8()
     cfg = dataclasses.replace(config_cls.from_recipe_name(recipe), emulate=emulate)
     with torch.device("meta"):  # torchao builds the GEMM configs in __init__: one shape-less module, no storage
         shell = float8_linear(16, 16, bias=False, config=cfg)
-    return Fp8Gemms(recipe, cfg, shell.linear_mm_config)
+    return Fp8Gemms(recipe, cfg, shell.linear_mm_config, function)
 
 
 def fp8_gemms(recipe: str, device: torch.device) -> Fp8Gemms:
@@ -150,5 +152,5 @@ def fp8_linear(gemms: Fp8Gemms, weight: torch.Tensor, bias: torch.Tensor | None,
         >>> y.shape, y.dtype
         (torch.Size([4, 16]), torch.bfloat16)
     """
-    out = float8()[2].apply(x, weight.t(), gemms.mm_config, gemms.config)
+    out = gemms.function.apply(x, weight.t(), gemms.mm_config, gemms.config)
     return out if bias is None else out + bias.to(out.dtype)

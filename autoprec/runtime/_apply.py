@@ -95,7 +95,7 @@ def _plan(policy: Policy, model: nn.Module, device: str) -> list:
     check_modules(policy, modules)
     runtime = Runtime(model, policy.assignment, units=leaves(modules), opaque=policy.opaque, device_type=device,
                       emulate_fp16=device == "cpu", emulate_cuda=device == "cpu" and policy.target == "cuda",
-                      handoff=policy.handoff, modules=modules)
+                      handoff=policy.handoff, modules=modules, recipes=policy.recipes)
     plan = runtime.plan()
     paths = [spec.path for _, spec in plan]
     _PLANS[model] = _Cached(policy, device, plan, [links[p] for p in paths])

@@ -120,7 +120,7 @@ def emulating() -> torch.dtype | None:
 
 
 def autocast_for(device_type: str, precision: str, emulate: bool) -> torch.autocast:
-    if precision == "fp32" or emulate:
+    if precision in ("fp32", "fp8") or emulate:  # an FP8 region runs torchao's GEMMs with autocast off
         return torch.autocast(device_type, enabled=False)
     return torch.autocast(device_type, dtype=to_dtype(precision))
 

@@ -54,6 +54,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from ..core._formats import to_dtype
+from ..core._fp8 import Fp8Gemms, fp8_gemms, fp8_linear
 from ..core._modules import canonical_modules, stacked
 from ..core._ops import CUDA_LOWER_OPS
 from ..errors import PolicyError
@@ -128,13 +129,15 @@ class _Spec:
     observe: Callable[[Any], None] | None = None  # told of a 16-bit unit's raw output (autoprec.guard's watch)
     op_observe: Mapping[str, Callable[[Any], None]] | None = None  # op key -> told of that 16-bit op's raw output
     covered: torch.dtype | None = None  # own code whose op entries autocast alone runs as their regions would
+    fp8: Fp8Gemms | None = None        # an "fp8" Linear: its GEMMs in FP8 (torchao), autocast off, the rest BF16
     # derived: a unit, no boundary, no root (its forward goes straight to ``_unit``); a region without a mode inside
     direct: bool = field(init=False)
     plain: bool = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "direct", self.unit and not self.boundary and not self.root)
-        object.__setattr__(self, "plain", not (self.emulate or self.gaps or (self.emulate_cuda and self.dtype in LOW)))
+        object.__setattr__(self, "plain", not (self.emulate or self.gaps or self.fp8 is not None
+                                               or (self.emulate_cuda and self.dtype in LOW)))
 
 
 # -- one module's forward ---------------------------------------------------------------------
@@ -295,6 +298,9 @@ def _unit(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs
 
 def _region_body(spec: _Spec, forward: Callable, module: nn.Module, args: tuple, kwargs: dict) -> Any:
     args, kwargs = cast_args(args, kwargs, spec.dtype)
+    if spec.fp8 is not None:  # an nn.Linear's forward, its GEMMs in FP8 as torchao's Float8Linear runs them
+        (x,) = args if not kwargs else (kwargs["input"],)
+        return fp8_linear(spec.fp8, module.weight, module.bias, x)
     if spec.gaps:  # the module's own weights in the region's format, their gradients to the FP32 masters
         with _reparametrize_module(module, _cast_params(module, spec.dtype)):
             return _inside(spec, forward, module, args, kwargs)
@@ -455,13 +461,15 @@ def _ancestors(path: str) -> Iterator[str]:
 class Runtime:
     """Installs per-layer precision on a model; ``remove()`` takes every trace of it away again.
 
-    ``assignment`` maps layer keys to ``"fp32"|"fp16"|"bf16"``; layers it leaves out run as they
+    ``assignment`` maps layer keys to ``"fp32"|"fp16"|"bf16"|"fp8"``; layers it leaves out run as they
     would without autoprec. ``units`` are the module paths run as one piece; the functional ops in
     the own code of ``opaque`` modules are not split into layers. ``handoff`` maps a layer to the
     layers its output flows into when that is all it flows into (the trace finds it); a 16-bit
     layer whose consumers all have a precision here hands them its output uncast. ``modules`` is
     the model's ``{canonical path: module}`` when the caller has it already. ``emulate_cuda``: the
     16-bit regions run as CUDA autocast runs them (a policy for CUDA on a CPU; with ``emulate_fp16``).
+    An ``"fp8"`` unit (an ``nn.Linear``) runs its GEMMs in FP8 with torchao's recipe from ``recipes``
+    (default ``"tensorwise"``): its input in BF16, autocast off, the output BF16, as a BF16 region hands it on.
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
@@ -474,9 +482,10 @@ class Runtime:
     def __init__(self, model: nn.Module, assignment: Mapping[str, str], *, units: Iterable[str],
                  device_type: str, opaque: Iterable[str] = (), emulate_fp16: bool = False,
                  emulate_cuda: bool = False, watcher: Watcher | None = None, handoff: Mapping[str, Iterable[str]] | None = None,
-                 modules: Mapping[str, nn.Module] | None = None) -> None:
+                 modules: Mapping[str, nn.Module] | None = None, recipes: Mapping[str, str] | None = None) -> None:
         self.model = model
         self.assignment = dict(assignment)
+        self.recipes = dict(recipes or {})
         self.units = frozenset(units)
         self.opaque = frozenset(opaque)
         self.device_type = device_type
@@ -484,7 +493,7 @@ class Runtime:
         self.emulate_cuda = emulate_cuda
         self.watcher = watcher
         handoff = {k: tuple(v) for k, v in (handoff or {}).items()}
-        self.keep = frozenset(k for k, consumers in handoff.items() if self.assignment.get(k) in ("fp16", "bf16")
+        self.keep = frozenset(k for k, consumers in handoff.items() if self.assignment.get(k) in ("fp16", "bf16", "fp8")
                               and consumers and all(c in self.assignment for c in consumers))
         self.fed = frozenset(c for k in self.keep for c in handoff[k])
         self._modules = dict(modules) if modules is not None else canonical_modules(model)
@@ -522,7 +531,8 @@ class Runtime:
             precision = "fp32" if lone else self.assignment.get(path) if path in self.units else None
             spec = _Spec(
                 path=path, device_type=self.device_type, precision=precision, unit=unit,
-                dtype=None if precision is None else to_dtype(precision),
+                dtype=None if precision is None else torch.bfloat16 if precision == "fp8" else to_dtype(precision),
+                fp8=self._fp8(path, mod) if precision == "fp8" and unit else None,
                 autocast_dtype=to_dtype(precision) if precision in ("fp16", "bf16")
                 and not (precision == "fp16" and self.emulate_fp16) else None,
                 emulate=precision == "fp16" and self.emulate_fp16, keep=path in self.keep, fed=path in self.fed,
@@ -535,6 +545,14 @@ class Runtime:
                 watcher=self.watcher, covered=covered.get(path))
             out.append((mod, spec))
         return out
+
+    def _fp8(self, path: str, module: nn.Module) -> Fp8Gemms:
+        """What an "fp8" layer runs with: its recipe (``recipes``; default tensorwise), for its weight's device."""
+        if not isinstance(module, nn.Linear):
+            raise PolicyError(f"layer {path!r} is fp8 in the policy, but here it is a {type(module).__name__}: FP8 "
+                              "runs the GEMMs of an nn.Linear; make the layer bf16 in the policy, or apply the policy "
+                              "to the model it was tuned on")
+        return fp8_gemms(self.recipes.get(path, "tensorwise"), module.weight.device)
 
     def _covered(self, own: set[str], entries: Mapping[str, Mapping[str, str]], handback: torch.dtype,
                  ) -> dict[str, torch.dtype]:
