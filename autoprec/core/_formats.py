@@ -133,10 +133,28 @@ def default_formats(target: str) -> tuple[str, ...]:
     return ("bf16",)
 
 
+def _check_fp8(formats: tuple[str, ...], target: str, run_device: torch.device) -> None:
+    """FP8 is asked for: it needs BF16 beside it (the rest of an FP8 layer's region), a CUDA target, torchao, and
+    on a CUDA device it runs on, FP8 GEMMs (sm89+)."""
+    from ._fp8 import float8, native_fp8
+
+    if "bf16" not in formats:
+        raise OptionError(f"dtypes={list(formats)!r} names fp8 without bf16: an FP8 layer runs its GEMMs in FP8 and "
+                          "the rest of its region in BF16; pass dtypes=['bf16', 'fp8']")
+    if target != "cuda":
+        raise FormatError(f"fp8 for target {target!r}: a CPU has no FP8 GEMMs, so FP8 can only cost time there; "
+                          "tune for target='cuda' (FP8 is emulated on this CPU), or leave 'fp8' out")
+    float8()  # torchao, or the error naming autoprec[fp8]
+    if run_device.type == "cuda" and not native_fp8(run_device):
+        raise FormatError(f"this CUDA device ({torch.cuda.get_device_name(run_device)}) has no FP8 GEMMs (sm89 and "
+                          "later have them): leave 'fp8' out, or tune on an Ada, Hopper or Blackwell GPU")
+
+
 def check_formats(dtypes: Iterable[str] | str | None, target: str, run_device: torch.device) -> tuple[str, ...]:
     """Validate the caller's ``dtypes=`` against the target and the device the probe runs on.
 
-    A format the device cannot run is a :class:`FormatError`, never a silent downgrade.
+    A format the device cannot run is a :class:`FormatError`, never a silent downgrade. ``"fp8"`` (the GEMMs of
+    Linears, with ``"bf16"`` for the rest of their regions) needs a CUDA target and torchao (``autoprec[fp8]``).
 
     Example:
         >>> check_formats(["bf16"], "cpu", torch.device("cpu"))
@@ -155,12 +173,15 @@ def check_formats(dtypes: Iterable[str] | str | None, target: str, run_device: t
         for d in dtypes:
             if not isinstance(d, (str, torch.dtype)):
                 raise OptionError(f"dtypes entry {d!r} is not a precision name: use 'fp16' or 'bf16'")
-            name = from_dtype(d) if isinstance(d, torch.dtype) else _canonical(d)
+            fp8 = isinstance(d, str) and d.strip().lower() in ("fp8", "float8")
+            name = "fp8" if fp8 else from_dtype(d) if isinstance(d, torch.dtype) else _canonical(d)
             if name == "fp32":
                 continue  # FP32 is always allowed; dtypes names the 16-bit candidates
             if name not in formats:
                 formats.append(name)
     formats = tuple(formats)
+    if "fp8" in formats:
+        _check_fp8(formats, target, run_device)
     if not formats:
         raise OptionError(f"dtypes={dtypes!r} names no 16-bit format, so there is nothing to tune: name 'fp16' "
                           "and/or 'bf16' (FP32 is always allowed), or leave dtypes out for the target's default")

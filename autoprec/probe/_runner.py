@@ -82,14 +82,17 @@ class Runner:
         self.device_type = device_type
         self.emulate_fp16 = emulate_fp16
         self.emulate_cuda = emulate_cuda  # a policy for CUDA measured on a CPU: CUDA autocast's rules
+        self.recipes: dict[str, str] = {}  # "fp8" layer -> its torchao recipe, for every pass (see ``run``)
         self.seed = seed
         self.passes = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.modules = canonical_modules(model)  # walked once, not once per pass
 
     def run(self, batch: Any, assignment: dict[str, str], *, scale: float = 1.0,
-            watcher: Any = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+            watcher: Any = None, recipes: dict[str, str] | None = None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Loss (detached) and parameter gradients (unscaled, FP32) of one pass.
+
+        ``"fp8"`` layers of ``assignment`` run the recipe ``recipes`` names (default: the runner's ``recipes``).
 
         The gradients are the parameters' own ``.grad`` tensors, taken off the parameters (no copy):
         the caller owns them, and :func:`errors` may overwrite them (``reuse=True``).
@@ -97,7 +100,8 @@ class Runner:
         runtime = Runtime(self.model, assignment, units=self.trace.units, opaque=self.trace.opaque,
                           device_type=self.device_type, emulate_fp16=self.emulate_fp16,
                           emulate_cuda=self.emulate_cuda, watcher=watcher,
-                          handoff=self.trace.handoff, modules=self.modules)
+                          handoff=self.trace.handoff, modules=self.modules,
+                          recipes=self.recipes if recipes is None else recipes)
         for p in self.params:
             p.grad = None
         devices = [torch.cuda.current_device()] if self.device_type == "cuda" and torch.cuda.is_available() else []

@@ -40,6 +40,7 @@ class Decision:
     reason: str                  # "cast", or why the layer stays FP32
     detail: str = ""             # the measured numbers behind the reason
     excluded: bool = False       # kept in FP32 for a numerical reason (not merely no speed gain)
+    recipe: str = ""             # "fp8": torchao's recipe
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ class TuneOptions:
     timing: bool                      # time real training steps (the tuning device is the target)
     rows: int | None = None           # the tuning batch's rows (its tensors' shared leading size), if any
     train_batch_size: int | None = None  # the real training step's rows: layers are priced at that step
+    fp8: bool = False                 # "fp8" allowed too: Linears' GEMMs in FP8 where measured safe and faster
 
     @property
     def device_type(self) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 from ..core._batch import LossFn
 from ..core._modules import canonical_modules
 from ..device._calibration import with_layers
+from ..device._fp8_costs import fp8_price
 from ..device._costs import DeviceProfile, StepCost, format_speed
 from ..distributed._ranks import Ranks
 from ..errors import DeviceWarning
@@ -122,6 +123,7 @@ class Searched:
     bar: Progress
     snapshot: Snapshot
     priced: Trace                   # the trace the costs are priced at: ``tr`` itself, or at train_batch_size
+    fp8_figures: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # Linear -> {"fp8": figures}
 
     def policy(self, decisions: Mapping[str, Decision], scaler: ScalerSettings | None) -> Policy:
         """The policy of ``decisions`` (with ``scaler`` where a layer runs in FP16)."""
@@ -133,11 +135,12 @@ class Searched:
                                          excluded=d.excluded, kind=lay.kind, op=lay.op, hazards=lay.hazards,
                                          flops=lay.flops, out_absmax=rng.out_absmax if rng else 0.0,
                                          grad_absmax=rng.grad_absmax if rng else 0.0,
-                                         measured=evidence(self.pr, lay.key))
+                                         measured={**evidence(self.pr, lay.key), **self.fp8_figures.get(lay.key, {})},
+                                         recipe=d.recipe)
         fp16_used = any(d.precision == "fp16" for d in decisions.values())
         o, tr = self.opts, self.tr
         return Policy(layers=layers, target=o.target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
-                      handoff=dict(tr.handoff), unseen=dict(tr.unseen), formats=o.formats,
+                      handoff=dict(tr.handoff), unseen=dict(tr.unseen), formats=o.formats + (("fp8",) if o.fp8 else ()),
                       scaler=scaler if fp16_used else None,
                       tolerance={"loss": o.tol.loss, "grad": o.tol.grad, "verify": o.verify_tolerance},
                       emulated=o.emulated)
@@ -323,16 +326,19 @@ def verify_stage(s: Searched, choice: Choice, fp32_curve: Trajectory | None, sca
         verification = nothing_cast((), o.verify_tolerance) if o.verify_steps > 0 else None  # nothing to compare
         return choice, verification, scaler, s.policy(choice.decisions, scaler), 0
     fp16_keys = [k for k, d in choice.decisions.items() if d.precision == "fp16"]
+    fallback = {**bf16_fallback(s.pr, s.result, fp16_keys),
+                **{k: "bf16" for k, d in choice.decisions.items() if d.precision == "fp8"}}  # BF16 passed for them
     s.bar.stage("verify", o.verify_steps * (2 if o.verify_compile else 1))
     checked = verify(s.work, s.full, s.loss_fn, choice.decisions, choice.order, fp32_curve, bound=o.verify_tolerance,
                      scaler=scaler, make_policy=s.policy, device_type=o.device_type, optimizer=o.optimizer,
                      seed=o.seed, on_step=s.bar.advance, compile_backend=o.verify_compile, snapshot=s.snapshot,
-                     fallback=bf16_fallback(s.pr, s.result, fp16_keys))
+                     fallback=fallback)
     choice = dataclasses.replace(choice, decisions=checked.decisions)
     verification, scaler = checked.verification, checked.scaler
     if verification.rounds > 1:  # the backed-off policy's error, measured like the search's trials
         s.reference.take_back()
         scale = scaler.init_scale if scaler is not None else None
+        s.reference.runner.recipes = {key: d.recipe for key, d in choice.decisions.items() if d.precision == "fp8"}
         measured = s.reference.measure({key: d.precision for key, d in choice.decisions.items()}, scale)[:2]
         choice = dataclasses.replace(choice, measured=measured)
     return choice, verification, scaler, checked.policy, o.verify_steps + checked.passes  # the very policy trained
@@ -398,7 +404,18 @@ def modelled(tr: Trace, profile: DeviceProfile, policy: Policy, result: SearchRe
     """The device profile's step time of ``policy``'s assignment over FP32's (casts priced per edge)."""
     if not result.cost_fp32:
         return 1.0
-    return StepCost(tr.layers, tr.handoff, profile).total(policy.assignment) / result.cost_fp32
+    return step_seconds(tr, profile, policy.assignment, policy.recipes) / result.cost_fp32
+
+
+def step_seconds(tr: Trace, profile: DeviceProfile, assignment: Mapping[str, str], recipes: Mapping[str, str]) -> float:
+    """The modelled step of ``assignment``, its ``recipes``' Linears in FP8: the step with them in BF16, each one's
+    BF16 GEMMs replaced by its FP8 price (:func:`autoprec.device.fp8_price`)."""
+    region = {k: "bf16" if k in recipes or p == "fp8" else p for k, p in assignment.items()}
+    total = StepCost(tr.layers, tr.handoff, profile).total(region)
+    for key, recipe in recipes.items():
+        price = fp8_price(tr.layer(key), profile, recipe)
+        total += price.fp8 - price.bf16
+    return total
 
 
 def bf16_fallback(pr: Probe, result: SearchResult, keys: list[str]) -> dict[str, str]:

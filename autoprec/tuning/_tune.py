@@ -28,6 +28,7 @@ from ._isolation import preserve_global_state, private_model
 from ._memory import PeakMemory
 from ._options import Passes, TuneOptions
 from ._progress import Progress
+from ._fp8 import fp8_stage
 from ._stages import (
     Choice,
     Reference,
@@ -53,7 +54,7 @@ __all__ = ["tune"]
 
 log = logging.getLogger("autoprec.tune")
 
-def _stages(verify_steps: int, timing: bool, held: bool = False) -> tuple[str, ...]:
+def _stages(verify_steps: int, timing: bool, held: bool = False, fp8: bool = False) -> tuple[str, ...]:
     """The stages tune plans, in order, for the progress bars' "stage k of n".
 
     Example:
@@ -63,7 +64,7 @@ def _stages(verify_steps: int, timing: bool, held: bool = False) -> tuple[str, .
         ('trace', 'probe', 'search')
     """
     return ("trace", "probe", "search", *(("step timing",) if timing else ()), *(("held-out check",) if held else ()),
-            *(("reference run", "verify") if verify_steps > 0 else ()))
+            *(("fp8",) if fp8 else ()), *(("reference run", "verify") if verify_steps > 0 else ()))
 
 
 def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches: Iterable[Any] | None = None,
@@ -89,6 +90,9 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
         batches: more batches (an iterable): their ranges count, and verification trains on all.
         dtypes: the 16-bit formats allowed, e.g. ``["fp16"]``; default: BF16 on a CPU, FP16 and
             BF16 on CUDA. A layer gets one only where the device profile finds it faster than FP32.
+            ``["bf16", "fp8"]`` (CUDA target, torchao installed: ``autoprec[fp8]``) also tries FP8 for the
+            GEMMs of each ``nn.Linear`` the search put in BF16, with torchao's recipes: kept where FP8 is priced
+            faster at the step and measured within the bounds of :mod:`autoprec.tuning._fp8`, then verified.
         target: the device the policy is for (``"cpu"``/``"cuda"``); default: the model's device. For
             ``"cuda"`` on a CPU, every pass runs CUDA autocast's rules (:mod:`autoprec.runtime._emulation`) and
             the policy is marked ``emulated``.
@@ -178,6 +182,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
     device = check_model(model)
     target = resolve_target(target, device)
     formats = check_formats(dtypes, target, device)
+    fp8, formats = "fp8" in formats, tuple(f for f in formats if f != "fp8")  # the search assigns the 16-bit ones
     timing = speed_measured(measure_speed) and target == device.type
     check_batches(batches)
     check_storage(storage)
@@ -191,7 +196,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                        verify_tolerance=float(verify_tolerance), verify_steps=verify_steps,
                        optimizer=optimizer or default_optimizer, n_trials=n_trials, storage=storage,
                        headroom=float(headroom), seed=seed, verify_compile=verify_compile, share_roles=share_roles,
-                       timing=timing, rows=leading_rows(batch), train_batch_size=train_batch_size)
+                       timing=timing, rows=leading_rows(batch), train_batch_size=train_batch_size, fp8=fp8)
     if train_batch_size is not None and opts.rows is None:
         raise OptionError(f"train_batch_size={train_batch_size} scales the batch's leading (batch) dimension, but the "
                           "batch's tensors share no leading size: pass a batch whose tensors all lead with the "
@@ -214,7 +219,7 @@ def tune(model: nn.Module, batch: Any, loss_fn: LossFn | None = None, *, batches
                     check_batch(work, b, loss_fn, i)
                 parts = split(all_batches, float(held_out), accepts=accepts_part(work, loss_fn))
                 with Progress(progress and ranks.rank == 0, meter=meter,
-                              stages=_stages(verify_steps, timing, bool(parts.held))) as bar:
+                              stages=_stages(verify_steps, timing, bool(parts.held), opts.fp8)) as bar:
                     tuned: list[Policy] = []
 
                     def run() -> str:
@@ -281,6 +286,10 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
         choice, raced = race_stage(s, choice)
         search_passes = runner.passes - probe_passes  # with the alternatives' measurements (rank 0's)
     held, held_passes, choice = held_out_stage(s, parts, choice)
+    fp8 = None
+    if opts.fp8:  # on the checked 16-bit decisions: FP8 where it pays and measures safe, verified with the rest
+        choice, fp8 = fp8_stage(s, choice, profile)
+        s = dataclasses.replace(s, fp8_figures=fp8.figures)
     fp32_curve = reference_stage(s, choice)
     scaler, scaler_choice = scaler_stage(s, choice, fp32_curve)
     choice, verification, scaler, policy, verify_passes = verify_stage(s, choice, fp32_curve, scaler)
@@ -290,7 +299,9 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     stats = tune_stats(s, profile, candidates, policy, choice, scaler_choice, passes, started)
     if speed is None:
         speed = speed_record(s, profile, raced, verification, stats.modelled_cost_ratio)
-    policy = dataclasses.replace(policy, verification=verification, stats=stats.as_dict(), speed=speed, held_out=held)
+    stats = stats.as_dict() if fp8 is None else {**stats.as_dict(), "fp8": {"passes": fp8.passes,
+                                                                              "assignments": fp8.compared}}
+    policy = dataclasses.replace(policy, verification=verification, stats=stats, speed=speed, held_out=held)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats.tuning_seconds, 100 * policy.low_precision_fraction())
     return policy

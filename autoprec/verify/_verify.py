@@ -178,7 +178,7 @@ def verify(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None, dec
     ``order``, which the search sorted least sensitive first) to FP32 (labelled a back-off, not a
     numerical exclusion: nothing was measured on those layers), and divides the initial loss
     scale by 16 when a run of skipped steps was the failure. Before any of that, the first failing round
-    moves every FP16 layer with a ``fallback`` (``"bf16"``: the probe found it within the bound in BF16),
+    moves every FP16 (and FP8) layer with a ``fallback`` (``"bf16"``: the probe found it within the bound in BF16),
     joined layers included, to that format at once (FP16's failures in training, a loss scale
     that skips or underflows, are the format's more than a layer's); a later round backs them off to
     FP32 like any other cast layer. The cheap layers the search joined to
@@ -250,28 +250,30 @@ def _back_off(decisions: dict[str, Decision], cast: Sequence[str], joined: Seque
     ``cast`` goes to FP32, or, with none of it left, every layer of ``joined``.
     """
     fallback = fallback or {}
-    lowered = [k for k, d in decisions.items() if d.precision == "fp16" and k in fallback]
+    lowered = [k for k, d in decisions.items() if d.precision in ("fp16", "fp8") and k in fallback]
     drop = lowered or (cast[-max(1, len(cast) // 4):] if cast else joined)
+    kinds = "/".join(sorted({decisions[k].precision.upper() for k in lowered}))
     for key in drop:
         d = decisions[key]
-        lower = fallback.get(key) if d.precision == "fp16" else None
+        lower = fallback.get(key) if d.precision in ("fp16", "fp8") else None
         decisions[key] = _moved(d, lower, rounds=rounds, gap=gap, threshold=threshold, skip_run=skip_run,
                                 ranked=bool(cast))
-    return (f"moved {len(drop)} FP16 layer(s) to BF16 after round {rounds}" if lowered
-            else f"backed off {len(drop)} layer(s) after round {rounds}")
+    if lowered:
+        return f"moved {len(drop)} {kinds} layer(s) to BF16 after round {rounds}"
+    return f"backed off {len(drop)} layer(s) after round {rounds}"
 
 
 def _moved(d: Decision, lower: str | None, *, rounds: int, gap: float, threshold: float, skip_run: int,
            ranked: bool) -> Decision:
     """``d`` moved by verification round ``rounds``: to ``lower`` (a BF16 fallback for FP16), else to FP32."""
-    if lower is not None:  # FP16 -> BF16 where BF16 holds: still cast, backed off further if need be
-        return dataclasses.replace(d, precision=lower, detail=(
-            f"{d.detail}; moved from fp16 to {lower} by verification round {rounds}: the policy's loss gap "
+    if lower is not None:  # FP16 (FP8) -> BF16 where BF16 holds: still cast, backed off further if need be
+        return dataclasses.replace(d, precision=lower, recipe="", detail=(
+            f"{d.detail}; moved from {d.precision} to {lower} by verification round {rounds}: the policy's loss gap "
             f"{gap:.3g} exceeded the threshold {threshold:.3g}"))
     # not a measurement on this layer: the whole policy failed, and this layer was among the
     # probe's most sensitive cast layers. excluded stays False (no numerical reason measured here).
     return dataclasses.replace(
-        d, precision="fp32", reason="verification back-off", excluded=False,
+        d, precision="fp32", reason="verification back-off", excluded=False, recipe="",
         detail=f"{d.detail}; moved to FP32 by verification round {rounds}: the policy's loss gap "
                f"{gap:.3g} exceeded the threshold {threshold:.3g} (longest skip run "
                f"{skip_run}), and "

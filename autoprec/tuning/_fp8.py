@@ -1,0 +1,241 @@
+"""Stage: FP8 for the GEMMs of Linears, after the 16-bit search (``tune(..., dtypes=["bf16", "fp8"])``).
+
+The rule, and its defaults:
+
+1. **Candidates**: the ``nn.Linear`` layers the 16-bit decisions put in BF16, both dimensions multiples of 16
+   (``torch._scaled_mm``'s requirement, the one torchao's filters check).
+2. **Cost**: FP8 must be priced faster than BF16 at the step the policy is priced at (its three GEMMs at the
+   profile's FP8 rate plus the recipe's casts, :func:`autoprec.device.fp8_price`); else the layer stays BF16,
+   "no gain".
+3. **Each layer alone**: torchao's recipes in the order of their speed (``tensorwise``, ``rowwise``,
+   ``rowwise_with_gw_hp``); the layer gets the first that pays and whose error over the BF16 policy is inside
+   torchao's own test thresholds: output SQNR >= 18 dB, weight-gradient SQNR >= 17 dB
+   (:meth:`autoprec.probe.Fp8Error.judge`). One pass per recipe tried, the rest of the model in its policy.
+4. **Together**: with every passing layer in FP8 at once, the loss may move by at most ``tune``'s ``tolerance``
+   from the BF16 policy's and the model's whole gradient keeps SQNR >= 17 dB; while not, the layer with the
+   lowest output SQNR goes back to BF16 (FP8's errors add up over layers: each one passing alone is not enough).
+5. **Verification** trains the policy, FP8 layers included, against FP32 (:mod:`autoprec.verify`); a failing
+   round moves every FP8 layer back to BF16 first.
+
+Beside the tuned choice, torchao's default (every Linear) and torchtitan's filter (not the output head nor the
+router, torchao's auto filter by shape) are measured on the same batch, one pass each, and priced the same way:
+``policy.stats["fp8"]``, which the report shows side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core._fp8 import FP8_RECIPES
+from ..device._costs import DeviceProfile
+from ..device._fp8_costs import Fp8Price, fp8_price
+from ..probe._fp8 import Fp8Error, sqnr
+from ..search._records import Decision
+from ._stages import Choice, Searched, step_seconds
+
+__all__ = ["FORWARD_DB", "MODEL_GRAD_DB", "WEIGHT_GRAD_DB", "Fp8Stage", "fp8_stage", "hand_filters"]
+
+log = logging.getLogger("autoprec.tune")
+
+#: torchao's thresholds for one Float8Linear (``test/float8/test_base.py``), and the whole gradient's
+FORWARD_DB, WEIGHT_GRAD_DB, MODEL_GRAD_DB = 18.0, 17.0, 17.0
+#: torchtitan's FQN filter for Llama (``torchtitan/components/quantization``): the output head and the router
+TITAN_SKIP = ("output", "lm_head", "router.gate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Stage:
+    """What the FP8 stage decided and measured: per Linear its figures (``figures[key]["fp8"]``), the passes
+    run, and the side-by-side assignments (name -> Linears in FP8, modelled step over FP32, loss change)."""
+
+    figures: dict[str, dict[str, dict[str, float]]]
+    passes: int
+    compared: dict[str, dict[str, Any]]
+
+
+class _Taps:
+    """A runtime watcher keeping the raw outputs of some layers (the FP8 candidates)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = frozenset(keys)
+        self.outs: dict[str, list[torch.Tensor]] = {}
+
+    def enter(self, key: str, kind: str, inputs: tuple) -> None:
+        pass
+
+    def exit(self, key: str, kind: str, raw: Any, final: Any) -> None:
+        if key in self.keys and isinstance(raw, torch.Tensor):
+            self.outs.setdefault(key, []).append(raw.detach().float().reshape(-1))
+
+    def out(self, key: str) -> torch.Tensor | None:
+        got = self.outs.get(key)
+        return torch.cat(got) if got else None
+
+
+@dataclasses.dataclass
+class _Pass:
+    loss: float
+    outs: _Taps
+    grads: list[torch.Tensor | None]
+
+
+def _flat(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    return torch.cat([g.detach().double().reshape(-1) for g in grads if g is not None])
+
+
+class _Measure:
+    """Passes of the tuning batch with some Linears in FP8 on top of the BF16 decisions, against those decisions."""
+
+    def __init__(self, s: Searched, assignment: Mapping[str, str], keys: Sequence[str]) -> None:
+        self.runner, self.batch = s.reference.runner, s.reference.batch
+        self.assignment, self.keys = dict(assignment), list(keys)
+        self.weight = {id(p): i for i, p in enumerate(self.runner.params)}
+        self.passes = 0
+        self.ref = self.run({})
+
+    def run(self, recipes: Mapping[str, str]) -> _Pass:
+        taps = _Taps(self.keys)
+        assignment = {**self.assignment, **{k: "fp8" for k in recipes}}
+        loss, grads = self.runner.run(self.batch, assignment, watcher=taps, recipes=dict(recipes))
+        self.passes += 1
+        return _Pass(float(loss), taps, [g.detach().clone() if g is not None else None for g in grads])
+
+    def error(self, key: str, recipe: str, got: _Pass, module: nn.Linear) -> Fp8Error:
+        ref_out, out = self.ref.outs.out(key), got.outs.out(key)
+        i = self.weight.get(id(module.weight))
+        wgrad = None if i is None or self.ref.grads[i] is None else sqnr(self.ref.grads[i], got.grads[i])
+        return Fp8Error(path=key, recipe=recipe, forward_db=sqnr(ref_out, out) if ref_out is not None else math.inf,
+                        weight_grad_db=wgrad, input_grad_db=None, loss_rel=self.loss_rel(got), seconds=0.0)
+
+    def loss_rel(self, got: _Pass) -> float:
+        return abs(got.loss - self.ref.loss) / max(abs(self.ref.loss), 1e-30)
+
+    def grad_db(self, got: _Pass) -> float:
+        return sqnr(_flat(self.ref.grads), _flat(got.grads))
+
+
+def _linears(s: Searched, keys: Sequence[str]) -> dict[str, nn.Linear]:
+    mods = dict(s.work.named_modules())
+    return {k: mods[k] for k in keys if isinstance(mods.get(k), nn.Linear)}
+
+
+def _fits(m: nn.Linear) -> bool:
+    return m.in_features % 16 == 0 and m.out_features % 16 == 0
+
+
+def hand_filters(linears: Mapping[str, nn.Linear], recipe: str = "tensorwise") -> dict[str, list[str]]:
+    """The Linears FP8 by hand filters: torchao's default (every one that fits) and torchtitan's (not the output
+    head nor the router, and torchao's auto filter by shape, ``_auto_filter_for_recipe``).
+
+    Example:
+        >>> ls = {"h.0.fc": nn.Linear(4096, 4096), "lm_head": nn.Linear(4096, 32000), "tiny": nn.Linear(64, 64)}
+        >>> f = hand_filters(ls)
+        >>> f["torchao default"], f["torchtitan filter"]
+        (['h.0.fc', 'lm_head', 'tiny'], ['h.0.fc'])
+    """
+    from torchao.float8 import _auto_filter_for_recipe  # torchao's own filter, not a copy
+
+    auto = _auto_filter_for_recipe(recipe, filter_fqns=list(TITAN_SKIP))
+    fits = {k: m for k, m in linears.items() if _fits(m)}
+    return {"torchao default": list(fits), "torchtitan filter": [k for k, m in fits.items() if auto(m, k)]}
+
+
+def _figures(err: Fp8Error | None, price: Fp8Price, verdict: str) -> dict[str, float]:
+    out = {"bf16_seconds": price.bf16, "fp8_seconds": price.fp8 if math.isfinite(price.fp8) else -1.0,
+           "pays": float(price.pays), "passed": float(verdict == "fp8")}
+    if err is not None:
+        out.update(forward_db=err.forward_db, loss_rel=err.loss_rel)
+        if err.weight_grad_db is not None:
+            out["weight_grad_db"] = err.weight_grad_db
+    return out
+
+
+def _alone(m: _Measure, key: str, module: nn.Linear, prices: Mapping[str, Fp8Price]
+           ) -> tuple[str | None, Fp8Error | None, str]:
+    """The first recipe that pays and passes for ``key`` alone: (recipe or None, its error, why)."""
+    err, why = None, "no gain: " + prices[FP8_RECIPES[0]].note
+    for recipe in FP8_RECIPES:
+        if not prices[recipe].pays:
+            continue
+        err = m.error(key, recipe, m.run({key: recipe}), module)
+        verdict = err.judge(forward_db=FORWARD_DB, weight_grad_db=WEIGHT_GRAD_DB)
+        if verdict.passed:
+            return recipe, err, verdict.reason
+        why = "error: " + verdict.reason
+    return None, err, why
+
+
+def _together(m: _Measure, chosen: dict[str, str], errors: Mapping[str, Fp8Error], tolerance: float) -> list[str]:
+    """Drop the lowest-SQNR layers until the chosen FP8 layers together hold; the notes of those dropped."""
+    notes = []
+    while chosen:
+        got = m.run(chosen)
+        loss_rel, grad_db = m.loss_rel(got), m.grad_db(got)
+        if loss_rel <= tolerance and grad_db >= MODEL_GRAD_DB:
+            break
+        worst = min(chosen, key=lambda k: errors[k].forward_db)
+        del chosen[worst]
+        notes.append(f"{worst}: back to BF16, with {len(chosen) + 1} FP8 layers the loss moved {loss_rel:.2e} "
+                     f"(bound {tolerance:.2e}) and the gradient SQNR was {grad_db:.1f} dB (bound {MODEL_GRAD_DB} dB)")
+    return notes
+
+
+def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile) -> tuple[Choice, Fp8Stage]:
+    """FP8 for the BF16 Linears that pay and measure safe (the module's rule): the new choice, and the figures."""
+    bf16 = [k for k, d in choice.decisions.items() if d.precision == "bf16" and "::" not in k]
+    linears = _linears(s, bf16)
+    every = _linears(s, [lay.key for lay in s.tr.layers if lay.kind == "module"])
+    candidates = {k: lin for k, lin in linears.items() if _fits(lin)}
+    s.bar.stage("fp8", 3 + 2 * len(candidates))
+    m = _Measure(s, {k: d.precision for k, d in choice.decisions.items()}, list(every))
+    figures, chosen, errors, notes = {}, {}, {}, {}
+    for key, module in candidates.items():
+        prices = {r: fp8_price(s.priced.layer(key), profile, r) for r in FP8_RECIPES}
+        recipe, err, why = _alone(m, key, module, prices)
+        s.bar.advance()
+        notes[key] = why
+        figures[key] = {"fp8": _figures(err, prices[recipe or FP8_RECIPES[0]], "fp8" if recipe else why)}
+        if recipe is not None:
+            chosen[key], errors[key] = recipe, err
+    for note in _together(m, chosen, errors, s.opts.tol.loss):
+        key = note.split(":", 1)[0]
+        notes[key], figures[key]["fp8"]["passed"] = "error: " + note, 0.0
+    decisions = dict(choice.decisions)
+    for key, recipe in chosen.items():
+        d = decisions[key]
+        decisions[key] = dataclasses.replace(d, precision="fp8", recipe=recipe,
+                                             detail=f"{d.detail}; fp8 ({recipe}): {notes[key]}".lstrip("; "))
+    for key in candidates.keys() - chosen.keys():
+        d = decisions[key]
+        decisions[key] = dataclasses.replace(d, detail=f"{d.detail}; stays bf16, fp8 {notes[key]}".lstrip("; "))
+    compared = _compare(s, m, every, chosen, profile, decisions)
+    log.info("fp8: %d of %d BF16 Linears in FP8 (%d passes)", len(chosen), len(candidates), m.passes)
+    return dataclasses.replace(choice, decisions=decisions), Fp8Stage(figures, m.passes, compared)
+
+
+def _compare(s: Searched, m: _Measure, every: Mapping[str, nn.Linear], chosen: Mapping[str, str],
+             profile: DeviceProfile, decisions: Mapping[str, Decision]) -> dict[str, dict[str, Any]]:
+    """torchao's default, torchtitan's filter and the tuned choice on the same batch: Linears in FP8, the share of
+    the Linears' FLOPs, the modelled step over FP32's, the loss's change from the BF16 policy (one pass each)."""
+    hands = hand_filters(every)
+    base = {k: d.precision for k, d in decisions.items()}
+    base.update({k: "bf16" for k in chosen})
+    flops = {k: s.priced.layer(k).flops for k in every}
+    total = sum(flops.values()) or 1
+    cost_fp32 = s.result.cost_fp32 or 1.0
+    out = {}
+    for name, recipes in [(n, dict.fromkeys(keys, "tensorwise")) for n, keys in hands.items()] + [("tuned", dict(chosen))]:
+        got = m.run(recipes) if recipes else m.ref
+        out[name] = {"fp8_layers": sorted(recipes), "fp8_flops": sum(flops[k] for k in recipes) / total,
+                     "modelled_ratio": round(step_seconds(s.priced, profile, base, recipes) / cost_fp32, 4),
+                     "loss_rel": m.loss_rel(got), "grad_db": m.grad_db(got) if recipes else math.inf}
+        s.bar.advance()
+    return out
+
