@@ -278,3 +278,19 @@ def test_train_step_prices_gpt2_at_the_tuning_batch_and_at_the_training_step(tmp
     assert all("H100" in r["device"] and 0 <= r["low_fraction"] <= 1 and r["matmul_layers"] > 0 for r in saved["rows"])
     assert "| train_batch_size=64 (8192 tokens) |" in printed and "| 2 x 128 tokens (as given) |" in printed
     assert os.environ.get("AUTOPREC_PROFILE")  # the suite's pin is back for the tests after it
+
+
+def test_fp8_cost_tables_the_crossover_and_llama_shapes(tmp_path, capsys):
+    """benchmarks/fp8_cost.py: the smallest square Linear where FP8 pays shrinks as the tokens grow, and Llama 3 8B's
+    wide Linears pay at 8192 tokens where its narrow k/v projections gain little."""
+    import fp8_cost
+
+    out = tmp_path / "fp8_cost.json"
+    result = fp8_cost.main(["--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    sides = [v for v in result["crossover_square"]["tensorwise"].values()]
+    assert all(sides) and sides == sorted(sides, reverse=True)
+    llama = result["llama3_8b"]
+    assert all(llama[n][r]["pays"] for n in ("wq", "w1", "w2", "output") for r in fp8_cost.FP8_COST_RECIPES)
+    assert llama["wk"]["tensorwise"]["speedup"] < llama["wq"]["tensorwise"]["speedup"]
+    assert "| wk | 4096 x 1024 |" in capsys.readouterr().out

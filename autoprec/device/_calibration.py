@@ -12,7 +12,10 @@ its kernels (see :mod:`autoprec.device._timing`):
 * elementwise work (pointwise, norm, softmax, scatter accumulation) at two sizes, giving a cost
   per call (the dispatcher on a CPU, the kernel launch on a GPU) and per element, and the cost of
   a cast per element;
-* the runtime's own overhead per 16-bit region (:class:`autoprec.runtime.Runtime` on tiny layers).
+* the runtime's own overhead per 16-bit region (:class:`autoprec.runtime.Runtime` on tiny layers);
+* on a GPU with FP8 tensor cores (sm_89+), FP8 GEMMs (``torch._scaled_mm``) along the matmul ladder: the
+  matmul curve's ``"fp8"`` entry (:mod:`autoprec.device._fp8_timing`), which prices FP8 Linears
+  (:func:`autoprec.device.fp8_price`); elsewhere none.
 
 :func:`with_layers` adds a model's own layers, timed at their own shapes. Both stop at a time
 budget: what is left unmeasured is priced from the curves, and the cost notes say which. Results
@@ -42,6 +45,7 @@ from . import _timing as timing
 from ._costs import DeviceProfile, layer_cost, shape_key
 from ._estimates import CPU_FP32_OPS, CUDA_FP32_OPS, estimate
 from ._files import load_profile, save_profile
+from ._fp8_timing import fp8_capable, with_fp8
 from ._timing import GIVE_UP, Clock, pinned
 
 __all__ = ["cache_dir", "cache_file", "calibrate", "fp32_kind", "ladders", "machine", "resolve_profile", "with_layers"]
@@ -211,8 +215,9 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
     names = {from_dtype(to_dtype(d)) for d in ([dtypes] if isinstance(dtypes, str) else dtypes)}
     formats = ("fp32",) + tuple(f for f in ("fp16", "bf16") if f in names)
     found = _cached(device) if cache and not fresh else None
+    fp8 = fp8_capable(device)
     if found is not None:
-        if set(formats) <= set(found.formats):
+        if set(formats) <= set(found.formats) and (found.fp8 or not fp8):  # a cache from before FP8 is measured again
             return found
         formats = tuple(f for f in ("fp32", "fp16", "bf16") if f in set(formats) | set(found.formats))
     started = time.perf_counter()
@@ -227,12 +232,17 @@ def calibrate(device: str | torch.device = "cpu", *, dtypes: Iterable[str] = ("b
         for kind, sizes, share in ladders(device.type):
             clock.deadline = end - remaining * (1.0 - share)  # matmul 60% of what is left, then 20%, 20%
             curves.append(timing.curve(kind, sizes, formats, clock, device, gen))
-    took = time.perf_counter() - started
     profile = DeviceProfile(
         target=device.type, device=name, capability=capability, origin="calibrated", curves=tuple(curves),
         elementwise=elementwise, cast=cast, region=region,
         full_width_ops=CUDA_FP32_OPS if device.type == "cuda" else CPU_FP32_OPS,
-        torch_version=torch.__version__, threads=torch.get_num_threads(), seconds=took)
+        torch_version=torch.__version__, threads=torch.get_num_threads())
+    if fp8:  # FP8 GEMMs along the matmul ladder, a tenth of the budget more (one round each at least)
+        clock.deadline = time.perf_counter() + 0.1 * seconds
+        with torch.random.fork_rng(devices=[device]):
+            profile = with_fp8(profile, clock, device, gen)
+    took = time.perf_counter() - started
+    profile = _replace(profile, seconds=took)
     log.info("calibrated %s (%s) in %.2fs: %d timed steps", name, capability, took, clock.timed)
     if cache:
         path = cache_file(device)

@@ -49,7 +49,8 @@ class Curve:
 
     kind: str                               # "matmul" | "conv" | "attention"
     flops: tuple[float, ...]                # ascending
-    seconds: dict[str, tuple[float, ...]]   # format -> seconds per call at each size, non-decreasing
+    seconds: dict[str, tuple[float, ...]]   # format -> seconds per call at each size, non-decreasing; the
+    #                                         matmul curve may add "fp8": three FP8 GEMMs, no casts
 
     def at(self, precision: str, flops: float) -> float:
         """Seconds of one call of ``flops`` forward FLOPs: interpolated log-log between measured sizes,
@@ -99,6 +100,19 @@ class DeviceProfile:
             ('fp32', 'fp16', 'bf16')
         """
         return ("fp32",) + tuple(f for f in ("fp16", "bf16") if f in self.cast)
+
+    @property
+    def fp8(self) -> bool:
+        """Whether it prices FP8 GEMMs: an ``"fp8"`` entry in its matmul curve (three FP8 GEMMs per call, no
+        casts; see :func:`autoprec.device.fp8_price`). Not one of :attr:`formats`: FP8 is a format of
+        ``nn.Linear`` GEMMs, not of a 16-bit region.
+
+        Example:
+            >>> from autoprec.device import estimate
+            >>> estimate("cuda").fp8
+            True
+        """
+        return any(c.kind == "matmul" and "fp8" in c.seconds for c in self.curves)
 
     def describe(self) -> str:
         """One line: what the figures are and where they come from.

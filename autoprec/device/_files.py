@@ -185,7 +185,10 @@ def _curve(where: Source, i: int, raw: Any, fmts: tuple[str, ...]) -> Curve:
     if any(b <= a for a, b in zip(xs, xs[1:])):
         raise bad(where, f"curves[{i}].flops", flops, "strictly ascending sizes")
     secs = _object(where, f"curves[{i}].seconds", c.get("seconds"))
-    _formats(where, f"curves[{i}].seconds", secs, fmts)
+    if c["kind"] == "matmul" and "fp8" in secs:  # FP8 GEMMs (optional, matmul only): see _fp8_costs
+        _formats(where, f"curves[{i}].seconds", {f: v for f, v in secs.items() if f != "fp8"}, fmts)
+    else:
+        _formats(where, f"curves[{i}].seconds", secs, fmts)
     ys = {}
     for f, s in secs.items():
         name = f"curves[{i}].seconds.{f}"
