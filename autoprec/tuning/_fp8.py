@@ -160,7 +160,7 @@ def _figures(err: Fp8Error | None, price: Fp8Price, verdict: str) -> dict[str, f
 def _alone(m: _Measure, key: str, module: nn.Linear, prices: Mapping[str, Fp8Price]
            ) -> tuple[str | None, Fp8Error | None, str]:
     """The first recipe that pays and passes for ``key`` alone: (recipe or None, its error, why)."""
-    err, why = None, "no gain: " + prices[FP8_RECIPES[0]].note
+    err, why = None, prices[FP8_RECIPES[0]].note
     for recipe in FP8_RECIPES:
         if not prices[recipe].pays:
             continue

@@ -299,9 +299,9 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     stats = tune_stats(s, profile, candidates, policy, choice, scaler_choice, passes, started)
     if speed is None:
         speed = speed_record(s, profile, raced, verification, stats.modelled_cost_ratio)
-    stats = stats.as_dict() if fp8 is None else {**stats.as_dict(), "fp8": {"passes": fp8.passes,
-                                                                              "assignments": fp8.compared}}
-    policy = dataclasses.replace(policy, verification=verification, stats=stats, speed=speed, held_out=held)
+    extra = {} if fp8 is None else {"fp8": {"passes": fp8.passes, "assignments": fp8.compared}}
+    policy = dataclasses.replace(policy, verification=verification, stats={**stats.as_dict(), **extra}, speed=speed,
+                                 held_out=held)
     log.info("tuned %d layers in %.1fs: %.1f%% of matmul/conv FLOPs in 16-bit", len(policy.layers),
              stats.tuning_seconds, 100 * policy.low_precision_fraction())
     return policy
