@@ -88,17 +88,18 @@ def fractions_line(policy: "Policy") -> str:
     of = (f"{total} forward FLOPs measured at run time by the trace"
           + (f", {unseen} of them outside every layer (FP32)" if unseen else ""))
     predicted = f"{100 * policy.low_precision_fraction():.1f}%"
+    low = "16-bit or FP8" if "fp8" in policy.formats else "16-bit"
     ver = policy.verification
     measured = None if ver is None else ver.measured_fraction
     if measured is not None:
         counted = sum(ver.flops_by_dtype.values())
-        return (f"matmul/conv FLOPs in 16-bit: **{100 * measured:.1f}% measured** as the verified policy ran "
+        return (f"matmul/conv FLOPs in {low}: **{100 * measured:.1f}% measured** as the verified policy ran "
                 f"(operand dtypes of one forward: {counted} FLOPs); predicted from the layers' formats: {predicted} "
                 f"of {of}")
     if ver is not None and ver.nothing_cast:
-        return f"matmul/conv FLOPs in 16-bit: **0.0%**: nothing cast ({of})"
+        return f"matmul/conv FLOPs in {low}: **0.0%**: nothing cast ({of})"
     why = "verification did not run" if ver is None else "a policy file from before the count"
-    return f"matmul/conv FLOPs in 16-bit: **{predicted}** predicted from the layers' formats (not measured: {why}), of {of}"
+    return f"matmul/conv FLOPs in {low}: **{predicted}** predicted from the layers' formats (not measured: {why}), of {of}"
 
 
 #: a parameter of three dimensions or more in a module signature (``up(4, 128, 512)``): stacked expert weights

@@ -103,6 +103,11 @@ def sections(policy: "Policy") -> list[Section]:
         out.append(Section("Per-layer sensitivity (the probe's error of each layer alone, relative to the bound)",
                            (Chart("sensitivity"),)))
     out += _fp32_sections(policy, s)
+    from ._fp8 import fp8_section  # it builds on this module's records
+
+    fp8 = fp8_section(policy)
+    if fp8 is not None:
+        out.append(fp8)
     out += _work_sections(policy, s)
     if s["stats"]:
         out.append(Section("Tuning statistics", _stats_blocks(s["stats"]), collapsed=True))
@@ -146,6 +151,11 @@ def _header(policy: "Policy", s: dict[str, Any]) -> Section:
     experts = experts_line(policy)
     if experts is not None:
         items.append(experts)
+    from ._fp8 import fp8_line
+
+    fp8 = fp8_line(policy)
+    if fp8 is not None:
+        items.append(fp8)
     if s["tolerance"]:
         items.append("error bound: " + ", ".join(f"{k} {v:g}" for k, v in s["tolerance"].items()))
     if s["scaler"]:
@@ -269,7 +279,8 @@ def _work_sections(policy: "Policy", s: dict[str, Any]) -> list[Section]:
                  "(FP32) and counts as FP32 above."),
             Table(("module", "FLOPs", "share"), tuple((f"`{k or '(root)'}`", str(v), f"{v / total:.1%}")
                                                     for k, v in s["unseen"].items()), right=(1, 2)))))
-    rows = tuple((f"`{k or '(root)'}`", e.op, e.precision, str(e.flops), "" if e.reason == "cast" else e.reason)
+    rows = tuple((f"`{k or '(root)'}`", e.op, f"fp8 ({e.recipe})" if e.recipe else e.precision, str(e.flops),
+                  "" if e.reason == "cast" else e.reason)
                  for k, e in policy.layers.items())
     out.append(Section("Formats", (Table(("layer", "op", "format", "FLOPs", "note"), rows, right=(3,)),)))
     return out

@@ -60,12 +60,17 @@ def policy(name: str) -> autoprec.Policy:
             model, batch, loss_fn = scatter_gnn()
             _TUNED[name] = autoprec.tune(model, batch, loss_fn, target="cuda", dtypes=["fp16"], progress=False,
                                          verify_steps=3)
+        elif name == "fp8_cuda":
+            pytest.importorskip("torchao")
+            from tests.tuning.test_tune_fp8 import _tune, cheap_casts, outlier_mlp
+
+            _TUNED[name] = _tune(outlier_mlp(), cheap_casts())
         else:
             _TUNED[name] = {"failed": _failed, "backed_to_nothing": _backed_to_nothing}[name]()
     return _TUNED[name]
 
 
-NAMES = ["transformer_cpu", "gnn_fp16_cuda", "failed", "backed_to_nothing"]
+NAMES = ["transformer_cpu", "gnn_fp16_cuda", "fp8_cuda", "failed", "backed_to_nothing"]
 
 
 _BLOCKS = {"p", "li", "td", "th", "tr", "ul", "table", "h1", "h2", "h3", "details", "summary"}
@@ -172,8 +177,9 @@ def test_no_long_table_rows_and_the_profile_is_named_once(name):
             assert _norm(whole) in plain, e.detail
     if "profile" in p.stats:
         assert md.count(p.stats["profile"]) == 1
-        assert p.report("html").count(p.stats["profile"]) == 1 + sum(p.stats["profile"] in str(v)
-                                                                    for v in p.stats.values())  # + the folded stats
+        shown = re.sub(r"`([^`]*)`", r"<code>\1</code>", p.stats["profile"])  # the page draws code marks
+        assert p.report("html").count(shown) == 1 + sum(p.stats["profile"] in str(v)
+                                                        for v in p.stats.values())  # + the folded stats
 
 
 def test_html_page_has_both_charts_a_sensitivity_bar_per_probed_format_and_folded_statistics():
@@ -336,3 +342,18 @@ def test_the_report_counts_the_experts_flops_and_their_format():
     plain = Policy(layers={k: v for k, v in layers.items() if k != "experts"},
                    modules={k: v for k, v in modules.items() if k != "experts"}).report()
     assert "experts (stacked" not in plain
+
+
+def test_the_fp8_section_says_which_linears_train_in_fp8_why_and_beside_the_hand_filters():
+    """A policy tuned with FP8: the header counts the FP8 Linears, the section lists each Linear with its measured
+    SQNRs and why it stayed BF16, and the side-by-side table has torchao's default, torchtitan's filter and the tuned
+    choice; a policy without FP8 has no such section."""
+    md = policy("fp8_cuda").report()
+    assert "- FP8 GEMMs: 4 Linears, 71.4% of the matmul/conv FLOPs (tensorwise 4)" in md
+    assert "## FP8 (GEMMs of Linears, torchao)" in md
+    assert re.search(r"\| `5` \| bf16 \| [0-9.]+ \| - \| 2\.00x \| error: 5: forward SQNR [0-9.]+ dB < 18\.0 dB \|", md), md
+    assert re.search(r"\| `2` \| fp8 \(tensorwise\) \| [0-9.]+ \| [0-9.]+ \| 2\.00x \| measured within the bounds", md)
+    for name in ("torchao default | 5 | 100.0%", "torchtitan filter | 0 | 0.0%", "tuned | 4 | 71.4%"):
+        assert f"| {name} |" in md
+    assert "matmul/conv FLOPs in 16-bit or FP8:" in md
+    assert "FP8 (GEMMs" not in policy("transformer_cpu").report()
