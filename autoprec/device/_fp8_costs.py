@@ -94,7 +94,7 @@ class Fp8Price:
 def gemm_dims(layer: Layer) -> tuple[int, int, int]:
     """``(M, K, N)`` of one call of a Linear: its rows (tokens), inputs and outputs. ``K`` and ``N`` are the last
     sizes of its input and output; ``M`` comes from its FLOPs per call (``2 M K N``), so that a trace rescaled
-    to the training batch (:func:`autoprec.trace.rescaled`) gives the training step's rows.
+    to the training batch (:func:`autoprec.trace._rescale.rescaled`) gives the training step's rows.
 
     Example:
         >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 128, 64),), ((8, 128, 32),),
