@@ -36,12 +36,13 @@ derates its peaks (78% of the GEMM rate, 92% of a 2.4 TB/s bandwidth) and takes 
 built-in estimate takes the public peaks and 5 us, so it puts the crossover at somewhat larger shapes.
 
 Both prices leave out what BF16 and FP8 share: the layer's 16-bit region, the casts of its handoff, its bias.
-A target without FP8 GEMMs (a CPU; a GPU below sm_89; a profile calibrated without FP8) is a result, not an
-error: FP8 there costs ``inf`` and never pays.
+A target without FP8 GEMMs (a CPU; a GPU below sm_89; a profile calibrated without FP8), or a Linear whose K or N
+is not a multiple of 16, is a result, not an error: FP8 there costs ``inf`` and never pays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class Fp8Price:
 def gemm_dims(layer: Layer) -> tuple[int, int, int]:
     """``(M, K, N)`` of one call of a Linear: its rows (tokens), inputs and outputs. ``K`` and ``N`` are the last
     sizes of its input and output; ``M`` comes from its FLOPs per call (``2 M K N``), so that a trace rescaled
-    to the training batch (:func:`autoprec.trace.rescaled`) gives the training step's rows.
+    to the training batch (:func:`autoprec.trace._rescale.rescaled`) gives the training step's rows.
 
     Example:
         >>> lin = Layer("fc", "module", "Linear", (), ("linear",), ((8, 128, 64),), ((8, 128, 32),),
@@ -180,7 +181,8 @@ def fp8_price(layer: Layer, profile: DeviceProfile, recipe: str = "tensorwise", 
     priced: rescale the trace to the training batch first. ``fused``: the casts of the input and grad_output
     read their tensor inside the op before (torchao's ``enable_fusion_modeling``).
 
-    A profile without FP8 GEMMs (a CPU, a GPU below sm_89) gives ``fp8=inf``: FP8 never pays there.
+    A profile without FP8 GEMMs (a CPU, a GPU below sm_89) gives ``fp8=inf``: FP8 never pays there; so does a
+    Linear whose K or N is not a multiple of 16 (cuBLAS's FP8 GEMMs need them so; torchtitan's filter skips them).
 
     Example:
         >>> from autoprec.device import estimate
@@ -204,15 +206,17 @@ def fp8_price(layer: Layer, profile: DeviceProfile, recipe: str = "tensorwise", 
     low = "bf16" if "bf16" in curve.seconds else "fp16"
     bandwidth, launch = _memory(profile)
     bf16 = calls * sum(_gemm(curve, low, *g, bandwidth) for g in ((m, k, n), (m, n, k), (k, m, n)))
-    if not profile.fp8:
+    odd = [f"{d}={v}" for d, v in (("K", k), ("N", n)) if v % 16]
+    if not profile.fp8 or odd:
         why = ("a CPU has no FP8 GEMMs" if profile.target == "cpu" else
                "the profile has no FP8 GEMM figures (a GPU below sm_89, or calibrated without them: re-run "
                "`autoprec calibrate` on an sm_89+ GPU)")
-        return Fp8Price(bf16=bf16, fp8=math.inf, gemms=math.inf, casts=0.0, recipe=recipe,
-                        note=f"no FP8 on {profile.target}: {why}")
+        note = (f"no FP8 on {profile.target}: {why}" if not profile.fp8 else
+                f"no FP8: {', '.join(odd)} not a multiple of 16 (torch._scaled_mm's FP8 GEMMs need K and N so)")
+        return Fp8Price(bf16=bf16, fp8=math.inf, gemms=math.inf, casts=0.0, recipe=recipe, note=note)
     weight_grad = low if recipe == "rowwise_with_gw_hp" else "fp8"
     gemms = calls * (_gemm(curve, "fp8", m, k, n, bandwidth) + _gemm(curve, "fp8", m, n, k, bandwidth)
                      + _gemm(curve, weight_grad, k, m, n, bandwidth))
     casts = calls * _casts(recipe, m, k, n, bandwidth, launch, fused)
     price = Fp8Price(bf16=bf16, fp8=gemms + casts, gemms=gemms, casts=casts, recipe=recipe, note="")
-    return Fp8Price(**{**price.__dict__, "note": _why(price, dims)})
+    return dataclasses.replace(price, note=_why(price, dims))

@@ -111,6 +111,12 @@ def test_a_gpu_profile_without_fp8_figures_never_pays_and_says_how_to_get_them()
                           "without them: re-run `autoprec calibrate` on an sm_89+ GPU)")
 
 
+def test_a_linear_whose_sides_are_not_multiples_of_16_never_pays():
+    price = fp8_price(_linear(8192, 4100, 4096), H100)
+    assert not price.pays and price.fp8 == math.inf
+    assert price.note == "no FP8: K=4100 not a multiple of 16 (torch._scaled_mm's FP8 GEMMs need K and N so)"
+
+
 def test_the_estimates_price_fp8_gemms_at_twice_their_16_bit_rate_and_keep_their_formats():
     for p in (H100, compute_bound()):
         gemm = p.curves[0]
