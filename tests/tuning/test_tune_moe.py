@@ -74,7 +74,7 @@ def test_looped_experts_are_one_role_and_reach_blanket_bf16s_share(looped):
     for experts, (model, x, policy) in looped.items():
         keys = [k for k in policy.layers if k.startswith("experts.")]
         assert len(keys) == 2 * experts and all(policy.layers[k].precision == "bf16" for k in keys)
-        ours, all_bf16 = (measured_fraction(p, model, lambda: model(x)) for p in (policy, _blanket(policy)))
+        ours, all_bf16 = (measured_fraction(p, model, lambda m=model, b=x: m(b)) for p in (policy, _blanket(policy)))
         assert all_bf16 > 0.9 and ours >= 0.9 * all_bf16, (experts, ours, all_bf16)
         router = policy.layers["router"]
         assert "bf16" in router.measured and "shared" not in router.measured["bf16"], router.measured
