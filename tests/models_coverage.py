@@ -86,6 +86,51 @@ def moe(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     return MoEModel(), torch.randn(8, 64, 128)
 
 
+class Expert(nn.Module):
+    """One expert MLP of a looped mixture of experts."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class LoopedMoEModel(nn.Module):
+    """The older MoE code path: a top-1 router and an ``nn.ModuleList`` of expert MLPs run in a Python loop, each
+    on the tokens routed to it (so each expert sees its own token count; one routed no token is not called)."""
+
+    def __init__(self, width: int = 128, hidden: int = 512, experts: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(width, width)
+        self.router = nn.Linear(width, experts)
+        self.experts = nn.ModuleList([Expert(width, hidden) for _ in range(experts)])
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x).reshape(-1, x.shape[-1])
+        weight, top1 = self.router(h).softmax(-1).max(-1)
+        y = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            idx = (top1 == e).nonzero().squeeze(-1)
+            if idx.numel():
+                y[idx] = expert(h[idx]).to(y.dtype)
+        return self.out(h + y * weight[:, None]).reshape(x.shape)
+
+
+def looped_moe(seed: int = 0, experts: int = 4, unrouted: int = 0, width: int = 128,
+               hidden: int = 512) -> tuple[nn.Module, torch.Tensor]:
+    """The looped MoE; the last ``unrouted`` experts get a router bias that routes them no token (never called)."""
+    _seed(seed)
+    model = LoopedMoEModel(width, hidden, experts)
+    if unrouted:
+        with torch.no_grad():
+            model.router.bias[experts - unrouted:] = -1e4
+    return model, torch.randn(8, 64, width)
+
+
 class ScanMixer(nn.Module):
     """A Mamba-style fallback scan: one ``torch.matmul`` per time step, from one line of code."""
 

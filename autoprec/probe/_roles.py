@@ -2,8 +2,18 @@
 
 A *role* is a set of candidate layers whose keys are equal once every numeric component of the
 module path (a block index) is replaced by ``*`` (``transformer.h.*.attn.c_attn``), and that run
-the same kind of layer (module class or op, hazards) at the same input/output and parameter
-shapes. GPT-2 small has 8 roles of 12 layers each, and 3 layers of its own.
+the same kind of layer (module class or op, hazards, call count) at the same parameter shapes and
+the same input/output shapes apart from their leading (row) dimension. GPT-2 small has 8 roles of
+12 layers each, and 3 layers of its own. The rows may differ because separate expert modules run
+in a loop (``for e, expert in enumerate(self.experts): out[idx] = expert(x[idx])``) each get the
+tokens the router sends them: the experts of one block are one role, so their probe passes do not
+multiply with the expert count. Tensors of one dimension, and every dimension after the first,
+must be equal. What a member's rows change is not what the group bound rests on: each member's
+errors are relative (a mean over its rows), its rounding adds to the group's as any member's does,
+and its range (the outlier check below) and its cost are its own.
+
+A unit module that the tuning batch never calls (an expert routed no token) has no layer: see
+:func:`unrun_units` for the format its role gives it.
 
 The probe (:func:`autoprec.probe.probe`, with ``share=``) measures a role in each format with one
 pass that casts every member at once. That measurement stands for each member only where it is
@@ -57,7 +67,7 @@ if TYPE_CHECKING:
     from ._passes import Measure
     from ._records import Measurement, Ranges
 
-__all__ = ["Sharing", "measure_role", "role_of", "probe_groups", "roles"]
+__all__ = ["Sharing", "measure_role", "role_of", "probe_groups", "roles", "rows_free", "unrun_units"]
 
 log = logging.getLogger("autoprec.roles")
 
@@ -125,12 +135,23 @@ def role_of(key: str) -> str:
     return ".".join("*" if part.isdigit() else part for part in path.split(".")) + sep + op
 
 
+def rows_free(shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    """``shapes`` with the leading (row) dimension of each of two dimensions or more left out (``-1``).
+
+    Example:
+        >>> rows_free([(140, 128), (8, 64, 128), (5,)])
+        ((-1, 128), (-1, 64, 128), (5,))
+    """
+    return tuple((-1, *s[1:]) if len(s) >= 2 else tuple(s) for s in shapes)
+
+
 def roles(trace: Trace, candidates: Iterable[str]) -> dict[str, tuple[str, ...]]:
     """The roles among ``candidates`` with two members or more: name -> members in execution order.
 
-    Members share the pattern of :func:`role_of`, the layer kind, op, hazards, input and output shapes
-    and (for modules) the parameter shapes. The name is the pattern; where one pattern holds layers
-    of different shapes, each such role after the first gets ``#2``, ``#3``, ...
+    Members share the pattern of :func:`role_of`, the layer kind, op, hazards, call count, input and
+    output shapes apart from the leading dimension (:func:`rows_free`) and (for modules) the parameter
+    shapes. The name is the pattern; where one pattern holds layers of different shapes, each such
+    role after the first gets ``#2``, ``#3``, ...
 
     Example:
         >>> import torch
@@ -144,7 +165,8 @@ def roles(trace: Trace, candidates: Iterable[str]) -> dict[str, tuple[str, ...]]
     for lay in trace.layers:
         if lay.key not in wanted:
             continue
-        sig = (role_of(lay.key), lay.kind, lay.op, lay.hazards, lay.in_shapes, lay.out_shapes, lay.calls,
+        sig = (role_of(lay.key), lay.kind, lay.op, lay.hazards, rows_free(lay.in_shapes), rows_free(lay.out_shapes),
+               lay.calls,
                trace.signatures.get(lay.key, "") if lay.kind == "module" else "")
         found.setdefault(sig, []).append(lay.key)
     out: dict[str, tuple[str, ...]] = {}
@@ -156,6 +178,35 @@ def roles(trace: Trace, candidates: Iterable[str]) -> dict[str, tuple[str, ...]]
             i += 1
             name = f"{sig[0]}#{i}"
         out[name] = tuple(members)
+    return out
+
+
+def unrun_units(trace: Trace) -> dict[str, tuple[str, ...]]:
+    """The unit modules with parameters that the traced run never called, each with the layers of its role that ran.
+
+    A role here is the :func:`role_of` pattern and the parameter signature (class and parameter shapes): an
+    expert the tuning batch routed no token to, and the experts of its block that ran. The list is empty for
+    a unit whose role had no member run.
+
+    Example:
+        >>> import torch
+        >>> from autoprec.trace import trace
+        >>> class Two(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        ...     def forward(self, x):
+        ...         return self.experts[0](x)
+        >>> unrun_units(trace(Two(), torch.ones(2, 4), device_type="cpu"))
+        {'experts.1': ('experts.0',)}
+    """
+    ran = [lay.key for lay in trace.layers if lay.kind == "module"]
+    out: dict[str, tuple[str, ...]] = {}
+    for unit in trace.units:
+        sig = trace.signatures.get(unit, "")
+        if unit in set(ran) or sig.endswith("[]"):
+            continue
+        out[unit] = tuple(k for k in ran if role_of(k) == role_of(unit) and trace.signatures.get(k) == sig)
     return out
 
 

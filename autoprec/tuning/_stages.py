@@ -28,7 +28,7 @@ from ..policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSp
 from ..probe._probe import evidence, probe
 from ..probe._records import Probe
 from ..probe._reductions import relative_errors
-from ..probe._roles import Sharing, probe_groups, roles
+from ..probe._roles import Sharing, probe_groups, role_of, roles, unrun_units
 from ..probe._runner import Runner
 from ..probe._snapshot import Snapshot, park, unpark
 from ..probe._training import Trajectory, train_curve
@@ -137,6 +137,7 @@ class Searched:
                                          grad_absmax=rng.grad_absmax if rng else 0.0,
                                          measured={**evidence(self.pr, lay.key), **self.fp8_figures.get(lay.key, {})},
                                          recipe=d.recipe)
+        layers.update(unrun_entries(self.tr, decisions))
         fp16_used = any(d.precision == "fp16" for d in decisions.values())
         o, tr = self.opts, self.tr
         return Policy(layers=layers, target=o.target, modules=dict(tr.signatures), opaque=dict(tr.opaque),
@@ -144,6 +145,47 @@ class Searched:
                       scaler=scaler if fp16_used else None,
                       tolerance={"loss": o.tol.loss, "grad": o.tol.grad, "verify": o.verify_tolerance},
                       emulated=o.emulated)
+
+
+def unrun_entries(tr: Trace, decisions: Mapping[str, Decision]) -> dict[str, LayerEntry]:
+    """Policy entries for the unit modules with parameters the tuning batch never called (an expert routed no
+    token): the format the members of its role that ran all got, where they agree on one and none of them was
+    kept FP32 for a measured reason; FP32 otherwise. Either way the entry's detail says it was not run, so a
+    later batch that does call it runs it in a stated format, not in whatever precision flows in.
+
+    Example:
+        >>> import torch
+        >>> from autoprec.search._records import Decision
+        >>> class Two(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+        ...     def forward(self, x):
+        ...         return self.experts[0](x)
+        >>> tr = trace(Two(), torch.ones(2, 4), device_type="cpu")
+        >>> e = unrun_entries(tr, {"experts.0": Decision("experts.0", "bf16", "cast")})["experts.1"]
+        >>> e.precision, e.reason, e.detail
+        ('bf16', 'cast', 'not run by the tuning batch: the format of role experts.* (1 member ran: experts.0)')
+    """
+    out = {}
+    for unit, ran in unrun_units(tr).items():
+        formats = {decisions[k].precision for k in ran if k in decisions}
+        excluded = any(decisions[k].excluded for k in ran if k in decisions)
+        if len(formats) == 1 and not excluded:
+            members = f"{len(ran)} member{'s' if len(ran) > 1 else ''} ran: {', '.join(ran[:3])}"
+            members += ", ..." if len(ran) > 3 else ""
+            fmt = formats.pop()
+            recipes = {decisions[k].recipe for k in ran if k in decisions}
+            fmt = "bf16" if fmt == "fp8" and len(recipes) != 1 else fmt  # FP8 members that differ: their region's
+            entry = LayerEntry(precision=fmt, reason="cast" if fmt != "fp32" else "not run",
+                               recipe=recipes.pop() if fmt == "fp8" else "",
+                               detail=f"not run by the tuning batch: the format of role {role_of(unit)} ({members})")
+        else:
+            why = "no member of its role ran" if not ran else "the members of its role that ran differ"
+            entry = LayerEntry(precision="fp32", reason="not run",
+                               detail=f"not run by the tuning batch, and {why}: FP32")
+        out[unit] = dataclasses.replace(entry, kind="module", op=tr.signatures[unit].split("[", 1)[0])
+    return out
 
 
 def trace_stage(work: nn.Module, batch: Any, opts: TuneOptions, bar: Progress) -> tuple[Trace, list[str],

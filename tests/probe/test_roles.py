@@ -10,9 +10,11 @@ from torch import nn
 
 import autoprec
 from autoprec.probe import Runner, Sharing, probe, role_of, roles
+from autoprec.probe._roles import probe_groups
 from autoprec.trace import trace
 from tests.helpers import cached, forward_backward, rel_errors
 from tests.models import HAZARD_FACTORIES
+from tests.models_coverage import looped_moe
 
 
 class _Block(nn.Module):
@@ -72,7 +74,14 @@ def gpt2(seed: int = 0, *, blocks: int = 4, width: int = 64, vocab: int = 1000):
     return model, {"input_ids": ids, "labels": ids.clone()}, lambda out, b: out.loss
 
 
-MODELS = {**HAZARD_FACTORIES, "outlier_stack": outlier_stack, "gpt2": gpt2}
+def small_looped_moe(seed: int = 0):
+    """``(model, batch, loss_fn)``: the looped mixture of experts (4 expert MLPs in an ``nn.ModuleList``), small."""
+    model, x = looped_moe(seed, width=32, hidden=64)
+    return model, x, lambda out, b: out.float().pow(2).mean()
+
+
+MODELS = {**HAZARD_FACTORIES, "outlier_stack": outlier_stack, "gpt2": gpt2, "looped_moe": small_looped_moe}
+GROUPED = ("outlier_stack", "gpt2", "looped_moe")  # the models with roles
 
 
 @cached
@@ -98,6 +107,47 @@ def test_roles_group_equal_patterns_of_equal_shapes():
     assert roles(tr, ["0", "3"]) == {}
     assert role_of("transformer.h.10.attn::scaled_dot_product_attention") == \
         "transformer.h.*.attn::scaled_dot_product_attention"
+
+
+def test_roles_group_layers_whose_rows_differ_only():
+    """Layers fed different row counts (experts given their routed tokens) are one role; any other dimension that
+    differs, a tensor of one dimension that differs, or another call count keeps them apart."""
+
+    class Rows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.ModuleList(nn.Linear(8, 8) for _ in range(7))
+            self.pre = nn.ModuleList(nn.LayerNorm(8) for _ in range(2))
+            self.sm = nn.ModuleList(nn.Softmax(0) for _ in range(2))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.fc[0](x[:3]), self.fc[1](x[:5])                # rows differ: one role
+            c, d = self.fc[2](x[:2].view(2, 1, 8)), self.fc[3](x[:4].view(2, 2, 8))  # second dimension differs
+            e = self.fc[4](self.fc[4](x[:1]))                             # called twice
+            f = self.sm[0](x[0]).sum() + self.sm[1](x[0, :4]).sum()      # one dimension: sizes differ
+            return a.sum() + b.sum() + c.sum() + d.sum() + e.sum() + f.sum() + self.pre[0](x).sum() + \
+                self.pre[1](x[:6]).sum() + self.fc[5](x[:7]).sum() + self.fc[6](x).sum()
+
+    tr = trace(Rows(), torch.randn(8, 8), device_type="cpu")
+    assert roles(tr, [lay.key for lay in tr.layers]) == {"fc.*": ("fc.0", "fc.1", "fc.5", "fc.6"),
+                                                          "pre.*": ("pre.0", "pre.1")}
+
+
+@pytest.mark.parametrize("unrouted", [0, 1])
+def test_looped_experts_are_one_role_whatever_their_count(unrouted):
+    """A ModuleList of expert MLPs run on their routed tokens: each expert Linear's role holds every expert that ran,
+    the router is probed alone, and 4 and 8 experts give the same probe groups."""
+    plans = {}
+    for experts in (4, 8):
+        model, x = looped_moe(experts=experts, unrouted=unrouted, width=32, hidden=64)
+        tr = trace(model, x, device_type="cpu")
+        cands = [lay.key for lay in tr.layers if lay.flops > 0 or lay.hazards]
+        groups = roles(tr, cands)
+        ran = experts - unrouted
+        assert groups == {"experts.*.up": tuple(f"experts.{e}.up" for e in range(ran)),
+                          "experts.*.down": tuple(f"experts.{e}.down" for e in range(ran))}
+        plans[experts] = [name for name, _ in probe_groups(cands, groups)]
+    assert plans[4] == plans[8] == ["inp", "router", "experts.*.up", "experts.*.down", "out"]
 
 
 def test_outlier_depth_is_probed_alone_and_the_rest_as_groups():
@@ -139,7 +189,7 @@ def test_sharing_gives_the_per_layer_decisions_in_fewer_passes(name):
     shared, alone = tuned(name, True), tuned(name, False)
     assert shared.assignment == alone.assignment
     assert {k: e.reason for k, e in shared.layers.items()} == {k: e.reason for k, e in alone.layers.items()}
-    if name in ("outlier_stack", "gpt2"):
+    if name in GROUPED:
         assert shared.stats["probe_passes"] < alone.stats["probe_passes"]
     else:
         assert shared.stats["probe_passes"] == alone.stats["probe_passes"]
