@@ -181,7 +181,7 @@ class Check:
         closes most first, each layer that helps is promoted (``promotion(old)``, e.g. FP16 to BF16,
         where that alone brings the gap under the target, else FP32) until the gap is under it.
         """
-        low = [k for k, p in policy.assignment.items() if p in LOW_PRECISIONS]
+        low = [k for k, p in policy.assignment.items() if p in LOW_PRECISIONS or p == "fp8"]
         alone = {k: self._gap(model, batch, _with(policy, k, "fp32"), step) for k in low}
         current, gap, done = policy, verdict.gap, []
         for layer in sorted(low, key=lambda k: (alone[k], low.index(k))):
@@ -216,4 +216,6 @@ class Check:
 
 def _with(policy: Policy, layer: str, precision: str) -> Policy:
     """``policy`` with ``layer`` run in ``precision`` (a trial of the re-probe; its history not touched)."""
-    return replace(policy, layers={**policy.layers, layer: replace(policy.layers[layer], precision=precision)})
+    return replace(policy, layers={**policy.layers, layer: replace(policy.layers[layer], precision=precision,
+                                                                   recipe="" if precision != "fp8" else
+                                                                   policy.layers[layer].recipe)})

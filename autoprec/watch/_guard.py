@@ -29,9 +29,14 @@ DEFAULT_HEADROOM = 8.0  # tune's default, for policies that do not record theirs
 DEFAULT_LOSS_BOUND = 0.01  # tune's default loss tolerance, for policies that do not record theirs
 
 
+#: the formats whose layers the guard watches: the 16-bit ones and FP8 (a Linear's GEMMs, its output BF16)
+WATCHED = LOW_PRECISIONS + ("fp8",)
+
+
 def _misfit(precision: str, amax: float, bad: int, headroom: float) -> str | None:
-    """Why a layer's watched figures no longer fit ``precision``, or None when they fit."""
-    top = info(precision).max
+    """Why a layer's watched figures no longer fit ``precision``, or None when they fit. An FP8 layer's output is
+    BF16 (torchao scales each FP8 operand to its own amax at every step): it is held to BF16's range."""
+    top = info("bf16" if precision == "fp8" else precision).max
     if bad:
         return f"non-finite output in {bad} forward pass{'es' if bad > 1 else ''} (|out| max {_num(amax)})"
     if amax * headroom > top:
@@ -108,9 +113,9 @@ class Guard:
 
     def _install(self, policy: Policy, *, fresh: bool = False) -> None:
         if fresh:
-            layers = [k for k, p in policy.assignment.items() if p in LOW_PRECISIONS]  # units and op entries
+            layers = [k for k, p in policy.assignment.items() if p in WATCHED]  # units and op entries
             self._watch = Watch(layers, self._device())
-        watching = [k for k in self._watch.layers if policy.assignment.get(k) in LOW_PRECISIONS]
+        watching = [k for k in self._watch.layers if policy.assignment.get(k) in WATCHED]
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -119,7 +124,7 @@ class Guard:
         except Exception:
             if not fresh:  # the policy in force goes back on: a failed revision leaves the run as it was
                 self._handle = watched(self._policy, self.model, self._watch.observers(
-                    k for k in self._watch.layers if self._policy.assignment.get(k) in LOW_PRECISIONS))
+                    k for k in self._watch.layers if self._policy.assignment.get(k) in WATCHED))
             raise
         self._policy = policy
 
@@ -169,7 +174,7 @@ class Guard:
         scaler = self._scaler_reading()
         for layer, (amax, bad) in figures.items():
             old = revised.assignment.get(layer)
-            why = None if old not in LOW_PRECISIONS else (
+            why = None if old not in WATCHED else (
                 _misfit(old, amax, bad, self.headroom)
                 or grad_misfit(old, *self._watch.grads[layer], self.headroom, scaler))
             if why is None or (self.action == "warn" and any(e.layer == layer for e in self.events)):
@@ -272,6 +277,8 @@ class Guard:
         self._install(revised)
 
     def _promotion(self, old: str) -> str:
+        if old == "fp8":  # its region is BF16 already: the GEMMs go back to it
+            return "bf16"
         if old == "fp16" and "bf16" in self._policy.formats:
             on_cuda = _device_type(self.model) == "cuda"
             if not on_cuda or cuda_bf16_native():
@@ -312,9 +319,9 @@ def _promoted(policy: Policy, layer: str, new: str, event: GuardEvent, *, reason
     """``policy`` with ``layer`` in ``new`` and ``event`` appended to its ``stats["guard_events"]``."""
     entry = policy.layers[layer]
     if new == "fp32":
-        entry = dataclasses.replace(entry, precision=new, reason=reason, excluded=True, detail=event.evidence)
+        entry = dataclasses.replace(entry, precision=new, reason=reason, excluded=True, detail=event.evidence, recipe="")
     else:
-        entry = dataclasses.replace(entry, precision=new, detail=event.evidence)
+        entry = dataclasses.replace(entry, precision=new, detail=event.evidence, recipe="")
     stats = {**policy.stats, "guard_events": [*policy.stats.get("guard_events", []), event.to_dict()]}
     return dataclasses.replace(policy, layers={**policy.layers, layer: entry}, stats=stats)
 

@@ -222,6 +222,30 @@ def test_fsdp2_policy_matches_one_process(tmp_path, order, one_thread):
         torch.testing.assert_close(r["after"], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_fsdp2_with_fp8_layers_matches_one_process(tmp_path, one_thread):
+    """FSDP2 with the blocks' Linears in FP8 (torchao's GEMMs, emulated on the CPU): each rank trains as one process
+    does with the same policy, and both ranks end with the same weights."""
+    pytest.importorskip("torchao")
+    layers = {k: LayerEntry("fp8", recipe="rowwise" if k.endswith("fc2") else "tensorwise") if ".fc" in k
+              else LayerEntry(p) for k, p in FSDP_POLICY.items()}
+    policy = Policy(layers=layers, modules=module_signatures(Net()), formats=("bf16", "fp8"))
+    r0, r1 = run_ranks(_fsdp2, tmp_path, policy, "shard_first")
+    model = _net()
+    x, y = _data(7, 32)
+    with policy.autocast(model):
+        ref = _train_mse(model, x, y, STEPS)
+    bf16 = _net()
+    with _policy(FSDP_POLICY).autocast(bf16):
+        ref_bf16 = _train_mse(bf16, x, y, STEPS)
+    assert ref[0] != ref_bf16[0]  # FP8 really ran
+    for r in (r0, r1):
+        assert sorted(r["holders"]) == sorted(FSDP_POLICY) and r["left"] == []
+        assert r["losses"][-1] < r["losses"][0]
+        assert r["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    for key, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][key]), f"{key} differs across ranks"
+
+
 # -- FSDP2 with 16-bit parameters: fsdp_plan --------------------------------------------------
 def _fsdp2_bf16(rank: int, policy: Policy) -> dict:
     from torch.distributed.device_mesh import init_device_mesh

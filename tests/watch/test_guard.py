@@ -355,3 +355,27 @@ def test_a_policy_file_name_is_refused():
     model, _, _ = mlp()
     with pytest.raises(autoprec.PolicyError, match=r"guard takes an autoprec.Policy, got str: use autoprec.load"):
         autoprec.guard(model, "model.autoprec.json")
+
+
+def test_an_fp8_layer_is_watched_and_goes_back_to_bf16():
+    """An FP8 Linear's output is watched like a 16-bit layer's: a non-finite output (a batch with an inf, which
+    torchao's amax scaling turns into NaN) moves it to BF16, its recipe dropped, and the revised policy saves."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    policy = Policy(layers={"0": LayerEntry("fp8", recipe="tensorwise"), "2": LayerEntry("bf16")}, target="cuda",
+                    formats=("bf16", "fp8"))
+    g = autoprec.guard(model, policy, every=1, check_every=0)
+    assert g._watch.layers == ("0", "2")
+    x = torch.randn(8, 32)
+    model(x).float().sum().backward()
+    g.step()
+    assert not g.events
+    x[0, 0] = math.inf
+    model(x).float().sum().backward()
+    g.step()
+    g.remove()
+    assert [(e.layer, e.old, e.new) for e in g.events][0] == ("0", "fp8", "bf16")
+    assert "non-finite output" in g.events[0].evidence
+    assert g.policy.layers["0"].precision == "bf16" and g.policy.layers["0"].recipe == ""
+    assert Policy.from_dict(g.policy.to_dict()).layers["0"].precision == "bf16"
