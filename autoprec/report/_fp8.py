@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 __all__ = ["fp8_line", "fp8_section"]
 
 
-def fp8_line(policy: "Policy") -> str | None:
+def fp8_line(policy: Policy) -> str | None:
     """The header's FP8 line: Linears in FP8, their share of the matmul/conv FLOPs, the recipes; None without FP8.
 
     Example:
@@ -51,7 +51,7 @@ def _why(detail: str) -> str:
     return ""
 
 
-def _rows(policy: "Policy") -> tuple[tuple[str, ...], ...]:
+def _rows(policy: Policy) -> tuple[tuple[str, ...], ...]:
     rows = []
     for key, e in policy.layers.items():
         fig = e.measured.get("fp8")
@@ -77,7 +77,7 @@ def _side_by_side(assignments: dict[str, Any]) -> Table:
                   "loss change vs BF16 policy", "gradient SQNR (dB)"), tuple(rows), right=(1, 2, 3, 4, 5))
 
 
-def fp8_section(policy: "Policy") -> Section | None:
+def fp8_section(policy: Policy) -> Section | None:
     """The FP8 section, or None where FP8 was not tried.
 
     Example:

@@ -37,6 +37,7 @@ from ..core._fp8 import FP8_RECIPES
 from ..device._costs import DeviceProfile
 from ..device._fp8_costs import Fp8Price, fp8_price
 from ..probe._fp8 import Fp8Error, sqnr
+from ..probe._roles import probe_groups, roles
 from ..search._records import Decision
 from ._stages import Choice, Searched, step_seconds
 
@@ -157,23 +158,42 @@ def _figures(err: Fp8Error | None, price: Fp8Price, verdict: str) -> dict[str, f
     return out
 
 
-def _alone(m: _Measure, key: str, module: nn.Linear, prices: Mapping[str, Fp8Price]
-           ) -> tuple[str | None, Fp8Error | None, str]:
-    """The first recipe that pays and passes for ``key`` alone: (recipe or None, its error, why)."""
-    err, why = None, prices[FP8_RECIPES[0]].note
+@dataclasses.dataclass
+class _Outcome:
+    """One candidate's FP8 result so far: its recipe (None: stays BF16), its last measured error, and why."""
+
+    recipe: str | None
+    err: Fp8Error | None
+    why: str
+
+
+def _decide(m: _Measure, members: Sequence[str], modules: Mapping[str, nn.Linear],
+            prices: Mapping[str, Mapping[str, Fp8Price]]) -> dict[str, _Outcome]:
+    """Each member's first recipe (fastest first) that pays and passes. A role's members are measured together, one
+    pass per recipe (their figures then bound each one's own: a member downstream of another sees both errors);
+    a member that fails there, where a role has several, is measured alone before it is given up."""
+    out = {k: _Outcome(None, None, prices[k][FP8_RECIPES[0]].note) for k in members}
+    left = list(members)
     for recipe in FP8_RECIPES:
-        if not prices[recipe].pays:
+        paying = [k for k in left if prices[k][recipe].pays]
+        if not paying:
             continue
-        err = m.error(key, recipe, m.run({key: recipe}), module)
-        verdict = err.judge(forward_db=FORWARD_DB, weight_grad_db=WEIGHT_GRAD_DB)
-        if verdict.passed:
-            return recipe, err, verdict.reason
-        why = "error: " + verdict.reason
-    return None, err, why
+        got = m.run(dict.fromkeys(paying, recipe))
+        for k in paying:
+            err = m.error(k, recipe, got, modules[k])
+            verdict = err.judge(forward_db=FORWARD_DB, weight_grad_db=WEIGHT_GRAD_DB)
+            out[k] = _Outcome(recipe if verdict.passed else None, err,
+                              verdict.reason if verdict.passed else "error: " + verdict.reason)
+        left = [k for k in left if out[k].recipe is None]
+    if len(members) > 1:
+        for k in [k for k in left if out[k].err is not None]:
+            out[k] = _decide(m, [k], modules, prices)[k]
+    return out
 
 
-def _together(m: _Measure, chosen: dict[str, str], errors: Mapping[str, Fp8Error], tolerance: float) -> list[str]:
-    """Drop the lowest-SQNR layers until the chosen FP8 layers together hold; the notes of those dropped."""
+def _together(m: _Measure, chosen: dict[str, str], errors: Mapping[str, Fp8Error], tolerance: float
+              ) -> list[tuple[str, str]]:
+    """Drop the lowest-SQNR layers until the chosen FP8 layers together hold: (layer, why) of those dropped."""
     notes = []
     while chosen:
         got = m.run(chosen)
@@ -182,39 +202,42 @@ def _together(m: _Measure, chosen: dict[str, str], errors: Mapping[str, Fp8Error
             break
         worst = min(chosen, key=lambda k: errors[k].forward_db)
         del chosen[worst]
-        notes.append(f"{worst}: back to BF16, with {len(chosen) + 1} FP8 layers the loss moved {loss_rel:.2e} "
-                     f"(bound {tolerance:.2e}) and the gradient SQNR was {grad_db:.1f} dB (bound {MODEL_GRAD_DB} dB)")
+        why = (f"{worst}: back to BF16, with {len(chosen) + 1} FP8 layers the loss moved {loss_rel:.2e} (bound "
+               f"{tolerance:.2e}) and the gradient SQNR was {grad_db:.1f} dB (bound {MODEL_GRAD_DB} dB)")
+        notes.append((worst, why))
     return notes
+
+
+def _groups(s: Searched, keys: Sequence[str]) -> list[tuple[str, ...]]:
+    """The candidates as measured: the roles of repeated blocks (``share_roles``) as one group each, else alone."""
+    groups = roles(s.tr, keys) if s.opts.share_roles else {}
+    return [members for _, members in probe_groups(list(keys), groups)]
 
 
 def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile) -> tuple[Choice, Fp8Stage]:
     """FP8 for the BF16 Linears that pay and measure safe (the module's rule): the new choice, and the figures."""
     bf16 = [k for k, d in choice.decisions.items() if d.precision == "bf16" and "::" not in k]
-    linears = _linears(s, bf16)
     every = _linears(s, [lay.key for lay in s.tr.layers if lay.kind == "module"])
-    candidates = {k: lin for k, lin in linears.items() if _fits(lin)}
-    s.bar.stage("fp8", 3 + 2 * len(candidates))
+    candidates = {k: lin for k, lin in _linears(s, bf16).items() if _fits(lin)}
+    groups = _groups(s, list(candidates))
+    s.bar.stage("fp8", 4 + len(groups))
     m = _Measure(s, {k: d.precision for k, d in choice.decisions.items()}, list(every))
-    figures, chosen, errors, notes = {}, {}, {}, {}
-    for key, module in candidates.items():
-        prices = {r: fp8_price(s.priced.layer(key), profile, r) for r in FP8_RECIPES}
-        recipe, err, why = _alone(m, key, module, prices)
+    prices = {k: {r: fp8_price(s.priced.layer(k), profile, r) for r in FP8_RECIPES} for k in candidates}
+    outcomes: dict[str, _Outcome] = {}
+    for members in groups:
+        outcomes.update(_decide(m, members, candidates, prices))
         s.bar.advance()
-        notes[key] = why
-        figures[key] = {"fp8": _figures(err, prices[recipe or FP8_RECIPES[0]], "fp8" if recipe else why)}
-        if recipe is not None:
-            chosen[key], errors[key] = recipe, err
-    for note in _together(m, chosen, errors, s.opts.tol.loss):
-        key = note.split(":", 1)[0]
-        notes[key], figures[key]["fp8"]["passed"] = "error: " + note, 0.0
+    chosen = {k: o.recipe for k, o in outcomes.items() if o.recipe is not None}
+    for key, note in _together(m, chosen, {k: outcomes[k].err for k in chosen}, s.opts.tol.loss):
+        outcomes[key] = _Outcome(None, outcomes[key].err, "error: " + note)
+    figures = {k: {"fp8": _figures(o.err, prices[k][o.recipe or FP8_RECIPES[0]], "fp8" if o.recipe else o.why)}
+               for k, o in outcomes.items()}
     decisions = dict(choice.decisions)
-    for key, recipe in chosen.items():
+    for key, o in outcomes.items():
         d = decisions[key]
-        decisions[key] = dataclasses.replace(d, precision="fp8", recipe=recipe,
-                                             detail=f"{d.detail}; fp8 ({recipe}): {notes[key]}".lstrip("; "))
-    for key in candidates.keys() - chosen.keys():
-        d = decisions[key]
-        decisions[key] = dataclasses.replace(d, detail=f"{d.detail}; stays bf16, fp8 {notes[key]}".lstrip("; "))
+        done = f"fp8 ({o.recipe}): {o.why}" if o.recipe else f"stays bf16, fp8 {o.why}"
+        decisions[key] = dataclasses.replace(d, precision="fp8" if o.recipe else d.precision, recipe=o.recipe or "",
+                                             detail=f"{d.detail}; {done}".lstrip("; "))
     compared = _compare(s, m, every, chosen, profile, decisions)
     log.info("fp8: %d of %d BF16 Linears in FP8 (%d passes)", len(chosen), len(candidates), m.passes)
     return dataclasses.replace(choice, decisions=decisions), Fp8Stage(figures, m.passes, compared)

@@ -155,3 +155,24 @@ def test_fp8_without_torchao_names_the_extra(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(FormatError, match=r"FP8 needs torchao, which is not installed: pip install 'autoprec\[fp8\]'"):
         autoprec.tune(outlier_mlp(), torch.randn(8, 64), _loss, dtypes="bf16,fp8", target="cuda", progress=False)
+
+
+def _moe_fp8(experts: int) -> autoprec.Policy:
+    from tests.models_coverage import looped_moe
+
+    model, batch = looped_moe(experts=experts, width=64, hidden=128)
+    return autoprec.tune(model, batch[:2], lambda out, b: out.float().square().mean(), dtypes=["bf16", "fp8"],
+                         target="cuda", profile=cheap_casts(), progress=False, n_trials=4, verify_steps=0, held_out=0)
+
+
+def test_looped_experts_are_measured_in_fp8_as_one_role():
+    """The experts of a ModuleList MoE share a role: FP8 measures each role in one pass per recipe, so 4 and 8 experts
+    cost the same FP8 passes; each expert Linear gets its own verdict from that pass."""
+    pytest.importorskip("torchao")
+    four, eight = _moe_fp8(4), _moe_fp8(8)
+    assert four.stats["fp8"]["passes"] == eight.stats["fp8"]["passes"]
+    for policy, n in ((four, 4), (eight, 8)):
+        experts = [k for k in policy.layers if k.startswith("experts.") and "forward_db" in
+                   policy.layers[k].measured.get("fp8", {})]
+        assert len(experts) == 2 * n, sorted(policy.layers)
+        assert all(policy.layers[k].precision == "fp8" for k in experts)
