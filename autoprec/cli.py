@@ -357,8 +357,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "and a share of the passes; rank 0 writes the policy.")
     t.add_argument("factory", help="pkg.module:function or path/to/file.py:function")
     t.add_argument("--out", required=True, help="where to write the policy JSON")
-    t.add_argument("--dtypes", help="16-bit formats allowed, comma separated (bf16,fp16); default: what the "
-                                    "target runs fast")
+    t.add_argument("--dtypes", help="formats allowed, comma separated (bf16,fp16; bf16,fp8 for Linears' GEMMs in "
+                                    "FP8 on a CUDA target); default: what the target runs fast")
     t.add_argument("--target", choices=["cpu", "cuda"], help="device the policy is for (default: the model's)")
     t.add_argument("--tolerance", type=float, default=0.01, help="relative error bound at the loss (0.01)")
     t.add_argument("--grad-tolerance", type=float, default=0.05, help="relative L2 error bound of the gradients (0.05)")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..core._fp8 import FP8_RECIPES
+from ..core._modules import canonical_modules
 from ..device._costs import DeviceProfile
 from ..device._fp8_costs import Fp8Price, fp8_price
 from ..probe._fp8 import Fp8Error, sqnr
@@ -96,13 +97,14 @@ class _Measure:
 
     def __init__(self, s: Searched, assignment: Mapping[str, str], keys: Sequence[str]) -> None:
         self.runner, self.batch = s.reference.runner, s.reference.batch
-        self.assignment, self.keys = dict(assignment), list(keys)
+        self.assignment = dict(assignment)
         self.weight = {id(p): i for i, p in enumerate(self.runner.params)}
         self.passes = 0
-        self.ref = self.run({})
+        self.ref = self.run({}, keys)
 
-    def run(self, recipes: Mapping[str, str]) -> _Pass:
-        taps = _Taps(self.keys)
+    def run(self, recipes: Mapping[str, str], keys: Sequence[str] | None = None) -> _Pass:
+        """One pass with ``recipes``' Linears in FP8, keeping the outputs of ``keys`` (default: those Linears)."""
+        taps = _Taps(list(recipes) if keys is None else keys)
         assignment = {**self.assignment, **{k: "fp8" for k in recipes}}
         loss, grads = self.runner.run(self.batch, assignment, watcher=taps, recipes=dict(recipes))
         self.passes += 1
@@ -123,7 +125,7 @@ class _Measure:
 
 
 def _linears(s: Searched, keys: Sequence[str]) -> dict[str, nn.Linear]:
-    mods = dict(s.work.named_modules())
+    mods = canonical_modules(s.work)  # the trace's names: without the wrappers' prefixes
     return {k: mods[k] for k in keys if isinstance(mods.get(k), nn.Linear)}
 
 
@@ -196,7 +198,7 @@ def _together(m: _Measure, chosen: dict[str, str], errors: Mapping[str, Fp8Error
     """Drop the lowest-SQNR layers until the chosen FP8 layers together hold: (layer, why) of those dropped."""
     notes = []
     while chosen:
-        got = m.run(chosen)
+        got = m.run(chosen, keys=())
         loss_rel, grad_db = m.loss_rel(got), m.grad_db(got)
         if loss_rel <= tolerance and grad_db >= MODEL_GRAD_DB:
             break
@@ -221,7 +223,7 @@ def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile) -> tuple[Choi
     candidates = {k: lin for k, lin in _linears(s, bf16).items() if _fits(lin)}
     groups = _groups(s, list(candidates))
     s.bar.stage("fp8", 4 + len(groups))
-    m = _Measure(s, {k: d.precision for k, d in choice.decisions.items()}, list(every))
+    m = _Measure(s, {k: d.precision for k, d in choice.decisions.items()}, list(candidates))
     prices = {k: {r: fp8_price(s.priced.layer(k), profile, r) for r in FP8_RECIPES} for k in candidates}
     outcomes: dict[str, _Outcome] = {}
     for members in groups:
@@ -255,7 +257,7 @@ def _compare(s: Searched, m: _Measure, every: Mapping[str, nn.Linear], chosen: M
     cost_fp32 = s.result.cost_fp32 or 1.0
     out = {}
     for name, recipes in [(n, dict.fromkeys(keys, "tensorwise")) for n, keys in hands.items()] + [("tuned", dict(chosen))]:
-        got = m.run(recipes) if recipes else m.ref
+        got = m.run(recipes, keys=()) if recipes else m.ref
         out[name] = {"fp8_layers": sorted(recipes), "fp8_flops": sum(flops[k] for k in recipes) / total,
                      "modelled_ratio": round(step_seconds(s.priced, profile, base, recipes) / cost_fp32, 4),
                      "loss_rel": m.loss_rel(got), "grad_db": m.grad_db(got) if recipes else math.inf}
