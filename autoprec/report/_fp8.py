@@ -45,10 +45,8 @@ def _db(figures: dict[str, float], name: str) -> str:
 
 
 def _why(detail: str) -> str:
-    for mark in ("; fp8 (", "stays bf16, fp8 "):
-        if mark in detail:
-            return detail.split(mark, 1)[1].rstrip(")")
-    return ""
+    mark = "stays bf16, fp8 "
+    return detail.split(mark, 1)[1] if mark in detail else ""
 
 
 def _rows(policy: Policy) -> tuple[tuple[str, ...], ...]:
