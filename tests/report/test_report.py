@@ -62,9 +62,9 @@ def policy(name: str) -> autoprec.Policy:
                                          verify_steps=3)
         elif name == "fp8_cuda":
             pytest.importorskip("torchao")
-            from tests.tuning.test_tune_fp8 import _tune, cheap_casts, outlier_mlp
+            from tests.models_fp8 import cheap_casts, outlier_mlp, tune_fp8
 
-            _TUNED[name] = _tune(outlier_mlp(), cheap_casts())
+            _TUNED[name] = tune_fp8(outlier_mlp(), cheap_casts())
         else:
             _TUNED[name] = {"failed": _failed, "backed_to_nothing": _backed_to_nothing}[name]()
     return _TUNED[name]

@@ -8,57 +8,13 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import autoprec
 from autoprec import FormatError, OptionError
-from autoprec.device._estimates import compute_bound, roofline
+from autoprec.device._estimates import compute_bound
 from autoprec.search._records import Decision
 from autoprec.verify._verify import _back_off
-
-GAIN = 2.0 ** 16
-WIDTH = 256
-
-
-class Massive(nn.Module):
-    """Two channels near ``GAIN`` in every row, as LLMs' massive activations are."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        offset = torch.zeros(width)
-        offset[[3, 17]] = GAIN
-        self.register_buffer("offset", offset)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.offset
-
-
-def outlier_mlp() -> nn.Sequential:
-    """``5`` reads the massive channels through weights ``1/GAIN`` as small: an FP8 scale sized for them leaves its
-    other channels a few FP8 steps (the probe's test model, wider). ``5`` is frozen: trained, a step of those tiny
-    weights would move its output by ``GAIN`` times the step, in FP32 as much as in any policy."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH), nn.GELU(), Massive(WIDTH),
-                          nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.Linear(WIDTH, 64))
-    with torch.no_grad():
-        model[5].weight[:, [3, 17]] /= GAIN
-    model[5].requires_grad_(False)
-    return model
-
-
-def _loss(out, batch):
-    return (out.float() - batch).square().mean()
-
-
-def cheap_casts():
-    """A GPU roofline whose FP8 casts cost next to nothing: FP8 pays at every shape, so only the error decides."""
-    return roofline(fp32_flops=19.5e12, low_speedup=8.0, fp8_speedup=16.0, bandwidth=1e18, launch=0.0, region=0.0,
-                    device="roofline with free casts")
-
-
-def _tune(model, profile, **kw):
-    return autoprec.tune(model, torch.randn(64, 64), _loss, dtypes=["bf16", "fp8"], target="cuda", profile=profile,
-                         progress=False, n_trials=4, verify_steps=kw.pop("verify_steps", 3), held_out=0, **kw)
+from tests.models_fp8 import cheap_casts, fp8_loss, outlier_mlp, tune_fp8
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +22,7 @@ def tuned():
     pytest.importorskip("torchao")
     model = outlier_mlp()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    policy = _tune(model, cheap_casts())
+    policy = tune_fp8(model, cheap_casts())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the caller's model untouched
     return model, policy
 
@@ -93,7 +49,7 @@ def test_small_gemms_stay_bf16_by_price():
     """On the compute-bound roofline, whose FP8 casts cost memory traffic, no Linear of a 256-wide MLP at 64 rows
     saves more than its casts cost: all stay BF16, each saying so, and no FP8 pass runs for them."""
     pytest.importorskip("torchao")
-    policy = _tune(outlier_mlp(), compute_bound(), verify_steps=0)
+    policy = tune_fp8(outlier_mlp(), compute_bound(), verify_steps=0)
     linears = ["0", "2", "5", "7", "9"]
     assert all(policy.layers[k].precision == "bf16" for k in linears)
     assert all("stays bf16, fp8 no gain:" in policy.layers[k].detail for k in linears)
@@ -115,7 +71,7 @@ def test_the_policy_saves_loads_applies_and_trains(tuned, tmp_path):
     try:
         for _ in range(10):
             opt.zero_grad()
-            loss = _loss(model(x), x)
+            loss = fp8_loss(model(x), x)
             loss.backward()
             opt.step()
             losses.append(loss.item())
@@ -139,22 +95,22 @@ def test_verification_moves_fp8_layers_to_bf16_first():
 
 
 @pytest.mark.parametrize("dtypes,target,error,message", [
-    (["fp8"], "cuda", OptionError, r"dtypes=\['fp8'\] names fp8 without bf16: an FP8 layer runs its GEMMs in FP8 and "
-                                   r"the rest of its region in BF16; pass dtypes=\['bf16', 'fp8'\]"),
-    (["bf16", "fp8"], "cpu", FormatError, r"fp8 for target 'cpu': a CPU has no FP8 GEMMs, so FP8 can only cost time "
-                                          r"there; tune for target='cuda'"),
+    (["fp8"], "cuda", OptionError, (r"dtypes=\['fp8'\] names fp8 without bf16: an FP8 layer runs its GEMMs in FP8 and "
+                                    r"the rest of its region in BF16; pass dtypes=\['bf16', 'fp8'\]")),
+    (["bf16", "fp8"], "cpu", FormatError, (r"fp8 for target 'cpu': a CPU has no FP8 GEMMs, so FP8 can only cost time "
+                                           r"there; tune for target='cuda'")),
 ], ids=["without-bf16", "cpu-target"])
 def test_fp8_options_that_cannot_work_say_why(dtypes, target, error, message):
     model = outlier_mlp()
     with pytest.raises(error, match=message):
-        autoprec.tune(model, torch.randn(8, 64), _loss, dtypes=dtypes, target=target, progress=False)
+        autoprec.tune(model, torch.randn(8, 64), fp8_loss, dtypes=dtypes, target=target, progress=False)
 
 
 def test_fp8_without_torchao_names_the_extra(monkeypatch):
     for name in ["torchao", "torchao.float8", "torchao.float8.float8_linear"]:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(FormatError, match=r"FP8 needs torchao, which is not installed: pip install 'autoprec\[fp8\]'"):
-        autoprec.tune(outlier_mlp(), torch.randn(8, 64), _loss, dtypes="bf16,fp8", target="cuda", progress=False)
+        autoprec.tune(outlier_mlp(), torch.randn(8, 64), fp8_loss, dtypes="bf16,fp8", target="cuda", progress=False)
 
 
 def _moe_fp8(experts: int) -> autoprec.Policy:

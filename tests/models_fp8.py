@@ -1,0 +1,54 @@
+"""Models and settings for the FP8 tests: a stack with one Linear behind massive activations, a roofline whose FP8
+casts cost next to nothing (FP8 pays everywhere, so only the error decides), and tune with FP8 on them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import autoprec
+from autoprec.device._estimates import roofline
+
+GAIN = 2.0 ** 16
+WIDTH = 256
+
+
+class Massive(nn.Module):
+    """Two channels near ``GAIN`` in every row, as LLMs' massive activations are."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        offset = torch.zeros(width)
+        offset[[3, 17]] = GAIN
+        self.register_buffer("offset", offset)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+def outlier_mlp() -> nn.Sequential:
+    """``5`` reads the massive channels through weights ``1/GAIN`` as small: an FP8 scale sized for them leaves its
+    other channels a few FP8 steps (the probe's test model, wider). ``5`` is frozen: trained, a step of those tiny
+    weights would move its output by ``GAIN`` times the step, in FP32 as much as in any policy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH), nn.GELU(), Massive(WIDTH),
+                          nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.Linear(WIDTH, WIDTH), nn.GELU(), nn.Linear(WIDTH, 64))
+    with torch.no_grad():
+        model[5].weight[:, [3, 17]] /= GAIN
+    model[5].requires_grad_(False)
+    return model
+
+
+def fp8_loss(out, batch):
+    return (out.float() - batch).square().mean()
+
+
+def cheap_casts():
+    """A GPU roofline whose FP8 casts cost next to nothing: FP8 pays at every shape, so only the error decides."""
+    return roofline(fp32_flops=19.5e12, low_speedup=8.0, fp8_speedup=16.0, bandwidth=1e18, launch=0.0, region=0.0,
+                    device="roofline with free casts")
+
+
+def tune_fp8(model, profile, **kw):
+    return autoprec.tune(model, torch.randn(64, 64), fp8_loss, dtypes=["bf16", "fp8"], target="cuda", profile=profile,
+                         progress=False, n_trials=4, verify_steps=kw.pop("verify_steps", 3), held_out=0, **kw)
