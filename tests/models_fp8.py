@@ -49,6 +49,9 @@ def cheap_casts():
                     device="roofline with free casts")
 
 
-def tune_fp8(model, profile, **kw):
-    return autoprec.tune(model, torch.randn(64, 64), fp8_loss, dtypes=["bf16", "fp8"], target="cuda", profile=profile,
-                         progress=False, n_trials=4, verify_steps=kw.pop("verify_steps", 3), held_out=0, **kw)
+def tune_fp8(model, profile, batch=None, loss_fn=fp8_loss, **kw):
+    """tune with FP8 on a 64 x 64 batch, nothing held out unless ``held_out`` says, 3 verification steps."""
+    kw = {"held_out": 0, "verify_steps": 3, **kw}
+    batch = torch.randn(64, 64) if batch is None else batch
+    return autoprec.tune(model, batch, loss_fn, dtypes=["bf16", "fp8"], target="cuda", profile=profile,
+                         progress=False, n_trials=4, **kw)

@@ -12,8 +12,9 @@ The rule, and its defaults:
    torchao's own test thresholds: output SQNR >= 18 dB, weight-gradient SQNR >= 17 dB
    (:meth:`autoprec.probe.Fp8Error.judge`). One pass per recipe tried, the rest of the model in its policy.
 4. **Together**: with every passing layer in FP8 at once, the loss may move by at most ``tune``'s ``tolerance``
-   from the BF16 policy's and the model's whole gradient keeps SQNR >= 17 dB; while not, the layer with the
-   lowest output SQNR goes back to BF16 (FP8's errors add up over layers: each one passing alone is not enough).
+   from the BF16 policy's and the model's whole gradient keeps SQNR >= 17 dB, on the tuning batch and on held-out
+   data (``tune``'s ``held_out``: its first batch) alike; while not, the layer with the lowest output SQNR goes
+   back to BF16 (FP8's errors add up over layers: each one passing alone is not enough).
 5. **Verification** trains the policy, FP8 layers included, against FP32 (:mod:`autoprec.verify`); a failing
    round moves every FP8 layer back to BF16 first.
 
@@ -95,8 +96,11 @@ def _flat(grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
 class _Measure:
     """Passes of the tuning batch with some Linears in FP8 on top of the BF16 decisions, against those decisions."""
 
-    def __init__(self, s: Searched, assignment: Mapping[str, str], keys: Sequence[str]) -> None:
-        self.runner, self.batch = s.reference.runner, s.reference.batch
+    def __init__(self, s: Searched, assignment: Mapping[str, str], keys: Sequence[str], batch: Any = None,
+                 name: str = "") -> None:
+        self.runner = s.reference.runner
+        self.batch = s.reference.batch if batch is None else batch
+        self.name = name  # "" for the tuning batch, else what the batch is ("held-out")
         self.assignment = dict(assignment)
         self.weight = {id(p): i for i, p in enumerate(self.runner.params)}
         self.passes = 0
@@ -193,20 +197,29 @@ def _decide(m: _Measure, members: Sequence[str], modules: Mapping[str, nn.Linear
     return out
 
 
-def _together(m: _Measure, chosen: dict[str, str], errors: Mapping[str, Fp8Error], tolerance: float
-              ) -> list[tuple[str, str]]:
-    """Drop the lowest-SQNR layers until the chosen FP8 layers together hold: (layer, why) of those dropped."""
+def _holds(m: _Measure, chosen: Mapping[str, str], tolerance: float) -> str | None:
+    """Why the chosen FP8 layers together do not hold on ``m``'s batch, or None where they do."""
+    got = m.run(chosen, keys=())
+    loss_rel, grad_db = m.loss_rel(got), m.grad_db(got)
+    if loss_rel <= tolerance and grad_db >= MODEL_GRAD_DB:
+        return None
+    on = f" on the {m.name} batch" if m.name else ""
+    return (f"with {len(chosen)} FP8 layers the loss moved {loss_rel:.2e}{on} (bound {tolerance:.2e}) and the gradient "
+            f"SQNR was {grad_db:.1f} dB (bound {MODEL_GRAD_DB} dB)")
+
+
+def _together(measures: Sequence[_Measure], chosen: dict[str, str], errors: Mapping[str, Fp8Error],
+              tolerance: float) -> list[tuple[str, str]]:
+    """Drop the lowest-SQNR layers until the chosen FP8 layers together hold on every batch of ``measures`` (the
+    tuning batch, then held-out data): (layer, why) of those dropped."""
     notes = []
     while chosen:
-        got = m.run(chosen, keys=())
-        loss_rel, grad_db = m.loss_rel(got), m.grad_db(got)
-        if loss_rel <= tolerance and grad_db >= MODEL_GRAD_DB:
+        why = next((w for w in (_holds(m, chosen, tolerance) for m in measures) if w is not None), None)
+        if why is None:
             break
         worst = min(chosen, key=lambda k: errors[k].forward_db)
         del chosen[worst]
-        why = (f"{worst}: back to BF16, with {len(chosen) + 1} FP8 layers the loss moved {loss_rel:.2e} (bound "
-               f"{tolerance:.2e}) and the gradient SQNR was {grad_db:.1f} dB (bound {MODEL_GRAD_DB} dB)")
-        notes.append((worst, why))
+        notes.append((worst, f"{worst}: back to BF16, {why}"))
     return notes
 
 
@@ -216,8 +229,10 @@ def _groups(s: Searched, keys: Sequence[str]) -> list[tuple[str, ...]]:
     return [members for _, members in probe_groups(list(keys), groups)]
 
 
-def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile) -> tuple[Choice, Fp8Stage]:
-    """FP8 for the BF16 Linears that pay and measure safe (the module's rule): the new choice, and the figures."""
+def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile, held: Sequence[Any] = ()
+              ) -> tuple[Choice, Fp8Stage]:
+    """FP8 for the BF16 Linears that pay and measure safe (the module's rule): the new choice, and the figures.
+    ``held``: batches the decisions were not made on; the gate of all FP8 layers together holds on the first too."""
     bf16 = [k for k, d in choice.decisions.items() if d.precision == "bf16" and "::" not in k]
     every = _linears(s, [lay.key for lay in s.tr.layers if lay.kind == "module"])
     candidates = {k: lin for k, lin in _linears(s, bf16).items() if _fits(lin)}
@@ -230,7 +245,10 @@ def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile) -> tuple[Choi
         outcomes.update(_decide(m, members, candidates, prices))
         s.bar.advance()
     chosen = {k: o.recipe for k, o in outcomes.items() if o.recipe is not None}
-    for key, note in _together(m, chosen, {k: outcomes[k].err for k in chosen}, s.opts.tol.loss):
+    measures = [m]
+    if held and chosen:  # lazily: its BF16 reference pass only where there is something to check
+        measures.append(_Measure(s, m.assignment, (), batch=held[0], name="held-out"))
+    for key, note in _together(measures, chosen, {k: outcomes[k].err for k in chosen}, s.opts.tol.loss):
         outcomes[key] = _Outcome(None, outcomes[key].err, "error: " + note)
     figures = {k: {"fp8": _figures(o.err, prices[k][o.recipe or FP8_RECIPES[0]], "fp8" if o.recipe else o.why)}
                for k, o in outcomes.items()}
@@ -241,8 +259,9 @@ def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile) -> tuple[Choi
         decisions[key] = dataclasses.replace(d, precision="fp8" if o.recipe else d.precision, recipe=o.recipe or "",
                                              detail=f"{d.detail}; {done}".lstrip("; "))
     compared = _compare(s, m, every, chosen, profile, decisions)
-    log.info("fp8: %d of %d BF16 Linears in FP8 (%d passes)", len(chosen), len(candidates), m.passes)
-    return dataclasses.replace(choice, decisions=decisions), Fp8Stage(figures, m.passes, compared)
+    passes = sum(x.passes for x in measures)
+    log.info("fp8: %d of %d BF16 Linears in FP8 (%d passes)", len(chosen), len(candidates), passes)
+    return dataclasses.replace(choice, decisions=decisions), Fp8Stage(figures, passes, compared)
 
 
 def _compare(s: Searched, m: _Measure, every: Mapping[str, nn.Linear], chosen: Mapping[str, str],

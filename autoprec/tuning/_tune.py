@@ -288,7 +288,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     held, held_passes, choice = held_out_stage(s, parts, choice)
     fp8 = None
     if opts.fp8:  # on the checked 16-bit decisions: FP8 where it pays and measures safe, verified with the rest
-        choice, fp8 = fp8_stage(s, choice, profile)
+        choice, fp8 = fp8_stage(s, choice, profile, parts.held)
         s = dataclasses.replace(s, fp8_figures=fp8.figures)
     fp32_curve = reference_stage(s, choice)
     scaler, scaler_choice = scaler_stage(s, choice, fp32_curve)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import autoprec
 from autoprec import FormatError, OptionError
@@ -132,3 +133,22 @@ def test_looped_experts_are_measured_in_fp8_as_one_role():
                    policy.layers[k].measured.get("fp8", {})]
         assert len(experts) == 2 * n, sorted(policy.layers)
         assert all(policy.layers[k].precision == "fp8" for k in experts)
+
+
+def test_fp8_layers_together_must_hold_on_held_out_data_too():
+    """Two massive input channels in the last quarter of the rows. Decided on all rows, the input Linear fails FP8
+    alone. With that quarter held out, it passes alone on the rest, and goes back to BF16 because all FP8 layers
+    together break the gradient bound on the held-out rows; the last Linear stays FP8 either way."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64))
+    x = torch.randn(64, 64)
+    x[48:, [3, 17]] = 2.0 ** 12  # the last quarter: tune's held_out=0.25 holds them out
+    runs = {h: tune_fp8(model, cheap_casts(), batch=x, held_out=h, verify_steps=0,
+                        loss_fn=lambda out, b: out.float().square().mean()) for h in (0.0, 0.25)}
+    assert "stays bf16, fp8 error: 0: weight-gradient SQNR" in runs[0.0].layers["0"].detail
+    entry = runs[0.25].layers["0"]
+    assert entry.precision == "bf16" and entry.measured["fp8"]["forward_db"] >= 18.0
+    assert "stays bf16, fp8 error: 0: back to BF16, with 3 FP8 layers the loss moved" in entry.detail
+    assert "on the held-out batch" in entry.detail
+    assert runs[0.0].layers["4"].precision == "fp8" and runs[0.25].layers["4"].precision == "fp8"
