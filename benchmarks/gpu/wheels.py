@@ -1,4 +1,4 @@
-"""The wheels a lent GPU machine lacks: optuna and its dependencies, which the GPU image does not have (it has
+"""The wheels a lent GPU machine lacks: optuna and its dependencies, and torchao, which the GPU image does not have (it has
 torch, numpy, packaging, transformers; it cannot download anything). Downloaded here for that machine's Python
 (3.12, manylinux x86_64) into the ignored folder ``.whl/``, carried along, installed there without network.
 
@@ -24,9 +24,10 @@ import subprocess
 import sys
 import zipfile
 
-#: optuna and every dependency of it that the GPU image may lack (numpy and packaging it has)
+#: optuna and every dependency of it that the GPU image may lack (numpy and packaging it has); torchao for FP8
+#: (the ``autoprec[fp8]`` extra: its FP8 tests run natively on an sm89+ GPU; 3.4 MB, no dependencies)
 PINS = ("optuna==5.1.0", "SQLAlchemy==2.1.9", "alembic==1.20.1", "colorlog==6.12.0", "Mako==1.4.3",
-        "MarkupSafe==3.0.4", "PyYAML==6.0.4", "tqdm==4.70.1", "typing_extensions==4.16.0")
+        "MarkupSafe==3.0.4", "PyYAML==6.0.4", "tqdm==4.70.1", "typing_extensions==4.16.0", "torchao==0.18.0")
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 
 

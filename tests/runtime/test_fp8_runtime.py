@@ -178,3 +178,29 @@ def test_applying_fp8_without_torchao_names_the_extra(monkeypatch):
         policy.apply(model)
     x = torch.randn(2, 32)
     assert type(model[2]) is nn.Linear and model(x).dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with FP8 GEMMs (sm89+)")
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise", "rowwise_with_gw_hp"])
+def test_on_an_fp8_gpu_the_layer_runs_torchaos_native_fp8_gemms(torchao, recipe):
+    """On an sm89+ GPU the FP8 layer is not emulated: its output and FP32 master gradients are those of torchao's
+    native Float8Linear on the BF16 input, bit for bit."""
+    from autoprec.core._fp8 import config, float8
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(256, 512)).cuda(), torch.randn(1024, 256, device="cuda")
+    cfg = config(recipe, x.device)
+    assert not cfg.emulate
+    handle = policy_for(model, {"0": ("fp8", recipe)}, target="cuda").apply(model)
+    try:
+        got = model(x)
+        got.square().mean().backward()
+    finally:
+        handle.remove()
+    got_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    want = float8()[1].from_float(model[0], config=cfg)(x.to(torch.bfloat16)).float()
+    want.square().mean().backward()
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, p.grad) for a, p in zip(got_grads, model.parameters()))
