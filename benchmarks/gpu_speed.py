@@ -8,7 +8,9 @@ transformers configs (nothing downloaded):
 
 * ``gpt2``: GPT-2 small (12 layers, width 768, 12 heads, vocab 50257), 8 x 1024 tokens (``--batch``,
   ``--seq``), LM loss;
-* ``resnet50``: ResNet-50 (bottleneck blocks [3, 4, 6, 3], widths 256..2048), 64 x 224 px, 1000 classes.
+* ``resnet50``: ResNet-50 (bottleneck blocks [3, 4, 6, 3], widths 256..2048), 64 x 224 px, 1000 classes;
+* ``mixtral`` (on request, ``--models mixtral``): a Mixtral mixture of experts (4 layers, width 1024, 8 experts of
+  width 1408, top 2, vocab 32000), 8 x 1024 tokens: the experts' grouped GEMMs, the policy against blanket BF16.
 
 For each: tune a policy on the GPU (``autoprec.tune(model, batch)``, target = the model's device),
 then time full training steps (forward, backward, GradScaler where FP16 is used, AdamW) of ten
@@ -61,7 +63,8 @@ from compile_speed import Runner, compile_clean, compile_seconds, make_runner, t
 import autoprec
 from autoprec.core import batch_to
 
-MODELS = ("gpt2", "resnet50")
+MODELS = ("gpt2", "resnet50", "mixtral")
+DEFAULT_MODELS = ("gpt2", "resnet50")  # mixtral on request (``--models mixtral``): it does not fit run.sh's budget
 EAGER = ("fp32", "fp32-tf32", "amp-bf16", "amp-fp16", "autoprec")
 VARIANTS = EAGER + tuple(f"{v}-compiled" for v in EAGER)
 #: the variants that run with TF32 matmuls (every other one with strict FP32 matmuls)
@@ -110,6 +113,19 @@ def build(name: str, size: str, device: str, n_batches: int = 3, batch: int | No
                                                      attn_pdrop=0.0, bos_token_id=vocab - 1,
                                                      eos_token_id=vocab - 1, loss_type="ForCausalLM",
                                                      use_cache=False))  # a training run keeps no KV cache
+            batches = []
+            for _ in range(n_batches):
+                ids = torch.randint(0, vocab, (batch, seq), generator=g)
+                batches.append({"input_ids": ids, "labels": ids.clone()})
+        elif name == "mixtral":  # a mixture of experts (issue 24): its experts' GEMMs, policy against blanket BF16
+            layers, width, experts, vocab, (rows, tokens) = (2, 64, 4, 256, (2, 32)) if tiny else \
+                (4, 1024, 8, 32000, (8, 1024))
+            batch, seq = batch or rows, seq or tokens
+            model = tf.MixtralForCausalLM(tf.MixtralConfig(
+                vocab_size=vocab, hidden_size=width, intermediate_size=(11 * width) // 8, num_hidden_layers=layers,
+                num_attention_heads=max(width // 128, 4), num_key_value_heads=max(width // 512, 2),
+                num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=seq, use_cache=False,
+                router_aux_loss_coef=0.0))
             batches = []
             for _ in range(n_batches):
                 ids = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -294,7 +310,7 @@ def table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     p.add_argument("--size", default="full", choices=["full", "tiny"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--batch", type=int, help="rows per batch (default: 8 for gpt2, 64 for resnet50; tiny: 2, 4)")
