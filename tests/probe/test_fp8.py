@@ -11,26 +11,12 @@ from torch import nn
 
 from autoprec import FormatError, OptionError
 from autoprec.probe import FP8_RECIPES, fp8_errors, fp8_linears, linear_paths
-
-GAIN = 2.0 ** 16  # a power of two: exact in BF16, so only FP8's scaling differs between the passes
+from tests.models_fp8 import GAIN, Massive
 
 
 @pytest.fixture
 def torchao():
     return pytest.importorskip("torchao")
-
-
-class Massive(nn.Module):
-    """Two input channels near ``GAIN`` in every row, as LLMs' massive activations are."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        offset = torch.zeros(width)
-        offset[[3, 17]] = GAIN
-        self.register_buffer("offset", offset)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.offset
 
 
 def outlier_model() -> nn.Sequential:
