@@ -20,8 +20,8 @@ from torch import nn
 from ..core._batch import LossFn
 from ..core._modules import canonical_modules
 from ..device._calibration import with_layers
-from ..device._fp8_costs import fp8_price
 from ..device._costs import DeviceProfile, StepCost, format_speed
+from ..device._fp8_costs import fp8_price
 from ..distributed._ranks import Ranks
 from ..errors import DeviceWarning
 from ..policy._policy import HeldOut, LayerEntry, Policy, ScalerSettings, StepSpeed, Verification
@@ -36,7 +36,7 @@ from ..report._speed_lines import first_failure, modelled_record, profile_label,
 from ..search._loss_scale import ScalerChoice, search_scaler
 from ..search._records import Decision
 from ..search._search import SearchResult, search
-from ..trace._rescale import rescaled
+from ..trace._rescale import fewer_rows, rescaled
 from ..trace._trace import Trace, trace
 from ..verify._held_out import Split
 from ..verify._held_out import check as check_held_out
@@ -241,12 +241,16 @@ def probe_stage(work: nn.Module, parts: Split, loss_fn: LossFn | None, tr: Trace
     return runner, pr
 
 
-def priced_trace(tr: Trace, opts: TuneOptions) -> Trace:
+def priced_trace(tr: Trace, opts: TuneOptions, work: nn.Module | None = None, batch: Any = None) -> Trace:
     """The trace the search prices: ``tr`` at ``opts.train_batch_size`` rows where one is given
-    (:func:`autoprec.trace._rescale.rescaled`), else ``tr`` itself."""
+    (:func:`autoprec.trace._rescale.rescaled`), else ``tr`` itself. With ``work`` and ``batch`` (what ``tr`` traced)
+    a second trace on half the rows tells which sizes carry the batch: flattened tokens and routed experts too."""
     if opts.train_batch_size is None:
         return tr
-    return rescaled(tr, opts.rows, opts.train_batch_size)  # tune refused a train_batch_size without rows
+    smaller = None
+    if work is not None and batch is not None and opts.rows and opts.rows >= 2:
+        smaller = trace(work, fewer_rows(batch, opts.rows // 2), device_type=opts.device_type)
+    return rescaled(tr, opts.rows, opts.train_batch_size, smaller)  # tune refused a train_batch_size without rows
 
 
 #: the share of the matmul FLOPs kept FP32 for "no gain" above which tuning for another device warns
@@ -454,8 +458,11 @@ def step_seconds(tr: Trace, profile: DeviceProfile, assignment: Mapping[str, str
     BF16 GEMMs replaced by its FP8 price (:func:`autoprec.device.fp8_price`)."""
     region = {k: "bf16" if k in recipes or p == "fp8" else p for k, p in assignment.items()}
     total = StepCost(tr.layers, tr.handoff, profile).total(region)
+    traced = {lay.key: lay for lay in tr.layers}
     for key, recipe in recipes.items():
-        price = fp8_price(tr.layer(key), profile, recipe)
+        if key not in traced:  # not run by the tuning batch (an expert routed no token): nothing priced
+            continue
+        price = fp8_price(traced[key], profile, recipe)
         total += price.fp8 - price.bf16
     return total
 

@@ -275,7 +275,7 @@ def _tune(work: nn.Module, parts: Split, full: list[Any], loss_fn: LossFn | None
     runner, pr = probe_stage(work, parts, loss_fn, tr, candidates, skipped, opts, ranks, bar)
     probe_passes = runner.passes
     reference = Reference(runner, parts.decide[0], pr.loss_scale, *pr.reference)
-    priced = priced_trace(tr, opts)
+    priced = priced_trace(tr, opts, work, full[0])
     result = search_stage(priced, pr, reference, profile, opts, ranks, bar)
     search_passes = runner.passes - probe_passes
     pr = dataclasses.replace(pr, reference=())  # parked while training: see autoprec.probe._snapshot.park

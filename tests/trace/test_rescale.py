@@ -55,3 +55,40 @@ def test_same_rows_is_the_trace_itself_and_bad_sizes_are_refused():
     assert rescaled(t, 2, 2) is t
     with pytest.raises(ValueError, match=r"rescaled\(rows=2, to=0\): both are batch sizes, at least 1"):
         rescaled(t, 2, 0)
+
+
+class _Flat(nn.Module):
+    """Tokens flattened with the sequence (``B * T`` rows) before a Linear, and a position table of fixed size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(8, 16))
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.pos[: x.shape[1]]
+        return self.fc(h.reshape(-1, 16)) @ self.pos.t()
+
+
+def test_flattened_tokens_and_routed_experts_grow_with_the_batch_given_a_smaller_trace():
+    """With the model traced again on half the rows, sizes that carry the batch grow wherever they sit: ``B * T``
+    flattened rows and the tokens a router sends each expert; the position table does not. Without it, only
+    sizes leading with the batch's rows do (flattened rows are priced as traced)."""
+    from autoprec.trace._rescale import fewer_rows
+    from tests.models_coverage import looped_moe
+
+    x = torch.randn(4, 8, 16)
+    model = _Flat()
+    t, half = trace(model, x, device_type="cpu"), trace(model, fewer_rows(x, 2), device_type="cpu")
+    fc = rescaled(t, 4, 400, half).layer("fc")
+    assert fc.in_shapes == ((3200, 16),) and fc.flops == 100 * t.layer("fc").flops
+    assert rescaled(t, 4, 400).layer("fc").in_shapes == ((32, 16),)  # the old rule: 32 is not the batch's 4 rows
+    table = [lay for lay in t.layers if lay.kind == "op" and lay.flops and lay.key != "fc"]
+    assert table and all(rescaled(t, 4, 400, half).layer(lay.key).in_shapes[1] == (16, 8) for lay in table)
+    moe, batch = looped_moe(experts=4)
+    t, half = trace(moe, batch, device_type="cpu"), trace(moe, fewer_rows(batch, 4), device_type="cpu")
+    big = rescaled(t, 8, 800, half)
+    for key in [lay.key for lay in t.layers if lay.key.startswith("experts.") and lay.flops]:
+        rows = t.layer(key).in_shapes[0][0]
+        assert big.layer(key).in_shapes[0][0] == 100 * rows, key
+        assert big.layer(key).flops == 100 * t.layer(key).flops
