@@ -42,7 +42,8 @@ the modelled step on the H100 estimate at the priced step (``autoprec.tuning._st
 rescaled to ``R`` rows), over the BF16 reference's. One run per assignment, one seed: noise is not measured.
 
 Run:  python benchmarks/fp8.py [--models llama gpt2 llama-2048 moe] [--steps 30] [--big-steps 20] [--tokens 8192]
-Writes benchmarks/results/fp8.json (``--out``).
+Writes benchmarks/results/fp8.json (``--out``), after each model. The default run, split over two processes:
+``--models llama-2048 --out A.json`` and ``--models moe llama gpt2 --out B.json``, then ``--merge A.json B.json``.
 """
 
 from __future__ import annotations
@@ -427,6 +428,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--width", type=int, default=None, help="override every model's width (tests)")
     parser.add_argument("--layers", type=int, default=None, help="override every model's layers (tests)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--merge", nargs="+", default=None, help="print and join these result files (runs split "
+                        "over processes) instead of running")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "fp8.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -434,13 +437,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.width or args.layers:
         for k, (b, w, n) in list(MODELS.items()):
             MODELS[k] = (b, args.width or w, args.layers or n)
-    results = [run_model(m, args) for m in args.models]
+    results = []
+    if args.merge:  # the results of runs split over processes, in order
+        for path in args.merge:
+            with open(path) as fh:
+                results += json.load(fh)["results"]
+    for m in args.models if not args.merge else []:
+        results.append(run_model(m, args))
+        _write(args, results)  # after each model: a long run keeps what it finished
     print_tables(results, args)
+    _write(args, results)
+    return results
+
+
+def _write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"args": vars(args), "torch": torch.__version__, "torchao": _torchao_version(),
                    "results": results}, fh, indent=1, default=str)
-    return results
 
 
 def _torchao_version() -> str:
