@@ -68,7 +68,7 @@ import autoprec
 from autoprec.device import estimate, fp8_price
 from autoprec.policy import LayerEntry
 from autoprec.trace import trace
-from autoprec.trace._rescale import rescaled
+from autoprec.trace._rescale import fewer_rows, rescaled
 from autoprec.tuning._fp8 import hand_filters
 from autoprec.tuning._stages import step_seconds
 
@@ -251,8 +251,10 @@ def _tune(model: nn.Module, batch: torch.Tensor, rows: int, args: argparse.Names
 
 
 def _priced(model: nn.Module, batch: torch.Tensor, rows: int) -> Any:
-    """The model's trace at ``rows`` batch rows: what the tuned policy was priced at."""
-    return rescaled(trace(model, batch, device_type="cpu"), batch.shape[0], rows)
+    """The model's trace at ``rows`` batch rows: what the tuned policy was priced at (as tune prices it: the sizes
+    that carry the batch are those a trace on half the rows changes)."""
+    half = trace(model, fewer_rows(batch, batch.shape[0] // 2), device_type="cpu") if batch.shape[0] > 1 else None
+    return rescaled(trace(model, batch, device_type="cpu"), batch.shape[0], rows, half)
 
 
 def _modelled(priced: Any, policy: autoprec.Policy) -> float:
