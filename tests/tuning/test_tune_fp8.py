@@ -4,6 +4,7 @@ with FP8 entries saves, loads, applies and trains, and the options that cannot w
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -124,7 +125,7 @@ def _moe_fp8(experts: int) -> autoprec.Policy:
 
 def test_looped_experts_are_measured_in_fp8_as_one_role():
     """The experts of a ModuleList MoE share a role: FP8 measures each role in one pass per recipe, so 4 and 8 experts
-    cost the same FP8 passes; each expert Linear gets its own verdict from that pass."""
+    cost the same FP8 passes; each expert Linear gets its own verdict (FP8, or BF16 with the measured error)."""
     pytest.importorskip("torchao")
     four, eight = _moe_fp8(4), _moe_fp8(8)
     assert four.stats["fp8"]["passes"] == eight.stats["fp8"]["passes"]
@@ -132,13 +133,15 @@ def test_looped_experts_are_measured_in_fp8_as_one_role():
         experts = [k for k in policy.layers if k.startswith("experts.") and "forward_db" in
                    policy.layers[k].measured.get("fp8", {})]
         assert len(experts) == 2 * n, sorted(policy.layers)
-        assert all(policy.layers[k].precision == "fp8" for k in experts)
+        assert all(policy.layers[k].precision == "fp8" or "stays bf16, fp8 error: " in policy.layers[k].detail
+                   for k in experts)
+        assert any(policy.layers[k].precision == "fp8" for k in experts)
 
 
 def test_fp8_layers_together_must_hold_on_held_out_data_too():
     """Two massive input channels in the last quarter of the rows. Decided on all rows, the input Linear fails FP8
-    alone. With that quarter held out, it passes alone on the rest, and goes back to BF16 because all FP8 layers
-    together break the gradient bound on the held-out rows; the last Linear stays FP8 either way."""
+    alone. With that quarter held out, it passes alone on the rest, and goes back to BF16 because with the FP8 layers
+    together its weight gradient breaks the bound on the held-out rows; the last Linear stays FP8 either way."""
     pytest.importorskip("torchao")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64))
@@ -149,6 +152,6 @@ def test_fp8_layers_together_must_hold_on_held_out_data_too():
     assert "stays bf16, fp8 error: 0: weight-gradient SQNR" in runs[0.0].layers["0"].detail
     entry = runs[0.25].layers["0"]
     assert entry.precision == "bf16" and entry.measured["fp8"]["forward_db"] >= 18.0
-    assert "stays bf16, fp8 error: 0: back to BF16, with 3 FP8 layers the loss moved" in entry.detail
-    assert "on the held-out batch" in entry.detail
+    assert re.search(r"stays bf16, fp8 error: 0: back to BF16, with [23] FP8 layers its weight-gradient SQNR was "
+                     r"[0-9.]+ dB on the held-out batch \(bound 17.0 dB\)", entry.detail), entry.detail
     assert runs[0.0].layers["4"].precision == "fp8" and runs[0.25].layers["4"].precision == "fp8"
