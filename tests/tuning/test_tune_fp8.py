@@ -140,8 +140,8 @@ def test_looped_experts_are_measured_in_fp8_as_one_role():
 
 def test_fp8_layers_together_must_hold_on_held_out_data_too():
     """Two massive input channels in the last quarter of the rows. Decided on all rows, the input Linear fails FP8
-    alone. With that quarter held out, it passes alone on the rest, and goes back to BF16 because with the FP8 layers
-    together its weight gradient breaks the bound on the held-out rows; the last Linear stays FP8 either way."""
+    alone. With that quarter held out, it passes alone on the rest and goes back to BF16 when judged again on the
+    held-out rows; the last Linear stays FP8 either way."""
     pytest.importorskip("torchao")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 64))
@@ -152,6 +152,6 @@ def test_fp8_layers_together_must_hold_on_held_out_data_too():
     assert "stays bf16, fp8 error: 0: weight-gradient SQNR" in runs[0.0].layers["0"].detail
     entry = runs[0.25].layers["0"]
     assert entry.precision == "bf16" and entry.measured["fp8"]["forward_db"] >= 18.0
-    assert re.search(r"stays bf16, fp8 error: 0: back to BF16, with [23] FP8 layers its weight-gradient SQNR was "
-                     r"[0-9.]+ dB on the held-out batch \(bound 17.0 dB\)", entry.detail), entry.detail
+    assert re.search(r"stays bf16, fp8 error: 0: weight-gradient SQNR [0-9.]+ dB < 17.0 dB on the held-out batch$",
+                     entry.detail), entry.detail
     assert runs[0.0].layers["4"].precision == "fp8" and runs[0.25].layers["4"].precision == "fp8"
