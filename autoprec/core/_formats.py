@@ -174,6 +174,9 @@ def check_formats(dtypes: Iterable[str] | str | None, target: str, run_device: t
             if not isinstance(d, (str, torch.dtype)):
                 raise OptionError(f"dtypes entry {d!r} is not a precision name: use 'fp16' or 'bf16'")
             fp8 = isinstance(d, str) and d.strip().lower() in ("fp8", "float8")
+            if isinstance(d, str) and not fp8 and d.strip().lower() not in _ALIASES:
+                raise OptionError(f"unknown precision {d!r} in dtypes: use 'fp16' and/or 'bf16' (FP32 is always "
+                                  "allowed), and 'fp8' beside 'bf16' for the GEMMs of Linears on a CUDA target")
             name = "fp8" if fp8 else from_dtype(d) if isinstance(d, torch.dtype) else _canonical(d)
             if name == "fp32":
                 continue  # FP32 is always allowed; dtypes names the 16-bit candidates
