@@ -24,11 +24,11 @@ from ..probe._training import OptimizerFactory, default_optimizer
 from ..search._records import Tolerance
 from ..verify._held_out import DEFAULT_FRACTION, Split, accepts_part, split
 from ..verify._verify import unverified
+from ._fp8 import fp8_stage
 from ._isolation import preserve_global_state, private_model
 from ._memory import PeakMemory
 from ._options import Passes, TuneOptions
 from ._progress import Progress
-from ._fp8 import fp8_stage
 from ._stages import (
     Choice,
     Reference,
