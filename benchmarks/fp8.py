@@ -360,8 +360,10 @@ def _verdicts(linears: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]
     special = [p for p in linears if any(f in p for f in TITAN_SKIP)]
     why = {p: ("fp8" if lin["precision"] == "fp8" else f"{lin['precision']}: " + _reason(lin)) for p, lin in
            linears.items() if p in special}
+    # by measurement, not by name: the FP8 stage judged it (price or error), or the 16-bit search kept it FP32 by
+    # its own measured error or price; autoprec has no name rule, so this fails only where neither stage decided
     out["head_router_by_measurement"] = {
-        "met": all(lin["fp8"] for p, lin in linears.items() if p in special),
+        "met": all(lin["fp8"] or lin["precision"] == "fp32" for p, lin in linears.items() if p in special),
         "value": "; ".join(f"{p} {w}" for p, w in why.items())}
     left = [p for p, lin in linears.items() if lin["precision"] == "bf16" and lin["pays"] and _safe_alone(lin["fp8"])
             and "back to BF16" not in lin["detail"]]
