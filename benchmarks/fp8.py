@@ -446,6 +446,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for path in args.merge:
             with open(path) as fh:
                 results += json.load(fh)["results"]
+        for res in results:  # the verdicts as this version of the script judges them
+            if "tuned" in res["runs"]:
+                res["verdicts"] = _verdicts(res["linears"], res["runs"])
     for m in args.models if not args.merge else []:
         results.append(run_model(m, args))
         _write(args, results)  # after each model: a long run keeps what it finished
