@@ -162,9 +162,10 @@ def hand_filters(linears: Mapping[str, nn.Linear], recipe: str = "tensorwise") -
     return {"torchao default": list(fits), "torchtitan filter": [k for k, m in fits.items() if auto(m, k)]}
 
 
-def _figures(err: Fp8Error | None, price: Fp8Price, verdict: str) -> dict[str, float]:
+def _figures(err: Fp8Error | None, price: Fp8Price, passed: bool) -> dict[str, float]:
+    """A Linear's FP8 figures as the policy keeps them (``measured["fp8"]``: numbers only; FP8 that cannot run: -1)."""
     out = {"bf16_seconds": price.bf16, "fp8_seconds": price.fp8 if math.isfinite(price.fp8) else -1.0,
-           "pays": float(price.pays), "passed": float(verdict == "fp8")}
+           "pays": float(price.pays), "passed": float(passed)}
     if err is not None:
         out.update(forward_db=err.forward_db, loss_rel=err.loss_rel)
         if err.weight_grad_db is not None:
@@ -278,7 +279,7 @@ def fp8_stage(s: Searched, choice: Choice, profile: DeviceProfile, held: Sequenc
             outcomes[key] = _Outcome(None, outcomes[key].err, "error: " + note)
     for key, note in _together(measures, chosen, {k: outcomes[k].err for k in chosen}, s.opts.tol.loss):
         outcomes[key] = _Outcome(None, outcomes[key].err, "error: " + note)
-    figures = {k: {"fp8": _figures(o.err, prices[k][o.recipe or FP8_RECIPES[0]], "fp8" if o.recipe else o.why)}
+    figures = {k: {"fp8": _figures(o.err, prices[k][o.recipe or FP8_RECIPES[0]], o.recipe is not None)}
                for k, o in outcomes.items()}
     decisions = dict(choice.decisions)
     for key, o in outcomes.items():
