@@ -226,26 +226,34 @@ def _with_fp8(policy: autoprec.Policy, fp8: dict[str, str]) -> autoprec.Policy:
     return dataclasses.replace(policy, layers={k: entry(k, e) for k, e in policy.layers.items()})
 
 
-def _train(model: nn.Module, batches: list[torch.Tensor], policy: autoprec.Policy | None) -> list[float]:
-    """Train ``model`` in place (AdamW), under ``policy`` (None: FP32); the per-step losses."""
+def _train(model: nn.Module, batches: list[torch.Tensor], policy: autoprec.Policy | None,
+           args: argparse.Namespace, tokens: int) -> tuple[list[float], float | None]:
+    """Train ``model`` in place (AdamW), under ``policy`` (None: FP32), compiled where ``args.compile``: the per-step
+    losses, and the tokens per second (``tokens`` a batch) of the steps after ``args.warmup`` (None: no such step)."""
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     handle = policy.apply(model) if policy is not None else None
-    losses = []
+    if args.compile:
+        torch._dynamo.reset()  # each assignment compiles afresh: no recompile limit reached across the runs
+    step = torch.compile(model, backend=args.backend) if args.compile else model
+    losses, timed = [], 0.0
     try:
-        for batch in batches:
-            loss = _loss(model(batch), batch)
+        for i, batch in enumerate(batches):
+            start = time.perf_counter()
+            loss = _loss(step(batch), batch)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # waits for the device: the step is done
+            timed += time.perf_counter() - start if i >= args.warmup else 0.0
     finally:
         if handle is not None:
             handle.remove()
-    return losses
+    return losses, (tokens * (len(batches) - args.warmup) / timed if timed > 0 else None)
 
 
 def _tune(model: nn.Module, batch: torch.Tensor, rows: int, args: argparse.Namespace) -> autoprec.Policy:
-    return autoprec.tune(model, batch, _loss, dtypes=["bf16", "fp8"], target="cuda", profile=estimate("cuda"),
+    profile = estimate("cuda") if args.device == "cpu" else None  # a GPU: its calibration (cached per machine)
+    return autoprec.tune(model, batch, _loss, dtypes=["bf16", "fp8"], target="cuda", profile=profile,
                          train_batch_size=rows, n_trials=args.trials, verify_steps=args.verify_steps, held_out=0,
                          progress=False, measure_speed=False)
 
@@ -253,8 +261,9 @@ def _tune(model: nn.Module, batch: torch.Tensor, rows: int, args: argparse.Names
 def _priced(model: nn.Module, batch: torch.Tensor, rows: int) -> Any:
     """The model's trace at ``rows`` batch rows: what the tuned policy was priced at (as tune prices it: the sizes
     that carry the batch are those a trace on half the rows changes)."""
-    half = trace(model, fewer_rows(batch, batch.shape[0] // 2), device_type="cpu") if batch.shape[0] > 1 else None
-    return rescaled(trace(model, batch, device_type="cpu"), batch.shape[0], rows, half)
+    kind = batch.device.type
+    half = trace(model, fewer_rows(batch, batch.shape[0] // 2), device_type=kind) if batch.shape[0] > 1 else None
+    return rescaled(trace(model, batch, device_type=kind), batch.shape[0], rows, half)
 
 
 def _modelled(priced: Any, policy: autoprec.Policy) -> float:
@@ -283,10 +292,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     big = width >= 2048
     steps = args.big_steps if big else args.steps
     torch.manual_seed(0)
-    model = build(width, layers)
+    model = build(width, layers).to(args.device)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     seqs = _batches(steps + 1, args.batch, args.seq)
-    batches = [_pairs(b) for b in seqs] if name == "moe" else seqs
+    batches = [(_pairs(b) if name == "moe" else b).to(args.device) for b in seqs]
     tune_batch, train = batches[-1], batches[:-1]
     rows = args.tokens if name == "moe" else max(1, args.tokens // args.seq)
     start = time.perf_counter()
@@ -312,13 +321,16 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             continue
         model.load_state_dict(init)
         start = time.perf_counter()
-        losses = _train(model, train, pol)
-        runs[assign] = {**row, "losses": losses, "final": _final(losses), "seconds": time.perf_counter() - start}
-        logging.getLogger("fp8").info("%s %s: %.4f (%.0f s)", name, assign, runs[assign]["final"],
-                                      runs[assign]["seconds"])
+        losses, speed = _train(model, train, pol, args, tune_batch.shape[0] if name == "moe" else tune_batch.numel())
+        runs[assign] = {**row, "losses": losses, "final": _final(losses), "seconds": time.perf_counter() - start,
+                        "tokens_per_s": speed}
+        logging.getLogger("fp8").info("%s %s: loss %.4f, %s tokens/s (%.0f s)", name, assign, runs[assign]["final"],
+                                      _fmt(speed, ".0f"), runs[assign]["seconds"])
     model.load_state_dict(init)
     linears = {p: _linear_row(model, p, flops[p], policy, priced) for p in _linears(model)}
     return {"model": name, "width": width, "layers": layers, "steps": len(train), "priced_rows": rows,
+            "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+            "compiled": args.backend if args.compile else None,
             "priced_tokens": args.tokens, "tune_batch": list(tune_batch.shape), "tune_seconds": tune_s,
             "tuning_seconds": policy.stats.get("tuning_seconds"), "fp8_passes": policy.stats["fp8"]["passes"],
             "stages": policy.stats.get("stages"), "tune_assignments": policy.stats["fp8"]["assignments"],
@@ -391,19 +403,22 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     for res in results:
         runs = res["runs"]
+        where = res.get("device", "cpu")
+        how = "FP8 and BF16 emulated on the CPU" if where == "cpu" else f"on {where}"
         print(f"\n### {res['model']}: width {res['width']}, {res['layers']} layer(s), {res['steps']} steps of "
               f"batch {res['tune_batch']}, priced at {res['priced_tokens']} tokens ({res['priced_rows']} rows) "
-              "on the H100 estimate (FP8 and BF16 emulated on the CPU)\n")
+              f"on the H100 estimate ({how}{', compiled' if res.get('compiled') else ''})\n")
         print(f"tune: {res['tune_seconds']:.1f} s with FP8 candidates, {res['fp8_passes']} FP8-stage passes, "
               f"verification {'passed' if res['verification'] else res['verification']}\n")
         print("| assignment | Linears in FP8 | Linear FLOPs in FP8 | modelled step / BF16 | final loss | gap vs BF16 | "
-              "gap vs FP32 |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "gap vs FP32 | tokens/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for a, r in runs.items():
             gaps = [f"{r['final'] - runs[ref]['final']:+.4f}" if ref in runs else "n/a" for ref in ("bf16", "fp32")]
             name = f"{a} (= {r['same_as']})" if "same_as" in r else a
             print(f"| {name} | {len(r['fp8'])}/{len(res['linears'])} | {100 * r['fraction']:.1f}% | "
-                  f"{_fmt(r['modelled_vs_bf16'], '.3f')} | {r['final']:.4f} | {gaps[0]} | {gaps[1]} |")
+                  f"{_fmt(r['modelled_vs_bf16'], '.3f')} | {r['final']:.4f} | {gaps[0]} | {gaps[1]} | "
+                  f"{_fmt(r.get('tokens_per_s'), '.0f')} |")
         print("\n| Linear | shape (out, in) | tuned | fwd dB | w-grad dB | FP8 speedup at the step | why |")
         print("| --- | --- | --- | ---: | ---: | ---: | --- |")
         for p, lin in res["linears"].items():
@@ -432,6 +447,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--width", type=int, default=None, help="override every model's width (tests)")
     parser.add_argument("--layers", type=int, default=None, help="override every model's layers (tests)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where tune probes and the runs train: cpu (FP8 and BF16 "
+                        "emulated) or cuda (native FP8 on sm89+, tune prices with the GPU's calibration)")
+    parser.add_argument("--compile", action="store_true", help="train each assignment under torch.compile (how "
+                        "torchao's FP8 runs fast: its casts fused)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile's backend with --compile")
+    parser.add_argument("--warmup", type=int, default=2, help="steps of each run not timed for tokens/s")
     parser.add_argument("--merge", nargs="+", default=None, help="print and join these result files (runs split "
                         "over processes) instead of running")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "fp8.json"))

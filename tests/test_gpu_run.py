@@ -41,8 +41,9 @@ def _wheel(folder: pathlib.Path, name: str, version: str, requires: list[str] = 
     return path
 
 
-#: the stages, in order, and their default time limits (seconds), as run.sh sets them
+#: the stages, in order, and their default time limits (seconds), as run.sh sets them; those it runs by default
 STAGES = dict(re.findall(r'^run_stage (\w+) "\$\{T_\w+:-(\d+)\}"', RUN.read_text(), re.MULTILINE))
+DEFAULT = re.search(r'^STAGES=\$\{GPU_RUN_STAGES:-([\w ]+)\}', RUN.read_text(), re.MULTILINE).group(1).split()
 
 
 def _run(tmp_path: pathlib.Path, **env: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -56,9 +57,10 @@ def _run(tmp_path: pathlib.Path, **env: str) -> tuple[subprocess.CompletedProces
 
 
 def test_dry_run_runs_every_stage_and_gpu_speed_times_every_variant(tmp_path):
-    """Every stage runs and exits 0, in order, its exit code, time and limit in stages.json; the missing wheel (and
+    """Every stage (the optional fp8 one too) runs and exits 0, in order, its exit code, time and limit in stages.json; the missing wheel (and
     only it) is installed into DEPS, first on PYTHONPATH; the junit XML, the profile and gpu_speed's JSON and
-    Markdown land in OUT. gpu_speed (both models here): all ten variants timed, strict FP32 and TF32 among them,
+    Markdown and fp8.py's JSON land in OUT (every run compiled, with its tokens/s). gpu_speed (both models here):
+    all ten variants timed, strict FP32 and TF32 among them,
     each compiled one compiled once (switching the TF32 flag between interleaved variants recompiles nothing),
     the printed table showing the ratios and verdicts the JSON holds."""
     from autoprec.device import profile_from_dict
@@ -67,13 +69,13 @@ def test_dry_run_runs_every_stage_and_gpu_speed_times_every_variant(tmp_path):
     wheels.mkdir()
     _wheel(wheels, "autoprec-probe-missing", "1.0", ["pytest>=1"])
     _wheel(wheels, "pytest", "0.1")  # present here in a newer version: left alone
-    proc, stages = _run(tmp_path, WHEELS=str(wheels), DEPS=str(deps),
+    proc, stages = _run(tmp_path, WHEELS=str(wheels), DEPS=str(deps), GPU_RUN_STAGES=" ".join(STAGES),
                         GPU_SPEED_ARGS="--models gpt2 resnet50")  # the real run times gpt2 only
     out = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert stages["dry"] is True and stages["failed"] == []
     assert [s["name"] for s in stages["stages"]] == list(STAGES) == ["deps", "machine", "tests", "calibrate",
-                                                                    "gpu_speed"]
+                                                                    "gpu_speed", "fp8"]
     for s in stages["stages"]:
         assert s["rc"] == 0 and s["timed_out"] is False and s["seconds"] >= 0 and s["limit_s"] == 900, s
         assert (out / s["log"]).exists()
@@ -87,6 +89,9 @@ def test_dry_run_runs_every_stage_and_gpu_speed_times_every_variant(tmp_path):
     printed = (out / "gpu_speed.md").read_text()
     assert printed in (out / "gpu_speed.log").read_text()
     _check_gpu_speed(saved, printed)
+    fp8 = json.loads((out / "fp8.json").read_text())["results"][0]  # compiled (Dynamo only), BF16 beside all-FP8
+    assert fp8["compiled"] == "eager" and list(fp8["runs"]) == ["bf16", "torchao", "tuned"]
+    assert all(r["tokens_per_s"] > 0 for r in fp8["runs"].values()) and len(fp8["runs"]["torchao"]["fp8"]) == 8
 
 
 def _check_gpu_speed(saved: dict, printed: str) -> None:
@@ -135,7 +140,8 @@ def test_the_stage_limits_fit_in_eight_minutes():
     """The default limits, each with the seconds a stage gets to die after it, add up to at most the issue's
     8 minutes; the budget's reserves (tests 2 min, calibrate 1 min, gpu_speed 4 min) are kept to within 15 s."""
     kill_after = int(re.search(r"^KILL_AFTER=(\d+)", RUN.read_text(), re.MULTILINE).group(1))
-    limits = {name: int(s) for name, s in STAGES.items()}
+    assert DEFAULT == ["deps", "machine", "tests", "calibrate", "gpu_speed"]  # fp8 only when asked for
+    limits = {name: int(s) for name, s in STAGES.items() if name in DEFAULT}
     assert sum(limits.values()) + kill_after * len(limits) <= 8 * 60, limits
     assert limits["tests"] >= 105 and limits["calibrate"] >= 45 and limits["gpu_speed"] >= 240, limits
 
