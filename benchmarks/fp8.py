@@ -1,6 +1,6 @@
 """FP8 per Linear, tuned, beside the hand rules: which Linears of a Llama-like, a GPT-2-like and a routed-MoE stack
 train in FP8, the share of Linear FLOPs that makes, the modelled step on the H100 estimate, and the loss after a
-short training run against BF16 and FP32.
+training run of a few hundred steps against BF16 and FP32 (and, on a GPU, its tokens/s).
 
 The **tuned** assignment is the real pipeline: ``autoprec.tune(model, batch, loss, dtypes=["bf16", "fp8"],
 target="cuda", profile=autoprec.device.estimate("cuda"), train_batch_size=R)``, with ``R`` the rows of an
@@ -40,10 +40,16 @@ The loss is the mean training loss of the last 10 steps; "gap" is that minus the
 puts the same Linears in FP8 as an earlier one is not trained again (its row says so). "modelled step / BF16" is
 the modelled step on the H100 estimate at the priced step (``autoprec.tuning._stages.step_seconds`` on the trace
 rescaled to ``R`` rows), over the BF16 reference's. One run per assignment, one seed: noise is not measured.
+"tokens/s" is each run's training throughput after ``--warmup`` steps: on the CPU it times torchao's emulation (FP8
+slower than BF16 there, by construction); ``--device cuda`` trains in native FP8 on an sm89+ GPU (tune then prices
+with the GPU's own calibration), ``--compile`` under ``torch.compile`` as torchao's FP8 is meant to run (its casts
+fused); ``benchmarks/gpu/run.sh``'s optional ``fp8`` stage runs that at 8 x 1024 tokens.
 
-Run:  python benchmarks/fp8.py [--models llama gpt2 llama-2048 moe] [--steps 30] [--big-steps 20] [--tokens 8192]
-Writes benchmarks/results/fp8.json (``--out``), after each model. The default run, split over two processes:
-``--models llama-2048 --out A.json`` and ``--models moe llama gpt2 --out B.json``, then ``--merge A.json B.json``.
+Run:  python benchmarks/fp8.py [--models llama gpt2 llama-2048 moe] [--steps 300] [--big-steps 200] [--tokens 8192]
+      [--device cuda] [--compile]
+Writes benchmarks/results/fp8.json (``--out``), after each model. The recorded run, split over two processes (each
+``--threads 1``): ``--models llama-2048 --assignments fp32 bf16 torchao titan-auto tuned --out A.json`` and
+``--models llama gpt2 moe --out B.json``, then ``--merge A.json B.json``.
 """
 
 from __future__ import annotations
@@ -437,8 +443,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--assignments", nargs="+", default=ASSIGNMENTS, choices=ASSIGNMENTS)
-    parser.add_argument("--steps", type=int, default=30, help="training steps at width 512")
-    parser.add_argument("--big-steps", type=int, default=20, help="training steps at width 2048")
+    parser.add_argument("--steps", type=int, default=300, help="training steps at width 512")
+    parser.add_argument("--big-steps", type=int, default=200, help="training steps at width 2048")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=8192, help="the priced step's tokens")

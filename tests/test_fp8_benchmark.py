@@ -19,12 +19,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def test_fp8_benchmark_compares_the_assignments(tmp_path, capsys):
     """torchao's default is every Linear, torchtitan's names keep the head and the router, and the tuned assignment
     is tune's policy: at width 64 no Linear pays on the H100 estimate, so tune puts none in FP8 (each saying no
-    gain) while torchao's default is modelled slower than BF16."""
+    gain) while torchao's default is modelled slower than BF16; each run's throughput is timed."""
     import fp8
 
     out = tmp_path / "fp8.json"
     results = fp8.main(["--models", "llama", "moe", "--width", "64", "--layers", "1", "--steps", "2", "--big-steps",
-                        "2", "--batch", "2", "--seq", "16", "--threads", "1", "--trials", "2", "--verify-steps", "2",
+                        "2", "--batch", "2", "--seq", "16", "--threads", "1", "--warmup", "1", "--trials", "2", "--verify-steps", "2",
                         "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(results, default=str)) and saved["torchao"]
@@ -43,5 +43,6 @@ def test_fp8_benchmark_compares_the_assignments(tmp_path, capsys):
     assert "router" not in moe["runs"]["titan-names"]["fp8"] and "head" not in moe["runs"]["titan-names"]["fp8"]
     assert "router" in moe["verdicts"]["head_router_by_measurement"]["value"]
     assert all(math.isfinite(r["final"]) for res in results for r in res["runs"].values())
+    assert all(r["tokens_per_s"] > 0 for r in runs.values()) and llama["device"] == "cpu" and not llama["compiled"]
     printed = capsys.readouterr().out
     assert "| torchao | 8/8 | 100.0% |" in printed and "| tuned (= bf16) | 0/8 | 0.0% | 1.000 |" in printed
