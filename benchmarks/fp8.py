@@ -417,7 +417,8 @@ def print_tables(results: list[dict[str, Any]], args: argparse.Namespace) -> Non
         runs = res["runs"]
         where = res.get("device", "cpu")
         how = "FP8 and BF16 emulated on the CPU" if where == "cpu" else f"on {where}"
-        print(f"\n### {res['model']}: width {res['width']}, {res['layers']} layer(s), {res['steps']} steps of "
+        print(f"\n### {res['model']}: width {res['width']}, {res['layers']} layer(s), seed {res.get('seed', 0)}, "
+              f"{res['steps']} steps of "
               f"batch {res['tune_batch']}, priced at {res['priced_tokens']} tokens ({res['priced_rows']} rows) "
               f"on the H100 estimate ({how}{', compiled' if res.get('compiled') else ''})\n")
         print(f"tune: {res['tune_seconds']:.1f} s with FP8 candidates, {res['fp8_passes']} FP8-stage passes, "
