@@ -50,9 +50,10 @@ fused); ``benchmarks/gpu/run.sh``'s optional ``fp8`` stage runs that at 8 x 1024
 
 Run:  python benchmarks/fp8.py [--models llama gpt2 llama-2048 moe] [--steps 300] [--big-steps 200] [--tokens 8192]
       [--device cuda] [--compile]
-Writes benchmarks/results/fp8.json (``--out``), after each model. The recorded run, split over two processes (each
-``--threads 1``): ``--models llama-2048 --assignments fp32 bf16 torchao titan-auto tuned --out A.json`` and
-``--models llama gpt2 moe --out B.json``, then ``--merge A.json B.json``.
+Writes benchmarks/results/fp8.json (``--out``), after each model. The recorded run, split over three processes
+(each ``--threads 1``): ``--models llama-2048 --assignments fp32 bf16 torchao titan-auto tuned --out A.json``,
+``--models llama-2048 --seed 1 --assignments fp32 bf16 --out C.json`` and ``--models llama gpt2 moe --out B.json``,
+then ``--merge A.json C.json B.json``.
 """
 
 from __future__ import annotations

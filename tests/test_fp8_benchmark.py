@@ -24,8 +24,8 @@ def test_fp8_benchmark_compares_the_assignments(tmp_path, capsys):
 
     out = tmp_path / "fp8.json"
     results = fp8.main(["--models", "llama", "moe", "--width", "64", "--layers", "1", "--steps", "2", "--big-steps",
-                        "2", "--batch", "2", "--seq", "16", "--threads", "1", "--warmup", "1", "--trials", "2", "--verify-steps", "2",
-                        "--out", str(out)])
+                        "2", "--batch", "2", "--seq", "16", "--threads", "1", "--warmup", "1", "--trials", "2",
+                        "--verify-steps", "2", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(results, default=str)) and saved["torchao"]
     llama, moe = results

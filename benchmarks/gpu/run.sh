@@ -16,8 +16,9 @@
 #
 # Each stage runs under its own time limit (the default stages in all at most 8 minutes: deps 20 s, machine 15 s,
 # tests 110 s, calibrate 50 s, gpu_speed 260 s, each plus at most 5 s to die after the limit; fp8 110 s); a stage
-# that fails does not stop the later ones. Everything lands in $OUT (default benchmarks/results/gpu): each stage's log, stages.json (each
-# stage's exit code, seconds, limit), machine.json, tests.xml, profile.json, gpu_speed.json and gpu_speed.md
+# that fails does not stop the later ones. Everything lands in $OUT (default benchmarks/results/gpu): each stage's
+# log, stages.json (each stage's exit code, seconds, limit), machine.json, tests.xml, profile.json, gpu_speed.json
+# and gpu_speed.md
 # (gpu_speed.partial.json instead where gpu_speed reached its limit: the tune's time, each variant's warm-up steps),
 # fp8.json (written after each model).
 # The exit code is 1 if any stage failed.
@@ -28,8 +29,8 @@
 #   GPU_RUN_STAGES="deps calibrate fp8" bash benchmarks/gpu/run.sh       # FP8 on its own (an H100: calibrate first)
 #
 # Environment: OUT; GPU_RUN_DRY; GPU_RUN_STAGES; PYTHON (default python3); WHEELS (default .whl); DEPS (default a
-# new temporary folder); T_DEPS, T_MACHINE, T_TESTS, T_CALIBRATE, T_GPU_SPEED (limits, seconds); GPU_SPEED_ARGS
-# (more arguments for gpu_speed.py, e.g. "--rounds 30"); FP8_ARGS (more for fp8.py); T_FP8.
+# new temporary folder); T_DEPS, T_MACHINE, T_TESTS, T_CALIBRATE, T_GPU_SPEED, T_FP8 (limits, seconds);
+# GPU_SPEED_ARGS (more arguments for gpu_speed.py, e.g. "--rounds 30"); FP8_ARGS (more for fp8.py).
 
 set -u -o pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd) || exit 2
