@@ -12,7 +12,8 @@
 #   fp8        (only when asked for, in GPU_RUN_STAGES: it does not fit in the 8 minutes beside the others)
 #              benchmarks/fp8.py on the Llama-like stack at width 2048 at a real step (8 x 1024 tokens), compiled:
 #              tune with FP8 candidates priced by the calibration, then BF16, torchao's default (every Linear) and
-#              the tuned assignment, 100 steps each in native FP8: tokens/s and losses (each run's in fp8.log as it ends)
+#              the tuned assignment, 100 steps each in native FP8: tokens/s and losses (each run's in fp8.log when
+#              it ends)
 #
 # Each stage runs under its own time limit (the default stages in all at most 8 minutes: deps 20 s, machine 15 s,
 # tests 110 s, calibrate 50 s, gpu_speed 260 s, each plus at most 5 s to die after the limit; fp8 110 s); a stage
