@@ -42,7 +42,7 @@ from ..core._fp8 import FP8_RECIPES
 from ..core._modules import canonical_modules
 from ..device._costs import DeviceProfile
 from ..device._fp8_costs import Fp8Price, fp8_price
-from ..probe._fp8 import Fp8Error, sqnr
+from ..probe._fp8 import Fp8Error, Fp8Verdict, sqnr
 from ..probe._roles import probe_groups, roles
 from ..search._records import Decision
 from ._stages import Choice, Searched, step_seconds
@@ -118,16 +118,14 @@ class _Measure:
         self.passes += 1
         return _Pass(float(loss), taps, [g.detach().clone() if g is not None else None for g in grads])
 
-    def weight_db(self, module: nn.Linear, got: _Pass) -> float | None:
-        """The SQNR of ``module``'s weight gradient in ``got`` against the BF16 policy's (None: frozen)."""
-        i = self.weight.get(id(module.weight))
-        return None if i is None or self.ref.grads[i] is None else sqnr(self.ref.grads[i], got.grads[i])
-
-    def error(self, key: str, recipe: str, got: _Pass, module: nn.Linear) -> Fp8Error:
+    def judged(self, key: str, recipe: str, got: _Pass, module: nn.Linear) -> tuple[Fp8Error, Fp8Verdict]:
+        """Layer ``key``'s FP8 error in ``got`` against the BF16 policy's pass, and its verdict on torchao's bounds."""
         ref_out, out = self.ref.outs.out(key), got.outs.out(key)
-        wgrad = self.weight_db(module, got)
-        return Fp8Error(path=key, recipe=recipe, forward_db=sqnr(ref_out, out) if ref_out is not None else math.inf,
-                        weight_grad_db=wgrad, input_grad_db=None, loss_rel=self.loss_rel(got), seconds=0.0)
+        i = self.weight.get(id(module.weight))
+        wgrad = None if i is None or self.ref.grads[i] is None else sqnr(self.ref.grads[i], got.grads[i])
+        err = Fp8Error(path=key, recipe=recipe, forward_db=sqnr(ref_out, out) if ref_out is not None else math.inf,
+                       weight_grad_db=wgrad, input_grad_db=None, loss_rel=self.loss_rel(got), seconds=0.0)
+        return err, err.judge(forward_db=FORWARD_DB, weight_grad_db=WEIGHT_GRAD_DB)
 
     def loss_rel(self, got: _Pass) -> float:
         return abs(got.loss - self.ref.loss) / max(abs(self.ref.loss), 1e-30)
@@ -155,7 +153,8 @@ def hand_filters(linears: Mapping[str, nn.Linear], recipe: str = "tensorwise") -
         >>> f["torchao default"], f["torchtitan filter"]
         (['h.0.fc', 'lm_head', 'tiny'], ['h.0.fc'])
     """
-    from torchao.float8 import _auto_filter_for_recipe  # torchao's own filter, not a copy
+    # torchao's own filter, not a copy
+    from torchao.float8 import _auto_filter_for_recipe
 
     auto = _auto_filter_for_recipe(recipe, filter_fqns=list(TITAN_SKIP))
     fits = {k: m for k, m in linears.items() if _fits(m)}
@@ -195,8 +194,7 @@ def _decide(m: _Measure, members: Sequence[str], modules: Mapping[str, nn.Linear
             continue
         got = m.run(dict.fromkeys(paying, recipe))
         for k in paying:
-            err = m.error(k, recipe, got, modules[k])
-            verdict = err.judge(forward_db=FORWARD_DB, weight_grad_db=WEIGHT_GRAD_DB)
+            err, verdict = m.judged(k, recipe, got, modules[k])
             out[k] = _Outcome(recipe if verdict.passed else None, err,
                               verdict.reason if verdict.passed else "error: " + verdict.reason)
         left = [k for k in left if out[k].recipe is None]
@@ -243,7 +241,7 @@ def _recheck(m: _Measure, groups: Sequence[Sequence[str]], chosen: dict[str, str
             continue
         got = m.run(mine)
         for key, recipe in mine.items():
-            verdict = m.error(key, recipe, got, modules[key]).judge(forward_db=FORWARD_DB, weight_grad_db=WEIGHT_GRAD_DB)
+            verdict = m.judged(key, recipe, got, modules[key])[1]
             if not verdict.passed:
                 del chosen[key]
                 notes.append((key, f"{verdict.reason} on the {m.name} batch"))
@@ -304,7 +302,8 @@ def _compare(s: Searched, m: _Measure, every: Mapping[str, nn.Linear], chosen: M
     total = sum(flops.values()) or 1
     cost_fp32 = s.result.cost_fp32 or 1.0
     out = {}
-    for name, recipes in [(n, dict.fromkeys(keys, "tensorwise")) for n, keys in hands.items()] + [("tuned", dict(chosen))]:
+    assignments = [(n, dict.fromkeys(keys, "tensorwise")) for n, keys in hands.items()] + [("tuned", dict(chosen))]
+    for name, recipes in assignments:
         got = m.run(recipes, keys=()) if recipes else m.ref
         out[name] = {"fp8_layers": sorted(recipes), "fp8_flops": sum(flops[k] for k in recipes) / total,
                      "modelled_ratio": round(step_seconds(s.priced, profile, base, recipes) / cost_fp32, 4),
